@@ -1,0 +1,110 @@
+"""ParallelDims validation and rank layout (no process group), and Topology's groups across 4 gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_seqpar.topology import ParallelDims, Topology, TopologyError
+from tests.dist_utils import init_gloo, run_distributed
+
+
+def test_infers_data_parallel_size():
+    dims = ParallelDims(world_size=16, sequence_parallel_size=4, pipeline_parallel_size=2)
+    assert (dims.dp, dims.pp, dims.sp) == (2, 2, 4)
+
+
+def test_world_not_divisible_names_every_factor():
+    with pytest.raises(TopologyError, match=r"world_size=6 is not divisible by .* = 4 \* 1 = 4 .*sequence_parallel_size=4"):
+        ParallelDims(world_size=6, sequence_parallel_size=4)
+
+
+def test_explicit_sizes_must_multiply_to_world():
+    with pytest.raises(TopologyError, match=r"2 \* 1 \* 2 = 4 != world_size=8"):
+        ParallelDims(world_size=8, sequence_parallel_size=2, data_parallel_size=2)
+
+
+@pytest.mark.parametrize("field", ["world_size", "sequence_parallel_size", "pipeline_parallel_size"])
+def test_sizes_must_be_positive(field):
+    kwargs = {"world_size": 4, field: 0}
+    with pytest.raises(TopologyError, match=f"{field} must be a positive integer"):
+        ParallelDims(**kwargs)
+
+
+def test_data_parallel_size_must_be_positive_or_minus_one():
+    with pytest.raises(TopologyError, match="data_parallel_size must be a positive integer or -1"):
+        ParallelDims(world_size=4, data_parallel_size=0)
+
+
+def test_rank_outside_world():
+    with pytest.raises(TopologyError, match="rank 8 is outside the world of 8"):
+        ParallelDims(world_size=8, sequence_parallel_size=2).coordinates(8)
+
+
+def test_sequence_shorter_than_sp():
+    with pytest.raises(TopologyError, match="3 tokens cannot be split over sequence_parallel_size=4"):
+        ParallelDims(world_size=4, sequence_parallel_size=4).check_sequence_length(3)
+
+
+def test_layout_sp_innermost_then_dp_then_pp():
+    dims = ParallelDims(world_size=8, sequence_parallel_size=2, pipeline_parallel_size=2)  # dp = 2
+    assert dims.sequence_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.data_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.sequence_data_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert dims.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    for rank in range(8):
+        assert dims.rank_of(*dims.coordinates(rank)) == rank
+
+
+def test_topology_needs_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        Topology(ParallelDims(world_size=1))
+
+
+def topology_worker() -> dict:
+    init_gloo()
+    first = Topology(ParallelDims(world_size=4, sequence_parallel_size=2))
+    second = Topology(ParallelDims(world_size=4, sequence_parallel_size=4))  # a second one in the same process
+    rank = dist.get_rank()
+
+    def members(group):
+        t = torch.zeros(4)
+        t[rank] = 1
+        dist.all_reduce(t, group=group)
+        return [i for i in range(4) if t[i] > 0]
+
+    mpu = first.mpu
+    return {
+        "coords": (first.pp_rank, first.dp_rank, first.sp_rank),
+        "sequence": members(first.sequence_group),
+        "data": members(first.data_group),
+        "sequence_data": members(first.sequence_data_group),
+        "second_sequence": members(second.sequence_group),
+        "mpu": (
+            mpu.get_sequence_parallel_world_size(),
+            mpu.get_sequence_parallel_rank(),
+            mpu.get_data_parallel_world_size(),
+            mpu.get_data_parallel_rank(),
+            mpu.get_sequence_data_parallel_world_size(),
+            mpu.get_sequence_data_parallel_rank(),
+            dist.get_world_size(mpu.get_sequence_data_parallel_group()),
+        ),
+        "describe": first.describe(),
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_groups_across_four_processes():
+    results = run_distributed("tests.test_topology:topology_worker", 4)
+    for rank, r in enumerate(results):
+        assert r["coords"] == (0, rank // 2, rank % 2)
+        assert r["sequence"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert r["data"] == [rank % 2, rank % 2 + 2]
+        assert r["sequence_data"] == [0, 1, 2, 3]
+        assert r["second_sequence"] == [0, 1, 2, 3]
+        assert r["mpu"] == (2, rank % 2, 2, rank // 2, 4, rank, 4)
+        assert f"rank {rank} -> (pp 0, dp {rank // 2}, sp {rank % 2})" in r["describe"]
