@@ -1,0 +1,508 @@
+"""ERA5 forecasting data: a lazy reader of WeatherBench2-layout stores and the LightningDataModule built on it.
+
+Letters in shape comments: T times, V input fields, V_out output fields, H latitudes, W longitudes.
+A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
+
+# ERA5/CDS short names and CMIP/GRIB coordinate names, mapped to the WeatherBench2 names.
+SHORT_VARIABLE_NAMES = {
+    "t2m": "2m_temperature", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
+    "msl": "mean_sea_level_pressure", "sp": "surface_pressure", "tp": "total_precipitation",
+    "tisr": "toa_incident_solar_radiation", "z": "geopotential", "t": "temperature",
+    "u": "u_component_of_wind", "v": "v_component_of_wind", "q": "specific_humidity",
+    "r": "relative_humidity", "w": "vertical_velocity",
+}
+COORDINATE_ALIASES = {
+    "lat": "latitude", "lon": "longitude", "isobaricInhPa": "level", "plev": "level",
+    "pressure_level": "level", "valid_time": None,
+}
+SPATIAL_DIMS = ("latitude", "longitude")
+
+
+def _rename_to_weatherbench(ds: xr.Dataset) -> xr.Dataset:
+    """Canonical names and order: ``latitude``/``longitude``/``level`` (hPa), long variable names, latitude ascending."""
+    if "valid_time" in ds.coords and "time" in ds.dims:
+        ds = ds.drop_vars("valid_time")
+    renames = {old: new for old, new in COORDINATE_ALIASES.items() if new and old in ds.variables and new not in ds.variables}
+    renames.update({short: long for short, long in SHORT_VARIABLE_NAMES.items()
+                    if short in ds.data_vars and long not in ds.variables and "time" in ds[short].dims})
+    ds = ds.rename(renames)
+    if "level" in ds.coords and ds["level"].size and float(ds["level"].max()) > 2000:
+        ds = ds.assign_coords(level=ds["level"] / 100.0)  # CMIP `plev` is in Pa
+    if "latitude" in ds.coords and ds["latitude"].size > 1 and ds["latitude"].values[0] > ds["latitude"].values[-1]:
+        ds = ds.isel(latitude=slice(None, None, -1))
+    return ds
+
+
+def list_store_files(path: str) -> list[str]:
+    """The files or zarr directory that ``path`` names: a zarr store, one NetCDF/GRIB file, a directory of them, or a glob."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+    elif os.path.isdir(path) and not _is_zarr(path):
+        files = sorted(glob.glob(os.path.join(path, "*.nc")) + glob.glob(os.path.join(path, "*.grib")))
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
+                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
+    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
+    if not files:
+        raise FileNotFoundError(f"{path!r} matches no NetCDF (*.nc), GRIB (*.grib) or zarr store")
+    return files
+
+
+def _is_zarr(path: str) -> bool:
+    return path.rstrip("/").endswith(".zarr") or any(
+        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
+
+
+def _open_one(path: str) -> xr.Dataset:
+    if os.path.isdir(path):
+        return xr.open_zarr(path, chunks=None)  # lazy: each isel reads only the chunks it touches
+    if path.endswith((".grib", ".grib2", ".grb", ".grb2")):
+        return xr.open_dataset(path, engine="cfgrib", chunks=None, backend_kwargs={"indexpath": ""})
+    return xr.open_dataset(path, chunks=None)
+
+
+class ERA5Store:
+    """A lazily opened WeatherBench2-layout store (one zarr store or several files) seen as one time axis.
+
+    Args:
+        path: a zarr directory, a NetCDF or GRIB file, a directory of ``*.nc``/``*.grib`` files, or a glob.
+        select_index: integer positions to take along extra dims, e.g. ``{"number": 0}`` for the first
+            ensemble member of an ensemble GRIB file.
+        duplicate_times: what to do when two files hold the same time: ``"error"``, or ``"keep_first"``
+            to keep the earliest-sorted file's copy and drop the others.
+    """
+
+    def __init__(self, path: str, select_index: dict[str, int] | None = None,
+                 duplicate_times: Literal["error", "keep_first"] = "error"):
+        self.path, self.select_index, self.duplicate_times = str(path), dict(select_index or {}), duplicate_times
+        if duplicate_times not in ("error", "keep_first"):
+            raise ValueError(f"duplicate_times={duplicate_times!r}; use 'error' or 'keep_first'")
+        self.files = list_store_files(self.path)
+        self._datasets: list[xr.Dataset] | None = None
+        self._pid = None
+        self._resolved: dict[str, tuple[str, float | None]] = {}
+        datasets = self.datasets
+        ds0 = datasets[0]
+        for dim in ("time",) + SPATIAL_DIMS:
+            if dim not in ds0.dims:
+                raise ValueError(f"store {self.path!r} has no {dim!r} dimension (dims: {dict(ds0.sizes)}); expected "
+                                 "WeatherBench2 dims time, [level,] latitude, longitude (aliases lat, lon, plev, isobaricInhPa)")
+        self.latitudes = ds0["latitude"].values.astype(np.float64)
+        self.longitudes = ds0["longitude"].values.astype(np.float64)
+        self.levels = [float(v) for v in ds0["level"].values] if "level" in ds0.coords else []
+        self._build_time_index([ds["time"].values for ds in datasets])
+
+    @property
+    def datasets(self) -> list[xr.Dataset]:
+        """The opened datasets, reopened in every new process so that worker processes never share a file handle."""
+        if self._datasets is None or self._pid != os.getpid():
+            opened = [_rename_to_weatherbench(_open_one(f)) for f in self.files]
+            self._datasets = [ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims}) for ds in opened]
+            self._pid = os.getpid()
+        return self._datasets
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_datasets": None, "_pid": None}
+
+    def _build_time_index(self, file_times: list[np.ndarray]) -> None:
+        order = sorted(range(len(file_times)), key=lambda k: file_times[k][0] if len(file_times[k]) else np.datetime64("NaT"))
+        file_of, local, times, last = [], [], [], None
+        for k in order:
+            t = file_times[k].astype("datetime64[ns]")
+            keep = np.ones(len(t), bool) if last is None else t > last
+            if not keep.all() and self.duplicate_times == "error":
+                clash = t[~keep]
+                raise ValueError(
+                    f"{(~keep).sum()} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
+                    f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
+            file_of.append(np.full(keep.sum(), k)), local.append(np.flatnonzero(keep)), times.append(t[keep])
+            last = t[keep][-1] if keep.any() else last
+        self.file_of, self.local_index = np.concatenate(file_of), np.concatenate(local)
+        self.times = np.concatenate(times)
+        steps = np.unique(np.diff(self.times)) if len(self.times) > 1 else np.array([])
+        if len(steps) != 1:
+            raise ValueError(f"time axis of {self.path!r} must be evenly spaced with at least two times; found "
+                             f"{len(self.times)} times with steps {[str(s.astype('timedelta64[h]')) for s in steps[:5]]}; "
+                             "fill or drop the gaps")
+        self.step_hours = float(steps[0] / np.timedelta64(1, "h"))
+        self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
+
+    def describe_time(self, index: int) -> str:
+        """The time stamp of ``index`` as ISO text, for messages."""
+        return str(self.times[index].astype("datetime64[m]"))
+
+    def resolve(self, field: str) -> tuple[str, float | None]:
+        """Splits a field name into ``(variable, level)``: ``"geopotential_500"`` -> ``("geopotential", 500.0)``."""
+        if field not in self._resolved:
+            self._resolved[field] = self._resolve(field)
+        return self._resolved[field]
+
+    def _resolve(self, field: str) -> tuple[str, float | None]:
+        ds = self.datasets[0]
+        name = SHORT_VARIABLE_NAMES.get(field, field)
+        variable, level = name, None
+        if name not in ds.data_vars and "_" in name and name.rsplit("_", 1)[1].isdigit():
+            base, lev = name.rsplit("_", 1)
+            variable, level = SHORT_VARIABLE_NAMES.get(base, base), float(lev)
+        if variable not in ds.data_vars:
+            raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}")
+        dims = ds[variable].dims
+        expected = {"time", *SPATIAL_DIMS} | ({"level"} if "level" in dims else set())
+        if set(dims) != expected:
+            extra = sorted(set(dims) - expected)
+            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude). "
+                             f"Pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra else "")
+        if "level" in dims:
+            levels = [float(v) for v in ds["level"].values]
+            if level is None or not np.isclose(levels, level).any():
+                asked = "no level" if level is None else f"level {level:g}"
+                raise KeyError(f"{field!r} asks for {asked} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
+                               f"ask for e.g. '{variable}_{levels[0]:g}'")
+            level = levels[int(np.argmin(np.abs(np.asarray(levels) - level)))]
+        elif level is not None:
+            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
+        return variable, level
+
+    def available_fields(self) -> list[str]:
+        """Every field the store offers, with levels spelled out (``geopotential_500``)."""
+        ds, names = self.datasets[0], []
+        for var in ds.data_vars:
+            if "time" not in ds[var].dims:
+                continue
+            levels = ds["level"].values if "level" in ds[var].dims else [None]
+            names += [str(var) if lev is None else f"{var}_{float(lev):g}" for lev in levels]
+        return names
+
+    def read(self, fields: Sequence[str], time_indices: np.ndarray) -> np.ndarray:
+        """``[T, V, H, W]`` float32 physical values of ``fields`` at the global ``time_indices``."""
+        time_indices = np.asarray(time_indices)
+        out = np.empty((len(time_indices), len(fields), len(self.latitudes), len(self.longitudes)), np.float32)
+        resolved = [self.resolve(f) for f in fields]
+        for k in np.unique(self.file_of[time_indices]):
+            rows = np.flatnonzero(self.file_of[time_indices] == k)
+            ds = self.datasets[k].isel(time=self.local_index[time_indices[rows]])
+            for v, (variable, level) in enumerate(resolved):
+                da = ds[variable] if level is None else ds[variable].isel(level=self.levels.index(level))
+                if da.dims != ("time", *SPATIAL_DIMS):
+                    da = da.transpose("time", *SPATIAL_DIMS)
+                out[rows, v] = da.values  # [T_k, H, W]
+        return out
+
+
+def parse_years(spec: list[int] | str | int | None) -> list[int] | None:
+    """Turns ``"2000-2002"``, ``"2000,2002"``, ``2000`` or ``[2000, 2002]`` into a sorted list of years; ``None`` stays ``None``."""
+    if spec is None:
+        return None
+    if isinstance(spec, (int, np.integer)):
+        return [int(spec)]
+    if isinstance(spec, str):
+        years: list[int] = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            first, _, last = part.partition("-")
+            if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+                raise ValueError(f"years {spec!r} not understood; write '2000-2002', '2000,2002' or a list [2000, 2002]")
+            years += range(int(first), int(last or first) + 1)
+        return sorted(set(years))
+    return sorted({int(y) for y in spec})
+
+
+class ERA5ForecastDataset(Dataset):
+    """Forecasting pairs ``(fields at t, fields at t + lead)`` from an :class:`ERA5Store`.
+
+    Args:
+        store: the store to read (each worker process reopens it on first use).
+        variables: input field names ``V``.
+        out_variables: target field names ``V_out``.
+        init_indices: ``[N]`` store time index of each sample's input.
+        lead_steps: lead times in store time steps.
+        lead_index: ``[N]`` position in ``lead_steps`` of each sample's lead, or ``None`` to draw one
+            uniformly per sample (training with several lead times).
+        mean: ``{field: mean}`` to normalise with, or ``None`` for physical units.
+        std: ``{field: std}``, given with ``mean``.
+    """
+
+    def __init__(self, store: ERA5Store, variables: Sequence[str], out_variables: Sequence[str], init_indices: np.ndarray,
+                 lead_steps: Sequence[int], lead_index: np.ndarray | None, mean: dict[str, float] | None = None,
+                 std: dict[str, float] | None = None):
+        self.store, self.init_indices, self.lead_steps, self.lead_index = store, init_indices, list(lead_steps), lead_index
+        self.fields = list(dict.fromkeys([*variables, *out_variables]))  # union U, input fields first
+        self.in_pos = [self.fields.index(f) for f in variables]
+        self.out_pos = [self.fields.index(f) for f in out_variables]
+        self.shift = None if mean is None else np.array([mean[f] for f in self.fields], np.float32)[:, None, None]
+        self.scale = None if std is None else np.array([std[f] for f in self.fields], np.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.init_indices)
+
+    def __getitem__(self, n: int) -> dict[str, torch.Tensor]:
+        init = int(self.init_indices[n])
+        choice = int(torch.randint(len(self.lead_steps), ()).item()) if self.lead_index is None else int(self.lead_index[n])
+        steps = self.lead_steps[choice]
+        block = self.store.read(self.fields, np.array([init, init + steps]))  # [2, U, H, W]
+        bad = np.isnan(block)
+        if bad.any():
+            row, field = np.argwhere(bad.any(axis=(2, 3)))[0]
+            raise ValueError(f"NaN in variable {self.fields[field]!r} at time {self.store.describe_time(init + row * steps)} "
+                             f"of {self.store.path!r}; fill or drop those times, or choose years without gaps")
+        if self.shift is not None:
+            block = (block - self.shift) / self.scale
+        return {
+            "input": torch.from_numpy(np.ascontiguousarray(block[0, self.in_pos])),  # [V, H, W]
+            "target": torch.from_numpy(np.ascontiguousarray(block[1, self.out_pos])),  # [V_out, H, W]
+            "lead_time_hours": torch.tensor(steps * self.store.step_hours, dtype=torch.float32),
+            "index": torch.tensor(init, dtype=torch.int64),
+        }
+
+
+class ERA5DataModule(LightningDataModule):
+    """Forecasting pairs from a WeatherBench2-layout ERA5 store, split by years and normalised per field.
+
+    Every batch is a dict: ``input`` float32 ``[B, V, H, W]``, ``target`` float32 ``[B, V_out, H, W]``,
+    ``lead_time_hours`` float32 ``[B]`` and ``index`` int64 ``[B]`` (the store time index of the input).
+    Latitudes are always ascending (-90 to 90); a store in the other order is flipped on read. Data
+    parallelism needs nothing here: the train loader shuffles and Lightning (or the sequence-parallel
+    strategy) swaps in its ``DistributedSampler``.
+
+    Args:
+        path: a WeatherBench2 zarr directory, a NetCDF/GRIB file, a directory of ``*.nc`` files, or a glob.
+        variables: input fields, e.g. ``["2m_temperature", "geopotential_500"]``; ``<variable>_<level>``
+            picks a pressure level in hPa. ERA5 short names (``t2m``, ``z_500``) are accepted and reported
+            by their WeatherBench2 names.
+        out_variables: target fields; ``None`` means the same as ``variables``.
+        lead_time_hours: forecast lead time, a multiple of the store's time step. A list draws one lead
+            uniformly per training sample; validation and test then hold every (input time, lead) pair.
+        train_years: years of the train split, as a list, ``"2000-2002"`` or ``"2000,2002"``; ``None``
+            means every year of the store not in ``val_years`` or ``test_years``.
+        val_years: years of the validation split; ``None`` means no validation loader.
+        test_years: years of the test split; ``None`` means no test loader.
+        batch_size: samples per batch on each data-parallel rank.
+        num_workers: DataLoader worker processes; each opens its own handle on the store.
+        stats_path: cache file of the train-split statistics; ``None`` means ``<store>.seqpar-stats.nc``
+            next to the data (or the user cache dir if that directory is read-only).
+        normalize: normalise every field with its train-split mean and std.
+        pin_memory: passed to the DataLoaders.
+        persistent_workers: passed to the DataLoaders when ``num_workers > 0``.
+        select_index: positions along extra dims, e.g. ``{"number": 0}`` for one ensemble member.
+        duplicate_times: ``"error"`` when two files share a time, or ``"keep_first"`` to keep the first copy.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        variables: list[str],
+        out_variables: list[str] | None = None,
+        lead_time_hours: int | list[int] = 6,
+        train_years: list[int] | str | None = None,
+        val_years: list[int] | str | None = None,
+        test_years: list[int] | str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        stats_path: str | None = None,
+        normalize: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        select_index: dict[str, int] | None = None,
+        duplicate_times: Literal["error", "keep_first"] = "error",
+    ):
+        super().__init__()
+        if not variables:
+            raise ValueError("variables is empty; name at least one field, e.g. ['2m_temperature']")
+        self.path, self.select_index, self.duplicate_times = str(path), select_index, duplicate_times
+        self._variables, self._out_variables = list(variables), list(out_variables or variables)
+        leads = [lead_time_hours] if isinstance(lead_time_hours, int) else list(lead_time_hours)
+        if not leads or any(int(h) <= 0 for h in leads):
+            raise ValueError(f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them")
+        self.lead_times_hours = sorted({int(h) for h in leads})
+        self.split_years = {"train": parse_years(train_years), "val": parse_years(val_years), "test": parse_years(test_years)}
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pin_memory, self.persistent_workers, self.normalize = pin_memory, persistent_workers, normalize
+        self.stats_path = stats_path
+        self._store: ERA5Store | None = None
+        self.statistics: FieldStatistics | None = None
+        self.datasets: dict[str, ERA5ForecastDataset] = {}
+
+    # --- metadata, available before setup() (opens the store's coordinates only) ---
+
+    @property
+    def store(self) -> ERA5Store:
+        """The opened store; fields are validated on first access."""
+        if self._store is None:
+            store = ERA5Store(self.path, self.select_index, self.duplicate_times)
+            for field in self._variables + self._out_variables:
+                store.resolve(field)
+            self._store = store
+        return self._store
+
+    @property
+    def variables(self) -> list[str]:
+        """Input field names ``V``, in WeatherBench2 spelling (``geopotential_500``)."""
+        return [self._canonical(f) for f in self._variables]
+
+    @property
+    def out_variables(self) -> list[str]:
+        """Target field names ``V_out``."""
+        return [self._canonical(f) for f in self._out_variables]
+
+    def _canonical(self, field: str) -> str:
+        variable, level = self.store.resolve(field)
+        return variable if level is None else f"{variable}_{level:g}"
+
+    @property
+    def latitudes(self) -> np.ndarray:
+        """``[H]`` latitudes in degrees, ascending."""
+        return self.store.latitudes
+
+    @property
+    def longitudes(self) -> np.ndarray:
+        """``[W]`` longitudes in degrees east, as stored."""
+        return self.store.longitudes
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return len(self.store.latitudes), len(self.store.longitudes)
+
+    @property
+    def time_step_hours(self) -> float:
+        """Hours between consecutive times of the store."""
+        return self.store.step_hours
+
+    # --- statistics ---
+
+    def _default_stats_path(self) -> Path:
+        base = Path(os.path.dirname(self.path) if any(ch in self.path for ch in "*?[") else self.path.rstrip("/"))
+        return base.parent / (base.name + STATS_SUFFIX)
+
+    def split_indices(self, split: Literal["train", "val", "test"]) -> np.ndarray:
+        """Store time indices whose year is in ``split``; raises if a named year is not in the store."""
+        years = self.split_years[split]
+        if years is None and split == "train":
+            held_out = set(self.split_years["val"] or []) | set(self.split_years["test"] or [])
+            years = [int(y) for y in np.unique(self.store.years) if y not in held_out]
+        if not years:
+            raise ValueError(f"the {split} split is empty (years {years}); store {self.path!r} has years "
+                             f"{np.unique(self.store.years).tolist()}; set {split}_years")
+        missing = sorted(set(years) - set(self.store.years.tolist()))
+        if missing:
+            raise ValueError(f"{split}_years {missing} not in {self.path!r}, which has years "
+                             f"{np.unique(self.store.years).tolist()}; choose {split}_years among those")
+        self.split_years[split] = years
+        return np.flatnonzero(np.isin(self.store.years, years))
+
+    def _lead_steps(self) -> list[int]:
+        steps = []
+        for hours in self.lead_times_hours:
+            ratio = hours / self.store.step_hours
+            if abs(ratio - round(ratio)) > 1e-9:
+                raise ValueError(f"lead_time_hours={hours} is not a multiple of the time step of {self.path!r} "
+                                 f"({self.store.step_hours:g} h); use e.g. {int(self.store.step_hours * max(1, round(ratio)))}")
+            steps.append(int(round(ratio)))
+        return steps
+
+    def _load_statistics(self) -> FieldStatistics:
+        if self.statistics is None:
+            fields = list(dict.fromkeys(self.variables + self.out_variables))
+            self.statistics, used = load_or_compute_statistics(
+                self.store.read, fields, self.split_indices("train"), self.split_years["train"], self.grid_shape,
+                Path(self.stats_path) if self.stats_path else self._default_stats_path(),
+                describe_time=self.store.describe_time)
+            rank_zero_info(f"ERA5DataModule: normalisation statistics of {len(fields)} fields from {used}")
+        return self.statistics
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """``{field: mean}`` over the train split, physical units."""
+        return self._load_statistics().mean
+
+    @property
+    def std(self) -> dict[str, float]:
+        """``{field: standard deviation}`` over the train split, physical units."""
+        return self._load_statistics().std
+
+    @property
+    def out_mean(self) -> np.ndarray:
+        """``[V_out]`` float32 means in ``out_variables`` order, to de-normalise predictions."""
+        return np.array([self.mean[f] for f in self.out_variables], np.float32)
+
+    @property
+    def out_std(self) -> np.ndarray:
+        """``[V_out]`` float32 standard deviations in ``out_variables`` order."""
+        return np.array([self.std[f] for f in self.out_variables], np.float32)
+
+    @property
+    def climatology(self) -> np.ndarray:
+        """``[V_out, H, W]`` float32 mean over the train split at each grid point, in physical units (for ACC)."""
+        stats = self._load_statistics()
+        return np.stack([stats.climatology[f] for f in self.out_variables])
+
+    # --- Lightning hooks ---
+
+    def prepare_data(self) -> None:
+        """Computes and caches the train-split statistics once (on local rank 0 of each node)."""
+        self._load_statistics()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the datasets of the splits that ``stage`` needs (all of them for ``None``)."""
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage, ["train", "val", "test"])
+        steps = self._lead_steps()
+        stats = self._load_statistics() if self.normalize else None
+        for split in wanted:
+            if self.split_years[split] is None and split != "train":
+                continue
+            self.datasets[split] = self._make_dataset(split, steps, stats)
+
+    def _make_dataset(self, split: str, steps: list[int], stats: FieldStatistics | None) -> ERA5ForecastDataset:
+        in_split = np.zeros(len(self.store.times), bool)
+        in_split[self.split_indices(split)] = True
+        if split == "train":  # one list of inputs, valid for every lead; the lead is drawn per sample
+            inits = np.flatnonzero(in_split[: len(in_split) - max(steps)] & in_split[max(steps):])
+            lead_index = None if len(steps) > 1 else np.zeros(len(inits), np.int64)
+        else:  # every (input, lead) pair, lead-major
+            per_lead = [np.flatnonzero(in_split[: len(in_split) - k] & in_split[k:]) for k in steps]
+            inits = np.concatenate(per_lead)
+            lead_index = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_lead)])
+        if len(inits) == 0:
+            raise ValueError(f"the {split} split (years {self.split_years[split]}) has no input whose target "
+                             f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours")
+        mean, std = (stats.mean, stats.std) if stats is not None else (None, None)
+        return ERA5ForecastDataset(self.store, self.variables, self.out_variables, inits, steps, lead_index, mean, std)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+        if split not in self.datasets:
+            if self.split_years[split] is None:
+                return []  # no such split: Lightning skips the loop
+            raise RuntimeError(f"the {split} dataset is not built; call setup() first (Lightning does this for you)")
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled train loader (Lightning replaces the sampler with a ``DistributedSampler`` under data parallelism)."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation loader in time order, or ``[]`` when ``val_years`` is ``None``."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test loader in time order, or ``[]`` when ``test_years`` is ``None``."""
+        return self._loader("test", shuffle=False)
+

@@ -1,0 +1,197 @@
+"""Per-variable normalisation statistics and climatology of the train split, computed by streaming and cached on disk.
+
+The cache is a small NetCDF file (by default next to the data, ``<store>.seqpar-stats.nc``) holding, for
+every field (a variable at one level, e.g. ``geopotential_500``), the scalar ``mean`` and ``std`` over
+all train times and grid points, and the ``climatology``: the mean over train times at each grid point
+``[H, W]``, in physical units. It is reused when its train years, number of train times and grid match;
+fields missing from it are computed and added. A directory that cannot be written falls back to the
+user cache directory (``platformdirs.user_cache_dir("lightning-seqpar")``) with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import platformdirs
+import xarray as xr
+
+STATS_SUFFIX = ".seqpar-stats.nc"
+STATS_FORMAT_VERSION = 1
+
+# read(fields, time_indices) -> [T, V, H, W] in physical units, the same reader the dataset uses
+FieldReader = Callable[[Sequence[str], np.ndarray], np.ndarray]
+
+
+@dataclass
+class FieldStatistics:
+    """Statistics of the train split, one entry per field name.
+
+    Attributes:
+        mean: scalar mean over train times and grid points, physical units.
+        std: scalar standard deviation over train times and grid points, physical units.
+        climatology: ``[H, W]`` mean over train times at each grid point, physical units.
+    """
+
+    mean: dict[str, float]
+    std: dict[str, float]
+    climatology: dict[str, np.ndarray]
+
+    def subset(self, fields: Sequence[str]) -> "FieldStatistics":
+        """The statistics of ``fields`` only (every one must be present)."""
+        return FieldStatistics({f: self.mean[f] for f in fields}, {f: self.std[f] for f in fields},
+                               {f: self.climatology[f] for f in fields})
+
+
+def compute_statistics(
+    read: FieldReader, fields: Sequence[str], time_indices: np.ndarray, chunk_size: int = 256,
+    describe_time: Callable[[int], str] = str,
+) -> FieldStatistics:
+    """Streams over ``time_indices`` in blocks of ``chunk_size`` and returns mean, std and climatology per field.
+
+    Block means and sums of squared deviations are merged with Chan's parallel formula, in float64, so
+    the result does not depend on holding the whole split in memory.
+
+    Args:
+        read: returns ``[T, V, H, W]`` physical values of ``fields`` at the given time indices.
+        fields: field names, e.g. ``["2m_temperature", "geopotential_500"]``.
+        time_indices: ``[N]`` time indices of the train split.
+        chunk_size: number of time steps read at once.
+        describe_time: turns a time index into text for error messages.
+    """
+    if len(time_indices) == 0:
+        raise ValueError("cannot compute statistics of an empty train split; give train_years that exist in the store")
+    count, mean, m2, grid_sum = 0, None, None, None
+    for start in range(0, len(time_indices), chunk_size):
+        block_idx = np.asarray(time_indices[start : start + chunk_size])
+        block = read(fields, block_idx).astype(np.float64)  # [T, V, H, W]
+        bad = np.isnan(block)
+        if bad.any():
+            t, v = np.argwhere(bad.any(axis=(2, 3)))[0]
+            raise ValueError(f"NaN in variable {fields[v]!r} at time {describe_time(int(block_idx[t]))}; "
+                             "fill or drop those times (e.g. ds.ffill('time')) before training")
+        n_block = block.shape[0] * block.shape[2] * block.shape[3]
+        block_mean = block.mean(axis=(0, 2, 3))  # [V]
+        block_m2 = ((block - block_mean[None, :, None, None]) ** 2).sum(axis=(0, 2, 3))  # [V]
+        block_grid_sum = block.sum(axis=0)  # [V, H, W]
+        if mean is None:
+            count, mean, m2, grid_sum = n_block, block_mean, block_m2, block_grid_sum
+            continue
+        delta = block_mean - mean
+        total = count + n_block
+        mean = mean + delta * n_block / total
+        m2 = m2 + block_m2 + delta**2 * count * n_block / total
+        grid_sum = grid_sum + block_grid_sum
+        count = total
+    std = np.sqrt(m2 / count)
+    climatology = grid_sum / len(time_indices)  # [V, H, W]
+    flat = [f for f, s in zip(fields, std) if s == 0]
+    if flat:
+        raise ValueError(f"fields {flat} are constant over the train split (std = 0) and cannot be normalised; "
+                         "drop them from variables or pass normalize=False")
+    return FieldStatistics(
+        mean={f: float(m) for f, m in zip(fields, mean)},
+        std={f: float(s) for f, s in zip(fields, std)},
+        climatology={f: climatology[i].astype(np.float32) for i, f in enumerate(fields)},
+    )
+
+
+def fallback_stats_path(stats_path: Path) -> Path:
+    """Where the statistics go when ``stats_path`` cannot be written: the user cache dir, keyed by the original path."""
+    key = hashlib.sha1(str(stats_path.resolve()).encode()).hexdigest()[:12]
+    return Path(platformdirs.user_cache_dir("lightning-seqpar")) / "stats" / f"{key}-{stats_path.name}"
+
+
+def _identity(train_years: Sequence[int], n_times: int, grid_shape: tuple[int, int]) -> dict[str, str | int]:
+    return {"format_version": STATS_FORMAT_VERSION, "train_years": ",".join(str(y) for y in train_years),
+            "n_train_times": int(n_times), "grid_shape": f"{grid_shape[0]}x{grid_shape[1]}"}
+
+
+def read_statistics(path: Path, identity: dict) -> FieldStatistics | None:
+    """Reads a cache file, or returns ``None`` when it is absent or was made for other train years or another grid."""
+    if not path.is_file():
+        return None
+    with xr.open_dataset(path) as ds:
+        if any(str(ds.attrs.get(key)) != str(value) for key, value in identity.items()):
+            return None
+        ds = ds.load()
+    fields = [str(f) for f in ds["field"].values]
+    return FieldStatistics(
+        mean={f: float(ds["mean"].values[i]) for i, f in enumerate(fields)},
+        std={f: float(ds["std"].values[i]) for i, f in enumerate(fields)},
+        climatology={f: ds["climatology"].values[i].astype(np.float32) for i, f in enumerate(fields)},
+    )
+
+
+def write_statistics(path: Path, stats: FieldStatistics, identity: dict) -> None:
+    """Writes ``stats`` to ``path`` atomically (a temporary file in the same directory, then a rename)."""
+    fields = list(stats.mean)
+    ds = xr.Dataset(
+        {
+            "mean": (("field",), np.array([stats.mean[f] for f in fields])),
+            "std": (("field",), np.array([stats.std[f] for f in fields])),
+            "climatology": (("field", "latitude", "longitude"), np.stack([stats.climatology[f] for f in fields])),
+        },
+        coords={"field": np.array(fields, dtype=object)},
+        attrs=dict(identity),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nc", dir=path.parent)
+    os.close(handle)
+    try:
+        ds.to_netcdf(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the cache is meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_or_compute_statistics(
+    read: FieldReader, fields: Sequence[str], time_indices: np.ndarray, train_years: Sequence[int],
+    grid_shape: tuple[int, int], stats_path: Path, chunk_size: int = 256,
+    describe_time: Callable[[int], str] = str,
+) -> tuple[FieldStatistics, Path]:
+    """Returns the statistics of ``fields`` and the file they live in, computing and caching only what is missing.
+
+    Args:
+        read: returns ``[T, V, H, W]`` physical values of ``fields`` at the given time indices.
+        fields: field names.
+        time_indices: time indices of the train split.
+        train_years: the train years, recorded in the cache so that another split does not reuse it.
+        grid_shape: ``(H, W)``, recorded likewise.
+        stats_path: preferred cache file; the user cache dir is used when it cannot be written.
+        chunk_size: time steps read at once while computing.
+        describe_time: turns a time index into text for error messages.
+    """
+    identity = _identity(train_years, len(time_indices), grid_shape)
+    fallback = fallback_stats_path(stats_path)
+    cached = None
+    for candidate in (stats_path, fallback):
+        cached = read_statistics(candidate, identity)
+        if cached is not None:
+            stats_path = candidate
+            break
+    missing = [f for f in fields if cached is None or f not in cached.mean]
+    if not missing:
+        return cached.subset(fields), stats_path
+    fresh = compute_statistics(read, missing, time_indices, chunk_size, describe_time)
+    if cached is not None:
+        fresh = FieldStatistics({**cached.mean, **fresh.mean}, {**cached.std, **fresh.std},
+                                {**cached.climatology, **fresh.climatology})
+    try:
+        write_statistics(stats_path, fresh, identity)
+    except OSError as err:
+        warnings.warn(f"cannot write normalisation statistics to {stats_path} ({err}); "
+                      f"writing them to {fallback} instead (pass stats_path= to choose the place)", stacklevel=2)
+        stats_path = fallback
+        write_statistics(stats_path, fresh, identity)
+    return fresh.subset(fields), stats_path
