@@ -1,0 +1,251 @@
+"""Latitude-weighted RMSE and ACC per variable and lead time as torchmetrics Metrics, and the persistence and climatology baselines.
+
+Letters in shape comments: B samples, V variables, T lead times, H latitudes, W longitudes.
+
+Formulas (WeatherBench / ClimaX convention, in physical units after de-normalisation
+``x = x_norm * std + mean``), with latitude weights ``w_h = cos(lat_h) / mean_h(cos(lat_h))``
+and ``mean_hw`` the plain mean over the ``H x W`` grid:
+
+* RMSE of one sample: ``sqrt(mean_hw(w_h * (f - o)^2))``; the metric is the mean over samples.
+* ACC of one sample: with anomalies ``a = f - c`` and ``b = o - c`` against the climatology ``c``,
+  and their weighted spatial means removed (``a' = a - mean_hw(w_h a)``, same for ``b'``),
+  ``sum_hw(w_h a' b') / sqrt(sum_hw(w_h a'^2) * sum_hw(w_h b'^2))``; the metric is the mean over samples.
+  A sample whose anomaly is constant over the grid (e.g. the climatology forecast itself) scores 0.
+
+States are sums over samples (``dist_reduce_fx="sum"``), so the result is exact under data parallelism.
+Pass ``process_group=`` (the data-parallel group) so that each sample counts once and not once per
+sequence-parallel rank that holds a copy of it. ``compute()`` returns
+``{"<prefix><metric>/<variable>/<lead>h": value}``, e.g. ``{"val/rmse/2m_temperature/6h": tensor(1.3)}``,
+for every lead time that received at least one sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def latitude_weights(latitudes: Sequence[float] | np.ndarray | Tensor) -> Tensor:
+    """``[H]`` weights ``cos(lat) / mean(cos(lat))`` (mean 1) from latitudes in degrees."""
+    lat = torch.as_tensor(np.asarray(latitudes, dtype=np.float64))
+    weights = torch.cos(torch.deg2rad(lat))
+    return weights / weights.mean()
+
+
+def _as_vector(values: Sequence[float] | np.ndarray | Tensor | None, n: int, name: str) -> Tensor | None:
+    if values is None:
+        return None
+    vector = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    if vector.numel() != n:
+        raise ValueError(f"{name} has {vector.numel()} entries but there are {n} variables; give one per variable")
+    return vector
+
+
+class _LatitudeWeightedMetric(Metric):
+    """Shared bookkeeping: de-normalisation, lead-time bins, additive sum and count states."""
+
+    full_state_update = False
+    name = "metric"
+
+    def __init__(
+        self,
+        variables: Sequence[str],
+        latitudes: Sequence[float] | np.ndarray | Tensor,
+        lead_times_hours: Sequence[float],
+        mean: Sequence[float] | np.ndarray | Tensor | None = None,
+        std: Sequence[float] | np.ndarray | Tensor | None = None,
+        prefix: str = "",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if not variables or not len(lead_times_hours):
+            raise ValueError(f"{type(self).__name__} needs variables and lead_times_hours, got {list(variables)} and "
+                             f"{list(lead_times_hours)}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (to de-normalise) or neither (values already in physical units)")
+        self.variables, self.prefix = list(variables), prefix
+        self.lead_times_hours = [float(h) for h in lead_times_hours]
+        self.register_buffer("weights", latitude_weights(latitudes), persistent=False)  # [H]
+        self.register_buffer("leads", torch.tensor(self.lead_times_hours, dtype=torch.float64), persistent=False)
+        self.register_buffer("mean", _as_vector(mean, len(self.variables), "mean"), persistent=False)  # [V] or None
+        self.register_buffer("std", _as_vector(std, len(self.variables), "std"), persistent=False)
+        n_leads, n_vars = len(self.lead_times_hours), len(self.variables)
+        self.add_state("total", default=torch.zeros(n_leads, n_vars, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(n_leads, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _physical(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float64)
+        if self.mean is None:
+            return x
+        return x * self.std[None, :, None, None] + self.mean[None, :, None, None]  # [B, V, H, W]
+
+    def _check(self, preds: Tensor, target: Tensor, lead_time_hours: Tensor | float) -> Tensor:
+        expected = (len(self.variables), self.weights.numel())
+        if preds.shape != target.shape or preds.ndim != 4 or tuple(preds.shape[1:3]) != expected:
+            raise ValueError(f"{type(self).__name__}.update expects preds and target of shape [B, V={expected[0]}, "
+                             f"H={expected[1]}, W], got {tuple(preds.shape)} and {tuple(target.shape)}")
+        lead = torch.as_tensor(lead_time_hours, dtype=torch.float64, device=self.leads.device).reshape(-1)
+        lead = lead.expand(preds.shape[0]) if lead.numel() == 1 else lead
+        match = torch.isclose(lead[:, None], self.leads[None, :])  # [B, T]
+        if not bool(match.any(dim=1).all()):
+            unknown = sorted({float(h) for h, ok in zip(lead.tolist(), match.any(dim=1).tolist()) if not ok})
+            raise ValueError(f"lead times {unknown} h are not among lead_times_hours {self.lead_times_hours}; "
+                             "construct the metric with every lead time the loader yields")
+        return match.to(torch.float64).argmax(dim=1)  # [B] lead bin of each sample
+
+    def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, preds: Tensor, target: Tensor, lead_time_hours: Tensor | float) -> None:
+        """Adds a batch.
+
+        Args:
+            preds: ``[B, V, H, W]`` forecasts, normalised if ``mean``/``std`` were given, else physical.
+            target: ``[B, V, H, W]`` truth in the same units as ``preds``.
+            lead_time_hours: ``[B]`` lead time of each sample (or one number for the whole batch).
+        """
+        bins = self._check(preds, target, lead_time_hours)
+        values = self._per_sample(self._physical(preds), self._physical(target))  # [B, V]
+        self.total.index_add_(0, bins, values)
+        self.count.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"<prefix><name>/<variable>/<lead>h": mean over samples}`` for every lead time seen."""
+        out = {}
+        for t, hours in enumerate(self.lead_times_hours):
+            if self.count[t] == 0:
+                continue
+            for v, variable in enumerate(self.variables):
+                out[f"{self.prefix}{self.name}/{variable}/{hours:g}h"] = (self.total[t, v] / self.count[t]).float()
+        return out
+
+
+class LatitudeWeightedRMSE(_LatitudeWeightedMetric):
+    """Latitude-weighted RMSE per variable and lead time, in physical units (see the module docstring).
+
+    Args:
+        variables: names of the ``V`` channels, used in the result keys.
+        latitudes: ``[H]`` latitudes in degrees, in the order of the ``H`` axis.
+        lead_times_hours: every lead time the data yields; one result per variable and lead time.
+        mean: ``[V]`` means to de-normalise with, or ``None`` when values are physical.
+        std: ``[V]`` standard deviations, given with ``mean``.
+        prefix: prepended to every result key, e.g. ``"val/"``.
+        **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
+    """
+
+    name = "rmse"
+
+    def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
+        weighted = self.weights.to(preds)[None, None, :, None] * (preds - target) ** 2  # [B, V, H, W]
+        return weighted.mean(dim=(2, 3)).sqrt()  # [B, V]
+
+
+class LatitudeWeightedACC(_LatitudeWeightedMetric):
+    """Latitude-weighted anomaly correlation per variable and lead time (see the module docstring).
+
+    Args:
+        variables: names of the ``V`` channels, used in the result keys.
+        latitudes: ``[H]`` latitudes in degrees, in the order of the ``H`` axis.
+        lead_times_hours: every lead time the data yields.
+        climatology: ``[V, H, W]`` climatology in physical units (e.g. ``ERA5DataModule.climatology``).
+        mean: ``[V]`` means to de-normalise with, or ``None`` when values are physical.
+        std: ``[V]`` standard deviations, given with ``mean``.
+        prefix: prepended to every result key, e.g. ``"val/"``.
+        **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
+    """
+
+    name = "acc"
+
+    def __init__(self, variables: Sequence[str], latitudes: Sequence[float] | np.ndarray | Tensor,
+                 lead_times_hours: Sequence[float], climatology: np.ndarray | Tensor,
+                 mean: Sequence[float] | np.ndarray | Tensor | None = None,
+                 std: Sequence[float] | np.ndarray | Tensor | None = None, prefix: str = "", **kwargs: Any):
+        super().__init__(variables, latitudes, lead_times_hours, mean, std, prefix, **kwargs)
+        clim = torch.as_tensor(np.asarray(climatology, dtype=np.float64))
+        if clim.ndim != 3 or tuple(clim.shape[:2]) != (len(self.variables), self.weights.numel()):
+            raise ValueError(f"climatology must be [V={len(self.variables)}, H={self.weights.numel()}, W] in physical "
+                             f"units, got {tuple(clim.shape)}")
+        self.register_buffer("climatology", clim, persistent=False)
+
+    def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
+        w = self.weights.to(preds)[None, None, :, None]  # [1, 1, H, 1]
+        a = preds - self.climatology[None]  # [B, V, H, W]
+        b = target - self.climatology[None]
+        a = a - (w * a).mean(dim=(2, 3), keepdim=True)
+        b = b - (w * b).mean(dim=(2, 3), keepdim=True)
+        covariance = (w * a * b).sum(dim=(2, 3))  # [B, V]
+        norm = ((w * a**2).sum(dim=(2, 3)) * (w * b**2).sum(dim=(2, 3))).sqrt()
+        return torch.where(norm > 0, covariance / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+
+
+def persistence_forecast(batch: Mapping[str, Tensor], variables: Sequence[str], out_variables: Sequence[str]) -> Tensor:
+    """The input fields at ``t`` as the forecast for ``t + lead``: ``[B, V, H, W]`` -> ``[B, V_out, H, W]``.
+
+    Args:
+        batch: a batch of :class:`~lightning_seqpar.data.era5.ERA5DataModule`.
+        variables: names of the input channels.
+        out_variables: names of the target channels; each must be an input channel.
+    """
+    missing = [v for v in out_variables if v not in variables]
+    if missing:
+        raise ValueError(f"persistence needs every output among the inputs; {missing} are not in {list(variables)}")
+    return batch["input"][:, [list(variables).index(v) for v in out_variables]]
+
+
+def climatology_forecast(batch: Mapping[str, Tensor], climatology: Tensor) -> Tensor:
+    """The climatology as the forecast for every sample: ``[V_out, H, W]`` -> ``[B, V_out, H, W]``.
+
+    Args:
+        batch: a batch; only its size and device are used.
+        climatology: ``[V_out, H, W]`` in the units of ``batch["target"]`` (normalised if the data is).
+    """
+    target = batch["target"]
+    return climatology.to(target)[None].expand_as(target)
+
+
+@torch.no_grad()
+def evaluate_baselines(
+    datamodule: Any, split: Literal["val", "test"] = "val", max_batches: int | None = None
+) -> dict[str, Tensor]:
+    """Scores the persistence and climatology forecasts with the same metrics a model gets.
+
+    Args:
+        datamodule: an :class:`~lightning_seqpar.data.era5.ERA5DataModule` after ``setup()``.
+        split: which loader to score.
+        max_batches: stop after this many batches (``None``: the whole split).
+
+    Returns:
+        ``{"persistence/rmse/<variable>/<lead>h": ..., "persistence/acc/...": ..., "climatology/rmse/...": ...}``;
+        persistence is left out when an output variable is not an input, and the climatology forecast has
+        no ACC (its anomaly is zero, so its ACC is 0 by definition).
+    """
+    dm = datamodule
+    loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    if not loader:
+        raise ValueError(f"the datamodule has no {split} split; set {split}_years")
+    mean, std = (dm.out_mean, dm.out_std) if dm.normalize else (None, None)
+    clim = torch.as_tensor(dm.climatology)  # [V_out, H, W] physical
+    clim_data_units = (clim - torch.as_tensor(mean)[:, None, None]) / torch.as_tensor(std)[:, None, None] if dm.normalize else clim
+    kinds = ["climatology"] + (["persistence"] if set(dm.out_variables) <= set(dm.variables) else [])
+    metrics = {
+        kind: [LatitudeWeightedRMSE(dm.out_variables, dm.latitudes, dm.lead_times_hours, mean, std, prefix=f"{kind}/")]
+        for kind in kinds
+    }
+    if "persistence" in metrics:  # the climatology forecast has no anomaly, so its ACC is 0 by definition
+        metrics["persistence"].append(
+            LatitudeWeightedACC(dm.out_variables, dm.latitudes, dm.lead_times_hours, clim, mean, std, prefix="persistence/"))
+    for n, batch in enumerate(loader):
+        if max_batches is not None and n >= max_batches:
+            break
+        for kind, pair in metrics.items():
+            if kind == "persistence":
+                forecast = persistence_forecast(batch, dm.variables, dm.out_variables)
+            else:
+                forecast = climatology_forecast(batch, clim_data_units)
+            for metric in pair:
+                metric.update(forecast, batch["target"], batch["lead_time_hours"])
+    return {key: value for pair in metrics.values() for metric in pair for key, value in metric.compute().items()}
