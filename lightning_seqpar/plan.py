@@ -1,0 +1,234 @@
+"""The sequence-parallel plan of a model: which module shards the tokens, which gathers them, which attentions become distributed.
+
+A plan is a mapping from a dotted path in the model (``fnmatch`` globs allowed) to one or more roles::
+
+    {
+        "blocks.0": "shard_input:1",          # split the first input of blocks.0 along dim 1
+        "blocks.*.attn": "attention",         # swap each block's attention for the distributed one
+        "blocks.11": "gather_output:1",       # all-gather the output of the last block along dim 1
+    }
+
+Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
+
+``shard_input:DIM`` / ``shard_output:DIM``
+    Keep this rank's slice of tokens of the module's first input / its output.
+``gather_input:DIM`` / ``gather_output:DIM``
+    All-gather the tokens of the module's first input / its output.
+``attention``
+    A known attention module (``torch.nn.MultiheadAttention``, timm-style ``Attention`` with a fused
+    ``qkv`` Linear, or a class given to :func:`register_attention`) is made distributed.
+``sdpa``
+    Every ``torch.nn.functional.scaled_dot_product_attention`` call made while this module runs is made
+    distributed (how Hugging Face and most modern attention code is handled without an adapter).
+``sequence_parameter:DIM``
+    A parameter (path names the parameter) indexed by token position along ``DIM``, such as a position
+    embedding used after the shard: it is sliced to this rank's tokens while its owner module runs.
+``checkpoint``
+    Recompute this module's activations in backward (activation checkpointing).
+
+A plan is printable (``print(plan)``) and YAML-friendly (roles are strings; several roles are separated by
+commas). :func:`infer_plan` builds one for a model that does not supply its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union, get_args
+
+from torch import nn
+
+RoleKind = Literal[
+    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter", "checkpoint"
+]
+ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
+_DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter"}
+
+PlanLike = Union["SequenceParallelPlan", Mapping[str, Union[str, Sequence[str]]]]
+
+
+class PlanError(ValueError):
+    """Raised when a plan is malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """One thing the strategy does at a module or parameter."""
+
+    kind: str
+    dim: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        name, _, dim = text.strip().partition(":")
+        if name not in ROLE_KINDS:
+            raise PlanError(f"unknown plan role {text.strip()!r}; roles are {', '.join(ROLE_KINDS)} (with ':DIM' for shard/gather).")
+        if name in _DIM_ROLES:
+            try:
+                return cls(name, int(dim) if dim else 1)
+            except ValueError:
+                raise PlanError(f"plan role {text.strip()!r}: the dimension after ':' must be an integer.") from None
+        if dim:
+            raise PlanError(f"plan role {name!r} takes no dimension, got {text.strip()!r}.")
+        return cls(name)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.dim}" if self.dim is not None else self.kind
+
+
+class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
+    """An ordered mapping ``path -> roles``. Build it from a dict of strings; print it to read it."""
+
+    def __init__(self, entries: PlanLike) -> None:
+        self._entries: dict[str, tuple[Role, ...]] = {}
+        for path, roles in entries.items():
+            if isinstance(roles, str):
+                roles = [r for r in roles.split(",") if r.strip()]
+            parsed = tuple(r if isinstance(r, Role) else Role.parse(r) for r in roles)
+            if not parsed:
+                raise PlanError(f"plan entry {path!r} has no role.")
+            self._entries[path] = self._entries.get(path, ()) + parsed
+
+    def __getitem__(self, path: str) -> tuple[Role, ...]:
+        return self._entries[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def to_dict(self) -> dict[str, str]:
+        """The plan as plain strings (what a YAML recipe would hold)."""
+        return {path: ", ".join(str(r) for r in roles) for path, roles in self._entries.items()}
+
+    def with_prefix(self, prefix: str) -> SequenceParallelPlan:
+        return SequenceParallelPlan({f"{prefix}.{p}" if prefix else p: r for p, r in self._entries.items()})
+
+    def __str__(self) -> str:
+        width = max((len(p) for p in self._entries), default=4)
+        lines = [f"{'path'.ljust(width)}  roles", f"{'-' * width}  -----"]
+        lines += [f"{p.ljust(width)}  {', '.join(str(r) for r in roles)}" for p, roles in self._entries.items()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SequenceParallelPlan({self.to_dict()!r})"
+
+    def resolve(self, root: nn.Module) -> list[tuple[str, Role]]:
+        """Expand globs against ``root``; return ``(concrete path, role)`` pairs, checked against the model."""
+        modules = dict(root.named_modules())
+        parameters = dict(root.named_parameters())
+        resolved: list[tuple[str, Role]] = []
+        for pattern, roles in self._entries.items():
+            for role in roles:
+                pool = parameters if role.kind == "sequence_parameter" else modules
+                matches = [p for p in pool if fnmatch.fnmatchcase(p, pattern)]
+                if not matches:
+                    what = "parameter" if role.kind == "sequence_parameter" else "module"
+                    raise PlanError(
+                        f"plan entry {pattern!r} ({role}) matches no {what} of {type(root).__name__}."
+                        f" Print the model's named_{what}s() to find the right path."
+                    )
+                resolved.extend((m, role) for m in matches)
+        kinds = {role.kind for _, role in resolved}
+        if not kinds & {"shard_input", "shard_output"} or not kinds & {"gather_input", "gather_output"}:
+            raise PlanError(
+                "a sequence-parallel plan needs a shard point (shard_input/shard_output) and a gather point"
+                f" (gather_input/gather_output); got roles {sorted(kinds)}."
+            )
+        if not kinds & {"attention", "sdpa"}:
+            raise PlanError("a sequence-parallel plan needs at least one 'attention' or 'sdpa' entry.")
+        return resolved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding the transformer in a user's model.
+# ---------------------------------------------------------------------------------------------------------
+
+_ATTENTION_ADAPTERS: dict[type, object] = {}
+
+
+def register_attention(cls: type, distributed_forward) -> None:
+    """Teach the strategy a new attention class.
+
+    Args:
+        cls: The attention module class (matched with ``isinstance``).
+        distributed_forward: ``fn(module, attend, *args, **kwargs) -> output`` that runs ``module`` on
+            token-sharded inputs, calling ``attend(q, k, v, causal=False, dropout_p=0.0, softmax_scale=None)``
+            (all ``[B, L_r, H, d]``) in place of its attention core.
+    """
+    _ATTENTION_ADAPTERS[cls] = distributed_forward
+
+
+def attention_adapter(module: nn.Module):
+    """The distributed forward that handles ``module``, or None."""
+    from lightning_seqpar import adapters
+
+    for cls, fn in _ATTENTION_ADAPTERS.items():
+        if isinstance(module, cls):
+            return fn
+    return adapters.builtin_adapter(module)
+
+
+def find_block_stacks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """ModuleLists / Sequentials of at least two children that all share one class, largest first."""
+    stacks = []
+    for path, module in root.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            classes = {type(child) for child in module}
+            if len(classes) == 1 and sum(1 for _ in next(iter(module)).parameters()) > 0:
+                stacks.append((path, module))
+    return sorted(stacks, key=lambda item: -sum(p.numel() for p in item[1].parameters()))
+
+
+def _declared_plan(root: nn.Module) -> SequenceParallelPlan | None:
+    """A plan the model declares itself through a ``sequence_parallel_plan()`` method (outermost wins)."""
+    for path, module in root.named_modules():
+        declare = getattr(type(module), "sequence_parallel_plan", None)
+        if callable(declare):
+            return SequenceParallelPlan(module.sequence_parallel_plan()).with_prefix(path)
+    return None
+
+
+def infer_plan(root: nn.Module) -> SequenceParallelPlan:
+    """Build the plan for ``root``: the model's own ``sequence_parallel_plan()`` if it has one, else the largest
+    stack of repeated blocks, sharded on entry and gathered on exit, with every known attention inside swapped
+    and SDPA intercepted in blocks that have none.
+
+    Raises:
+        PlanError: No block stack was found.
+    """
+    declared = _declared_plan(root)
+    if declared is not None:
+        return declared
+    stacks = find_block_stacks(root)
+    if not stacks:
+        raise PlanError(
+            f"found no stack of repeated transformer blocks (an nn.ModuleList or nn.Sequential of one block class)"
+            f" in {type(root).__name__}. Pass an explicit plan, e.g. SeqParStrategy(plan={{'encoder.layers.0':"
+            " 'shard_input:1', 'encoder.layers.*': 'sdpa', 'encoder.layers.11': 'gather_output:1'}), or define"
+            " sequence_parallel_plan() on your model (see docs/user-guide.md)."
+        )
+    path, stack = stacks[0]
+    prefix = f"{path}." if path else ""
+    entries: dict[str, list[str]] = {f"{prefix}0": ["shard_input:1"]}
+    for i, block in enumerate(stack):
+        block_path = f"{prefix}{i}"
+        attentions = [f"{block_path}.{p}" if p else block_path for p, m in block.named_modules() if attention_adapter(m)]
+        for attention_path in attentions:
+            entries.setdefault(attention_path, []).append("attention")
+        if not attentions:
+            entries.setdefault(block_path, []).append("sdpa")
+    entries.setdefault(f"{prefix}{len(stack) - 1}", []).append("gather_output:1")
+    return SequenceParallelPlan(entries)
+
+
+def block_paths(root: nn.Module) -> list[str]:
+    """Paths of the blocks activation checkpointing wraps: the children of the model's largest block stack."""
+    stacks = find_block_stacks(root)
+    if not stacks:
+        return []
+    path, stack = stacks[0]
+    prefix = f"{path}." if path else ""
+    return [f"{prefix}{i}" for i in range(len(stack))]

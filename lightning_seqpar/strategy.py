@@ -1,0 +1,232 @@
+"""SeqParStrategy: the Lightning strategy that makes a LightningModule's transformer sequence-parallel.
+
+What it does, in order (see :meth:`SeqParStrategy.setup_distributed` and :meth:`SeqParStrategy.setup`):
+
+1. initialise ``torch.distributed`` as DDP does, then build the :class:`~lightning_seqpar.topology.Topology`
+   (sequence, data and sequence-data groups);
+2. find the transformer in the LightningModule (or take the given plan) and apply the plan in place:
+   tokens are sharded on entry to the block stack, attention becomes distributed, tokens are gathered on exit;
+3. wrap the module in ``DistributedDataParallel`` over the sequence-data group, so gradients are averaged
+   over ``dp * sp`` ranks, which makes one optimizer step equal to single-device training on the global batch;
+4. hand Lightning a sampler keyed to the data-parallel rank, so all ranks of an SP group see the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
+from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
+from lightning_seqpar.plan import PlanLike, SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.topology import ParallelDims, Topology
+
+log = logging.getLogger(__name__)
+
+SequenceParallelAttention = Literal["ulysses", "lss"]
+
+
+class SeqParStrategy(DDPStrategy):
+    """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
+
+    Args:
+        sequence_parallel_size: Ranks that share one sample's tokens; default: the devices of one node, so the
+            all-to-all stays on the fast intra-node links. ``world_size`` must be a multiple of it; the
+            remaining factor is data parallelism.
+        attention: Distributed attention: ``"ulysses"`` (all-to-all between token and head shards; needs
+            at least ``sequence_parallel_size`` heads) or ``"lss"`` (local queries, gathered keys and values).
+        attention_backend: Local attention kernel: ``"auto"`` (flash-attn on CUDA when installed, else SDPA),
+            ``"flash_attn"``, ``"sdpa"``, ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"`` or ``"math"``.
+        plan: Explicit plan ``{module path: role(s)}`` (see :mod:`lightning_seqpar.plan`); default: the model's own
+            ``sequence_parallel_plan()``, else the one :func:`~lightning_seqpar.plan.infer_plan` finds.
+        activation_checkpointing: Recompute each transformer block's activations in backward (less memory for
+            long sequences, about a third more compute).
+        process_group_backend: ``"nccl"`` or ``"gloo"``; default: NCCL on CUDA, gloo on CPU.
+        timeout: Timeout of every collective, as a ``timedelta`` or seconds: a rank that dies makes the others
+            fail after this long instead of hanging.
+        **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
+    """
+
+    strategy_name = "seqpar"
+
+    def __init__(
+        self,
+        sequence_parallel_size: int | None = None,
+        attention: SequenceParallelAttention = "ulysses",
+        attention_backend: AttentionBackend = "auto",
+        plan: dict[str, str | list[str]] | None = None,
+        activation_checkpointing: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | float = timedelta(minutes=30),
+        accelerator=None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(timeout, timedelta):
+            timeout = timedelta(seconds=float(timeout))
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            **kwargs,
+        )
+        if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
+            raise ValueError(f"SeqParStrategy: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
+        if attention not in ("ulysses", "lss"):
+            raise ValueError(f"SeqParStrategy: attention must be 'ulysses' or 'lss', got {attention!r}.")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"SeqParStrategy: attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}.")
+        self._sequence_parallel_size = sequence_parallel_size
+        self.attention = attention
+        self.attention_backend = attention_backend
+        self._plan = SequenceParallelPlan(plan) if plan is not None else None
+        self.activation_checkpointing = activation_checkpointing
+        self.topology: Topology | None = None
+        self.applied_plan: AppliedPlan | None = None
+        self._data_seed: int | None = None
+
+    # --- process groups ------------------------------------------------------------------------------
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self._sequence_parallel_size or self.num_processes
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        dims = ParallelDims(world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size)
+        self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout)
+        self._ddp_kwargs["process_group"] = self.topology.sequence_data_group
+        self._data_seed = self._agree_on_data_seed()
+        rank_zero_info(f"SeqParStrategy: {self.topology.describe()}, attention={self.attention}")
+
+    def _agree_on_data_seed(self) -> int:
+        """One seed per SP group for data-loader workers, so every rank of the group draws the same samples."""
+        assert self.topology is not None
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=self.root_device)
+        group = self.topology.sequence_group
+        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        return int(seed.item())
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        assert self.topology is not None, "distributed_sampler_kwargs needs setup_distributed() first"
+        return {"num_replicas": self.topology.dp, "rank": self.topology.dp_rank}
+
+    # --- the model -------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        self._apply_plan(self.lightning_module)
+        self._reduce_metrics_over_data_group(self.lightning_module)
+        super().setup(trainer)
+
+    def _apply_plan(self, module: LightningModule) -> None:
+        if self.applied_plan is not None:
+            return
+        assert self.topology is not None
+        self._check_backend()
+        plan = self._plan if self._plan is not None else infer_plan(module)
+        if self.activation_checkpointing:
+            plan = _with_checkpoints(plan, module)
+        self.applied_plan = apply_sequence_parallel(
+            module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend
+        )
+        rank_zero_info(f"SeqParStrategy: sequence-parallel plan of {type(module).__name__}:\n{plan}")
+
+    def _check_backend(self) -> None:
+        if self.attention_backend == "flash_attn" and not flash_attn_installed():
+            raise BackendUnavailableError(
+                "SeqParStrategy(attention_backend='flash_attn'): flash-attn is not installed"
+                " (pip install 'lightning-seqpar[flash]'), or use attention_backend='auto'."
+            )
+        if (self.attention_backend == "flash_attn" or self.attention_backend.startswith("sdpa_")) and self.root_device.type != "cuda":
+            raise BackendUnavailableError(
+                f"SeqParStrategy(attention_backend={self.attention_backend!r}) needs CUDA, but this run is on"
+                f" {self.root_device.type}; use attention_backend='auto', 'sdpa' or 'math'."
+            )
+
+    def _reduce_metrics_over_data_group(self, module: LightningModule) -> None:
+        """torchmetrics sum their states over the world by default, which would count each sample once per SP rank."""
+        from torchmetrics import Metric
+
+        assert self.topology is not None
+        for metric in module.modules():
+            if isinstance(metric, Metric) and metric.process_group is None:
+                metric.process_group = self.topology.data_group
+
+    @override
+    def teardown(self) -> None:
+        if self.applied_plan is not None:
+            self.applied_plan.remove()
+            self.applied_plan = None
+        super().teardown()
+
+    # --- collectives Lightning asks for -----------------------------------------------------------------
+
+    @override
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
+        """Reduce over the data-parallel group by default: the ranks of an SP group hold the same value."""
+        if group is None and self.topology is not None:
+            group = self.topology.data_group
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """Gather over the data-parallel group by default, so each sample appears once."""
+        if group is None and self.topology is not None:
+            group = self.topology.data_group
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Seed data-loader workers per data-parallel rank, identically on every rank of an SP group."""
+        if isinstance(dataloader, DataLoader) and self.topology is not None and self._data_seed is not None:
+            replica = self.topology.pp_rank * self.topology.dp + self.topology.dp_rank
+            dataloader.generator = torch.Generator().manual_seed(self._data_seed + replica)
+            init_fn = dataloader.worker_init_fn
+            if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
+                dataloader.worker_init_fn = partial(pl_worker_init_function, rank=replica)
+        return dataloader
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            "seqpar", cls, description="Sequence parallelism (Ulysses) across the devices of each node"
+        )
+        strategy_registry.register(
+            "seqpar_ulysses", cls, description="Sequence parallelism with DeepSpeed-Ulysses attention", attention="ulysses"
+        )
+        strategy_registry.register(
+            "seqpar_lss", cls, description="Sequence parallelism with LSS segment attention", attention="lss"
+        )
+
+
+def _with_checkpoints(plan: SequenceParallelPlan, module: torch.nn.Module) -> SequenceParallelPlan:
+    """``plan`` with every transformer block marked for activation checkpointing."""
+    extra = {path: "checkpoint" for path in block_paths(module)}
+    merged = plan.to_dict()
+    for path, role in extra.items():
+        merged[path] = f"{merged[path]}, {role}" if path in merged else role
+    return SequenceParallelPlan(merged)

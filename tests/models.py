@@ -1,0 +1,169 @@
+"""Small models and a LightningModule used by the strategy tests: a timm-style ViT, torch.nn.TransformerEncoder,
+an attention the strategy does not know that calls SDPA, and one that computes softmax by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import Dataset
+
+TOKENS, IN_DIM, WIDTH, HEADS, OUT_DIM = 13, 6, 32, 4, 3
+
+
+class TimmStyleAttention(nn.Module):
+    """The shape of timm's Attention: fused qkv, q/k norms, proj."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.Identity()
+        self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class SeparateProjectionAttention(nn.Module):
+    """An attention class no adapter knows (separate q/k/v Linears) that calls SDPA: handled by interception."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.h = num_heads
+        self.to_q, self.to_k, self.to_v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).view(B, N, self.h, C // self.h).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class ManualSoftmaxAttention(SeparateProjectionAttention):
+    """Computes softmax(QK^T)V by hand: nothing for the strategy to intercept."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).view(B, N, self.h, C // self.h).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        attn = (q @ k.transpose(-1, -2) / math.sqrt(C // self.h)).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attention: type[nn.Module]) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), attention(dim, HEADS)
+        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding and position embedding before the blocks, a norm and head after them."""
+
+    def __init__(self, attention: type[nn.Module] = TimmStyleAttention, depth: int = 2) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(IN_DIM, WIDTH)
+        self.pos_embed = nn.Parameter(torch.randn(1, TOKENS, WIDTH) * 0.1)
+        self.blocks = nn.ModuleList(Block(WIDTH, attention) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, OUT_DIM)
+
+    def forward(self, x):  # [B, L, IN_DIM] -> [B, L, OUT_DIM]
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class TorchEncoderModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(IN_DIM, WIDTH)
+        layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(WIDTH, OUT_DIM)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)))
+
+
+def build_model(name: str) -> nn.Module:
+    return {
+        "timm_vit": lambda: TinyViT(TimmStyleAttention),
+        "torch_encoder": TorchEncoderModel,
+        "sdpa_vit": lambda: TinyViT(SeparateProjectionAttention),
+        "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
+    }[name]()
+
+
+class RandomTokens(Dataset):
+    """Deterministic samples: index, tokens [L, IN_DIM], targets [L, OUT_DIM]."""
+
+    def __init__(self, size: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, TOKENS, IN_DIM, generator=g)
+        self.y = torch.randn(size, TOKENS, OUT_DIM, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"index": i, "x": self.x[i], "y": self.y[i]}
+
+
+class RegressionModule(LightningModule):
+    """MSE on the full (gathered) output; SGD with momentum (not scale invariant, unlike Adam)."""
+
+    def __init__(self, model_name: str = "timm_vit", lr: float = 0.05) -> None:
+        super().__init__()
+        self.model = build_model(model_name)
+        self.lr = lr
+        self.seen: list[list[int]] = []
+        self.samples = torchmetrics.SumMetric()
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        loss = F.mse_loss(self.model(batch["x"]), batch["y"])
+        self.log("train_loss", loss, sync_dist=True)
+        self.log("samples_in_step", float(len(batch["x"])), reduce_fx="sum", sync_dist=True)
+        self.samples.update(torch.tensor(float(len(batch["x"]))))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = F.mse_loss(self.model(batch["x"]), batch["y"])
+        self.log("val_loss", loss, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx):
+        return self.model(batch["x"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def train_reference(model_name: str, seed: int, global_batches: list[list[int]], dataset: RandomTokens, lr: float = 0.05):
+    """Single-process training on the given global batches: the ground truth of the contract."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed)
+    module = RegressionModule(model_name, lr)
+    optimizer = module.configure_optimizers()
+    for indices in global_batches:
+        optimizer.zero_grad()
+        loss = F.mse_loss(module.model(dataset.x[indices]), dataset.y[indices])
+        loss.backward()
+        optimizer.step()
+    return module.state_dict()
