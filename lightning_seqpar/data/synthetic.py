@@ -7,7 +7,7 @@ Dynamics (all deterministic given ``seed``):
 
 * One anomaly field ``psi_l`` per pressure level (dimensionless, about unit variance) is moved eastward
   each time step by a latitude-dependent zonal wind ``u_l(lat)`` (an exact fractional shift along
-  longitude, done in Fourier space), damped by ``exp(-dt / 10 days)`` and refreshed by smooth noise so
+  longitude, done in Fourier space), damped by ``exp(-dt / 30 days)`` and refreshed by smooth noise so
   that its variance stays constant. This one-step map is what a model can learn.
 * ``geopotential`` and ``temperature`` at each level are a seasonal, latitude-dependent background
   plus a multiple of ``psi_l``; the 10 m winds are the surface jet profile plus geostrophic-like
@@ -29,7 +29,7 @@ import pandas as pd
 import xarray as xr
 
 EARTH_RADIUS_M = 6.371e6
-DAMPING_DAYS = 10.0
+DAMPING_DAYS = 30.0
 SURFACE_VARIABLES = ("2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind")
 LEVEL_VARIABLES = ("geopotential", "temperature")
 DEFAULT_LEVELS = (500, 850)
