@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import xarray as xr
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
@@ -469,6 +469,10 @@ class ERA5DataModule(LightningDataModule):
             if self.split_years[split] is None and split != "train":
                 continue
             self.datasets[split] = self._make_dataset(split, steps, stats)
+        for split in ("val", "test"):
+            shared = sorted(set(self.split_years["train"] or []) & set(self.split_years[split] or []))
+            if shared:
+                rank_zero_warn(f"train and {split} splits share years {shared}; {split} scores will be optimistic")
 
     def _make_dataset(self, split: str, steps: list[int], stats: FieldStatistics | None) -> ERA5ForecastDataset:
         in_split = np.zeros(len(self.store.times), bool)
