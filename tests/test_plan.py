@@ -1,0 +1,226 @@
+"""Plans: parsing, inference on common model shapes, application and removal, and every error message.
+
+Runs in one process with a world-1 gloo group, so the whole distributed code path runs with P = 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_seqpar import (
+    NoDistributedAttentionError,
+    PlanError,
+    SequenceParallelPlan,
+    UnsupportedAttentionError,
+    apply_sequence_parallel,
+    infer_plan,
+    register_attention,
+)
+from tests.models import ManualSoftmaxAttention, TinyViT, TorchEncoderModel
+
+
+@pytest.fixture(scope="module")
+def group():
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    with tempfile.NamedTemporaryFile() as f:
+        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+        yield dist.group.WORLD
+        dist.destroy_process_group()
+
+
+def test_role_strings_parse_and_print():
+    plan = SequenceParallelPlan({"blocks.0": "shard_input:1, checkpoint", "blocks.*.attn": ["attention"], "pos": "sequence_parameter:2"})
+    assert plan.to_dict() == {"blocks.0": "shard_input:1, checkpoint", "blocks.*.attn": "attention", "pos": "sequence_parameter:2"}
+    text = str(plan)
+    assert "blocks.*.attn  attention" in text and text.splitlines()[0].startswith("path")
+    assert SequenceParallelPlan({"a": "gather_output"})["a"][0].dim == 1
+
+
+@pytest.mark.parametrize(
+    "role,message",
+    [("shard", "unknown plan role 'shard'"), ("gather_output:x", "must be an integer"), ("attention:1", "takes no dimension")],
+)
+def test_bad_roles(role, message):
+    with pytest.raises(PlanError, match=message):
+        SequenceParallelPlan({"a": role})
+
+
+def test_infer_timm_style():
+    plan = infer_plan(TinyViT())
+    assert plan.to_dict() == {
+        "blocks.0": "shard_input:1",
+        "blocks.0.attn": "attention",
+        "blocks.1.attn": "attention",
+        "blocks.1": "gather_output:1",
+    }
+
+
+def test_infer_torch_encoder():
+    plan = infer_plan(TorchEncoderModel()).to_dict()
+    assert plan["encoder.layers.0"] == "shard_input:1" and plan["encoder.layers.1.self_attn"] == "attention"
+
+
+def test_infer_unknown_attention_intercepts_sdpa():
+    from tests.models import SeparateProjectionAttention
+
+    plan = infer_plan(TinyViT(SeparateProjectionAttention)).to_dict()
+    assert plan["blocks.0"] == "shard_input:1, sdpa" and plan["blocks.1"] == "sdpa, gather_output:1"
+
+
+def test_no_block_stack():
+    with pytest.raises(PlanError, match="found no stack of repeated transformer blocks .* Pass an explicit plan"):
+        infer_plan(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_plan_paths_must_exist(group):
+    with pytest.raises(PlanError, match=r"'blocks\.9' \(shard_input:1\) matches no module of TinyViT"):
+        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.9": "shard_input", "blocks.1": "gather_output", "blocks.*.attn": "attention"}), group)
+
+
+def test_plan_needs_shard_gather_and_attention(group):
+    with pytest.raises(PlanError, match="needs a shard point"):
+        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.*.attn": "attention"}), group)
+    with pytest.raises(PlanError, match="at least one 'attention' or 'sdpa'"):
+        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.0": "shard_input", "blocks.1": "gather_output"}), group)
+
+
+def test_unknown_kernel(group):
+    with pytest.raises(PlanError, match="unknown sequence-parallel attention 'ring-x'"):
+        apply_sequence_parallel(TinyViT(), infer_plan(TinyViT()), group, attention="ring-x")
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "torch_encoder", "sdpa_vit"])
+@pytest.mark.parametrize("attention", ["ulysses", "lss"])
+def test_applied_at_p1_matches_plain_and_removes_cleanly(group, name, attention):
+    from tests.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.randn(2, 13, 6)
+    keys = list(model.state_dict())
+    expected = model(x)
+    applied = apply_sequence_parallel(model, infer_plan(model), group, attention=attention)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert applied.runtime.attention_calls == 2  # both blocks ran the distributed attention
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable into the plain model
+    applied.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_manual_softmax_attention_is_refused(group):
+    model = TinyViT(ManualSoftmaxAttention)
+    applied = apply_sequence_parallel(model, infer_plan(model), group)
+    with pytest.raises(NoDistributedAttentionError, match="no attention in it was made distributed.*register_attention"):
+        model(torch.randn(1, 13, 6))
+    applied.remove()
+
+
+def test_registered_attention_class(group):
+    calls = []
+
+    def forward(module, attend, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).view(B, N, module.h, C // module.h) for f in (module.to_q, module.to_k, module.to_v))
+        calls.append(N)
+        return module.out(attend(q, k, v).reshape(B, N, C))
+
+    register_attention(ManualSoftmaxAttention, forward)
+    try:
+        model = TinyViT(ManualSoftmaxAttention).eval()
+        x = torch.randn(2, 13, 6)
+        expected = model(x)
+        plan = infer_plan(model)
+        assert plan["blocks.0.attn"][0].kind == "attention"
+        applied = apply_sequence_parallel(model, plan, group)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+        assert calls == [13, 13]
+        applied.remove()
+    finally:
+        from lightning_seqpar.plan import _ATTENTION_ADAPTERS
+
+        _ATTENTION_ADAPTERS.pop(ManualSoftmaxAttention)
+
+
+class _MaskedSDPA(nn.Module):
+    def forward(self, x):
+        q = x.view(1, x.shape[1], 2, -1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(x.shape[1], x.shape[1], dtype=torch.bool))
+
+
+def test_unsupported_options_are_named(group):
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([mha, nn.MultiheadAttention(8, 2, batch_first=True)])
+    applied = apply_sequence_parallel(model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    x = torch.randn(1, 5, 8)
+    with pytest.raises(UnsupportedAttentionError, match="key_padding_mask/attn_mask"):
+        mha(x, x, x, attn_mask=torch.zeros(5, 5))
+    with pytest.raises(UnsupportedAttentionError, match="cross-attention"):
+        mha(x, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
+    out, weights = mha(x, x, x)
+    assert out.shape == x.shape and weights is None
+    applied.remove()
+
+    seq_first = nn.MultiheadAttention(8, 2)
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList([seq_first, nn.MultiheadAttention(8, 2)])
+    applied = apply_sequence_parallel(holder, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    with pytest.raises(UnsupportedAttentionError, match="batch_first=False"):
+        seq_first(x, x, x)
+    applied.remove()
+
+    masked = nn.Module()
+    masked.blocks = nn.ModuleList([_MaskedSDPA(), _MaskedSDPA()])
+    applied = apply_sequence_parallel(masked, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, sdpa"}), group)
+    with pytest.raises(UnsupportedAttentionError, match="scaled_dot_product_attention was called with attn_mask"):
+        masked.blocks[0](torch.randn(1, 4, 8))
+    applied.remove()
+
+
+def test_sequence_shorter_than_sp_is_refused():
+    from lightning_seqpar.parallelize import SequenceParallelRuntime
+    from lightning_seqpar.topology import TopologyError
+
+    class FakeGroupRuntime(SequenceParallelRuntime):
+        pass
+
+    runtime = FakeGroupRuntime(group=None)
+    import lightning_seqpar.parallelize as parallelize
+
+    original = parallelize.group_size
+    parallelize.group_size = lambda group: 4
+    try:
+        with pytest.raises(TopologyError, match="3 tokens cannot be split over sequence_parallel_size=4"):
+            runtime.shard(torch.randn(1, 3, 8), 1)
+    finally:
+        parallelize.group_size = original
+
+
+def test_activation_checkpointing_matches(group):
+    from lightning_seqpar.strategy import _with_checkpoints
+
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(2, 13, 6)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plan = _with_checkpoints(infer_plan(model), model)
+    assert plan.to_dict()["blocks.0"] == "shard_input:1, checkpoint"
+    applied = apply_sequence_parallel(model, plan, group)
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+    assert applied.runtime.attention_calls == 4  # two blocks, each recomputed once in backward
+    applied.remove()
