@@ -174,6 +174,7 @@ def test_short_names_lat_lon_and_plev_in_pascal(tmp_path):
     ds = next(iter_synthetic_years(years=[2000], step_hours=24, grid=GRID))
     quirky = ds.rename({"latitude": "lat", "longitude": "lon", "level": "plev", "2m_temperature": "t2m", "geopotential": "z"})
     quirky = quirky.assign_coords(plev=quirky["plev"] * 100).isel(lat=slice(None, None, -1))
+    quirky = quirky.transpose("time", "plev", "lon", "lat")  # WeatherBench2 64x32 stores put longitude first
     quirky.to_netcdf(tmp_path / "quirky.nc")
     ds.to_netcdf(tmp_path / "plain.nc")
     samples = []

@@ -52,6 +52,8 @@ def _rename_to_weatherbench(ds: xr.Dataset) -> xr.Dataset:
 
 def list_store_files(path: str) -> list[str]:
     """The files or zarr directory that ``path`` names: a zarr store, one NetCDF/GRIB file, a directory of them, or a glob."""
+    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
+        return [path]
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
     elif os.path.isdir(path) and not _is_zarr(path):
@@ -73,7 +75,7 @@ def _is_zarr(path: str) -> bool:
 
 
 def _open_one(path: str) -> xr.Dataset:
-    if os.path.isdir(path):
+    if os.path.isdir(path) or "://" in path:
         return xr.open_zarr(path, chunks=None)  # lazy: each isel reads only the chunks it touches
     if path.endswith((".grib", ".grib2", ".grb", ".grb2")):
         return xr.open_dataset(path, engine="cfgrib", chunks=None, backend_kwargs={"indexpath": ""})
