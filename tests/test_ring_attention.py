@@ -1,0 +1,308 @@
+"""Ring and hybrid Ulysses x Ring attention across gloo processes against single-process full attention: outputs,
+q/k/v gradients, the exchanges each one issues, and every error message."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_utils import CollectiveCounter, init_gloo, run_distributed
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+
+# (name, world, B, L, H, d, causal)
+RING_CASES = [
+    ("even", 2, 2, 16, 4, 32, False),
+    ("causal_L7", 2, 1, 7, 3, 64, True),
+    ("L13", 4, 2, 13, 4, 32, False),
+    ("causal_L13", 4, 2, 13, 4, 32, True),
+    ("L197", 4, 2, 197, 2, 64, False),
+    ("causal_L197", 4, 1, 197, 2, 64, True),
+    ("L3_empty_rank", 4, 2, 3, 2, 32, False),  # lengths [1, 1, 1, 0]
+]
+
+# (name, ulysses_degree, B, L, H, d, causal) on 4 ranks
+HYBRID_CASES = [
+    ("2x2_causal_L13", 2, 2, 13, 4, 32, True),
+    ("2x2_L197_d64", 2, 2, 197, 4, 64, False),
+    ("2x2_H3_L10", 2, 1, 10, 3, 32, True),
+    ("4x1_causal_L13", 4, 2, 13, 4, 32, True),
+    ("1x4_causal_L13", 1, 2, 13, 2, 32, True),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(tag: str, B: int, L: int, H: int, d: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+    return [torch.randn(B, L, H, d, generator=gen, dtype=torch.float64).float() for _ in range(4)]
+
+
+def _reference(q, k, v, grad_out, causal):
+    """Full attention on the whole sequence in float64: output and q/k/v gradients."""
+    from lightning_seqpar.attention import local_attention
+
+    qf, kf, vf = (t.double().requires_grad_() for t in (q, k, v))
+    ref = local_attention(qf, kf, vf, causal=causal, backend="math")
+    ref.backward(grad_out.double())
+    return ref.detach(), qf.grad, kf.grad, vf.grad
+
+
+def _compare(fn, fn_inferred, q, k, v, grad_out, causal, sizes, rank) -> dict:
+    """Run ``fn`` on this rank's slice, count its exchanges forward and backward, compare with the reference."""
+    ref, dq, dk, dv = _reference(q, k, v, grad_out, causal)
+    sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    local = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+    with CollectiveCounter() as fwd:
+        out = fn(*local, causal=causal, sequence_lengths=sizes)
+    with CollectiveCounter() as bwd:
+        out.backward(grad_out[:, sl])
+    with CollectiveCounter() as inferred:
+        out_inferred = fn_inferred(*(t.detach() for t in local), causal=causal)
+    norms = {"dq": dq[:, sl], "dk": dk[:, sl], "dv": dv[:, sl]}
+    errors = {"out": _rel(out.double(), ref[:, sl]), "out_inferred": _rel(out_inferred.double(), ref[:, sl])}
+    for (name, expected), t in zip(norms.items(), local):
+        # A rank with no tokens has empty gradients: nothing to compare.
+        errors[name] = _rel(t.grad.double(), expected) if expected.numel() else 0.0
+    return {"errors": errors, "fwd": fwd.calls, "bwd": bwd.calls, "inferred": inferred.calls}
+
+
+def _event_order(group, q, k, v) -> list[str]:
+    """The order of exchanges and block computations in one forward (is each exchange posted before the compute?)."""
+    from lightning_seqpar.attention import ring
+
+    events: list[str] = []
+    original_block, original_batch = ring._block_forward, dist.batch_isend_irecv
+
+    def block(*args, **kwargs):
+        events.append("compute")
+        return original_block(*args, **kwargs)
+
+    def batch(*args, **kwargs):
+        events.append("exchange")
+        return original_batch(*args, **kwargs)
+
+    ring._block_forward, dist.batch_isend_irecv = block, batch
+    try:
+        ring.ring_attention(q, k, v, group)
+    finally:
+        ring._block_forward, dist.batch_isend_irecv = original_block, original_batch
+    return events
+
+
+def worker(world: int, ring_cases: list, hybrid_cases: list) -> dict:
+    """Everything that needs ``world`` processes, in one launch (process start-up dominates the runtime)."""
+    init_gloo()
+    results = {"ring": _ring_cases(world, ring_cases)}
+    if hybrid_cases:
+        results["hybrid"] = _hybrid_cases(world, hybrid_cases)
+    return results
+
+
+def _ring_cases(world: int, cases: list) -> dict:
+    from lightning_seqpar.attention.ring import RingAttention, ring_attention
+    from lightning_seqpar.comm import split_sizes
+
+    rank = dist.get_rank()
+    group = dist.new_group(list(range(world)))
+    module = RingAttention(group)
+    results = {}
+    for name, _, B, L, H, d, causal in cases:
+        q, k, v, grad_out = _inputs(f"ring-{name}", B, L, H, d)
+        fn = lambda *t, **kw: ring_attention(*t, group, **kw)  # noqa: E731
+        results[name] = _compare(fn, module, q, k, v, grad_out, causal, split_sizes(L, world), rank)
+    q, k, v, _ = _inputs("order", 1, 4 * world, 2, 32)
+    sl = slice(4 * rank, 4 * rank + 4)
+    results["event_order"] = _event_order(group, q[:, sl], k[:, sl], v[:, sl])
+    return results
+
+
+def _hybrid_cases(world: int, cases: list) -> dict:
+    from lightning_seqpar.attention.hybrid import HybridAttention, build_hybrid_groups, hybrid_attention
+    from lightning_seqpar.comm import split_sizes
+
+    rank = dist.get_rank()
+    groups = {u: build_hybrid_groups(range(world), u) for u in sorted({c[1] for c in cases})}
+    results = {}
+    for name, u, B, L, H, d, causal in cases:
+        ulysses_group, ring_group = groups[u]
+        q, k, v, grad_out = _inputs(f"hybrid-{name}", B, L, H, d)
+        fn = lambda *t, **kw: hybrid_attention(*t, ulysses_group, ring_group, **kw)  # noqa: E731
+        module = HybridAttention(ulysses_group, ring_group)
+        results[name] = _compare(fn, module, q, k, v, grad_out, causal, split_sizes(L, world), rank)
+
+    # Errors that need the groups: too few heads for the Ulysses degree, lengths that do not fit.
+    ulysses_group, ring_group = groups[2]
+    errors = {}
+    one_head = torch.zeros(1, 3, 1, 8)
+    for key, call in {
+        "heads": lambda: hybrid_attention(one_head, one_head, one_head, ulysses_group, ring_group),
+        "lengths": lambda: hybrid_attention(
+            *(torch.zeros(1, 3, 2, 8),) * 3, ulysses_group, ring_group, sequence_lengths=[3, 3]
+        ),
+        "lengths_2x2": lambda: hybrid_attention(
+            *(torch.zeros(1, 3, 2, 8),) * 3, ulysses_group, ring_group, sequence_lengths=[5, 5, 5, 5]
+        ),
+    }.items():
+        try:
+            call()
+            errors[key] = None
+        except ValueError as err:
+            errors[key] = str(err)
+    results["errors"] = errors
+
+    # Groups of one SP group that not every rank belongs to: the others get (None, None).
+    results["outside"] = build_hybrid_groups([0, 1], 2)
+    results["outside"] = tuple(g is None for g in results["outside"])
+    return results
+
+
+def _merge(per_rank: list[dict]) -> dict:
+    merged: dict = {}
+    for res in per_rank:
+        for key, value in res.items():
+            merged.setdefault(key, []).append(value)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def launch():
+    """``launch(world)``: the merged per-rank results of one launch of ``world`` processes, made once per module."""
+    cache: dict[int, dict] = {}
+
+    def results(world: int) -> dict:
+        if world not in cache:
+            ring_cases = [c for c in RING_CASES if c[1] == world]
+            hybrid_cases = HYBRID_CASES if world == 4 else []
+            per_rank = run_distributed(
+                "tests.test_ring_attention:worker", world, world=world, ring_cases=ring_cases, hybrid_cases=hybrid_cases
+            )
+            cache[world] = {kind: _merge([r[kind] for r in per_rank]) for kind in per_rank[0]}
+        return cache[world]
+
+    return results
+
+
+@pytest.fixture(params=[2, 4], ids=["world2", "world4"])
+def ring_results(request, launch):
+    return request.param, launch(request.param)["ring"]
+
+
+@pytest.fixture
+def hybrid_results(launch):
+    return launch(4)["hybrid"]
+
+
+def _assert_close(merged: dict, names: list[str], label: str) -> None:
+    for name in names:
+        for rank, r in enumerate(merged[name]):
+            for field, err in r["errors"].items():
+                assert err < 1e-5, f"{label} {name} rank {rank}: {field} relative error {err:.2e}"
+
+
+def test_ring_matches_full_attention(ring_results):
+    world, merged = ring_results
+    _assert_close(merged, [c[0] for c in RING_CASES if c[1] == world], "ring")
+
+
+def test_ring_exchanges(ring_results):
+    """Forward: P-1 neighbour exchanges of k/v and nothing else; backward: P-1 of k/v and P-1 of dK/dV."""
+    world, merged = ring_results
+    for name in (c[0] for c in RING_CASES if c[1] == world):
+        for r in merged[name]:
+            assert [c for c, _ in r["fwd"]] == ["batch_isend_irecv"] * (world - 1), (name, r["fwd"])
+            assert [c for c, _ in r["bwd"]] == ["batch_isend_irecv"] * (2 * (world - 1)), (name, r["bwd"])
+            assert [c for c, _ in r["inferred"]] == ["all_gather_into_tensor"] + ["batch_isend_irecv"] * (world - 1)
+
+
+def test_ring_posts_exchange_before_compute(ring_results):
+    """Each block's exchange is posted before the block already here is computed (communication overlaps compute)."""
+    world, merged = ring_results
+    for events in merged["event_order"]:
+        assert events == ["exchange", "compute"] * (world - 1) + ["compute"]
+
+
+def test_hybrid_matches_full_attention(hybrid_results):
+    _assert_close(hybrid_results, [c[0] for c in HYBRID_CASES], "hybrid")
+
+
+def test_hybrid_collectives(hybrid_results):
+    """2x2: all-to-all, one ring exchange, all-to-all; the degenerate grids are pure Ulysses or pure ring."""
+    expected = {
+        2: (
+            ["all_to_all_single", "batch_isend_irecv", "all_to_all_single"],
+            ["all_to_all_single", "batch_isend_irecv", "batch_isend_irecv", "all_to_all_single"],
+        ),
+        4: (["all_to_all_single"] * 2, ["all_to_all_single"] * 2),
+        1: (["batch_isend_irecv"] * 3, ["batch_isend_irecv"] * 6),
+    }
+    for name, u, *_ in HYBRID_CASES:
+        fwd, bwd = expected[u]
+        for r in hybrid_results[name]:
+            assert [c for c, _ in r["fwd"]] == fwd, (name, r["fwd"])
+            assert [c for c, _ in r["bwd"]] == bwd, (name, r["bwd"])
+            # Without lengths: one small all-gather in the Ulysses group and one in the ring group.
+            assert [c for c, _ in r["inferred"]][:2] == ["all_gather_into_tensor"] * 2
+
+
+def test_hybrid_errors_and_outside_ranks(hybrid_results):
+    for errors in hybrid_results["errors"]:
+        assert "Ulysses group of 2 ranks" in errors["heads"] and "ulysses_degree <= 1" in errors["heads"]
+        assert "do not match this rank: 2 x 2 = 4" in errors["lengths"]
+    for rank, errors in enumerate(hybrid_results["errors"]):
+        assert f"SP rank {rank} holds 3 tokens" in errors["lengths_2x2"]
+    assert hybrid_results["outside"] == [(False, False), (False, False), (True, True), (True, True)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors raised before any communication (no process group).
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn_name", ["ring", "hybrid"])
+def test_argument_errors(fn_name):
+    from lightning_seqpar.attention.hybrid import hybrid_attention
+    from lightning_seqpar.attention.local import BackendUnavailableError
+    from lightning_seqpar.attention.ring import ring_attention
+
+    fn = (lambda *a, **kw: ring_attention(*a, None, **kw)) if fn_name == "ring" else (
+        lambda *a, **kw: hybrid_attention(*a, None, None, **kw)
+    )
+    x = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(NotImplementedError, match=r"does not implement attention dropout \(got dropout_p=0.1\)"):
+        fn(x, x, x, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"needs q, k, v of one shape \[B, L_r, H, d\].*grouped-query"):
+        fn(x, x[:, :, :1], x[:, :, :1])
+    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto' or 'math'"):
+        fn(x, x, x, backend="sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        fn(x, x, x, backend="fast")
+
+
+def test_single_rank_is_local_attention():
+    from lightning_seqpar.attention import local_attention
+    from lightning_seqpar.attention.ring import ring_attention
+
+    q, k, v, _ = _inputs("single", 2, 9, 2, 16)
+    expected = local_attention(q, k, v, causal=True, backend="math")
+    torch.testing.assert_close(ring_attention(q, k, v, None, causal=True), expected)
+
+
+def test_hybrid_grid_errors_and_layout():
+    from lightning_seqpar.attention.hybrid import build_hybrid_groups, hybrid_rank_grid
+
+    assert hybrid_rank_grid([4, 5, 6, 7, 8, 9, 10, 11], 4) == ([[4, 5, 6, 7], [8, 9, 10, 11]], [[4, 8], [5, 9], [6, 10], [7, 11]])
+    assert hybrid_rank_grid([3, 1, 2, 0], 1) == ([[0], [1], [2], [3]], [[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match=r"ulysses_degree=3 must be a positive divisor of the sequence-parallel size 4"):
+        build_hybrid_groups([0, 1, 2, 3], 3)
+    with pytest.raises(ValueError, match="ulysses_degree=0 must be a positive divisor"):
+        build_hybrid_groups([0, 1], 0)
+    with pytest.raises(ValueError, match="needs at least one sequence-parallel rank"):
+        build_hybrid_groups([], 1)
+    with pytest.raises(ValueError, match=r"contains a rank more than once"):
+        build_hybrid_groups([0, 1, 1, 2], 2)
