@@ -33,9 +33,9 @@ commas). :func:`infer_plan` builds one for a model that does not supply its own.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Any, Literal, Union, get_args
 
 from torch import nn
 
@@ -146,10 +146,10 @@ class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
 # Finding the transformer in a user's model.
 # ---------------------------------------------------------------------------------------------------------
 
-_ATTENTION_ADAPTERS: dict[type, object] = {}
+_ATTENTION_ADAPTERS: dict[type, Callable[..., Any]] = {}
 
 
-def register_attention(cls: type, distributed_forward) -> None:
+def register_attention(cls: type, distributed_forward: Callable[..., Any]) -> None:
     """Teach the strategy a new attention class.
 
     Args:
@@ -161,7 +161,7 @@ def register_attention(cls: type, distributed_forward) -> None:
     _ATTENTION_ADAPTERS[cls] = distributed_forward
 
 
-def attention_adapter(module: nn.Module):
+def attention_adapter(module: nn.Module) -> Callable[..., Any] | None:
     """The distributed forward that handles ``module``, or None."""
     from lightning_seqpar import adapters
 
