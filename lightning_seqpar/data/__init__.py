@@ -1,7 +1,22 @@
 """ERA5 data in WeatherBench2 layout: the forecasting DataModule, its store reader and a synthetic store writer."""
 
-from lightning_seqpar.data.era5 import ERA5DataModule, ERA5ForecastDataset, ERA5Store, parse_years
-from lightning_seqpar.data.stats import FieldStatistics
-from lightning_seqpar.data.synthetic import write_synthetic_era5
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "FieldStatistics", "parse_years", "write_synthetic_era5"]
+if TYPE_CHECKING:
+    from lightning_seqpar.data.era5 import ERA5DataModule, ERA5ForecastDataset, ERA5Store, parse_years
+    from lightning_seqpar.data.stats import FieldStatistics
+    from lightning_seqpar.data.synthetic import write_synthetic_era5
+
+# Imported on first use, so that `python -m lightning_seqpar.data.synthetic` does not import the module twice.
+_EXPORTS = {
+    "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "ERA5Store": "era5", "parse_years": "era5",
+    "FieldStatistics": "stats", "write_synthetic_era5": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_seqpar.data' has no attribute {name!r}")
+    return getattr(import_module(f"lightning_seqpar.data.{_EXPORTS[name]}"), name)
