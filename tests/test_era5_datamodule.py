@@ -250,6 +250,10 @@ def test_wrong_dims_suggest_select_index(tmp_path):
     ensemble.to_netcdf(tmp_path / "ens.nc")
     with pytest.raises(ValueError, match="has dims .*'number'.* select_index=\\{'number': 0\\}"):
         ERA5DataModule(str(tmp_path / "ens.nc"), ["2m_temperature"]).variables
+    ds["zonal_mean"] = ds["2m_temperature"].mean("longitude")
+    ds.to_netcdf(tmp_path / "zonal.nc")
+    with pytest.raises(ValueError, match=r"'zonal_mean' has dims \('time', 'latitude'\).* it lacks \['longitude'\]"):
+        ERA5DataModule(str(tmp_path / "zonal.nc"), ["zonal_mean"]).variables
     dm = ERA5DataModule(str(tmp_path / "ens.nc"), ["2m_temperature"], lead_time_hours=24, train_years=[2000],
                         select_index={"number": 1}, normalize=False, stats_path=str(tmp_path / "s.nc"))
     dm.setup("fit")

@@ -170,9 +170,10 @@ class ERA5Store:
         dims = ds[variable].dims
         expected = {"time", *SPATIAL_DIMS} | ({"level"} if "level" in dims else set())
         if set(dims) != expected:
-            extra = sorted(set(dims) - expected)
-            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude). "
-                             f"Pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra else "")
+            extra, lacking = sorted(set(dims) - expected), sorted(expected - set(dims))
+            fix = (f"pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra
+                   else f"it lacks {lacking}; choose a gridded variable")
+            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}")
         if "level" in dims:
             levels = [float(v) for v in ds["level"].values]
             if level is None or not np.isclose(levels, level).any():
@@ -326,6 +327,7 @@ class ERA5DataModule(LightningDataModule):
         duplicate_times: Literal["error", "keep_first"] = "error",
     ):
         super().__init__()
+        self.save_hyperparameters()  # recorded in checkpoints and by LightningCLI
         if not variables:
             raise ValueError("variables is empty; name at least one field, e.g. ['2m_temperature']")
         self.path, self.select_index, self.duplicate_times = str(path), select_index, duplicate_times
