@@ -222,6 +222,10 @@ class ClimaX(nn.Module):
             var = sincos_1d(self.embed_dim, np.arange(len(self.default_variables)))  # [V_all, D]
             self.var_embed.copy_(torch.from_numpy(var).to(self.var_embed.dtype).unsqueeze(0))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that are embeddings or biases and so take no weight decay (timm convention; 1-D ones are implied)."""
+        return {"pos_embed", "var_embed", "var_agg.query", "token_embed.bias"}
+
     def sequence_parallel_plan(self) -> dict[str, str]:
         """Where a sequence-parallel strategy shards, swaps and gathers; paths are relative to this module.
 

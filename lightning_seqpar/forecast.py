@@ -1,0 +1,283 @@
+"""The forecasting LightningModule: latitude-weighted MSE training, skill against baselines, AdamW with warmup + cosine.
+
+Letters in shape comments: B batch, V input fields, V_out output fields, H latitudes, W longitudes, K lead times.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_seqpar.metrics import (
+    LatitudeWeightedACC,
+    LatitudeWeightedRMSE,
+    climatology_forecast,
+    latitude_weights,
+    persistence_forecast,
+)
+from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
+
+__all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
+
+
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
+
+    Args:
+        pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
+        target: [B, V_out, H, W].
+        weights: [H] latitude weights with mean 1.
+    """
+    error = (pred.float() - target.float()).square()  # [B, V_out, H, W]
+    return (error * weights.float().view(-1, 1)).mean()
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 1/warmup_steps to 1, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(max_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ForecastModule(LightningModule):
+    """Trains a forecaster `model(x, lead_time_hours, variables, out_variables)` on ERA5DataModule batches.
+
+    The variables, latitudes, normalisation statistics, climatology and lead times are read from
+    `trainer.datamodule` in `setup()` (an `ERA5DataModule` or anything with the same attributes).
+
+    Args:
+        model: the network, e.g. `lightning_seqpar.models.ClimaX` (in YAML: `class_path` + `init_args`).
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay, not applied to embeddings, norms and biases.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warmup; 0 means none.
+        max_steps: optimizer step at which the cosine decay ends; None means the trainer's estimate of the
+            total number of steps (`trainer.estimated_stepping_batches`).
+        min_lr_ratio: learning rate at the end of the decay, as a fraction of `lr`.
+        residual: predict the change from the input: forecast = input fields of `out_variables` + model output
+            (in normalised units). Persistence is then where training starts, which short lead times need to
+            beat it early; every output field must be an input field.
+        plot_variable: field drawn in the forecast map written after testing; None means the first output field.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 1000,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        residual: bool = False,
+        plot_variable: str | None = None,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if max_steps is not None and max_steps <= 0:
+            raise ValueError(f"max_steps must be positive or None (the trainer's estimate), got {max_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.variables: list[str] = []
+        self.out_variables: list[str] = []
+        self.lead_times_hours: list[float] = []
+        self.latitudes = np.zeros(0)
+        self.longitudes = np.zeros(0)
+        self._plot_sample: dict[str, Any] | None = None
+
+    # --- wiring to the data ---
+
+    def setup(self, stage: str) -> None:
+        """Reads fields, grid, statistics and lead times from the datamodule and builds the skill metrics."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        needed = ("variables", "out_variables", "latitudes", "longitudes", "lead_times_hours", "climatology")
+        missing = [name for name in needed if dm is None or not hasattr(dm, name)]
+        if missing:
+            raise RuntimeError(
+                f"ForecastModule reads {missing} from trainer.datamodule; pass an ERA5DataModule "
+                "(trainer.fit(module, datamodule=dm)) or a datamodule with the same attributes"
+            )
+        self.variables, self.out_variables = list(dm.variables), list(dm.out_variables)
+        self.lead_times_hours = [float(h) for h in dm.lead_times_hours]
+        self.latitudes, self.longitudes = np.asarray(dm.latitudes), np.asarray(dm.longitudes)
+        # Persistence forecasts the output fields by their input values, so it needs them among the inputs.
+        self.has_persistence = set(self.out_variables) <= set(self.variables)
+        if self.hparams.residual and not self.has_persistence:
+            absent = [f for f in self.out_variables if f not in self.variables]
+            raise ValueError(
+                f"residual=True forecasts input + change, but output fields {absent} are not inputs; "
+                "add them to data.variables or set model.residual=false"
+            )
+        normalized = bool(getattr(dm, "normalize", True))
+        n_out = len(self.out_variables)
+        out_mean = np.asarray(dm.out_mean if normalized else np.zeros(n_out), np.float32)
+        out_std = np.asarray(dm.out_std if normalized else np.ones(n_out), np.float32)
+        climatology = np.asarray(dm.climatology, np.float32)  # [V_out, H, W], physical
+        persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
+        buffers = {
+            "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
+            "out_mean": torch.from_numpy(out_mean).view(-1, 1, 1),  # [V_out, 1, 1]
+            "out_std": torch.from_numpy(out_std).view(-1, 1, 1),
+            "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
+            # The climatology forecast in the units of the targets (normalised like them).
+            "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+        common = {
+            "lead_times_hours": self.lead_times_hours,
+            "mean": out_mean if normalized else None,
+            "std": out_std if normalized else None,
+        }
+
+        def rmse(prefix: str) -> LatitudeWeightedRMSE:
+            return LatitudeWeightedRMSE(self.out_variables, self.latitudes, prefix=prefix, **common)
+
+        def acc(prefix: str) -> LatitudeWeightedACC:
+            return LatitudeWeightedACC(
+                self.out_variables, self.latitudes, climatology=climatology, prefix=prefix, **common
+            )
+
+        val = {"model_rmse": rmse("val/")}
+        test = {"model_rmse": rmse("test/"), "model_acc": acc("test/"), "climatology_rmse": rmse("test/climatology/")}
+        if self.has_persistence:
+            val["persistence_rmse"] = rmse("val/persistence/")
+            test.update(persistence_rmse=rmse("test/persistence/"), persistence_acc=acc("test/persistence/"))
+        self.skill = nn.ModuleDict({"val": nn.ModuleDict(val), "test": nn.ModuleDict(test)})
+
+    def configure_model(self) -> None:
+        """Materialises a model that was built on the meta device and initialises it with its own `init_weights`."""
+        if any(p.is_meta for p in self.model.parameters()):
+            self.model.to_empty(device=self.device)
+            init = getattr(self.model, "init_weights", None) or getattr(self.model, "reset_parameters", None)
+            if init is None:
+                raise RuntimeError(f"{type(self.model).__name__} is on the meta device but has no init_weights()")
+            init()
+
+    # --- steps ---
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Normalised forecast [B, V_out, H, W] of one batch."""
+        pred = self.model(batch["input"], batch["lead_time_hours"], self.variables, self.out_variables)
+        if self.hparams.residual:
+            # The inputs are normalised with the same per-field statistics as the targets.
+            pred = pred + batch["input"][:, self.persist_pos].to(pred.dtype)
+        return pred
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """De-normalised forecast [B, V_out, H, W] in physical units, with the batch's `index` and lead times."""
+        forecast = self(batch).float() * self.out_std + self.out_mean
+        return {"forecast": forecast, "index": batch["index"], "lead_time_hours": batch["lead_time_hours"]}
+
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
+        pred = self(batch)  # [B, V_out, H, W], normalised
+        target, lead = batch["target"], batch["lead_time_hours"]
+        loss = latitude_weighted_mse(pred, target, self.lat_weights)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
+        forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
+        if self.has_persistence:
+            forecasts["persistence"] = batch["input"][:, self.persist_pos]
+        for key, metric in self.skill[stage].items():
+            metric.update(forecasts[key.split("_")[0]], target, lead)  # the metrics de-normalise
+        if stage == "test" and self._plot_sample is None:
+            physical = [x[0].float() * self.out_std + self.out_mean for x in (pred, target)]  # [V_out, H, W]
+            self._plot_sample = {"forecast": physical[0].cpu(), "truth": physical[1].cpu(), "lead": float(lead[0])}
+
+    def _log_skill(self, stage: str) -> dict[str, float]:
+        """Computes (synced over the data-parallel ranks), logs and resets the metrics of `stage`."""
+        values = {}
+        for metric in self.skill[stage].values():
+            values.update({key: float(value) for key, value in metric.compute().items()})
+            metric.reset()
+        self.log_dict(values)
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs `val/rmse/<field>/<lead>h` and `val/persistence/rmse/<field>/<lead>h`, in physical units."""
+        self._log_skill("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._plot_sample = None
+
+    def on_test_epoch_end(self) -> None:
+        """Logs RMSE and ACC per field and lead time of the model and the baselines, then writes the figures."""
+        values = self._log_skill("test")
+        table: dict[str, dict[str, dict[float, float]]] = {v: {} for v in self.out_variables}
+        for key, value in values.items():  # "test/[<baseline>/]rmse/<field>/<lead>h"
+            parts = key.split("/")
+            if parts[-3] == "rmse":
+                forecast = parts[1] if len(parts) == 5 else "model"
+                table[parts[-2]].setdefault(forecast, {})[float(parts[-1].rstrip("h"))] = value
+        if self.trainer.is_global_zero:
+            self._write_figures(table)
+
+    def _write_figures(self, table: dict[str, dict[str, dict[float, float]]]) -> None:
+        out_dir = self.figure_dir()
+        paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png")]
+        sample = self._plot_sample
+        if sample is not None:
+            variable = self.hparams.plot_variable or self.out_variables[0]
+            if variable not in self.out_variables:
+                raise ValueError(f"plot_variable={variable!r} is not an output field; choose from {self.out_variables}")
+            v = self.out_variables.index(variable)
+            paths.append(
+                plot_forecast_map(
+                    sample["forecast"][v].numpy(), sample["truth"][v].numpy(), self.latitudes, self.longitudes,
+                    variable, sample["lead"], out_dir / "forecast_map.png",
+                )
+            )
+        rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))
+
+    def figure_dir(self) -> Path:
+        """Where the test figures go: the logger's directory, else `trainer.default_root_dir`."""
+        logger = self.trainer.logger
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        return Path(log_dir or self.trainer.default_root_dir)
+
+    # --- optimisation ---
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices, none on embeddings, norms and biases."""
+        skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warmup and cosine decay, stepped every optimizer step."""
+        max_steps = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
+        warmup = min(self.hparams.warmup_steps, max_steps)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, max_steps, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
