@@ -278,10 +278,13 @@ def test_argument_errors(fn_name):
         fn(x, x, x, dropout_p=0.1)
     with pytest.raises(ValueError, match=r"needs q, k, v of one shape \[B, L_r, H, d\].*grouped-query"):
         fn(x, x[:, :, :1], x[:, :, :1])
-    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto' or 'math'"):
+    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto', 'math' or 'sdpa_flash'"):
         fn(x, x, x, backend="sdpa")
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         fn(x, x, x, backend="fast")
+    if fn_name == "ring":
+        with pytest.raises(BackendUnavailableError, match=r"'sdpa_flash' needs fp16/bf16 CUDA inputs.*got torch.float32 on cpu"):
+            fn(x, x, x, backend="sdpa_flash")
 
 
 def test_single_rank_is_local_attention():
@@ -306,3 +309,79 @@ def test_hybrid_grid_errors_and_layout():
         build_hybrid_groups([], 1)
     with pytest.raises(ValueError, match=r"contains a rank more than once"):
         build_hybrid_groups([0, 1, 1, 2], 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA: the flash block kernel against the math one (run on the GPU machine; the ring logic around the kernels
+# is the one the gloo tests above check).
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash block kernel needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_blocks_match_math_on_cuda(causal, head_dim):
+    """The last rank of a 2-rank ring, in bf16: its own (diagonal) block, then the earlier one, merged by LSE;
+    backward from the final output and LSE. Flash and math kernels must be as close to float64 as each other."""
+    from lightning_seqpar.attention import math_attention, ring
+
+    B, H, lengths = 2, 4, (301, 300)
+    q, k, v, grad_out = (t.cuda() for t in _inputs(f"cuda-{head_dim}", B, sum(lengths), H, head_dim))
+    q, grad_out = q[:, lengths[0] :], grad_out[:, lengths[0] :]  # [B, L_1, H, d]: queries of rank 1
+    scale = head_dim**-0.5
+    qf, kf, vf = (t.double().requires_grad_() for t in (q, k, v))
+    keep = torch.ones(lengths[1], sum(lengths), dtype=torch.bool, device="cuda").tril(lengths[0]) if causal else None
+    ref = math_attention(qf, kf, vf, attn_mask=keep)
+    ref.backward(grad_out.double())
+    expected = {"out": ref.detach(), "dq": qf.grad, "dk": kf.grad, "dv": vf.grad}
+
+    errors = {}
+    for flash in (True, False):
+        qb, kb, vb, gb = (t.bfloat16() for t in (q, k, v, grad_out))
+        compute = qb if flash else qb.float()
+        blocks = [(1, kb[:, lengths[0] :], vb[:, lengths[0] :]), (0, kb[:, : lengths[0]], vb[:, : lengths[0]])]
+        out = torch.zeros(qb.shape, dtype=torch.float32, device="cuda")
+        lse = torch.full((B, H, lengths[1]), float("-inf"), device="cuda")
+        for owner, kk, vv in blocks:
+            kk, vv = (kk, vv) if flash else (kk.float(), vv.float())
+            forward = ring._flash_block_forward if flash else ring._block_forward
+            out, lse = ring._merge_block(out, lse, *forward(compute, kk, vv, scale, causal and owner == 1))
+        out = out.bfloat16()
+        delta = (gb.float() * out.float()).sum(-1).transpose(1, 2)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for owner, kk, vv in blocks:
+            sl = slice(lengths[0], None) if owner == 1 else slice(0, lengths[0])
+            diagonal = causal and owner == 1
+            if flash:
+                grads = ring._flash_block_backward(qb, kk, vv, gb, out, lse, scale, diagonal)
+            else:
+                grads = ring._block_backward(qb.float(), kk.float(), vv.float(), gb.float(), lse, delta, scale, diagonal)
+            dq += grads[0].float()
+            dk[:, sl] += grads[1].float()
+            dv[:, sl] += grads[2].float()
+        got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+        errors[flash] = {name: _rel(got[name].double(), expected[name]) for name in expected}
+    for name in expected:
+        assert errors[True][name] < 2e-2, f"flash {name}: relative error {errors[True][name]:.2e}"
+        assert errors[True][name] < 2 * errors[False][name] + 2e-3, (name, errors)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash block kernel needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ring_function_flash_path_on_one_rank(causal):
+    """The autograd Function's flash path end to end (one block, no peers) against float64 attention."""
+    from lightning_seqpar.attention import math_attention, ring
+    from lightning_seqpar.comm import SequenceLayout
+
+    q, k, v, grad_out = (t.cuda() for t in _inputs("cuda-function", 2, 257, 4, 64))
+    qf, kf, vf = (t.double().requires_grad_() for t in (q, k, v))
+    ref = math_attention(qf, kf, vf, causal=causal)
+    ref.backward(grad_out.double())
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = ring._RingAttention.apply(qb, kb, vb, None, SequenceLayout((257,)), 64**-0.5, causal, True)
+    out.backward(grad_out.bfloat16())
+    for name, got, expected in (("out", out, ref), ("dq", qb.grad, qf.grad), ("dk", kb.grad, kf.grad), ("dv", vb.grad, vf.grad)):
+        err = _rel(got.double(), expected.detach())
+        assert err < 2e-2, f"{name}: relative error {err:.2e}"

@@ -34,8 +34,10 @@ _ISEND = dist.distributed_c10d.isend
 _IRECV = dist.distributed_c10d.irecv
 _TAG_KV, _TAG_GRAD = 0, 1
 
-RING_BACKENDS = ("auto", "math")
-"""Block kernels ring attention can run: both mean the plain-torch kernel below (float32 softmax)."""
+RING_BACKENDS = ("auto", "math", "sdpa_flash")
+"""Block kernels ring attention can run: ``math`` is the plain-torch kernel below (float32 softmax, any device);
+``sdpa_flash`` is PyTorch's FlashAttention-2 op (CUDA, fp16/bf16, d a multiple of 8 up to 256), which returns the
+block's log-sum-exp and takes the final one in backward; ``auto`` picks flash where it runs, else math."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,6 +112,60 @@ def _block_backward(
     return grad_q, grad_k, grad_v
 
 
+def _merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Online softmax: merge a block's output ``[B, L_q, H, d]`` and LSE ``[B, H, L_q]`` into the running ones."""
+    merged = torch.logaddexp(lse, block_lse)  # [B, H, L_q]
+    old_weight = (lse - merged).exp().transpose(1, 2).unsqueeze(-1)  # [B, L_q, H, 1]
+    block_weight = (block_lse - merged).exp().transpose(1, 2).unsqueeze(-1)
+    return out * old_weight + block_out * block_weight, merged
+
+
+def _flash_block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_block_forward` with PyTorch's flash kernel: output ``[B, L_q, H, d]`` (float32) and LSE ``[B, H, L_q]``."""
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, diagonal, False, scale=scale
+    )  # [B, H, L_q, d], [B, H, L_q]
+    return out.transpose(1, 2).float(), lse[..., : q.shape[1]].float()
+
+
+def _flash_block_backward(
+    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, diagonal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_block_backward` with PyTorch's flash kernel, from the final output and LSE (it forms delta itself)."""
+    # Dense (not varlen) call: no cumulative sequence lengths; with no dropout the RNG state is never read.
+    philox_seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    philox_offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad_out.transpose(1, 2),  # [B, H, L_q, d]
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        out.transpose(1, 2),
+        lse.contiguous(),
+        None,
+        None,
+        q.shape[1],
+        k.shape[1],
+        0.0,
+        diagonal,
+        philox_seed,
+        philox_offset,
+        scale=scale,
+    )
+    return tuple(g.transpose(1, 2) for g in grads)  # [B, L, H, d] each
+
+
+def _use_flash(q: Tensor, backend: str) -> bool:
+    """Whether the block kernel is PyTorch's flash op; raise if ``sdpa_flash`` was forced where it cannot run."""
+    runs = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+    if backend == "sdpa_flash" and not runs:
+        raise BackendUnavailableError(
+            f"ring attention's backend 'sdpa_flash' needs fp16/bf16 CUDA inputs with a head dim that is a multiple"
+            f" of 8 up to 256, got {q.dtype} on {q.device.type} with d={q.shape[-1]}; use backend='auto' or 'math'."
+        )
+    return runs and backend != "math"
+
+
 def _visits(owner: int, rank: int, layout: SequenceLayout, causal: bool) -> bool:
     """Whether this rank's queries see any key of ``owner``'s block (causal: blocks in the future are skipped)."""
     if layout.lengths[owner] == 0 or layout.lengths[rank] == 0:
@@ -134,42 +190,45 @@ class _RingAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, layout: SequenceLayout, scale: float, causal: bool) -> Tensor:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, layout: SequenceLayout, scale: float, causal: bool,
+        flash: bool,
+    ) -> Tensor:
         world, rank = group_size(group), group_rank(group)
         compute = _compute_dtype(q.dtype)
-        q_c = q.to(compute)
-        out = q_c.new_zeros(q.shape)  # [B, L_r, H, d]
-        lse = q_c.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"))  # [B, H, L_r]
+        q_c = q if flash else q.to(compute)
+        # Running output and LSE in the compute dtype whichever kernel computes the blocks.
+        out = q.new_zeros(q.shape, dtype=compute)  # [B, L_r, H, d]
+        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=compute)  # [B, H, L_r]
         kv = _pack_blocks(k, v, max(layout.lengths))  # [2, B, L_max, H, d]
         for step in range(world):
             owner = (rank - step) % world
             pending = _RingExchange(kv, group, _TAG_KV) if step < world - 1 else None
             if _visits(owner, rank, layout, causal):
                 n = layout.lengths[owner]
-                block_out, block_lse = _block_forward(
-                    q_c, kv[0, :, :n].to(compute), kv[1, :, :n].to(compute), scale, causal and owner == rank
+                k_blk, v_blk = (kv[0, :, :n], kv[1, :, :n]) if flash else (kv[0, :, :n].to(compute), kv[1, :, :n].to(compute))
+                block_out, block_lse = (_flash_block_forward if flash else _block_forward)(
+                    q_c, k_blk, v_blk, scale, causal and owner == rank
                 )
-                merged = torch.logaddexp(lse, block_lse)  # [B, H, L_r]
-                out = out * (lse - merged).exp().transpose(1, 2).unsqueeze(-1) + block_out * (
-                    block_lse - merged
-                ).exp().transpose(1, 2).unsqueeze(-1)
-                lse = merged
+                out, lse = _merge_block(out, lse, block_out, block_lse)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.layout, ctx.scale, ctx.causal = group, layout, scale, causal
+        ctx.group, ctx.layout, ctx.scale, ctx.causal, ctx.flash = group, layout, scale, causal, flash
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        group, layout, scale, causal = ctx.group, ctx.layout, ctx.scale, ctx.causal
+        group, layout, scale, causal, flash = ctx.group, ctx.layout, ctx.scale, ctx.causal, ctx.flash
         world, rank = group_size(group), group_rank(group)
         compute = _compute_dtype(q.dtype)
-        q_c, grad_out_c = q.to(compute), grad_out.to(compute)
-        delta = (grad_out_c * out.to(compute)).sum(dim=-1).transpose(1, 2)  # [B, L_r, H] -> [B, H, L_r]
-        grad_q = torch.zeros_like(q_c)
+        grad_out = grad_out.contiguous()
+        q_c, grad_out_c = (q, grad_out) if flash else (q.to(compute), grad_out.to(compute))
+        # The flash op forms delta = rowsum(dO * O) itself; the math kernel takes it: [B, L_r, H] -> [B, H, L_r].
+        delta = None if flash else (grad_out_c * out.to(compute)).sum(dim=-1).transpose(1, 2)
+        grad_q = torch.zeros_like(q, dtype=compute)
         longest = max(layout.lengths)
         kv = _pack_blocks(k, v, longest)  # [2, B, L_max, H, d]
         own_grad_kv: Tensor | None = None
@@ -180,10 +239,13 @@ class _RingAttention(torch.autograd.Function):
             grad_kv = kv.new_zeros(kv.shape, dtype=compute)  # [2, B, L_max, H, d]
             if _visits(owner, rank, layout, causal):
                 n = layout.lengths[owner]
-                dq, dk, dv = _block_backward(
-                    q_c, kv[0, :, :n].to(compute), kv[1, :, :n].to(compute), grad_out_c, lse, delta, scale,
-                    causal and owner == rank,
-                )
+                diagonal = causal and owner == rank
+                if flash:
+                    dq, dk, dv = _flash_block_backward(q, kv[0, :, :n], kv[1, :, :n], grad_out, out, lse, scale, diagonal)
+                else:
+                    dq, dk, dv = _block_backward(
+                        q_c, kv[0, :, :n].to(compute), kv[1, :, :n].to(compute), grad_out_c, lse, delta, scale, diagonal
+                    )
                 grad_q += dq
                 grad_kv[0, :, :n] = dk
                 grad_kv[1, :, :n] = dv
@@ -200,7 +262,7 @@ class _RingAttention(torch.autograd.Function):
         n = q.shape[1]
         grad_k = own_grad_kv[0, :, :n].to(k.dtype)
         grad_v = own_grad_kv[1, :, :n].to(v.dtype)
-        return grad_q.to(q.dtype), grad_k, grad_v, None, None, None, None
+        return grad_q.to(q.dtype), grad_k, grad_v, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,8 +286,8 @@ def check_ring_arguments(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, back
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend not in RING_BACKENDS:
         raise BackendUnavailableError(
-            f"{name} computes each block with its own plain-torch kernel (it needs the log-sum-exp of every"
-            f" block), so backend {backend!r} cannot be used; pass backend='auto' or 'math'."
+            f"{name} needs the log-sum-exp of every block, which only its plain-torch kernel and PyTorch's flash"
+            f" op return, so backend {backend!r} cannot be used; pass backend='auto', 'math' or 'sdpa_flash'."
         )
 
 
@@ -252,9 +314,9 @@ def ring_attention(
         softmax_scale: Scale of ``q k^T``; default ``1 / sqrt(d)``.
         causal: Causal masking over the full sequence (token order = rank order): blocks entirely in the
             future are skipped, the diagonal block is masked.
-        backend: ``"auto"`` or ``"math"``; both run the plain-torch block kernel, on CPU and CUDA, with the
-            softmax accumulated in float32. The fused CUDA kernels are not used yet (each block needs its
-            log-sum-exp and a backward from the global one).
+        backend: The block kernel, see :data:`RING_BACKENDS`: ``"math"`` (plain torch, fp32 softmax, any
+            device), ``"sdpa_flash"`` (PyTorch's FlashAttention-2 op on fp16/bf16 CUDA inputs), or
+            ``"auto"``: flash where it runs, else math. Partial results are merged in fp32 either way.
         sequence_lengths: Tokens held by each rank (they may differ, e.g. L = 197 over 4 ranks); default:
             the layout set by the strategy, else exchanged with one small all-gather.
 
@@ -264,14 +326,16 @@ def ring_attention(
     Communication per rank: forward P-1 exchanges with the ring neighbours of ``2 B L_max H d`` elements,
     each overlapped with the attention of the block already here; backward the same P-1 exchanges plus
     P-1 of the dK/dV accumulators (same size, compute dtype). No head limit; memory holds two blocks of
-    keys and values (current and incoming) and one ``[B, H, L_r, L_max]`` score block at a time.
+    keys and values (current and incoming) and, with the math kernel, one ``[B, H, L_r, L_max]`` score block at a time.
     """
     check_ring_arguments(q, k, v, dropout_p, backend)
+    flash = _use_flash(q, backend)
     if group_size(group) == 1:
-        return local_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, backend="math")
+        kernel = "sdpa_flash" if flash else "math"
+        return local_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, backend=kernel)
     layout = resolve_layout(q.shape[1], group, sequence_lengths)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _RingAttention.apply(q, k, v, group, layout, scale, causal)
+    return _RingAttention.apply(q, k, v, group, layout, scale, causal, flash)
 
 
 class RingAttention(nn.Module):
