@@ -1,4 +1,4 @@
-"""Distributed forwards for attention modules the strategy knows, and the interception of SDPA calls for those it does not.
+"""Distributed forwards for attention modules the strategy knows (torch MultiheadAttention, timm, vit-pytorch), and the interception of SDPA calls for those it does not.
 
 Each adapter is ``fn(module, attend, *args, **kwargs)`` that reproduces the module's forward on token-sharded
 inputs ``[B, L_r, D]`` using the module's own parameters, with ``attend(q, k, v, ...)`` (layout
@@ -99,12 +99,36 @@ def _timm_forward(module: nn.Module, attend: Attend, x: Tensor, attn_mask: Tenso
     return proj_drop(out) if isinstance(proj_drop, nn.Module) else out
 
 
+def _is_vit_pytorch_style(module: nn.Module) -> bool:
+    return (
+        isinstance(getattr(module, "to_qkv", None), nn.Linear)
+        and isinstance(getattr(module, "heads", None), int)
+        and isinstance(getattr(module, "attend", None), nn.Softmax)
+        and isinstance(getattr(module, "to_out", None), nn.Module)
+    )
+
+
+def _vit_pytorch_forward(module: nn.Module, attend: Attend, x: Tensor) -> Tensor:
+    """lucidrains' vit-pytorch ``Attention`` (pre-norm, ``to_qkv`` without bias, softmax by hand) on ``[B, L_r, D]``."""
+    norm = getattr(module, "norm", None)
+    if isinstance(norm, nn.Module):
+        x = norm(x)
+    B, L_r, _ = x.shape
+    q, k, v = (t.view(B, L_r, module.heads, -1) for t in module.to_qkv(x).chunk(3, dim=-1))  # [B, L_r, H, d]
+    dropout = getattr(module, "dropout", None)
+    p = dropout.p if module.training and isinstance(dropout, nn.Dropout) else 0.0
+    out = attend(q, k, v, dropout_p=p, softmax_scale=getattr(module, "scale", None))  # [B, L_r, H, d]
+    return module.to_out(out.reshape(B, L_r, -1))
+
+
 def builtin_adapter(module: nn.Module):
     """The built-in distributed forward for ``module``, or None if it is not an attention we know."""
     if isinstance(module, nn.MultiheadAttention):
         return _mha_forward
     if _is_timm_style(module):
         return _timm_forward
+    if _is_vit_pytorch_style(module):
+        return _vit_pytorch_forward
     return None
 
 

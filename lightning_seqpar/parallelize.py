@@ -51,10 +51,18 @@ class SequenceParallelRuntime:
     backend: AttentionBackend = "auto"
     layout: SequenceLayout | None = None
     attention_calls: int = 0
+    active: bool = False
     _restore_fastpath: Callable[[], None] | None = field(default=None, repr=False)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
         """Distributed attention on ``[B, L_r, H, d]`` with this plan's kernel and the current layout."""
+        in_backward = torch._C._current_graph_task_id() != -1  # activation-checkpoint recomputation
+        if not self.active and not in_backward:
+            raise NoDistributedAttentionError(
+                "a distributed attention ran outside the sequence-parallel region (no shard point ran before it),"
+                " so its tokens were never split: the plan's shard_input/shard_output module is not called on the"
+                " way to this attention. Put the shard point on a module that runs before it."
+            )
         self.attention_calls += 1
         layout = self.layout
         lengths = layout.lengths if layout is not None and layout.lengths[group_rank(self.group)] == q.shape[1] else None
@@ -69,6 +77,7 @@ class SequenceParallelRuntime:
         ParallelDims(world_size=world, sequence_parallel_size=world).check_sequence_length(x.shape[dim])
         self.layout = SequenceLayout.even(x.shape[dim], world)
         self.attention_calls = 0
+        self.active = True
         if self._restore_fastpath is None:
             self._restore_fastpath = disable_mha_fastpath()
         return shard_sequence(x, self.group, dim, self.layout)
@@ -85,6 +94,7 @@ class SequenceParallelRuntime:
         return gather_sequence(x, self.group, dim % x.dim(), self.layout)
 
     def end_region(self) -> None:
+        self.active = False
         if self._restore_fastpath is not None:
             self._restore_fastpath()
             self._restore_fastpath = None

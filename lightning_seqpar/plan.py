@@ -131,6 +131,12 @@ class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
                         f" Print the model's named_{what}s() to find the right path."
                     )
                 resolved.extend((m, role) for m in matches)
+        for path, role in resolved:
+            if role.kind in _DIM_ROLES - {"sequence_parameter"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
+                raise PlanError(
+                    f"plan entry {path!r} ({role}) is a {type(modules[path]).__name__}, which is never called, so the"
+                    " tokens would never be sharded or gathered there. Put the role on the module that runs the blocks."
+                )
         kinds = {role.kind for _, role in resolved}
         if not kinds & {"shard_input", "shard_output"} or not kinds & {"gather_input", "gather_output"}:
             raise PlanError(
@@ -212,15 +218,26 @@ def infer_plan(root: nn.Module) -> SequenceParallelPlan:
         )
     path, stack = stacks[0]
     prefix = f"{path}." if path else ""
-    entries: dict[str, list[str]] = {f"{prefix}0": ["shard_input:1"]}
+    # Blocks that are plain containers (vit-pytorch's ModuleList([attn, ff])) are never called themselves:
+    # the region is then the module that owns the stack and loops over it.
+    containers = isinstance(stack[0], (nn.ModuleList, nn.ModuleDict))
+    if containers and not path:
+        raise PlanError(f"the block stack of {type(root).__name__} holds containers and has no owner to shard at; pass an explicit plan.")
+    entry, exit_ = (path.rpartition(".")[0],) * 2 if containers else (f"{prefix}0", f"{prefix}{len(stack) - 1}")
+    if containers and not entry:
+        raise PlanError(
+            f"the block stack '{path}' holds containers (never called themselves) and belongs to the root module;"
+            " pass an explicit plan with shard and gather points on modules that are called."
+        )
+    entries: dict[str, list[str]] = {entry: ["shard_input:1"]}
     for i, block in enumerate(stack):
         block_path = f"{prefix}{i}"
         attentions = [f"{block_path}.{p}" if p else block_path for p, m in block.named_modules() if attention_adapter(m)]
         for attention_path in attentions:
             entries.setdefault(attention_path, []).append("attention")
         if not attentions:
-            entries.setdefault(block_path, []).append("sdpa")
-    entries.setdefault(f"{prefix}{len(stack) - 1}", []).append("gather_output:1")
+            entries.setdefault(entry if containers else block_path, []).append("sdpa")
+    entries.setdefault(exit_, []).append("gather_output:1")
     return SequenceParallelPlan(entries)
 
 

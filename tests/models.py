@@ -98,22 +98,62 @@ class TorchEncoderModel(nn.Module):
         return self.head(self.encoder(self.embed(x)))
 
 
+class HuggingFaceViT(nn.Module):
+    """transformers' ViTModel (attention through SDPA) on 24x24 images: 9 patches + CLS = 10 tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
+                           image_size=24, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(WIDTH, OUT_DIM)
+
+    def forward(self, x):  # [B, 3, 24, 24] -> [B, 10, OUT_DIM]
+        return self.head(self.vit(pixel_values=x).last_hidden_state)
+
+
+class VitPytorchViT(nn.Module):
+    """lucidrains' vit-pytorch ViT (softmax by hand, blocks as ModuleList pairs): 9 patches + CLS, pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from vit_pytorch import ViT
+
+        self.vit = ViT(image_size=24, patch_size=8, num_classes=OUT_DIM, dim=WIDTH, depth=2, heads=HEADS, mlp_dim=2 * WIDTH)
+
+    def forward(self, x):  # [B, 3, 24, 24] -> [B, OUT_DIM]
+        return self.vit(x)
+
+
 def build_model(name: str) -> nn.Module:
     return {
         "timm_vit": lambda: TinyViT(TimmStyleAttention),
         "torch_encoder": TorchEncoderModel,
         "sdpa_vit": lambda: TinyViT(SeparateProjectionAttention),
         "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
+        "hf_vit": HuggingFaceViT,
+        "vit_pytorch": VitPytorchViT,
     }[name]()
+
+
+def build_dataset(name: str) -> Dataset:
+    """Images for the third-party ViTs, tokens for the others."""
+    if name == "hf_vit":
+        return RandomTokens(x_shape=(3, 24, 24), y_shape=(10, OUT_DIM))
+    if name == "vit_pytorch":
+        return RandomTokens(x_shape=(3, 24, 24), y_shape=(OUT_DIM,))
+    return RandomTokens()
 
 
 class RandomTokens(Dataset):
     """Deterministic samples: index, tokens [L, IN_DIM], targets [L, OUT_DIM]."""
 
-    def __init__(self, size: int = 64, seed: int = 0) -> None:
+    def __init__(self, size: int = 64, seed: int = 0, x_shape=(TOKENS, IN_DIM), y_shape=(TOKENS, OUT_DIM)) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(size, TOKENS, IN_DIM, generator=g)
-        self.y = torch.randn(size, TOKENS, OUT_DIM, generator=g)
+        self.x = torch.randn(size, *x_shape, generator=g)
+        self.y = torch.randn(size, *y_shape, generator=g)
 
     def __len__(self) -> int:
         return len(self.x)
