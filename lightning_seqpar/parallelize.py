@@ -22,12 +22,12 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from lightning_seqpar.adapters import DistributedSDPA, disable_mha_fastpath
-from lightning_seqpar.attention import AttentionBackend, lss_attention, ulysses_attention
+from lightning_seqpar.attention import AttentionBackend, hybrid_attention, lss_attention, ring_attention, ulysses_attention
 from lightning_seqpar.comm import SequenceLayout, gather_sequence, group_rank, group_size, shard_sequence
 from lightning_seqpar.plan import PlanError, Role, SequenceParallelPlan, attention_adapter
 from lightning_seqpar.topology import ParallelDims
 
-_KERNELS = {"ulysses": ulysses_attention, "lss": lss_attention}
+_KERNELS = ("ulysses", "lss", "ring", "hybrid")
 
 
 class NoDistributedAttentionError(RuntimeError):
@@ -40,7 +40,7 @@ class SequenceParallelRuntime:
 
     Attributes:
         group: The sequence-parallel process group.
-        attention: ``"ulysses"`` or ``"lss"`` (or a key registered in ``_KERNELS``).
+        attention: ``"ulysses"``, ``"lss"``, ``"ring"`` or ``"hybrid"``.
         backend: Local attention kernel.
         layout: How the tokens of the current forward are split (set at the shard point).
         attention_calls: Distributed attention calls since the last shard (checked at the gather point).
@@ -52,6 +52,7 @@ class SequenceParallelRuntime:
     layout: SequenceLayout | None = None
     attention_calls: int = 0
     active: bool = False
+    hybrid_groups: tuple[ProcessGroup, ProcessGroup] | None = None
     _restore_fastpath: Callable[[], None] | None = field(default=None, repr=False)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
@@ -66,10 +67,12 @@ class SequenceParallelRuntime:
         self.attention_calls += 1
         layout = self.layout
         lengths = layout.lengths if layout is not None and layout.lengths[group_rank(self.group)] == q.shape[1] else None
-        return _KERNELS[self.attention](
-            q, k, v, self.group, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-            backend=self.backend, sequence_lengths=lengths,
-        )
+        options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=self.backend, sequence_lengths=lengths)
+        if self.attention == "hybrid":
+            assert self.hybrid_groups is not None, "hybrid attention needs its Ulysses and ring groups"
+            return hybrid_attention(q, k, v, *self.hybrid_groups, **options)
+        kernel = {"ulysses": ulysses_attention, "lss": lss_attention, "ring": ring_attention}[self.attention]
+        return kernel(q, k, v, self.group, **options)
 
     def shard(self, x: Tensor, dim: int) -> Tensor:
         world = group_size(self.group)
@@ -222,6 +225,7 @@ def apply_sequence_parallel(
     *,
     attention: str = "ulysses",
     backend: AttentionBackend = "auto",
+    hybrid_groups: tuple[ProcessGroup, ProcessGroup] | None = None,
 ) -> AppliedPlan:
     """Make ``root`` sequence-parallel over ``group`` in place according to ``plan``.
 
@@ -229,16 +233,21 @@ def apply_sequence_parallel(
         root: The model (paths in ``plan`` are relative to it).
         plan: What to do where; see :mod:`lightning_seqpar.plan`.
         group: The sequence-parallel process group.
-        attention: Distributed attention kernel: ``"ulysses"`` or ``"lss"``.
+        attention: Distributed attention kernel: ``"ulysses"``, ``"lss"``, ``"ring"`` or ``"hybrid"``.
         backend: Local attention kernel.
+        hybrid_groups: ``(ulysses_group, ring_group)`` for ``attention="hybrid"``
+            (see :func:`~lightning_seqpar.attention.build_hybrid_groups`).
 
     Returns:
         The applied plan; call ``.remove()`` to restore the plain model.
     """
     if attention not in _KERNELS:
         raise PlanError(f"unknown sequence-parallel attention {attention!r}; choose one of {', '.join(_KERNELS)}.")
+    if attention == "hybrid" and hybrid_groups is None:
+        raise PlanError("attention='hybrid' needs hybrid_groups=(ulysses_group, ring_group) from build_hybrid_groups.")
     resolved = plan.resolve(root)
-    applied = AppliedPlan(plan, resolved, SequenceParallelRuntime(group, attention, backend))
+    runtime = SequenceParallelRuntime(group, attention, backend, hybrid_groups=hybrid_groups)
+    applied = AppliedPlan(plan, resolved, runtime)
     by_kind = lambda *kinds: [(p, r) for p, r in resolved if r.kind in kinds]  # noqa: E731
     for path, _ in by_kind("attention"):
         apply_attention(applied, root.get_submodule(path), path)

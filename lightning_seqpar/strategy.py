@@ -28,14 +28,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_seqpar.attention.hybrid import build_hybrid_groups
 from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
+from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import PlanLike, SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.topology import ParallelDims, Topology
 
 log = logging.getLogger(__name__)
 
-SequenceParallelAttention = Literal["ulysses", "lss"]
+SequenceParallelAttention = Literal["ulysses", "lss", "ring", "hybrid"]
 
 
 class SeqParStrategy(DDPStrategy):
@@ -46,7 +48,12 @@ class SeqParStrategy(DDPStrategy):
             all-to-all stays on the fast intra-node links. ``world_size`` must be a multiple of it; the
             remaining factor is data parallelism.
         attention: Distributed attention: ``"ulysses"`` (all-to-all between token and head shards; needs
-            at least ``sequence_parallel_size`` heads) or ``"lss"`` (local queries, gathered keys and values).
+            at least ``sequence_parallel_size`` heads), ``"lss"`` (local queries, gathered keys and values),
+            ``"ring"`` (key/value blocks passed around the group, overlapped with compute) or ``"hybrid"``
+            (Ulysses inside groups of ``ulysses_degree`` ranks, ring across them).
+        ulysses_degree: For ``attention="hybrid"``: ranks per Ulysses group (must divide
+            ``sequence_parallel_size``); default: the devices of one node, so the all-to-all stays intra-node
+            and the ring crosses nodes.
         attention_backend: Local attention kernel: ``"auto"`` (flash-attn on CUDA when installed, else SDPA),
             ``"flash_attn"``, ``"sdpa"``, ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"`` or ``"math"``.
         plan: Explicit plan ``{module path: role(s)}`` (see :mod:`lightning_seqpar.plan`); default: the model's own
@@ -65,6 +72,7 @@ class SeqParStrategy(DDPStrategy):
         self,
         sequence_parallel_size: int | None = None,
         attention: SequenceParallelAttention = "ulysses",
+        ulysses_degree: int | None = None,
         attention_backend: AttentionBackend = "auto",
         plan: dict[str, str | list[str]] | None = None,
         activation_checkpointing: bool = False,
@@ -91,10 +99,18 @@ class SeqParStrategy(DDPStrategy):
         )
         if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
             raise ValueError(f"SeqParStrategy: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
-        if attention not in ("ulysses", "lss"):
-            raise ValueError(f"SeqParStrategy: attention must be 'ulysses' or 'lss', got {attention!r}.")
+        if attention not in ("ulysses", "lss", "ring", "hybrid"):
+            raise ValueError(f"SeqParStrategy: attention must be 'ulysses', 'lss', 'ring' or 'hybrid', got {attention!r}.")
         if attention_backend not in BACKENDS:
             raise ValueError(f"SeqParStrategy: attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}.")
+        if attention in ("ring", "hybrid") and attention_backend not in RING_BACKENDS:
+            raise ValueError(
+                f"SeqParStrategy: attention={attention!r} runs its own block kernels; attention_backend must be one of"
+                f" {', '.join(RING_BACKENDS)}, got {attention_backend!r}."
+            )
+        if ulysses_degree is not None and (attention != "hybrid" or not isinstance(ulysses_degree, int) or ulysses_degree < 1):
+            raise ValueError(f"SeqParStrategy: ulysses_degree={ulysses_degree!r} is only for attention='hybrid' and must be a positive integer.")
+        self.ulysses_degree = ulysses_degree
         self._sequence_parallel_size = sequence_parallel_size
         self.attention = attention
         self.attention_backend = attention_backend
@@ -103,6 +119,7 @@ class SeqParStrategy(DDPStrategy):
         self.topology: Topology | None = None
         self.applied_plan: AppliedPlan | None = None
         self._data_seed: int | None = None
+        self._hybrid_groups = None
 
     # --- process groups ------------------------------------------------------------------------------
 
@@ -116,8 +133,27 @@ class SeqParStrategy(DDPStrategy):
         dims = ParallelDims(world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size)
         self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout)
         self._ddp_kwargs["process_group"] = self.topology.sequence_data_group
+        self._hybrid_groups = self._build_hybrid_groups() if self.attention == "hybrid" else None
         self._data_seed = self._agree_on_data_seed()
         rank_zero_info(f"SeqParStrategy: {self.topology.describe()}, attention={self.attention}")
+
+    def _build_hybrid_groups(self):
+        """The (Ulysses, ring) sub-groups of this rank's SP group; every rank creates every SP group's."""
+        assert self.topology is not None
+        sp = self.topology.sp
+        degree = self.ulysses_degree or min(sp, self.num_processes)
+        if sp % degree:
+            raise ValueError(
+                f"SeqParStrategy: ulysses_degree={degree} does not divide sequence_parallel_size={sp}; choose a"
+                " divisor (ulysses_degree x ring degree = sequence_parallel_size)."
+            )
+        mine = None
+        for ranks in self.topology.dims.sequence_groups():
+            groups = build_hybrid_groups(ranks, degree, backend=self._process_group_backend, timeout=self._timeout)
+            if self.global_rank in ranks:
+                mine = groups
+        rank_zero_info(f"SeqParStrategy: hybrid attention, Ulysses degree {degree} x ring degree {sp // degree}")
+        return mine
 
     def _agree_on_data_seed(self) -> int:
         """One seed per SP group for data-loader workers, so every rank of the group draws the same samples."""
@@ -150,7 +186,8 @@ class SeqParStrategy(DDPStrategy):
         if self.activation_checkpointing:
             plan = _with_checkpoints(plan, module)
         self.applied_plan = apply_sequence_parallel(
-            module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend
+            module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend,
+            hybrid_groups=self._hybrid_groups,
         )
         rank_zero_info(f"SeqParStrategy: sequence-parallel plan of {type(module).__name__}:\n{plan}")
 
@@ -220,6 +257,12 @@ class SeqParStrategy(DDPStrategy):
         )
         strategy_registry.register(
             "seqpar_lss", cls, description="Sequence parallelism with LSS segment attention", attention="lss"
+        )
+        strategy_registry.register(
+            "seqpar_ring", cls, description="Sequence parallelism with ring attention", attention="ring"
+        )
+        strategy_registry.register(
+            "seqpar_hybrid", cls, description="Sequence parallelism, Ulysses within a node x ring across nodes", attention="hybrid"
         )
 
 

@@ -19,6 +19,8 @@ SEED, STEPS, BATCH = 1234, 3, 2
 CONFIGS = [("timm_vit", "ulysses"), ("timm_vit", "lss"), ("torch_encoder", "ulysses"), ("sdpa_vit", "lss")]
 # Third-party ViTs: Hugging Face transformers (SDPA interception) and vit-pytorch (built-in adapter).
 THIRD_PARTY = [("hf_vit", "ulysses"), ("vit_pytorch", "lss")]
+# Ring, and hybrid as 2 (Ulysses) x 2 (ring) on sp = 4.
+RING_HYBRID = [("timm_vit", "ring"), ("sdpa_vit", "hybrid")]
 
 
 def contract_worker(sp: int, configs: list) -> dict:
@@ -39,7 +41,9 @@ def contract_worker(sp: int, configs: list) -> dict:
         trainer = Trainer(
             accelerator="cpu",
             devices=world,
-            strategy=SeqParStrategy(sequence_parallel_size=sp, attention=attention, timeout=60),
+            strategy=SeqParStrategy(
+                sequence_parallel_size=sp, attention=attention, timeout=60, ulysses_degree=2 if attention == "hybrid" else None
+            ),
             max_steps=STEPS,
             logger=False,
             enable_checkpointing=False,
@@ -75,7 +79,7 @@ def _max_rel_error(a: dict, b: dict) -> tuple[float, str]:
 
 @pytest.mark.parametrize(
     "world,sp,configs",
-    [(2, 2, CONFIGS + THIRD_PARTY), (4, 4, CONFIGS), (4, 2, CONFIGS[:2] + THIRD_PARTY[:1])],
+    [(2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1]), (4, 4, CONFIGS + RING_HYBRID), (4, 2, CONFIGS[:2] + THIRD_PARTY[:1])],
     ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"],
 )
 def test_training_equals_single_process(world, sp, configs):

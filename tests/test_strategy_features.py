@@ -145,8 +145,12 @@ def test_trainer_level_errors(features):
 def test_strategy_argument_errors():
     from lightning_seqpar import SeqParStrategy
 
-    with pytest.raises(ValueError, match="attention must be 'ulysses' or 'lss', got 'ring'"):
-        SeqParStrategy(attention="ring")
+    with pytest.raises(ValueError, match="attention must be 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
+        SeqParStrategy(attention="star")
+    with pytest.raises(ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"):
+        SeqParStrategy(attention="ring", attention_backend="sdpa_cudnn")
+    with pytest.raises(ValueError, match="ulysses_degree=2 is only for attention='hybrid'"):
+        SeqParStrategy(attention="ulysses", ulysses_degree=2)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         SeqParStrategy(attention_backend="xformers")
     with pytest.raises(ValueError, match="sequence_parallel_size must be a positive integer, got 0"):
@@ -158,7 +162,7 @@ def test_registered_names():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert StrategyRegistry["seqpar_lss"]["init_params"] == {"attention": "lss"}
-    assert {"seqpar", "seqpar_ulysses", "seqpar_lss"} <= set(StrategyRegistry)
+    assert {"seqpar", "seqpar_ulysses", "seqpar_lss", "seqpar_ring", "seqpar_hybrid"} <= set(StrategyRegistry)
 
 
 def test_torchrun_launch(tmp_path):

@@ -103,6 +103,12 @@ class LSSAttention(nn.Module):
         """``[B, L_r, H, d]`` each -> ``[B, L_r, H, d]``; ``kwargs`` go to the local attention."""
         if group_size(self.group) == 1:
             return self.local_attention_fn(q, k, v, **kwargs)
+        if kwargs.get("causal") or kwargs.get("is_causal"):
+            raise ValueError(
+                "LSSAttention passes keys of the whole sequence to the local attention, whose causal mask would be"
+                " aligned to the wrong tokens on every rank but the first; use lss_attention(..., causal=True),"
+                " which builds the offset mask."
+            )
         layout = resolve_layout(q.shape[1], self.group)
         k_all, v_all = _gather_keys_values(k, v, self.group, layout)
         return self.local_attention_fn(q, k_all, v_all, **kwargs)

@@ -91,8 +91,8 @@ class UlyssesAttention(nn.Module):
     on token-sharded inputs; the DeepSpeed ``DistributedAttention`` idea.
 
     Args:
-        local_attention_fn: The single-device attention; default :func:`local_attention`.
         group: The sequence-parallel process group.
+        local_attention_fn: The single-device attention; default :func:`local_attention`.
     """
 
     def __init__(self, group: ProcessGroup, local_attention_fn: Callable[..., Tensor] = local_attention) -> None:
