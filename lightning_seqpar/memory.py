@@ -106,23 +106,24 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return loss
 
 
-def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, dim: int = 1) -> Tensor:
+def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, dim: int = 1, out_dim: int | None = None) -> Tensor:
     """``fn(x)`` for a token-local ``fn``, computed on ``chunks`` slices of ``dim``, each recomputed in backward.
 
     Only the slices' inputs are saved, so ``fn``'s intermediates (an MLP's [B, L, 4D] hidden) exist for one
-    slice at a time in forward and backward; the price is one more forward of ``fn``.
+    slice at a time in forward and backward; the price is one more forward of ``fn``. ``out_dim`` is the token
+    dimension of the output when it differs from the input's (ClimaX's variable aggregation: [B, V, L, D] -> [B, L, D]).
     """
     if chunks <= 1 or not torch.is_grad_enabled() or x.shape[dim] < chunks:
         return fn(x)
     pieces = x.chunk(chunks, dim)  # [B, L/chunks, D] views
-    return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim)
+    return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim if out_dim is None else out_dim)
 
 
-def chunk_module(module: nn.Module, chunks: int, dim: int = 1) -> Callable[[], None]:
+def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | None = None) -> Callable[[], None]:
     """Make ``module`` (token-local, one tensor in, one out) run through :func:`checkpointed_chunks`; returns undo."""
     had_own = "forward" in module.__dict__
     inner = module.forward
-    module.forward = functools.wraps(inner)(lambda x: checkpointed_chunks(inner, x, chunks, dim))
+    module.forward = functools.wraps(inner)(lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))
 
     def undo() -> None:
         if had_own:

@@ -112,3 +112,15 @@ def test_master_weights_keep_fp32_state_for_a_bf16_model():
     assert (masters[0] - before[0]).abs().max() > 0
     torch.testing.assert_close(model.weight, masters[0].to(torch.bfloat16), rtol=0, atol=0)
     assert model.weight.grad is not None and model.weight.grad.dtype == torch.bfloat16
+
+
+def test_chunks_may_put_tokens_on_another_output_dimension():
+    """ClimaX's variable aggregation takes [B, V, L, D] and returns [B, L, D]."""
+    torch.manual_seed(0)
+    from lightning_seqpar.models.climax import VariableAggregation
+
+    agg = VariableAggregation(WIDTH, HEADS)
+    x = torch.randn(2, 3, TOKENS, WIDTH, requires_grad=True)
+    ref = agg(x)
+    chunk_module(agg, chunks=4, dim=2, out_dim=1)
+    torch.testing.assert_close(agg(x), ref, rtol=1e-5, atol=1e-6)
