@@ -27,16 +27,19 @@ from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
 
-def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None) -> Tensor:
     """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
 
     Args:
         pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
         target: [B, V_out, H, W].
         weights: [H] latitude weights with mean 1.
+        field_weights: optional [V_out] weight of each field, used as given.
     """
-    error = (pred.float() - target.float()).square()  # [B, V_out, H, W]
-    return (error * weights.float().view(-1, 1)).mean()
+    error = (pred.float() - target.float()).square() * weights.float().view(-1, 1)  # [B, V_out, H, W]
+    if field_weights is not None:
+        error = error * field_weights.float().view(-1, 1, 1)
+    return error.mean()
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -66,6 +69,9 @@ class ForecastModule(LightningModule):
         residual: predict the change from the input: forecast = input fields of `out_variables` + model output
             (in normalised units). Persistence is then where training starts, which short lead times need to
             beat it early; every output field must be an input field.
+        loss_weights: weight of each output field in the loss, by name (others weigh 1); the weights are
+            rescaled to mean 1 over the output fields. Use it to up-weight fields whose change over one lead
+            time is small next to their variability (normalised MSE then undervalues them).
         plot_variable: field drawn in the forecast map written after testing; None means the first output field.
     """
 
@@ -79,6 +85,7 @@ class ForecastModule(LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         residual: bool = False,
+        loss_weights: dict[str, float] | None = None,
         plot_variable: str | None = None,
     ) -> None:
         super().__init__()
@@ -120,6 +127,12 @@ class ForecastModule(LightningModule):
                 f"residual=True forecasts input + change, but output fields {absent} are not inputs; "
                 "add them to data.variables or set model.residual=false"
             )
+        unknown = sorted(set(self.hparams.loss_weights or {}) - set(self.out_variables))
+        if unknown:
+            raise ValueError(f"loss_weights names {unknown}, which are not output fields {self.out_variables}")
+        field_weights = torch.tensor([(self.hparams.loss_weights or {}).get(f, 1.0) for f in self.out_variables])
+        if (field_weights < 0).any() or field_weights.sum() <= 0:
+            raise ValueError(f"loss_weights must be >= 0 and not all 0, got {self.hparams.loss_weights}")
         normalized = bool(getattr(dm, "normalize", True))
         n_out = len(self.out_variables)
         out_mean = np.asarray(dm.out_mean if normalized else np.zeros(n_out), np.float32)
@@ -128,6 +141,7 @@ class ForecastModule(LightningModule):
         persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
+            "field_weights": (field_weights / field_weights.mean()).float(),  # [V_out], mean 1
             "out_mean": torch.from_numpy(out_mean).view(-1, 1, 1),  # [V_out, 1, 1]
             "out_std": torch.from_numpy(out_std).view(-1, 1, 1),
             "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
@@ -177,7 +191,7 @@ class ForecastModule(LightningModule):
         return pred
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights)
+        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 
@@ -195,7 +209,7 @@ class ForecastModule(LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         pred = self(batch)  # [B, V_out, H, W], normalised
         target, lead = batch["target"], batch["lead_time_hours"]
-        loss = latitude_weighted_mse(pred, target, self.lat_weights)
+        loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
         forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
         if self.has_persistence:
@@ -212,7 +226,7 @@ class ForecastModule(LightningModule):
         for metric in self.skill[stage].values():
             values.update({key: float(value) for key, value in metric.compute().items()})
             metric.reset()
-        self.log_dict(values)
+        self.log_dict(values, sync_dist=True)  # already synced by the metrics: averaging equal values is a no-op
         return values
 
     def on_validation_epoch_end(self) -> None:

@@ -44,6 +44,10 @@ def test_latitude_weighted_mse_matches_formula():
     expected = ((pred - target).square() * torch.tensor(w, dtype=torch.float32).view(-1, 1)).mean()
     assert torch.allclose(latitude_weighted_mse(pred, target, torch.tensor(w)), expected)
     assert math.isclose(w.mean(), 1.0)
+    field_weights = torch.tensor([0.5, 1.0, 1.5])
+    weighted = latitude_weighted_mse(pred, target, torch.tensor(w), field_weights)
+    per_field = [latitude_weighted_mse(pred[:, i], target[:, i], torch.tensor(w)) for i in range(3)]
+    assert torch.allclose(weighted, sum(f * e for f, e in zip(field_weights, per_field)) / 3)
 
 
 def test_warmup_cosine_values():
@@ -141,3 +145,10 @@ def test_residual_needs_outputs_among_inputs(store, tmp_path):
     trainer = Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"output fields \['geopotential_500'\] are not inputs"):
         trainer.fit(ForecastModule(tiny_climax(["2m_temperature", "geopotential_500"]), residual=True), datamodule=dm)
+
+
+def test_loss_weights_must_name_output_fields(store, tmp_path):
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False)
+    module = ForecastModule(tiny_climax(), loss_weights={"temperature_850": 2.0})
+    with pytest.raises(ValueError, match=r"loss_weights names \['temperature_850'\], which are not output fields"):
+        trainer.fit(module, datamodule=datamodule(store))
