@@ -32,7 +32,8 @@ from lightning_seqpar.attention.hybrid import build_hybrid_groups
 from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
 from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
-from lightning_seqpar.plan import PlanLike, SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.plan import SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
 from lightning_seqpar.topology import ParallelDims, Topology
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class SeqParStrategy(DDPStrategy):
         process_group_backend: ``"nccl"`` or ``"gloo"``; default: NCCL on CUDA, gloo on CPU.
         timeout: Timeout of every collective, as a ``timedelta`` or seconds: a rank that dies makes the others
             fail after this long instead of hanging.
+        on_nonfinite: When the loss or a gradient is NaN/inf on any rank: ``"raise"`` on every rank, ``"skip"`` the
+            step on every rank, ``"stop"`` training, or ``"ignore"``. The ranks agree before acting, so none diverges.
         **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
     """
 
@@ -78,6 +81,7 @@ class SeqParStrategy(DDPStrategy):
         activation_checkpointing: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
+        on_nonfinite: NonFinitePolicy = "raise",
         accelerator=None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -111,6 +115,9 @@ class SeqParStrategy(DDPStrategy):
         if ulysses_degree is not None and (attention != "hybrid" or not isinstance(ulysses_degree, int) or ulysses_degree < 1):
             raise ValueError(f"SeqParStrategy: ulysses_degree={ulysses_degree!r} is only for attention='hybrid' and must be a positive integer.")
         self.ulysses_degree = ulysses_degree
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"SeqParStrategy: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
+        self.on_nonfinite = on_nonfinite
         self._sequence_parallel_size = sequence_parallel_size
         self.attention = attention
         self.attention_backend = attention_backend
@@ -218,6 +225,46 @@ class SeqParStrategy(DDPStrategy):
             self.applied_plan.remove()
             self.applied_plan = None
         super().teardown()
+
+    # --- steps and checkpoints ----------------------------------------------------------------------------
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        trainer = self.lightning_module.trainer
+        guarded = nonfinite_step_guard(
+            closure,
+            policy=self.on_nonfinite,
+            parameters=lambda: (p for group in optimizer.param_groups for p in group["params"]),
+            device=self.root_device,
+            step=trainer.global_step,
+            request_stop=lambda: setattr(trainer, "should_stop", True),
+            zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
+        )
+        return super().optimizer_step(optimizer, guarded, model, **kwargs)
+
+    def parallel_settings(self) -> dict[str, Any]:
+        """The layout recorded in every checkpoint under ``"seqpar"``."""
+        assert self.topology is not None
+        return {
+            "world_size": self.world_size,
+            "sequence_parallel_size": self.topology.sp,
+            "data_parallel_size": self.topology.dp,
+            "pipeline_parallel_size": self.topology.pp,
+            "attention": self.attention,
+        }
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint["seqpar"] = self.parallel_settings()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        for difference in check_topology(checkpoint.get("seqpar"), self.parallel_settings()):
+            # Weights are replicated here, so any layout can resume; the global batch may change with dp.
+            rank_zero_info(f"SeqParStrategy: resuming {checkpoint_path} with a different layout: {difference}")
+        return checkpoint
 
     # --- collectives Lightning asks for -----------------------------------------------------------------
 

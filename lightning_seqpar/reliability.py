@@ -1,0 +1,108 @@
+"""Guards that keep a long run consistent across ranks: one decision on non-finite steps, and the topology a checkpoint was written with.
+
+A NaN on one rank must not make that rank skip a step the others take: the ranks of a run would then hold
+different weights from that step on, silently. :func:`nonfinite_step_guard` agrees on one flag over the
+whole world (one all-reduce of a single number per step) before anyone acts on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NonFinitePolicy = Literal["raise", "skip", "stop", "ignore"]
+"""What to do when the loss or a gradient is NaN/inf on any rank: ``raise`` a FloatingPointError on every rank,
+``skip`` the optimizer step (gradients are dropped) on every rank, ``stop`` training after this step without
+taking it, or ``ignore`` (no check, no cost)."""
+
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "stop", "ignore")
+
+
+class NonFiniteStepError(FloatingPointError):
+    """Raised on every rank when a step's loss or gradients are not finite and the policy is ``raise``."""
+
+
+def _local_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter]) -> bool:
+    if isinstance(loss, dict):
+        loss = loss.get("loss")
+    if isinstance(loss, Tensor) and not torch.isfinite(loss.detach()).all():
+        return True
+    return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in parameters)
+
+
+def any_rank_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter], device: torch.device) -> bool:
+    """True on every rank if the loss or a gradient is not finite on any rank (one all-reduce of one number)."""
+    flag = torch.tensor([1.0 if _local_nonfinite(loss, parameters) else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def nonfinite_step_guard(
+    closure: Callable[[], Any],
+    *,
+    policy: NonFinitePolicy,
+    parameters: Callable[[], Iterable[torch.nn.Parameter]],
+    device: torch.device,
+    step: int,
+    request_stop: Callable[[], None],
+    zero_grad: Callable[[], None],
+) -> Callable[[], Any]:
+    """Wrap a Lightning optimizer closure so that all ranks act alike on a non-finite loss or gradient.
+
+    Returning ``None`` from the closure makes Lightning skip ``optimizer.step`` (automatic optimization).
+    """
+    if policy == "ignore":
+        return closure
+
+    def guarded() -> Any:
+        result = closure()
+        if result is None or not any_rank_nonfinite(result, parameters(), device):
+            return result
+        message = f"non-finite loss or gradient at global step {step} on at least one rank"
+        if policy == "raise":
+            raise NonFiniteStepError(
+                f"{message}. Lower the learning rate, enable gradient clipping, check the data for NaNs, or set"
+                " SeqParStrategy(on_nonfinite='skip') to skip such steps on every rank."
+            )
+        zero_grad()
+        if policy == "stop":
+            log.warning("%s: stopping training on every rank without taking the step.", message)
+            request_stop()
+        else:
+            log.warning("%s: skipping the optimizer step on every rank.", message)
+        return None
+
+    return guarded
+
+
+def topology_record(**settings: Any) -> dict[str, Any]:
+    """What a checkpoint stores about the run that wrote it (sizes and attention)."""
+    return dict(settings)
+
+
+def check_topology(saved: dict[str, Any] | None, current: dict[str, Any], *, strict_keys: Iterable[str] = ()) -> list[str]:
+    """Compare the topology a checkpoint was written with to this run's.
+
+    Returns human-readable differences. Raises ``ValueError`` when one of ``strict_keys`` differs (a setting the
+    checkpoint's layout depends on, such as ZeRO partitions), saying what to do.
+    """
+    if not saved:
+        return []
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in current.items() if saved.get(key) != value]
+    strict = [d for d in differences if d.split(":")[0] in set(strict_keys)]
+    if strict:
+        raise ValueError(
+            "this checkpoint was written with a different parallel layout that its state depends on ("
+            + "; ".join(strict)
+            + "). Resume with the same settings, or consolidate the checkpoint into one fp32 state dict first"
+            " (docs/troubleshooting.md)."
+        )
+    return differences
