@@ -114,17 +114,58 @@ class HuggingFaceViT(nn.Module):
         return self.head(self.vit(pixel_values=x).last_hidden_state)
 
 
-class VitPytorchViT(nn.Module):
-    """lucidrains' vit-pytorch ViT (softmax by hand, blocks as ModuleList pairs): 9 patches + CLS, pooled."""
+class VitPytorchStyleAttention(nn.Module):
+    """The shape of lucidrains' vit-pytorch Attention: pre-norm, bias-free to_qkv, softmax by hand, to_out."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.norm, self.attend, self.dropout = nn.LayerNorm(dim), nn.Softmax(dim=-1), nn.Dropout(0.0)
+        self.to_qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x):
+        x = self.norm(x)
+        B, N, C = x.shape
+        q, k, v = (t.view(B, N, self.heads, -1).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = self.dropout(self.attend(q @ k.transpose(-1, -2) * self.scale))
+        return self.to_out((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class VitPytorchStyleTransformer(nn.Module):
+    """vit-pytorch's layout: blocks are ModuleList([attention, feed-forward]) pairs the owner loops over."""
+
+    def __init__(self, dim: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList([VitPytorchStyleAttention(dim, HEADS), nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.norm(x)
+
+
+class VitPytorchStyleViT(nn.Module):
+    """Patches + CLS token -> the transformer -> mean pool -> head, on 24x24 images (10 tokens)."""
 
     def __init__(self) -> None:
         super().__init__()
-        from vit_pytorch import ViT
+        self.to_patch = nn.Linear(3 * 8 * 8, WIDTH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, WIDTH))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 10, WIDTH))
+        self.transformer = VitPytorchStyleTransformer(WIDTH, depth=2)
+        self.head = nn.Linear(WIDTH, OUT_DIM)
 
-        self.vit = ViT(image_size=24, patch_size=8, num_classes=OUT_DIM, dim=WIDTH, depth=2, heads=HEADS, mlp_dim=2 * WIDTH)
-
-    def forward(self, x):  # [B, 3, 24, 24] -> [B, OUT_DIM]
-        return self.vit(x)
+    def forward(self, img):  # [B, 3, 24, 24] -> [B, OUT_DIM]
+        B = img.shape[0]
+        patches = img.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(B, 9, 3 * 8 * 8)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.to_patch(patches)], dim=1) + self.pos_embedding
+        return self.head(self.transformer(x).mean(dim=1))
 
 
 def build_model(name: str) -> nn.Module:
@@ -134,7 +175,7 @@ def build_model(name: str) -> nn.Module:
         "sdpa_vit": lambda: TinyViT(SeparateProjectionAttention),
         "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
         "hf_vit": HuggingFaceViT,
-        "vit_pytorch": VitPytorchViT,
+        "vit_pytorch": VitPytorchStyleViT,
     }[name]()
 
 

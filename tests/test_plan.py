@@ -76,6 +76,36 @@ def test_infer_unknown_attention_intercepts_sdpa():
     assert plan["blocks.0"] == "shard_input:1, sdpa" and plan["blocks.1"] == "sdpa, gather_output:1"
 
 
+def test_infer_container_blocks_shard_at_their_owner():
+    from tests.models import build_model
+
+    plan = infer_plan(build_model("vit_pytorch")).to_dict()
+    assert plan == {
+        "transformer": "shard_input:1, gather_output:1",
+        "transformer.layers.0.0": "attention",
+        "transformer.layers.1.0": "attention",
+    }
+
+
+def test_shard_on_a_container_is_refused(group):
+    from tests.models import build_model
+
+    plan = SequenceParallelPlan({"transformer.layers.0": "shard_input", "transformer": "gather_output", "transformer.layers.*.0": "attention"})
+    with pytest.raises(PlanError, match="'transformer.layers.0' .* is a ModuleList, which is never called"):
+        apply_sequence_parallel(build_model("vit_pytorch"), plan, group)
+
+
+def test_attention_outside_the_region_is_refused(group):
+    from tests.models import build_model
+
+    model = build_model("timm_vit")
+    plan = SequenceParallelPlan({"blocks.1": "shard_input, gather_output", "blocks.*.attn": "attention"})
+    applied = apply_sequence_parallel(model, plan, group)
+    with pytest.raises(NoDistributedAttentionError, match="ran outside the sequence-parallel region"):
+        model(torch.randn(1, 13, 6))
+    applied.remove()
+
+
 def test_no_block_stack():
     with pytest.raises(PlanError, match="found no stack of repeated transformer blocks .* Pass an explicit plan"):
         infer_plan(nn.Sequential(nn.Linear(2, 2)))
@@ -98,14 +128,14 @@ def test_unknown_kernel(group):
         apply_sequence_parallel(TinyViT(), infer_plan(TinyViT()), group, attention="ring-x")
 
 
-@pytest.mark.parametrize("name", ["timm_vit", "torch_encoder", "sdpa_vit"])
+@pytest.mark.parametrize("name", ["timm_vit", "torch_encoder", "sdpa_vit", "vit_pytorch", "hf_vit"])
 @pytest.mark.parametrize("attention", ["ulysses", "lss"])
 def test_applied_at_p1_matches_plain_and_removes_cleanly(group, name, attention):
     from tests.models import build_model
 
     torch.manual_seed(0)
     model = build_model(name).eval()
-    x = torch.randn(2, 13, 6)
+    x = torch.randn(2, 3, 24, 24) if name in ("vit_pytorch", "hf_vit") else torch.randn(2, 13, 6)
     keys = list(model.state_dict())
     expected = model(x)
     applied = apply_sequence_parallel(model, infer_plan(model), group, attention=attention)

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
 
 SEED, STEPS, BATCH = 1234, 3, 2
 CONFIGS = [("timm_vit", "ulysses"), ("timm_vit", "lss"), ("torch_encoder", "ulysses"), ("sdpa_vit", "lss")]
-# Third-party ViTs: Hugging Face transformers (SDPA interception) and vit-pytorch (built-in adapter).
+# Hugging Face transformers' ViT (SDPA interception) and a vit-pytorch-shaped ViT (built-in adapter, container blocks).
 THIRD_PARTY = [("hf_vit", "ulysses"), ("vit_pytorch", "lss")]
 # Ring, and hybrid as 2 (Ulysses) x 2 (ring) on sp = 4.
 RING_HYBRID = [("timm_vit", "ring"), ("sdpa_vit", "hybrid")]
