@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ TINY = {
         "batch_size": 4,
     },
 }
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI warns when pytest's own arguments sit in sys.argv next to `args=`."""
+    monkeypatch.setattr(sys, "argv", ["seqpar"])
 
 
 def write_config(directory: Path, config: dict) -> Path:
