@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_seqpar.adapters import DistributedSDPA, disable_mha_fastpath
 from lightning_seqpar.attention import AttentionBackend, hybrid_attention, lss_attention, ring_attention, ulysses_attention
+from lightning_seqpar.memory import checkpoint_module, chunk_module
 from lightning_seqpar.comm import SequenceLayout, gather_sequence, group_rank, group_size, shard_sequence
 from lightning_seqpar.plan import PlanError, Role, SequenceParallelPlan, attention_adapter
 from lightning_seqpar.topology import ParallelDims
@@ -169,7 +170,14 @@ def apply_sdpa(applied: AppliedPlan, module: nn.Module) -> None:
     applied._wrap_forward(module, make)
 
 
-def apply_checkpoint(applied: AppliedPlan, module: nn.Module) -> None:
+def apply_checkpoint(applied: AppliedPlan, module: nn.Module, kind: str = "checkpoint") -> None:
+    if kind != "checkpoint":
+        # Selective (keep attention outputs) or host-offloaded recomputation: see lightning_seqpar.memory.
+        applied._undo.append(
+            checkpoint_module(module, offload=kind == "checkpoint_offload", save_attention=kind == "checkpoint_save_attention")
+        )
+        return
+
     def make(inner):
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
@@ -253,8 +261,10 @@ def apply_sequence_parallel(
         apply_attention(applied, root.get_submodule(path), path)
     for path, _ in by_kind("sdpa"):
         apply_sdpa(applied, root.get_submodule(path))
-    for path, _ in by_kind("checkpoint"):
-        apply_checkpoint(applied, root.get_submodule(path))
+    for path, role in by_kind("chunk"):
+        applied._undo.append(chunk_module(root.get_submodule(path), role.dim, dim=1))
+    for path, role in by_kind("checkpoint", "checkpoint_save_attention", "checkpoint_offload"):
+        apply_checkpoint(applied, root.get_submodule(path), role.kind)
     for path, role in by_kind("sequence_parameter"):
         apply_sequence_parameter(applied, root, path, role.dim)
     for path, role in by_kind("shard_input", "shard_output", "gather_input", "gather_output"):

@@ -23,8 +23,13 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
 ``sequence_parameter:DIM``
     A parameter (path names the parameter) indexed by token position along ``DIM``, such as a position
     embedding used after the shard: it is sliced to this rank's tokens while its owner module runs.
-``checkpoint``
-    Recompute this module's activations in backward (activation checkpointing).
+``checkpoint`` / ``checkpoint_save_attention`` / ``checkpoint_offload``
+    Recompute this module's activations in backward (activation checkpointing); ``_save_attention`` keeps the
+    attention kernels' outputs (backward runs attention once, not twice); ``_offload`` keeps the block's
+    input in pinned host memory. The last two need a block with one tensor input.
+``chunk:N``
+    Run this token-local module (e.g. an MLP) on N slices of the tokens, each recomputed in backward, so its
+    wide hidden activations exist for one slice at a time.
 
 A plan is printable (``print(plan)``) and YAML-friendly (roles are strings; several roles are separated by
 commas). :func:`infer_plan` builds one for a model that does not supply its own.
@@ -40,10 +45,11 @@ from typing import Any, Literal, Union, get_args
 from torch import nn
 
 RoleKind = Literal[
-    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter", "checkpoint"
+    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter",
+    "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
-_DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter"}
+_DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter", "chunk"}
 
 PlanLike = Union["SequenceParallelPlan", Mapping[str, Union[str, Sequence[str]]]]
 
@@ -66,9 +72,13 @@ class Role:
             raise PlanError(f"unknown plan role {text.strip()!r}; roles are {', '.join(ROLE_KINDS)} (with ':DIM' for shard/gather).")
         if name in _DIM_ROLES:
             try:
-                return cls(name, int(dim) if dim else 1)
+                value = int(dim) if dim else (None if name == "chunk" else 1)
+                if value is None or (name == "chunk" and value < 1):
+                    raise ValueError
+                return cls(name, value)
             except ValueError:
-                raise PlanError(f"plan role {text.strip()!r}: the dimension after ':' must be an integer.") from None
+                what = "a positive number of slices" if name == "chunk" else "an integer"
+                raise PlanError(f"plan role {text.strip()!r}: the value after ':' must be {what}.") from None
         if dim:
             raise PlanError(f"plan role {name!r} takes no dimension, got {text.strip()!r}.")
         return cls(name)
@@ -132,7 +142,7 @@ class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
                     )
                 resolved.extend((m, role) for m in matches)
         for path, role in resolved:
-            if role.kind in _DIM_ROLES - {"sequence_parameter"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
+            if role.kind in _DIM_ROLES - {"sequence_parameter", "chunk"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
                 raise PlanError(
                     f"plan entry {path!r} ({role}) is a {type(modules[path]).__name__}, which is never called, so the"
                     " tokens would never be sharded or gathered there. Put the role on the module that runs the blocks."

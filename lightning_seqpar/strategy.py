@@ -60,7 +60,9 @@ class SeqParStrategy(DDPStrategy):
         plan: Explicit plan ``{module path: role(s)}`` (see :mod:`lightning_seqpar.plan`); default: the model's own
             ``sequence_parallel_plan()``, else the one :func:`~lightning_seqpar.plan.infer_plan` finds.
         activation_checkpointing: Recompute each transformer block's activations in backward (less memory for
-            long sequences, about a third more compute).
+            long sequences, about a third more compute): ``True`` / ``"full"``; ``"save_attention"`` keeps the
+            attention outputs so backward does not rerun attention; ``"offload"`` also keeps the block inputs in
+            pinned host memory (the leanest; see docs/performance.md).
         process_group_backend: ``"nccl"`` or ``"gloo"``; default: NCCL on CUDA, gloo on CPU.
         timeout: Timeout of every collective, as a ``timedelta`` or seconds: a rank that dies makes the others
             fail after this long instead of hanging.
@@ -78,7 +80,7 @@ class SeqParStrategy(DDPStrategy):
         ulysses_degree: int | None = None,
         attention_backend: AttentionBackend = "auto",
         plan: dict[str, str | list[str]] | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["full", "save_attention", "offload"] = False,
         process_group_backend: str | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
         on_nonfinite: NonFinitePolicy = "raise",
@@ -122,6 +124,11 @@ class SeqParStrategy(DDPStrategy):
         self.attention = attention
         self.attention_backend = attention_backend
         self._plan = SequenceParallelPlan(plan) if plan is not None else None
+        if activation_checkpointing not in (False, True, "full", "save_attention", "offload"):
+            raise ValueError(
+                "SeqParStrategy: activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload',"
+                f" got {activation_checkpointing!r}."
+            )
         self.activation_checkpointing = activation_checkpointing
         self.topology: Topology | None = None
         self.applied_plan: AppliedPlan | None = None
@@ -191,7 +198,7 @@ class SeqParStrategy(DDPStrategy):
         self._check_backend()
         plan = self._plan if self._plan is not None else infer_plan(module)
         if self.activation_checkpointing:
-            plan = _with_checkpoints(plan, module)
+            plan = _with_checkpoints(plan, module, self.activation_checkpointing)
         self.applied_plan = apply_sequence_parallel(
             module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend,
             hybrid_groups=self._hybrid_groups,
@@ -313,9 +320,10 @@ class SeqParStrategy(DDPStrategy):
         )
 
 
-def _with_checkpoints(plan: SequenceParallelPlan, module: torch.nn.Module) -> SequenceParallelPlan:
-    """``plan`` with every transformer block marked for activation checkpointing."""
-    extra = {path: "checkpoint" for path in block_paths(module)}
+def _with_checkpoints(plan: SequenceParallelPlan, module: torch.nn.Module, mode: bool | str = True) -> SequenceParallelPlan:
+    """``plan`` with every transformer block marked for activation checkpointing in ``mode``."""
+    role = {True: "checkpoint", "full": "checkpoint", "save_attention": "checkpoint_save_attention", "offload": "checkpoint_offload"}[mode]
+    extra = {path: role for path in block_paths(module)}
     merged = plan.to_dict()
     for path, role in extra.items():
         merged[path] = f"{merged[path]}, {role}" if path in merged else role

@@ -254,3 +254,29 @@ def test_activation_checkpointing_matches(group):
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
     assert applied.runtime.attention_calls == 4  # two blocks, each recomputed once in backward
     applied.remove()
+
+
+@pytest.mark.parametrize("mode", ["save_attention", "offload"])
+def test_checkpoint_modes_and_chunked_mlp_match(group, mode):
+    from lightning_seqpar.strategy import _with_checkpoints
+
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(2, 13, 6)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plan = _with_checkpoints(infer_plan(model), model, mode).to_dict()
+    plan["blocks.*.mlp"] = "chunk:3"
+    applied = apply_sequence_parallel(model, SequenceParallelPlan(plan), group)
+    assert f"checkpoint_{mode}" in plan["blocks.1"]
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-6)
+    applied.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_bad_chunk_role():
+    with pytest.raises(PlanError, match="'chunk:0': the value after ':' must be a positive number of slices"):
+        SequenceParallelPlan({"mlp": "chunk:0"})

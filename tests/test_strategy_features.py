@@ -149,6 +149,8 @@ def test_strategy_argument_errors():
         SeqParStrategy(attention="star")
     with pytest.raises(ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"):
         SeqParStrategy(attention="ring", attention_backend="sdpa_cudnn")
+    with pytest.raises(ValueError, match="activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload', got 'some'"):
+        SeqParStrategy(activation_checkpointing="some")
     with pytest.raises(ValueError, match="ulysses_degree=2 is only for attention='hybrid'"):
         SeqParStrategy(attention="ulysses", ulysses_degree=2)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
