@@ -118,3 +118,29 @@ def test_strategy_rejects_unknown_policy():
 
     with pytest.raises(ValueError, match="on_nonfinite must be one of raise, skip, stop, ignore, got 'zero'"):
         SeqParStrategy(on_nonfinite="zero")
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    """The strategy writes through Lightning's checkpoint IO, which saves into a temporary file and moves it over
+    the old one only when complete: a crash half-way through leaves the previous checkpoint intact."""
+    import fsspec.implementations.local as local
+
+    from lightning_seqpar import SeqParStrategy
+
+    io = SeqParStrategy().checkpoint_io
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+
+    real_write = local.LocalFileOpener.write
+
+    def crash_half_way(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError("simulated crash while writing the checkpoint")
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", crash_half_way)
+    with pytest.raises(OSError, match="simulated crash"):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    previous = torch.load(path)
+    assert previous["step"] == 1 and torch.equal(previous["weights"], torch.ones(1000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left beside it
