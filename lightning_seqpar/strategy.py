@@ -33,6 +33,7 @@ from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, Backend
 from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.resumable import make_resumable
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
 from lightning_seqpar.topology import ParallelDims, Topology
 
@@ -291,13 +292,15 @@ class SeqParStrategy(DDPStrategy):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Seed data-loader workers per data-parallel rank, identically on every rank of an SP group."""
+        """Seed data-loader workers per data-parallel rank, identically on every rank of an SP group, and make
+        map-style loaders resumable mid-epoch (see :mod:`lightning_seqpar.resumable`)."""
         if isinstance(dataloader, DataLoader) and self.topology is not None and self._data_seed is not None:
             replica = self.topology.pp_rank * self.topology.dp + self.topology.dp_rank
             dataloader.generator = torch.Generator().manual_seed(self._data_seed + replica)
             init_fn = dataloader.worker_init_fn
             if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
                 dataloader.worker_init_fn = partial(pl_worker_init_function, rank=replica)
+            dataloader = make_resumable(dataloader)
         return dataloader
 
     @classmethod

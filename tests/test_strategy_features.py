@@ -55,9 +55,10 @@ def features_worker(tmp: str) -> dict:
 
     # Uninterrupted: 2 epochs of 4 steps.
     seed_everything(7)
-    rec = Record()
-    _trainer(tmp, max_epochs=2, callbacks=[rec], enable_checkpointing=False).fit(RegressionModule(), data())
+    rec, module = Record(), RegressionModule()
+    _trainer(tmp, max_epochs=2, callbacks=[rec], enable_checkpointing=False).fit(module, data())
     out["uninterrupted"] = rec.losses
+    out["uninterrupted_seen"] = module.seen
 
     # Interrupted after epoch 1, then resumed from the checkpoint written on rank 0.
     seed_everything(7)
@@ -70,6 +71,19 @@ def features_worker(tmp: str) -> dict:
     module = RegressionModule()
     _trainer(tmp, max_epochs=2, callbacks=[rec2], enable_checkpointing=False).fit(module, data(), ckpt_path=ckpt.last_model_path)
     out["resumed"] = rec1.losses + rec2.losses
+
+    # Interrupted in the middle of epoch 2 (after global step 6 of 8): the resumed run takes batches 7 and 8 of
+    # that epoch, neither repeating nor skipping a sample.
+    seed_everything(7)
+    rec3, first = Record(), RegressionModule()
+    mid = ModelCheckpoint(dirpath=os.path.join(tmp, "mid"), every_n_train_steps=6, save_top_k=-1)
+    _trainer(tmp, max_steps=6, callbacks=[rec3, mid]).fit(first, data())
+    seed_everything(7)
+    torch.manual_seed(321)
+    rec4, second = Record(), RegressionModule()
+    _trainer(tmp, max_epochs=2, callbacks=[rec4], enable_checkpointing=False).fit(second, data(), ckpt_path=mid.best_model_path or mid.last_model_path)
+    out["mid_epoch_losses"] = rec3.losses + rec4.losses
+    out["mid_epoch_seen"] = first.seen + second.seen
     out["checkpoint_keys"] = sorted(torch.load(ckpt.last_model_path, weights_only=False)["state_dict"])
 
     # The checkpoint loads into the plain model and gives the same predictions as the trained one.
@@ -116,6 +130,12 @@ def test_resume_continues_exactly(features):
     for r in features:
         assert len(r["uninterrupted"]) == 8
         torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(r["uninterrupted"]), rtol=1e-6, atol=1e-7)
+
+
+def test_mid_epoch_resume_neither_repeats_nor_skips(features):
+    for r in features:
+        assert r["mid_epoch_seen"] == r["uninterrupted_seen"]
+        torch.testing.assert_close(torch.tensor(r["mid_epoch_losses"]), torch.tensor(r["uninterrupted"]), rtol=1e-6, atol=1e-7)
 
 
 def test_checkpoint_has_plain_keys(features):

@@ -1,0 +1,87 @@
+"""Data loaders that resume mid-epoch: after a restart, the epoch continues with the next unseen batch.
+
+Lightning saves a training loader's ``state_dict()`` in every checkpoint and restores it with
+``load_state_dict()`` when the loader has both; a plain ``DataLoader`` has neither, so a mid-epoch resume
+starts the epoch over and repeats samples. :func:`make_resumable` rebuilds a map-style loader around a
+:class:`SkippableBatchSampler` that counts the batches handed out this epoch and, after a restore, skips
+that many *index* batches (no sample is loaded to skip it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+
+class SkippableBatchSampler(Sampler[list[int]]):
+    """Wrap a batch sampler; skip the first ``skip`` batches of the next epoch once, then count as usual.
+
+    The wrapped sampler's ``set_epoch`` (e.g. ``DistributedSampler``'s) still reaches it through ``.sampler``.
+    """
+
+    def __init__(self, batch_sampler: BatchSampler | Sampler[list[int]]) -> None:
+        self.batch_sampler = batch_sampler
+        self.sampler = getattr(batch_sampler, "sampler", None)
+        self.batch_size = getattr(batch_sampler, "batch_size", None)
+        self.drop_last = getattr(batch_sampler, "drop_last", False)
+        self.served = 0
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip, self.served = self.skip, 0, 0
+        for i, batch in enumerate(self.batch_sampler):
+            if i < skip:
+                continue
+            self.served = i + 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch is saved in checkpoints and restored on resume.
+
+    The position counts batches the training loop has received (with workers, prefetched batches are not
+    counted), so a checkpoint written after batch k resumes with batch k + 1.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_served": self._position()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.skip = int(state.get("batches_served", 0))  # type: ignore[union-attr]
+
+    def __iter__(self):
+        self._consumed = 0
+        self._start = self.batch_sampler.skip  # type: ignore[union-attr]
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def _position(self) -> int:
+        return getattr(self, "_start", 0) + getattr(self, "_consumed", 0)
+
+
+def make_resumable(loader: DataLoader) -> DataLoader:
+    """A :class:`ResumableDataLoader` equal to ``loader`` (same dataset, batches, workers, seeds), or ``loader``
+    itself when it cannot be rebuilt safely (iterable datasets, custom loader classes, no batch sampler)."""
+    if type(loader) is not DataLoader or loader.batch_sampler is None or loader._dataset_kind != 0:
+        return loader
+    kwargs: dict[str, Any] = dict(
+        batch_sampler=SkippableBatchSampler(loader.batch_sampler),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+    )
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return ResumableDataLoader(loader.dataset, **kwargs)

@@ -1,0 +1,60 @@
+"""Resumable data loaders: the position in the epoch survives state_dict/load_state_dict, nothing else changes."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
+
+
+def _loader(num_workers=0):
+    data = TensorDataset(torch.arange(20))
+    sampler = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+    return DataLoader(data, batch_size=3, sampler=sampler, num_workers=num_workers)
+
+
+def _epoch(loader, epoch):
+    loader.batch_sampler.sampler.set_epoch(epoch)
+    return [b[0].tolist() for b in loader]
+
+
+def test_same_batches_as_the_plain_loader():
+    plain, resumable = _loader(), make_resumable(_loader())
+    assert isinstance(resumable, ResumableDataLoader) and len(resumable) == len(plain) == 4
+    for epoch in range(2):
+        assert _epoch(resumable, epoch) == _epoch(plain, epoch)
+
+
+def test_resume_continues_with_the_next_batch():
+    full = _epoch(make_resumable(_loader()), 1)
+    first = make_resumable(_loader())
+    first.batch_sampler.sampler.set_epoch(1)
+    it = iter(first)
+    seen = [next(it)[0].tolist(), next(it)[0].tolist()]
+    state = first.state_dict()
+    assert state == {"batches_served": 2}
+    second = make_resumable(_loader())
+    second.load_state_dict(state)
+    rest = _epoch(second, 1)
+    assert seen + rest == full
+    assert _epoch(second, 2) == _epoch(make_resumable(_loader()), 2)  # the skip applies once
+
+
+def test_position_counts_delivered_batches_with_workers():
+    loader = make_resumable(_loader(num_workers=2))
+    loader.batch_sampler.sampler.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    assert loader.state_dict() == {"batches_served": 1}  # prefetched batches are not counted
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        yield from range(4)
+
+
+def test_loaders_that_cannot_be_rebuilt_are_left_alone():
+    stream = DataLoader(_Stream(), batch_size=2)
+    assert make_resumable(stream) is stream
