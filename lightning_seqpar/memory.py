@@ -119,11 +119,14 @@ def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, 
     return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim if out_dim is None else out_dim)
 
 
-def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | None = None) -> Callable[[], None]:
-    """Make ``module`` (token-local, one tensor in, one out) run through :func:`checkpointed_chunks`; returns undo."""
+def wrap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+    """Replace ``module``'s forward (on the instance) with ``make(current forward)``; return the undo.
+
+    Classes, parameters and state-dict keys are untouched; wrappers stack and unwind in reverse order.
+    """
     had_own = "forward" in module.__dict__
     inner = module.forward
-    module.forward = functools.wraps(inner)(lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))
+    module.forward = functools.wraps(inner)(make(inner))
 
     def undo() -> None:
         if had_own:
@@ -132,6 +135,11 @@ def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | No
             del module.forward
 
     return undo
+
+
+def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | None = None) -> Callable[[], None]:
+    """Make ``module`` (token-local, one tensor in, one out) run through :func:`checkpointed_chunks`; returns undo."""
+    return wrap_forward(module, lambda inner: lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -195,25 +203,18 @@ def checkpoint_module(module: nn.Module, offload: bool = False, save_attention: 
     """
     if offload and save_attention:
         raise ValueError("checkpoint_module: offload=True and save_attention=True cannot be combined; pick one.")
-    had_own = "forward" in module.__dict__
-    inner = module.forward
     params = list(module.parameters())
 
-    def forward(x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return inner(x)
-        if offload:
-            return offload_checkpoint(inner, x, params)
-        if save_attention:
-            return checkpoint(inner, x, use_reentrant=False, context_fn=save_attention_context)
-        return checkpoint(inner, x, use_reentrant=False)
+    def make(inner: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def forward(x: Tensor) -> Tensor:
+            if not torch.is_grad_enabled():
+                return inner(x)
+            if offload:
+                return offload_checkpoint(inner, x, params)
+            if save_attention:
+                return checkpoint(inner, x, use_reentrant=False, context_fn=save_attention_context)
+            return checkpoint(inner, x, use_reentrant=False)
 
-    module.forward = functools.wraps(inner)(forward)
+        return forward
 
-    def undo() -> None:
-        if had_own:
-            module.forward = inner
-        else:
-            del module.forward
-
-    return undo
+    return wrap_forward(module, make)

@@ -12,7 +12,6 @@ once per forward and never during recomputation).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_seqpar.adapters import DistributedSDPA, disable_mha_fastpath
 from lightning_seqpar.attention import AttentionBackend, hybrid_attention, lss_attention, ring_attention, ulysses_attention
-from lightning_seqpar.memory import checkpoint_module, chunk_module
+from lightning_seqpar.memory import checkpoint_module, chunk_module, wrap_forward
 from lightning_seqpar.comm import SequenceLayout, gather_sequence, group_rank, group_size, shard_sequence
 from lightning_seqpar.plan import PlanError, Role, SequenceParallelPlan, attention_adapter
 from lightning_seqpar.topology import ParallelDims
@@ -135,17 +134,7 @@ class AppliedPlan:
         self.runtime.end_region()
 
     def _wrap_forward(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        had_own = "forward" in module.__dict__
-        inner = module.forward
-        module.forward = functools.wraps(inner)(make(inner))
-
-        def undo() -> None:
-            if had_own:
-                module.forward = inner
-            else:
-                del module.forward
-
-        self._undo.append(undo)
+        self._undo.append(wrap_forward(module, make))
 
 
 def apply_attention(applied: AppliedPlan, module: nn.Module, path: str) -> None:
