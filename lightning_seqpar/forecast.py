@@ -18,9 +18,7 @@ from torch import Tensor, nn
 from lightning_seqpar.metrics import (
     LatitudeWeightedACC,
     LatitudeWeightedRMSE,
-    climatology_forecast,
     latitude_weights,
-    persistence_forecast,
 )
 from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
 
