@@ -143,3 +143,26 @@ def test_manual_plan_emulation_equals_forward(img_size, patch_size, parts):
         tokens = block(tokens)
     pred = torch.cat([model.head(model.norm(t)) for t in tokens.tensor_split(parts, dim=1)], dim=1)
     assert torch.allclose(model.unpatchify(pred, out_ids), reference, atol=1e-5)
+
+
+def test_variable_aggregation_in_slices_is_exact():
+    """Long inputs are aggregated in token slices (recomputed in backward) and attended in row slices:
+    same outputs and gradients as one call."""
+    from lightning_seqpar.models.climax import VariableAggregation
+
+    torch.manual_seed(0)
+    whole = VariableAggregation(16, 2, chunk_tokens=None)
+    sliced = VariableAggregation(16, 2, chunk_tokens=4)
+    sliced.load_state_dict(whole.state_dict())
+    sliced.MAX_ATTENTION_ROWS = 5  # also split the fused attention call
+    x = torch.randn(2, 3, 10, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, out2 = whole(x), sliced(x2)
+    torch.testing.assert_close(out2, out)
+    out.square().sum().backward()
+    out2.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+    for (name, p), p2 in zip(whole.named_parameters(), sliced.parameters()):
+        torch.testing.assert_close(p2.grad, p.grad, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(x2), whole(x))

@@ -12,6 +12,8 @@ again (after the prediction head). Everything in between is token-local; docs/mo
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_seqpar.memory import checkpointed_chunks
 from lightning_seqpar.models.layers import Block, sincos_1d, sincos_2d, trunc_normal_init
 
 __all__ = ["ClimaX", "Patchify", "VariableAggregation", "VariableTokenEmbed"]
@@ -99,10 +102,15 @@ class VariableAggregation(nn.Module):
     the variables at initialisation, as in ClimaX).
     """
 
+    MAX_ATTENTION_ROWS = 32768
+    """Rows (patches x batch) per fused attention call: cuDNN and flash kernels failed at 65,536 rows on the H100
+    (benchmarks/NOTES.md), so longer inputs are attended in slices (exactly the same result)."""
+
     def __init__(
         self,
         dim: int,
         num_heads: int,
+        chunk_tokens: int | None = 16384,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -110,6 +118,7 @@ class VariableAggregation(nn.Module):
         if dim % num_heads:
             raise ValueError(f"VariableAggregation width {dim} is not divisible by num_heads={num_heads}")
         factory = {"device": device, "dtype": dtype}
+        self.chunk_tokens = chunk_tokens
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.query = nn.Parameter(torch.empty(1, dim, **factory))
@@ -124,12 +133,26 @@ class VariableAggregation(nn.Module):
             trunc_normal_init(linear)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, V, L, D] -> [B, L, D]; more than `chunk_tokens` tokens are aggregated in slices, each recomputed in
+        backward, so the [B, V, L, D] key/value projection exists for one slice at a time (ClimaX's memory hog)."""
+        L = x.shape[2]
+        if self.chunk_tokens is None or L <= self.chunk_tokens:
+            return self._aggregate(x)
+        chunks = math.ceil(L / self.chunk_tokens)
+        if torch.is_grad_enabled():
+            return checkpointed_chunks(self._aggregate, x, chunks, dim=2, out_dim=1)
+        return torch.cat([self._aggregate(piece) for piece in x.chunk(chunks, dim=2)], dim=1)
+
+    def _aggregate(self, x: Tensor) -> Tensor:
         B, V, L, D = x.shape
         H, d = self.num_heads, self.head_dim
         x = x.transpose(1, 2).reshape(B * L, V, D)  # [B, V, L, D] -> [B*L, V, D]
         kv = self.kv(x).reshape(B * L, V, 2, H, d).permute(2, 0, 3, 1, 4)  # [2, B*L, H, V, d]
         q = self.q(self.query).reshape(1, H, 1, d).expand(B * L, H, 1, d)  # same query for every patch
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # [B*L, H, 1, d]
+        rows = self.MAX_ATTENTION_ROWS
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q[i : i + rows], kv[0, i : i + rows], kv[1, i : i + rows]) for i in range(0, B * L, rows)]
+        )  # [B*L, H, 1, d]
         return self.proj(out.reshape(B, L, D))  # [B*L, H, 1, d] -> [B, L, D]
 
 
@@ -149,6 +172,8 @@ class ClimaX(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of D.
         drop_path: stochastic-depth rate of the last block (linearly increasing from 0 over the blocks).
         drop_rate: dropout after the embeddings and inside attention projection / MLP.
+        aggregation_chunk_tokens: aggregate the variables of at most this many tokens at a time (recomputed in
+            backward), which bounds the [B, V, L, D] key/value projection; None aggregates all tokens at once.
         device: where the parameters are created (use "meta" to build without memory, then `to_empty` and
             `init_weights`).
         dtype: parameter dtype.
@@ -166,6 +191,7 @@ class ClimaX(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.1,
         drop_rate: float = 0.0,
+        aggregation_chunk_tokens: int | None = 16384,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -187,7 +213,7 @@ class ClimaX(nn.Module):
         self.patchify = Patchify(self.img_size, patch_size)
         self.token_embed = VariableTokenEmbed(num_vars, patch_size, embed_dim, **factory)
         self.var_embed = nn.Parameter(torch.empty(1, num_vars, embed_dim, **factory))  # [1, V_all, D]
-        self.var_agg = VariableAggregation(embed_dim, num_heads, **factory)
+        self.var_agg = VariableAggregation(embed_dim, num_heads, chunk_tokens=aggregation_chunk_tokens, **factory)
         self.pos_embed = nn.Parameter(torch.empty(1, self.patchify.num_patches, embed_dim, **factory))  # [1, L, D]
         self.lead_time_embed = nn.Linear(1, embed_dim, **factory)
         self.pos_drop = nn.Dropout(drop_rate)
