@@ -19,6 +19,8 @@ Dynamics (all deterministic given ``seed``):
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time as wallclock
 from pathlib import Path
@@ -245,16 +247,52 @@ def write_synthetic_era5(
         seed: seed of every random draw.
         overwrite: replace an existing store at ``path``.
         progress: print one line per year to stderr.
+
+    The store is written to a hidden sibling (``.<name>.partial-<pid>``) and renamed to ``path`` when
+    complete, so an interrupted write leaves nothing at ``path``, and ``overwrite=True`` replaces an old
+    store only once the new one is whole.
     """
     path = Path(path)
     if format not in ("zarr", "netcdf"):
         raise ValueError(f"format={format!r} not supported; use 'zarr' or 'netcdf'")
     if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) or choose another path")
-    if path.exists() and overwrite:
-        import shutil
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        _write_years(partial, path, years, step_hours, grid, levels, format, latitude_order, seed, progress)
+        _replace(partial, path)
+    finally:
+        _remove(partial)
+    return path
 
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Moves ``new`` to ``path``; an old store there is moved aside first and removed once ``new`` is in place."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
+        if old.exists():
+            os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _write_years(
+    target: Path, path: Path, years: Sequence[int], step_hours: int, grid: tuple[int, int], levels: Sequence[int],
+    format: str, latitude_order: Literal["ascending", "descending"], seed: int, progress: bool,
+) -> None:
+    """Writes every year to ``target``; progress lines name ``path``, where the store will be."""
     start = wallclock.perf_counter()
     step_bytes = 4 * len(levels) * grid[0] * grid[1]
     chunk_t = int(np.clip(2**18 // step_bytes, 1, 366))  # ~256 KiB chunks: cheap random reads, few files
@@ -265,16 +303,15 @@ def write_synthetic_era5(
             if i == 0:
                 encoding = {name: {"chunks": (chunk_t,) + ds[name].shape[1:]} for name in ds.data_vars}
                 encoding["time"] = {"units": "hours since 1970-01-01", "dtype": "int64"}
-                ds.to_zarr(path, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
+                ds.to_zarr(target, mode="w", encoding=encoding, zarr_format=2, consolidated=True)
             else:
-                ds.to_zarr(path, append_dim="time", zarr_format=2, consolidated=True)
+                ds.to_zarr(target, append_dim="time", zarr_format=2, consolidated=True)
         else:
-            path.mkdir(parents=True, exist_ok=True)
-            ds.to_netcdf(path / f"era5_{year}.nc", encoding={"time": {"units": "hours since 1970-01-01", "dtype": "int64"}})
+            target.mkdir(parents=True, exist_ok=True)
+            ds.to_netcdf(target / f"era5_{year}.nc", encoding={"time": {"units": "hours since 1970-01-01", "dtype": "int64"}})
         if progress:
             elapsed = wallclock.perf_counter() - start
             print(f"seqpar-synthetic-era5: wrote {year} ({ds.sizes['time']} steps) to {path} [{elapsed:.1f} s]", file=sys.stderr)
-    return path
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
