@@ -123,13 +123,14 @@ def test_default_stats_path_is_next_to_the_store(zarr_store):
 def test_read_only_stats_dir_falls_back_to_user_cache(zarr_store, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
-    dm = make_dm(zarr_store, tmp_path, stats_path=str(blocker / "stats.nc"))
+    blocker.write_text("")  # the default place, next to the store, made unwritable (even for root)
+    monkeypatch.setattr(ERA5DataModule, "_default_stats_path", lambda self: blocker / "era5.zarr.seqpar-stats.nc")
+    dm = make_dm(zarr_store, tmp_path, stats_path=None)
     with pytest.warns(UserWarning, match="cannot write normalisation statistics .* writing them to .*cache"):
         dm.setup("fit")
     assert list((tmp_path / "cache" / "lightning-seqpar" / "stats").glob("*-stats.nc"))
     monkeypatch.setattr(stats_module, "compute_statistics", lambda *a, **k: pytest.fail("fallback cache not reused"))
-    make_dm(zarr_store, tmp_path, stats_path=str(blocker / "stats.nc")).setup("fit")
+    make_dm(zarr_store, tmp_path, stats_path=None).setup("fit")
 
 
 def test_lead_times_index_the_right_target(zarr_store, tmp_path):

@@ -4,14 +4,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_seqpar.data.era5 import ERA5DataModule, ERA5ForecastDataset, ERA5Store, parse_years
-    from lightning_seqpar.data.stats import FieldStatistics
+    from lightning_seqpar.data.era5 import ERA5DataModule, ERA5ForecastDataset, parse_years
+    from lightning_seqpar.data.stats import FieldStatistics, StatisticsCacheError
+    from lightning_seqpar.data.store import ERA5Store, StoreReadError
     from lightning_seqpar.data.synthetic import write_synthetic_era5
 
 # Imported on first use, so that `python -m lightning_seqpar.data.synthetic` does not import the module twice.
 _EXPORTS = {
-    "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "ERA5Store": "era5", "parse_years": "era5",
-    "FieldStatistics": "stats", "write_synthetic_era5": "synthetic",
+    "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "parse_years": "era5",
+    "ERA5Store": "store", "StoreReadError": "store",
+    "FieldStatistics": "stats", "StatisticsCacheError": "stats", "write_synthetic_era5": "synthetic",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""ERA5 forecasting data: a lazy reader of WeatherBench2-layout stores and the LightningDataModule built on it.
+"""ERA5 forecasting data: the dataset of forecasting pairs and the LightningDataModule, on top of :class:`ERA5Store`.
 
 Letters in shape comments: T times, V input fields, V_out output fields, H latitudes, W longitudes.
 A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``.
@@ -6,209 +6,20 @@ A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-import xarray as xr
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
+from lightning_seqpar.data.store import ERA5Store, StoreReadError
 
-# ERA5/CDS short names and CMIP/GRIB coordinate names, mapped to the WeatherBench2 names.
-SHORT_VARIABLE_NAMES = {
-    "t2m": "2m_temperature", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
-    "msl": "mean_sea_level_pressure", "sp": "surface_pressure", "tp": "total_precipitation",
-    "tisr": "toa_incident_solar_radiation", "z": "geopotential", "t": "temperature",
-    "u": "u_component_of_wind", "v": "v_component_of_wind", "q": "specific_humidity",
-    "r": "relative_humidity", "w": "vertical_velocity",
-}
-COORDINATE_ALIASES = {
-    "lat": "latitude", "lon": "longitude", "isobaricInhPa": "level", "plev": "level",
-    "pressure_level": "level", "valid_time": None,
-}
-SPATIAL_DIMS = ("latitude", "longitude")
-
-
-def _rename_to_weatherbench(ds: xr.Dataset) -> xr.Dataset:
-    """Canonical names and order: ``latitude``/``longitude``/``level`` (hPa), long variable names, latitude ascending."""
-    if "valid_time" in ds.coords and "time" in ds.dims:
-        ds = ds.drop_vars("valid_time")
-    renames = {old: new for old, new in COORDINATE_ALIASES.items() if new and old in ds.variables and new not in ds.variables}
-    renames.update({short: long for short, long in SHORT_VARIABLE_NAMES.items()
-                    if short in ds.data_vars and long not in ds.variables and "time" in ds[short].dims})
-    ds = ds.rename(renames)
-    if "level" in ds.coords and ds["level"].size and float(ds["level"].max()) > 2000:
-        ds = ds.assign_coords(level=ds["level"] / 100.0)  # CMIP `plev` is in Pa
-    if "latitude" in ds.coords and ds["latitude"].size > 1 and ds["latitude"].values[0] > ds["latitude"].values[-1]:
-        ds = ds.isel(latitude=slice(None, None, -1))
-    return ds
-
-
-def list_store_files(path: str) -> list[str]:
-    """The files or zarr directory that ``path`` names: a zarr store, one NetCDF/GRIB file, a directory of them, or a glob."""
-    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
-        return [path]
-    if any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path))
-    elif os.path.isdir(path) and not _is_zarr(path):
-        files = sorted(glob.glob(os.path.join(path, "*.nc")) + glob.glob(os.path.join(path, "*.grib")))
-    elif os.path.exists(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
-                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
-    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
-    if not files:
-        raise FileNotFoundError(f"{path!r} matches no NetCDF (*.nc), GRIB (*.grib) or zarr store")
-    return files
-
-
-def _is_zarr(path: str) -> bool:
-    return path.rstrip("/").endswith(".zarr") or any(
-        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
-
-
-def _open_one(path: str) -> xr.Dataset:
-    if os.path.isdir(path) or "://" in path:
-        return xr.open_zarr(path, chunks=None)  # lazy: each isel reads only the chunks it touches
-    if path.endswith((".grib", ".grib2", ".grb", ".grb2")):
-        return xr.open_dataset(path, engine="cfgrib", chunks=None, backend_kwargs={"indexpath": ""})
-    return xr.open_dataset(path, chunks=None)
-
-
-class ERA5Store:
-    """A lazily opened WeatherBench2-layout store (one zarr store or several files) seen as one time axis.
-
-    Args:
-        path: a zarr directory, a NetCDF or GRIB file, a directory of ``*.nc``/``*.grib`` files, or a glob.
-        select_index: integer positions to take along extra dims, e.g. ``{"number": 0}`` for the first
-            ensemble member of an ensemble GRIB file.
-        duplicate_times: what to do when two files hold the same time: ``"error"``, or ``"keep_first"``
-            to keep the earliest-sorted file's copy and drop the others.
-    """
-
-    def __init__(self, path: str, select_index: dict[str, int] | None = None,
-                 duplicate_times: Literal["error", "keep_first"] = "error"):
-        self.path, self.select_index, self.duplicate_times = str(path), dict(select_index or {}), duplicate_times
-        if duplicate_times not in ("error", "keep_first"):
-            raise ValueError(f"duplicate_times={duplicate_times!r}; use 'error' or 'keep_first'")
-        self.files = list_store_files(self.path)
-        self._datasets: list[xr.Dataset] | None = None
-        self._pid = None
-        self._resolved: dict[str, tuple[str, float | None]] = {}
-        datasets = self.datasets
-        ds0 = datasets[0]
-        for dim in ("time",) + SPATIAL_DIMS:
-            if dim not in ds0.dims:
-                raise ValueError(f"store {self.path!r} has no {dim!r} dimension (dims: {dict(ds0.sizes)}); expected "
-                                 "WeatherBench2 dims time, [level,] latitude, longitude (aliases lat, lon, plev, isobaricInhPa)")
-        self.latitudes = ds0["latitude"].values.astype(np.float64)
-        self.longitudes = ds0["longitude"].values.astype(np.float64)
-        self.levels = [float(v) for v in ds0["level"].values] if "level" in ds0.coords else []
-        self._build_time_index([ds["time"].values for ds in datasets])
-
-    @property
-    def datasets(self) -> list[xr.Dataset]:
-        """The opened datasets, reopened in every new process so that worker processes never share a file handle."""
-        if self._datasets is None or self._pid != os.getpid():
-            opened = [_rename_to_weatherbench(_open_one(f)) for f in self.files]
-            self._datasets = [ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims}) for ds in opened]
-            self._pid = os.getpid()
-        return self._datasets
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_datasets": None, "_pid": None}
-
-    def _build_time_index(self, file_times: list[np.ndarray]) -> None:
-        order = sorted(range(len(file_times)), key=lambda k: file_times[k][0] if len(file_times[k]) else np.datetime64("NaT"))
-        file_of, local, times, last = [], [], [], None
-        for k in order:
-            t = file_times[k].astype("datetime64[ns]")
-            keep = np.ones(len(t), bool) if last is None else t > last
-            if not keep.all() and self.duplicate_times == "error":
-                clash = t[~keep]
-                raise ValueError(
-                    f"{(~keep).sum()} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
-                    f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
-            file_of.append(np.full(keep.sum(), k)), local.append(np.flatnonzero(keep)), times.append(t[keep])
-            last = t[keep][-1] if keep.any() else last
-        self.file_of, self.local_index = np.concatenate(file_of), np.concatenate(local)
-        self.times = np.concatenate(times)
-        steps = np.unique(np.diff(self.times)) if len(self.times) > 1 else np.array([])
-        if len(steps) != 1:
-            raise ValueError(f"time axis of {self.path!r} must be evenly spaced with at least two times; found "
-                             f"{len(self.times)} times with steps {[str(s.astype('timedelta64[h]')) for s in steps[:5]]}; "
-                             "fill or drop the gaps")
-        self.step_hours = float(steps[0] / np.timedelta64(1, "h"))
-        self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
-
-    def describe_time(self, index: int) -> str:
-        """The time stamp of ``index`` as ISO text, for messages."""
-        return str(self.times[index].astype("datetime64[m]"))
-
-    def resolve(self, field: str) -> tuple[str, float | None]:
-        """Splits a field name into ``(variable, level)``: ``"geopotential_500"`` -> ``("geopotential", 500.0)``."""
-        if field not in self._resolved:
-            self._resolved[field] = self._resolve(field)
-        return self._resolved[field]
-
-    def _resolve(self, field: str) -> tuple[str, float | None]:
-        ds = self.datasets[0]
-        name = SHORT_VARIABLE_NAMES.get(field, field)
-        variable, level = name, None
-        if name not in ds.data_vars and "_" in name and name.rsplit("_", 1)[1].isdigit():
-            base, lev = name.rsplit("_", 1)
-            variable, level = SHORT_VARIABLE_NAMES.get(base, base), float(lev)
-        if variable not in ds.data_vars:
-            raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}")
-        dims = ds[variable].dims
-        expected = {"time", *SPATIAL_DIMS} | ({"level"} if "level" in dims else set())
-        if set(dims) != expected:
-            extra, lacking = sorted(set(dims) - expected), sorted(expected - set(dims))
-            fix = (f"pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra
-                   else f"it lacks {lacking}; choose a gridded variable")
-            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}")
-        if "level" in dims:
-            levels = [float(v) for v in ds["level"].values]
-            if level is None or not np.isclose(levels, level).any():
-                asked = "no level" if level is None else f"level {level:g}"
-                raise KeyError(f"{field!r} asks for {asked} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
-                               f"ask for e.g. '{variable}_{levels[0]:g}'")
-            level = levels[int(np.argmin(np.abs(np.asarray(levels) - level)))]
-        elif level is not None:
-            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
-        return variable, level
-
-    def available_fields(self) -> list[str]:
-        """Every field the store offers, with levels spelled out (``geopotential_500``)."""
-        ds, names = self.datasets[0], []
-        for var in ds.data_vars:
-            if "time" not in ds[var].dims:
-                continue
-            levels = ds["level"].values if "level" in ds[var].dims else [None]
-            names += [str(var) if lev is None else f"{var}_{float(lev):g}" for lev in levels]
-        return names
-
-    def read(self, fields: Sequence[str], time_indices: np.ndarray) -> np.ndarray:
-        """``[T, V, H, W]`` float32 physical values of ``fields`` at the global ``time_indices``."""
-        time_indices = np.asarray(time_indices)
-        out = np.empty((len(time_indices), len(fields), len(self.latitudes), len(self.longitudes)), np.float32)
-        resolved = [self.resolve(f) for f in fields]
-        for k in np.unique(self.file_of[time_indices]):
-            rows = np.flatnonzero(self.file_of[time_indices] == k)
-            ds = self.datasets[k].isel(time=self.local_index[time_indices[rows]])
-            for v, (variable, level) in enumerate(resolved):
-                da = ds[variable] if level is None else ds[variable].isel(level=self.levels.index(level))
-                if da.dims != ("time", *SPATIAL_DIMS):
-                    da = da.transpose("time", *SPATIAL_DIMS)
-                out[rows, v] = da.values  # [T_k, H, W]
-        return out
+__all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "StoreReadError", "parse_years"]
 
 
 def parse_years(spec: list[int] | str | int | None) -> list[int] | None:
@@ -300,7 +111,8 @@ class ERA5DataModule(LightningDataModule):
         batch_size: samples per batch on each data-parallel rank.
         num_workers: DataLoader worker processes; each opens its own handle on the store.
         stats_path: cache file of the train-split statistics; ``None`` means ``<store>.seqpar-stats.nc``
-            next to the data (or the user cache dir if that directory is read-only).
+            next to the data (or the user cache dir if that directory is read-only). A file given here is
+            computed into when missing, and must then be writable: there is no fallback place.
         normalize: normalise every field with its train-split mean and std.
         pin_memory: passed to the DataLoaders.
         persistent_workers: passed to the DataLoaders when ``num_workers > 0``.
@@ -428,7 +240,7 @@ class ERA5DataModule(LightningDataModule):
             self.statistics, used = load_or_compute_statistics(
                 self.store.read, fields, self.split_indices("train"), self.split_years["train"], self.grid_shape,
                 Path(self.stats_path) if self.stats_path else self._default_stats_path(),
-                describe_time=self.store.describe_time)
+                describe_time=self.store.describe_time, fallback_to_user_cache=not self.stats_path)
             rank_zero_info(f"ERA5DataModule: normalisation statistics of {len(fields)} fields from {used}")
         return self.statistics
 

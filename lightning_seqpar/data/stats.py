@@ -4,8 +4,11 @@ The cache is a small NetCDF file (by default next to the data, ``<store>.seqpar-
 every field (a variable at one level, e.g. ``geopotential_500``), the scalar ``mean`` and ``std`` over
 all train times and grid points, and the ``climatology``: the mean over train times at each grid point
 ``[H, W]``, in physical units. It is reused when its train years, number of train times and grid match;
-fields missing from it are computed and added. A directory that cannot be written falls back to the
-user cache directory (``platformdirs.user_cache_dir("lightning-seqpar")``) with a warning.
+fields missing from it are computed and added. It is always written atomically (a temporary file, then a
+rename), and a file that cannot be read (truncated, not NetCDF) is recomputed with a warning. When the
+default place cannot be written the file goes to the user cache directory
+(``platformdirs.user_cache_dir("lightning-seqpar")``) with a warning; a place the user chose is never
+swapped for another: it raises :class:`StatisticsCacheError` before computing anything.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ STATS_FORMAT_VERSION = 1
 
 # read(fields, time_indices) -> [T, V, H, W] in physical units, the same reader the dataset uses
 FieldReader = Callable[[Sequence[str], np.ndarray], np.ndarray]
+
+
+class StatisticsCacheError(OSError):
+    """The statistics file the user chose lacks what is needed and cannot be written."""
 
 
 @dataclass
@@ -114,19 +121,26 @@ def _identity(train_years: Sequence[int], n_times: int, grid_shape: tuple[int, i
 
 
 def read_statistics(path: Path, identity: dict) -> FieldStatistics | None:
-    """Reads a cache file, or returns ``None`` when it is absent or was made for other train years or another grid."""
+    """Reads a cache file, or returns ``None`` when it is absent, unreadable (with a warning), or was made for
+    other train years or another grid."""
     if not path.is_file():
         return None
-    with xr.open_dataset(path) as ds:
-        if any(str(ds.attrs.get(key)) != str(value) for key, value in identity.items()):
-            return None
-        ds = ds.load()
-    fields = [str(f) for f in ds["field"].values]
-    return FieldStatistics(
-        mean={f: float(ds["mean"].values[i]) for i, f in enumerate(fields)},
-        std={f: float(ds["std"].values[i]) for i, f in enumerate(fields)},
-        climatology={f: ds["climatology"].values[i].astype(np.float32) for i, f in enumerate(fields)},
-    )
+    try:
+        with xr.open_dataset(path) as ds:
+            if any(str(ds.attrs.get(key)) != str(value) for key, value in identity.items()):
+                return None
+            ds = ds.load()
+        fields = [str(f) for f in ds["field"].values]
+        return FieldStatistics(
+            mean={f: float(ds["mean"].values[i]) for i, f in enumerate(fields)},
+            std={f: float(ds["std"].values[i]) for i, f in enumerate(fields)},
+            climatology={f: ds["climatology"].values[i].astype(np.float32) for i, f in enumerate(fields)},
+        )
+    except (OSError, ValueError, KeyError, IndexError) as err:  # truncated HDF5, not NetCDF, variables missing
+        first = (str(err).strip().splitlines() or [""])[0]
+        warnings.warn(f"normalisation statistics file {path} is unreadable ({type(err).__name__}: {first}); "
+                      "recomputing it (it is replaced atomically; delete it by hand if this repeats)", stacklevel=3)
+        return None
 
 
 def write_statistics(path: Path, stats: FieldStatistics, identity: dict) -> None:
@@ -155,10 +169,30 @@ def write_statistics(path: Path, stats: FieldStatistics, identity: dict) -> None
             os.remove(tmp)
 
 
+def _cannot_write(directory: Path) -> OSError | None:
+    """The error that writing into ``directory`` would raise, or ``None``; probes with a temporary file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".tmp-", suffix=".probe", dir=directory)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        return err
+    return None
+
+
+def _chosen_path_error(stats_path: Path, missing: Sequence[str], err: OSError) -> StatisticsCacheError:
+    state = "does not exist" if not stats_path.exists() else f"lacks the statistics of {list(missing)} for these train years"
+    return StatisticsCacheError(
+        f"stats_path {str(stats_path)!r} {state} and cannot be written ({err}); point stats_path at a writable "
+        f"file, make {str(stats_path.parent)!r} writable, or leave stats_path unset to cache the statistics next to "
+        "the store (or in the user cache directory when that is read-only)")
+
+
 def load_or_compute_statistics(
     read: FieldReader, fields: Sequence[str], time_indices: np.ndarray, train_years: Sequence[int],
     grid_shape: tuple[int, int], stats_path: Path, chunk_size: int = 256,
-    describe_time: Callable[[int], str] = str,
+    describe_time: Callable[[int], str] = str, fallback_to_user_cache: bool = True,
 ) -> tuple[FieldStatistics, Path]:
     """Returns the statistics of ``fields`` and the file they live in, computing and caching only what is missing.
 
@@ -168,14 +202,17 @@ def load_or_compute_statistics(
         time_indices: time indices of the train split.
         train_years: the train years, recorded in the cache so that another split does not reuse it.
         grid_shape: ``(H, W)``, recorded likewise.
-        stats_path: preferred cache file; the user cache dir is used when it cannot be written.
+        stats_path: preferred cache file.
         chunk_size: time steps read at once while computing.
         describe_time: turns a time index into text for error messages.
+        fallback_to_user_cache: when ``stats_path`` cannot be written, write to the user cache dir with a
+            warning (the default place); ``False`` for a place the user chose, which then raises
+            :class:`StatisticsCacheError` before any statistics are computed.
     """
     identity = _identity(train_years, len(time_indices), grid_shape)
     fallback = fallback_stats_path(stats_path)
     cached = None
-    for candidate in (stats_path, fallback):
+    for candidate in (stats_path, fallback) if fallback_to_user_cache else (stats_path,):
         cached = read_statistics(candidate, identity)
         if cached is not None:
             stats_path = candidate
@@ -183,6 +220,8 @@ def load_or_compute_statistics(
     missing = [f for f in fields if cached is None or f not in cached.mean]
     if not missing:
         return cached.subset(fields), stats_path
+    if not fallback_to_user_cache and (err := _cannot_write(stats_path.parent)) is not None:
+        raise _chosen_path_error(stats_path, missing, err)  # before hours of streaming, not after
     fresh = compute_statistics(read, missing, time_indices, chunk_size, describe_time)
     if cached is not None:
         fresh = FieldStatistics({**cached.mean, **fresh.mean}, {**cached.std, **fresh.std},
@@ -190,6 +229,8 @@ def load_or_compute_statistics(
     try:
         write_statistics(stats_path, fresh, identity)
     except OSError as err:
+        if not fallback_to_user_cache:
+            raise _chosen_path_error(stats_path, missing, err) from err
         warnings.warn(f"cannot write normalisation statistics to {stats_path} ({err}); "
                       f"writing them to {fallback} instead (pass stats_path= to choose the place)", stacklevel=2)
         stats_path = fallback
