@@ -132,9 +132,7 @@ def test_predict_returns_physical_forecasts(store, tmp_path):
     dm = datamodule(store)
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, limit_predict_batches=1)
     module = ForecastModule(ZeroChange(), residual=True)
-    loader_dm = dm
-    loader_dm.predict_dataloader = loader_dm.test_dataloader
-    (out,) = trainer.predict(module, datamodule=loader_dm)
+    (out,) = trainer.predict(module, datamodule=dm)
     assert out["forecast"].shape == (4, 2, 8, 16)
     truth = dm.store.read(OUT_FIELDS, out["index"].numpy())  # [B, V_out, H, W], physical
     assert np.allclose(out["forecast"].numpy(), truth, rtol=1e-5, atol=1e-2)

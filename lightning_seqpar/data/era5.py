@@ -326,3 +326,7 @@ class ERA5DataModule(LightningDataModule):
         """Test loader in time order, or ``[]`` when ``test_years`` is ``None``."""
         return self._loader("test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader | list:
+        """Forecasts for the test years, in time order (``seqpar predict``)."""
+        return self._loader("test", shuffle=False)
+
