@@ -210,58 +210,44 @@ class Topology:
 
 
 class DeepSpeedMPU:
-    """Adapter exposing a :class:`Topology` under the method names DeepSpeed's ``mpu`` protocol uses.
+    """The ``mpu`` DeepSpeed's ``initialize(mpu=...)`` expects, laid "flat" over a :class:`Topology`.
 
-    DeepSpeed sees the sequence-parallel ranks as part of its data parallelism for gradients (it averages
-    over ``get_sequence_data_parallel_group``) while tensor ("model") parallelism is absent (size 1).
+    DeepSpeed's data parallelism is our *sequence-data* group (``dp * sp`` ranks): ZeRO partitions over it and
+    every stage divides the all-reduced gradients by ``dp * sp``, which is the project's gradient convention
+    (each SP rank's loss is the full sample's, see the strategy). There are deliberately no
+    ``get_sequence_*`` methods: with them DeepSpeed 0.19.8 divides by ``dp`` in ZeRO 0-2 and by ``dp * sp``
+    in ZeRO-3, and partitions ZeRO-3 over ``dp`` only (measured in docs/sharding.md). Tensor ("model") and
+    pipeline parallelism report size 1 with a real one-rank group, because DeepSpeed all-reduces the gradient
+    norm over ``get_model_parallel_group()`` unguarded, and ``None`` there would mean the whole world.
+    Pipelines do not use this object: DeepSpeed's ``PipelineEngine`` builds its own grid with the same layout.
     """
 
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
+        self._single_rank_group: ProcessGroup | None = None
 
-    # Sequence parallel.
-    def get_sequence_parallel_group(self) -> ProcessGroup:
-        return self._topology.sequence_group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self._topology.sp
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self._topology.sp_rank
-
-    # Sequence x data parallel: gradients and ZeRO partitions.
-    def get_sequence_data_parallel_group(self) -> ProcessGroup:
+    # DeepSpeed's data parallelism = our sequence x data parallelism (gradients, ZeRO partitions).
+    def get_data_parallel_group(self) -> ProcessGroup:
         return self._topology.sequence_data_group
 
-    def get_sequence_data_parallel_world_size(self) -> int:
+    def get_data_parallel_world_size(self) -> int:
         return self._topology.sp * self._topology.dp
 
-    def get_sequence_data_parallel_rank(self) -> int:
+    def get_data_parallel_rank(self) -> int:
         return self._topology.dp_rank * self._topology.sp + self._topology.sp_rank
 
-    # Data parallel (different samples).
-    def get_data_parallel_group(self) -> ProcessGroup:
-        return self._topology.data_group
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self._topology.dims.sequence_data_groups()[self._topology.pp_rank]
 
-    def get_data_parallel_world_size(self) -> int:
-        return self._topology.dp
+    # No tensor (model) parallelism and, for the non-pipeline engine, no pipeline: size 1, real groups.
+    def _own_rank_group(self) -> ProcessGroup:
+        if self._single_rank_group is None:
+            # Only this rank takes part, so creating it lazily cannot desynchronise the other ranks.
+            self._single_rank_group = dist.new_group([self._topology.rank], use_local_synchronization=True)
+        return self._single_rank_group
 
-    def get_data_parallel_rank(self) -> int:
-        return self._topology.dp_rank
-
-    # Pipeline.
-    def get_pipeline_parallel_group(self) -> ProcessGroup:
-        return self._topology.pipeline_group
-
-    def get_pipeline_parallel_world_size(self) -> int:
-        return self._topology.pp
-
-    def get_pipeline_parallel_rank(self) -> int:
-        return self._topology.pp_rank
-
-    # No tensor (model) parallelism.
-    def get_model_parallel_group(self) -> ProcessGroup | None:
-        return None
+    def get_model_parallel_group(self) -> ProcessGroup:
+        return self._own_rank_group()
 
     def get_model_parallel_world_size(self) -> int:
         return 1
@@ -269,8 +255,14 @@ class DeepSpeedMPU:
     def get_model_parallel_rank(self) -> int:
         return 0
 
+    def get_tensor_model_parallel_group(self) -> ProcessGroup:
+        return self._own_rank_group()
+
     def get_tensor_model_parallel_world_size(self) -> int:
         return 1
 
     def get_tensor_model_parallel_rank(self) -> int:
         return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1

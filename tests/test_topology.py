@@ -84,13 +84,13 @@ def topology_worker() -> dict:
         "sequence_data": members(first.sequence_data_group),
         "second_sequence": members(second.sequence_group),
         "mpu": (
-            mpu.get_sequence_parallel_world_size(),
-            mpu.get_sequence_parallel_rank(),
             mpu.get_data_parallel_world_size(),
             mpu.get_data_parallel_rank(),
-            mpu.get_sequence_data_parallel_world_size(),
-            mpu.get_sequence_data_parallel_rank(),
-            dist.get_world_size(mpu.get_sequence_data_parallel_group()),
+            dist.get_world_size(mpu.get_data_parallel_group()),
+            mpu.get_data_parallel_group_ranks(),
+            mpu.get_model_parallel_world_size(),
+            dist.get_world_size(mpu.get_model_parallel_group()),
+            hasattr(mpu, "get_sequence_parallel_group"),
         ),
         "describe": first.describe(),
     }
@@ -106,5 +106,6 @@ def test_groups_across_four_processes():
         assert r["data"] == [rank % 2, rank % 2 + 2]
         assert r["sequence_data"] == [0, 1, 2, 3]
         assert r["second_sequence"] == [0, 1, 2, 3]
-        assert r["mpu"] == (2, rank % 2, 2, rank // 2, 4, rank, 4)
+        # DeepSpeed's data parallelism is the sequence-data group; no sequence methods (docs/sharding.md).
+        assert r["mpu"] == (4, rank, 4, [0, 1, 2, 3], 1, 1, False)
         assert f"rank {rank} -> (pp 0, dp {rank // 2}, sp {rank % 2})" in r["describe"]
