@@ -1,13 +1,16 @@
 """lightning-seqpar: sequence-parallel training of long-sequence Vision Transformers as a Lightning strategy.
 
-``import lightning_seqpar`` registers the strategy names ``"seqpar"``, ``"seqpar_ulysses"`` and
-``"seqpar_lss"`` with Lightning, so ``Trainer(strategy="seqpar")`` works.
+``import lightning_seqpar`` registers the strategy names (``"seqpar"``, ``"seqpar_ulysses"``, ``"seqpar_lss"``,
+``"seqpar_ring"``, ``"seqpar_hybrid"``, ``"seqpar_zero1"``/``2``/``3``, ``"seqpar_zero3_offload"``) with Lightning,
+so ``Trainer(strategy="seqpar")`` works.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_seqpar.adapters import UnsupportedAttentionError
+from lightning_seqpar.deepspeed_engine import DeepSpeedConfigError, consolidate_checkpoint
 from lightning_seqpar.parallelize import AppliedPlan, NoDistributedAttentionError, apply_sequence_parallel
+from lightning_seqpar.pipeline import PipelineError
 from lightning_seqpar.plan import PlanError, SequenceParallelPlan, infer_plan, register_attention
 from lightning_seqpar.strategy import SeqParStrategy
 from lightning_seqpar.topology import DeepSpeedMPU, ParallelDims, Topology, TopologyError
@@ -18,9 +21,11 @@ SeqParStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "AppliedPlan",
+    "DeepSpeedConfigError",
     "DeepSpeedMPU",
     "NoDistributedAttentionError",
     "ParallelDims",
+    "PipelineError",
     "PlanError",
     "SeqParStrategy",
     "SequenceParallelPlan",
@@ -29,6 +34,7 @@ __all__ = [
     "UnsupportedAttentionError",
     "__version__",
     "apply_sequence_parallel",
+    "consolidate_checkpoint",
     "infer_plan",
     "register_attention",
 ]

@@ -9,6 +9,10 @@ What it does, in order (see :meth:`SeqParStrategy.setup_distributed` and :meth:`
 3. wrap the module in ``DistributedDataParallel`` over the sequence-data group, so gradients are averaged
    over ``dp * sp`` ranks, which makes one optimizer step equal to single-device training on the global batch;
 4. hand Lightning a sampler keyed to the data-parallel rank, so all ranks of an SP group see the same samples.
+
+With ``zero_stage > 0``, ``pipeline_stages > 1`` or a ``deepspeed_config``, step 3 hands the model to a DeepSpeed
+engine instead (:mod:`lightning_seqpar.deepspeed_engine`, :mod:`lightning_seqpar.pipeline`), on the same groups:
+ZeRO partitions over the sequence-data group, pipeline stages are the outermost dimension of the topology.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.types import LRSchedulerConfig
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -31,6 +39,8 @@ from typing_extensions import override
 from lightning_seqpar.attention.hybrid import build_hybrid_groups
 from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
 from lightning_seqpar.attention.ring import RING_BACKENDS
+from lightning_seqpar import deepspeed_engine as ds
+from lightning_seqpar import pipeline
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.resumable import make_resumable
@@ -69,6 +79,17 @@ class SeqParStrategy(DDPStrategy):
             fail after this long instead of hanging.
         on_nonfinite: When the loss or a gradient is NaN/inf on any rank: ``"raise"`` on every rank, ``"skip"`` the
             step on every rank, ``"stop"`` training, or ``"ignore"``. The ranks agree before acting, so none diverges.
+        zero_stage: DeepSpeed ZeRO stage over the ``dp * sp`` ranks of a stage: 1 partitions optimizer state,
+            2 also gradients, 3 also parameters; 0 with ``pipeline_stages=1`` and no ``deepspeed_config`` is the
+            DDP path. See docs/sharding.md for the memory per GPU.
+        offload_optimizer: Keep optimizer state and fp32 master weights in host memory (ZeRO >= 1); needs a
+            DeepSpeed CPU optimizer (``DeepSpeedCPUAdam`` in ``configure_optimizers``, or an ``"optimizer"`` section).
+        offload_parameters: Keep parameters in host memory between uses (ZeRO-3).
+        pipeline_stages: DeepSpeed pipeline stages the block stack is cut into (1 means disabled); needs the
+            pipeline contract on the LightningModule (:mod:`lightning_seqpar.pipeline`) and ZeRO 0 or 1.
+        micro_batches: With pipelines: micro-batches each DataLoader batch is cut into (default 1).
+        deepspeed_config: A DeepSpeed config (dict or JSON path) whose keys override the ones derived from the
+            Trainer; it may not set ``train_batch_size``.
         **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
     """
 
@@ -85,6 +106,12 @@ class SeqParStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
         on_nonfinite: NonFinitePolicy = "raise",
+        zero_stage: ds.ZeroStage = 0,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        pipeline_stages: int = 1,
+        micro_batches: int | None = None,
+        deepspeed_config: str | dict[str, Any] | None = None,
         accelerator=None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -135,17 +162,52 @@ class SeqParStrategy(DDPStrategy):
         self.applied_plan: AppliedPlan | None = None
         self._data_seed: int | None = None
         self._hybrid_groups = None
+        self._init_deepspeed_settings(zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config)
+
+    def _init_deepspeed_settings(self, zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config) -> None:
+        if not isinstance(pipeline_stages, int) or pipeline_stages < 1:
+            raise ValueError(f"SeqParStrategy: pipeline_stages must be a positive integer, got {pipeline_stages!r}.")
+        if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+            raise ValueError(f"SeqParStrategy: micro_batches must be a positive integer, got {micro_batches!r}.")
+        if micro_batches is not None and pipeline_stages == 1:
+            raise ValueError("SeqParStrategy: micro_batches is for pipeline_stages > 1; use Trainer(accumulate_grad_batches=...) otherwise.")
+        self.deepspeed_config = ds.load_user_config(deepspeed_config)
+        # Validates the combination now (the Trainer-derived keys are filled in at setup).
+        merged = ds.build_config(
+            zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
+            user_config=self.deepspeed_config,
+        )
+        self.zero_stage = int(merged["zero_optimization"].get("stage", 0))
+        if pipeline_stages > 1 and self.zero_stage >= 2:
+            raise ValueError(
+                f"SeqParStrategy: zero_stage={self.zero_stage} cannot be combined with pipeline_stages={pipeline_stages}:"
+                " DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (ZeRO-2/3 partition the gradients and"
+                " parameters its stages exchange). Use zero_stage=1, or pipeline_stages=1 with ZeRO-3."
+            )
+        self.offload_optimizer, self.offload_parameters = offload_optimizer, offload_parameters
+        self.pipeline_stages, self.micro_batches = pipeline_stages, micro_batches
+        self.uses_deepspeed = zero_stage != 0 or pipeline_stages > 1 or deepspeed_config is not None
+        if self.uses_deepspeed and self.on_nonfinite == "skip":
+            raise ValueError(
+                "SeqParStrategy: on_nonfinite='skip' is not available with DeepSpeed (zero_stage, pipeline_stages or"
+                " deepspeed_config): its engine has already accumulated the gradients. Use 'raise' or 'stop'."
+            )
 
     # --- process groups ------------------------------------------------------------------------------
 
     @property
     def sequence_parallel_size(self) -> int:
-        return self._sequence_parallel_size or self.num_processes
+        if self._sequence_parallel_size:
+            return self._sequence_parallel_size
+        per_stage, rest = divmod(self.num_processes, self.pipeline_stages)
+        return per_stage if per_stage and not rest else self.num_processes
 
     @override
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        dims = ParallelDims(world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size)
+        dims = ParallelDims(
+            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages
+        )
         self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout)
         self._ddp_kwargs["process_group"] = self.topology.sequence_data_group
         self._hybrid_groups = self._build_hybrid_groups() if self.attention == "hybrid" else None
@@ -176,6 +238,9 @@ class SeqParStrategy(DDPStrategy):
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=self.root_device)
         group = self.topology.sequence_group
         dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        if self.topology.pp > 1:  # every stage must draw the samples stage 0 draws
+            group = self.topology.pipeline_group
+            dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
         return int(seed.item())
 
     @property
@@ -190,7 +255,10 @@ class SeqParStrategy(DDPStrategy):
     def setup(self, trainer: Trainer) -> None:
         self._apply_plan(self.lightning_module)
         self._reduce_metrics_over_data_group(self.lightning_module)
-        super().setup(trainer)
+        if self.uses_deepspeed:
+            self._setup_deepspeed(trainer)
+        else:
+            super().setup(trainer)
 
     def _apply_plan(self, module: LightningModule) -> None:
         if self.applied_plan is not None:
@@ -234,10 +302,168 @@ class SeqParStrategy(DDPStrategy):
             self.applied_plan = None
         super().teardown()
 
+    # --- DeepSpeed engine (zero_stage > 0, pipeline_stages > 1 or a deepspeed_config) ----------------------
+
+    @property
+    def deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine (``PipelineEngine`` with pipelines) while fitting with DeepSpeed, else None."""
+        return self.model if self.uses_deepspeed and hasattr(self.model, "save_checkpoint") else None
+
+    def _setup_deepspeed(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.topology is not None
+        self.accelerator.setup(trainer)
+        if not isinstance(self.precision_plugin, DeepSpeedPrecision):
+            self.precision_plugin = DeepSpeedPrecision(self.precision_plugin.precision)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._initialize_engine(trainer)
+        elif self.pipeline_stages > 1:
+            raise pipeline.PipelineError(
+                "SeqParStrategy(pipeline_stages>1) trains only: validate, test or predict with pipeline_stages=1 from the"
+                " consolidated checkpoint (python -m lightning_seqpar.consolidate DIR OUT.pt)."
+            )
+        elif ds.is_zero3_partitioned(self.lightning_module):
+            # A ZeRO-3 model after fit holds only its partitions: evaluate through an engine that gathers them.
+            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self._trainer_config(trainer)["zero_optimization"]}
+            self.model, _ = ds.initialize_engine(self.model, None, {**config, "zero_allow_untested_optimizer": True}, self.topology.mpu)
+        self.setup_precision_plugin()
+        self.barrier()
+
+    def _trainer_config(self, trainer: Trainer) -> dict[str, Any]:
+        """The DeepSpeed config: Trainer settings, then the strategy's, then the explicit ``deepspeed_config``."""
+        accumulate = trainer.accumulate_grad_batches
+        if self.pipeline_stages > 1:
+            if accumulate != 1:
+                raise pipeline.PipelineError(
+                    f"with pipeline_stages > 1 every DataLoader batch is one optimizer step, cut into micro-batches: set"
+                    f" SeqParStrategy(micro_batches={accumulate}) instead of Trainer(accumulate_grad_batches={accumulate})."
+                )
+            accumulate = self.micro_batches or 1
+        algorithm = trainer.gradient_clip_algorithm
+        zero_stage = self.zero_stage
+        if self.pipeline_stages > 1 and trainer.gradient_clip_val and zero_stage == 0:
+            # DeepSpeed 0.19.8's stage-0 pipeline clipping leaves later stages out of the norm; ZeRO-1's norm is exact.
+            rank_zero_info("SeqParStrategy: gradient clipping with pipeline stages runs with ZeRO-1 (exact gradient norm).")
+            zero_stage = 1
+        return ds.build_config(
+            zero_stage=zero_stage,
+            offload_optimizer=self.offload_optimizer,
+            offload_parameters=self.offload_parameters,
+            precision=self.precision_plugin.precision,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=getattr(algorithm, "value", algorithm),
+            gradient_accumulation_steps=accumulate,
+            user_config=self.deepspeed_config,
+        )
+
+    def _initialize_engine(self, trainer: Trainer) -> None:
+        assert self.topology is not None
+        module = self.lightning_module
+        config = self._trainer_config(trainer)
+        self.zero_stage = int(config["zero_optimization"].get("stage", 0))
+        optimizer, schedulers = None, []
+        if "optimizer" not in config:
+            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+            if len(optimizers) != 1 or len(schedulers) > 1:
+                raise ValueError(
+                    f"SeqParStrategy with DeepSpeed takes one optimizer and at most one LR scheduler from configure_optimizers;"
+                    f" got {len(optimizers)} and {len(schedulers)}."
+                )
+            optimizer = optimizers[0]
+        if self.pipeline_stages > 1:
+            assert self.applied_plan is not None
+            net, blocks = pipeline.build_pipeline_module(module, self.topology)
+            pipeline.enter_stage_regions(self.applied_plan, net, blocks)
+            if optimizer is not None:
+                ds.restrict_optimizer(optimizer, net.parameters())
+            engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
+        else:
+            engine, engine_optimizer = ds.initialize_engine(self.model, optimizer, config, self.topology.mpu)
+        if engine.lr_scheduler is not None:  # a "scheduler" section: Lightning steps it, per optimizer step
+            schedulers = [LRSchedulerConfig(engine.lr_scheduler, interval="step")]
+            engine.lr_scheduler = None
+        self.model = engine
+        self.optimizers = [engine_optimizer]
+        self.lr_scheduler_configs = schedulers
+        rank_zero_info(
+            f"SeqParStrategy: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks per stage,"
+            f" {self.topology.pp} pipeline stage(s)"
+        )
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The LightningModule's full state dict on CPU, gathering ZeRO-3 partitions (call on every rank)."""
+        return ds.full_state_dict(self.lightning_module)
+
+    @property
+    @override
+    def handles_gradient_accumulation(self) -> bool:
+        return self.uses_deepspeed
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return self.uses_deepspeed
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return not self.uses_deepspeed
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if not self.uses_deepspeed:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        if not self.uses_deepspeed:
+            super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        # DeepSpeed writes each rank's optimizer partition itself (save_checkpoint).
+        return {} if self.uses_deepspeed else super().optimizer_state(optimizer)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.uses_deepspeed and self.pipeline_stages > 1:
+            # train_batch runs forward, backward and the step of all micro-batches; the module's training_step is not used.
+            return pipeline.train_batch(self.model, self.lightning_module, args[0], self.micro_batches or 1)
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self.uses_deepspeed and self.pipeline_stages > 1:
+            return closure_loss  # done inside train_batch
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
+        model = model or self.lightning_module
+        if self.pipeline_stages > 1:
+            return closure()
+        trainer = self.lightning_module.trainer
+        guarded = nonfinite_step_guard(
+            closure,
+            policy=self.on_nonfinite,
+            parameters=lambda: (),  # gradients live in DeepSpeed's buffers; the guard checks the loss
+            device=self.root_device,
+            step=trainer.global_step,
+            request_stop=lambda: setattr(trainer, "should_stop", True),
+            zero_grad=lambda: None,
+        )
+        result = guarded()
+        self.precision_plugin._after_closure(model, optimizer)
+        if result is None:  # on_nonfinite="stop": leave without the step
+            return None
+        return self.model.step()
+
     # --- steps and checkpoints ----------------------------------------------------------------------------
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.uses_deepspeed:
+            return self._deepspeed_optimizer_step(optimizer, closure, model)
         trainer = self.lightning_module.trainer
         guarded = nonfinite_step_guard(
             closure,
@@ -253,26 +479,62 @@ class SeqParStrategy(DDPStrategy):
     def parallel_settings(self) -> dict[str, Any]:
         """The layout recorded in every checkpoint under ``"seqpar"``."""
         assert self.topology is not None
-        return {
+        settings = {
             "world_size": self.world_size,
             "sequence_parallel_size": self.topology.sp,
             "data_parallel_size": self.topology.dp,
             "pipeline_parallel_size": self.topology.pp,
             "attention": self.attention,
         }
+        if self.uses_deepspeed:
+            settings |= {"zero_stage": self.zero_stage, "sequence_data_parallel_size": self.topology.dp * self.topology.sp}
+        return settings
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         checkpoint["seqpar"] = self.parallel_settings()
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.deepspeed_engine is None:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError("SeqParStrategy with DeepSpeed writes through DeepSpeed, which takes no storage_options.")
+        # A directory: every rank writes its ZeRO partition (or pipeline stage) under <filepath>/checkpoint/.
+        filepath = self.broadcast(filepath)
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=ds.CHECKPOINT_TAG)
+        if self.is_global_zero:
+            ds.write_layout(filepath, checkpoint["seqpar"])
+        self.barrier()
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.uses_deepspeed:
+            return self._load_deepspeed_checkpoint(checkpoint_path)
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         for difference in check_topology(checkpoint.get("seqpar"), self.parallel_settings()):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
             rank_zero_info(f"SeqParStrategy: resuming {checkpoint_path} with a different layout: {difference}")
         return checkpoint
+
+    def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
+        if self.deepspeed_engine is None:
+            raise ValueError(
+                f"SeqParStrategy: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to validate,"
+                " test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
+            )
+        checkpoint_path = self.broadcast(checkpoint_path)
+        load_universal = bool(self.deepspeed_engine.config.get("checkpoint", {}).get("load_universal", False))
+        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=load_universal)
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            checkpoint_path,
+            tag=ds.CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=self.lightning_module.strict_loading,
+        )
+        if client_state is None:
+            raise ValueError(f"SeqParStrategy: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
+        return client_state
 
     # --- collectives Lightning asks for -----------------------------------------------------------------
 
@@ -295,7 +557,7 @@ class SeqParStrategy(DDPStrategy):
         """Seed data-loader workers per data-parallel rank, identically on every rank of an SP group, and make
         map-style loaders resumable mid-epoch (see :mod:`lightning_seqpar.resumable`)."""
         if isinstance(dataloader, DataLoader) and self.topology is not None and self._data_seed is not None:
-            replica = self.topology.pp_rank * self.topology.dp + self.topology.dp_rank
+            replica = self.topology.dp_rank  # the same on every SP rank and pipeline stage of a replica
             dataloader.generator = torch.Generator().manual_seed(self._data_seed + replica)
             init_fn = dataloader.worker_init_fn
             if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
@@ -320,6 +582,18 @@ class SeqParStrategy(DDPStrategy):
         )
         strategy_registry.register(
             "seqpar_hybrid", cls, description="Sequence parallelism, Ulysses within a node x ring across nodes", attention="hybrid"
+        )
+        for stage, what in ((1, "optimizer state"), (2, "optimizer state and gradients"), (3, "optimizer state, gradients and parameters")):
+            strategy_registry.register(
+                f"seqpar_zero{stage}", cls, description=f"Sequence parallelism with DeepSpeed ZeRO-{stage} ({what} sharded)", zero_stage=stage
+            )
+        strategy_registry.register(
+            "seqpar_zero3_offload",
+            cls,
+            description="Sequence parallelism with DeepSpeed ZeRO-3, parameters and optimizer state in host memory",
+            zero_stage=3,
+            offload_optimizer=True,
+            offload_parameters=True,
         )
 
 

@@ -1,0 +1,167 @@
+"""DeepSpeed pipeline stages over the block stack, with sequence parallelism inside every stage.
+
+What the LightningModule writes (the pipeline contract; ``training_step`` is not called, because no single
+rank holds the whole model)::
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        # the forward as a chain: inputs -> layers[0] -> ... -> layers[-1] -> outputs
+        return [Embed(self.model), *self.model.blocks, Head(self.model)]
+
+    def pipeline_loss(self, outputs, targets) -> Tensor:        # runs on the last stage, per micro-batch
+        return F.mse_loss(outputs, targets)
+
+    def pipeline_batch(self, batch) -> tuple[inputs, targets]:  # optional; default: batch[0], batch[1]
+        return batch["x"], batch["y"]
+
+What the strategy does with it: the largest block stack (:func:`~lightning_seqpar.plan.find_block_stacks`) must
+appear in ``pipeline_layers()`` as one contiguous run; its blocks are split evenly over the stages, the layers
+before it go to the first stage and the layers after it to the last. Each DataLoader batch is one optimizer
+step: it is cut into ``micro_batches`` equal micro-batches along dim 0 and handed to
+``PipelineEngine.train_batch``, which runs forward, backward and the step, and returns the mean loss.
+
+Inside a stage the sequence-parallel plan works as without pipelines: the first block shards the tokens on
+stage 0, each SP rank sends its shard ``[B, L_r, D]`` to the same SP rank of the next stage, and a later stage
+re-enters the region from the shard it receives (one all-gather of the ``P`` shard lengths). Rank layout:
+DeepSpeed's ``PipeDataParallelTopology(num_pp=pp, num_dp=dp*sp)`` numbers ranks exactly as
+:class:`~lightning_seqpar.topology.Topology` does, so its data-parallel groups are our sequence-data groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_seqpar.comm import resolve_layout
+from lightning_seqpar.deepspeed_engine import attach_to_process_group
+from lightning_seqpar.parallelize import AppliedPlan
+from lightning_seqpar.plan import find_block_stacks
+from lightning_seqpar.topology import Topology
+
+
+class PipelineError(ValueError):
+    """Raised when a model cannot be cut into pipeline stages as the pipeline contract describes."""
+
+
+def declared_layers(module: nn.Module) -> list[nn.Module]:
+    """The chain of layers ``module.pipeline_layers()`` returns, checked."""
+    declare = getattr(module, "pipeline_layers", None)
+    if not callable(declare):
+        raise PipelineError(
+            f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_layers(): the forward as a list of"
+            " modules applied one after the other (layers before the block stack, the blocks, layers after it), and"
+            " pipeline_loss(outputs, targets). See docs/sharding.md, 'Pipeline stages'."
+        )
+    if not callable(getattr(module, "pipeline_loss", None)):
+        raise PipelineError(f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_loss(outputs, targets).")
+    layers = list(declare())
+    if not all(isinstance(layer, nn.Module) for layer in layers):
+        raise PipelineError("pipeline_layers() must return nn.Module instances (wrap functions in a small module).")
+    return layers
+
+
+def block_run(module: nn.Module, layers: Sequence[nn.Module], stages: int) -> tuple[int, int, list[nn.Module]]:
+    """``(first, stop, blocks)``: where the largest block stack sits in ``layers``; raises if it is not one run."""
+    stacks = find_block_stacks(module)
+    if not stacks:
+        raise PipelineError(f"found no stack of repeated blocks in {type(module).__name__} to cut into pipeline stages.")
+    path, stack = stacks[0]
+    blocks = list(stack)
+    positions = [next((i for i, layer in enumerate(layers) if layer is block), None) for block in blocks]
+    first = positions[0]
+    if None in positions or positions != list(range(first, first + len(blocks))):
+        raise PipelineError(
+            f"pipeline_layers() must contain the blocks of '{path}' ({len(blocks)} x {type(blocks[0]).__name__}) once"
+            " each, in order and next to each other."
+        )
+    if len(blocks) < stages:
+        raise PipelineError(f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one.")
+    others = [layer for layer in layers if not any(layer is b for b in blocks)]
+    if any(type(layer) is type(blocks[0]) for layer in others):
+        raise PipelineError(f"a layer outside the block stack has the block class {type(blocks[0]).__name__}; wrap it in another module.")
+    return first, first + len(blocks), blocks
+
+
+def build_pipeline_module(module: nn.Module, topology: Topology) -> tuple[Any, list[nn.Module]]:
+    """A ``deepspeed.pipe.PipelineModule`` of ``module``'s declared layers and loss, split over ``topology.pp`` stages.
+
+    Returns the pipeline module (holding this rank's stage) and the blocks of the stack.
+    """
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    layers = declared_layers(module)
+    first, stop, blocks = block_run(module, layers, topology.pp)
+    attach_to_process_group()
+    grid = PipeDataParallelTopology(num_pp=topology.pp, num_dp=topology.dp * topology.sp)
+    coordinate = grid.get_coord(topology.rank)
+    assert (coordinate.pipe, coordinate.data) == (topology.pp_rank, topology.dp_rank * topology.sp + topology.sp_rank), (
+        f"DeepSpeed's pipeline grid places rank {topology.rank} at {coordinate}, not at {topology.describe()}"
+    )
+    # Blocks weigh 1, everything else 0: blocks spread evenly, the rest stays with its neighbouring blocks.
+    name = type(blocks[0]).__name__
+    net = PipelineModule(layers=layers, num_stages=topology.pp, topology=grid, loss_fn=module.pipeline_loss, partition_method=f"type:^{name}$")
+    parts = [int(p) for p in net.parts]
+    if parts[1] <= first or parts[-2] >= stop:
+        raise PipelineError(f"the stages {parts} put no block on the first or the last stage; layers: {len(layers)}, blocks at [{first}, {stop}).")
+    return net, blocks
+
+
+def enter_stage_regions(applied: AppliedPlan, net: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Let this stage's blocks run sequence-parallel on the token shards they receive from the previous stage.
+
+    The plan shards at the first block and gathers after the last; a stage in between starts its region at its
+    first local block (lengths of all shards: one all-gather) and ends it, without a gather, after its last.
+    """
+    local = [b for b in blocks if any(b is layer for layer in net.forward_funcs)]
+    runtime = applied.runtime
+    if local and local[0] is not blocks[0]:
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            if runtime.active or not args or not isinstance(args[0], Tensor):
+                return
+            runtime.layout = resolve_layout(args[0].shape[1], runtime.group)  # [B, L_r, D]: the lengths of all L_r
+            runtime.attention_calls = 0
+            runtime.active = True
+
+        applied._undo.append(local[0].register_forward_pre_hook(enter).remove)
+    if local and local[-1] is not blocks[-1]:
+        applied._undo.append(local[-1].register_forward_hook(lambda module, args, output: runtime.end_region()).remove)
+
+
+def split_batch(batch: Any, micro_batches: int) -> list[Any]:
+    """Cut every tensor of ``batch`` (a tensor or a tuple/list of them) into ``micro_batches`` equal parts along dim 0."""
+    tensors = [batch] if isinstance(batch, Tensor) else list(batch)
+    size = tensors[0].shape[0]
+    if size % micro_batches:
+        raise PipelineError(
+            f"a batch of {size} samples does not split into micro_batches={micro_batches} equal micro-batches; choose a"
+            " batch size divisible by micro_batches (DeepSpeed's pipeline needs equal shapes)."
+        )
+    chunks = [t.chunk(micro_batches, dim=0) for t in tensors]
+    if isinstance(batch, Tensor):
+        return [c.contiguous() for c in chunks[0]]
+    return [type(batch)(c[i].contiguous() for c in chunks) for i in range(micro_batches)]
+
+
+def pipeline_inputs(module: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """``module.pipeline_batch(batch)`` if defined, else ``(batch[0], batch[1])``."""
+    if callable(getattr(module, "pipeline_batch", None)):
+        return module.pipeline_batch(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise PipelineError(
+        f"cannot tell inputs from targets in a batch of type {type(batch).__name__}: define"
+        f" {type(module).__name__}.pipeline_batch(batch) -> (inputs, targets)."
+    )
+
+
+def train_batch(engine: Any, module: nn.Module, batch: Any, micro_batches: int) -> Tensor:
+    """One optimizer step of the pipeline on one DataLoader batch; returns the mean loss (same on every rank)."""
+    inputs, targets = pipeline_inputs(module, batch)
+    micro_inputs = split_batch(inputs, micro_batches)
+    micro_targets = split_batch(targets, micro_batches)
+    loss = engine.train_batch(data_iter=iter(list(zip(micro_inputs, micro_targets))))
+    return loss.detach().float() if isinstance(loss, Tensor) else torch.tensor(float(loss))
