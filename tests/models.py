@@ -168,6 +168,24 @@ class VitPytorchStyleViT(nn.Module):
         return self.head(self.transformer(x).mean(dim=1))
 
 
+class SmallClimaX(nn.Module):
+    """The bundled ClimaX (its own sequence_parallel_plan: shard after patchify, sliced pos_embed, gather after the
+    head) on a 12 x 20 grid with patch 4: 3 x 5 = 15 tokens, 3 fields."""
+
+    FIELDS = ["t2m", "z500", "t850"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_seqpar.models import ClimaX
+
+        self.climax = ClimaX(self.FIELDS, (12, 20), patch_size=4, embed_dim=WIDTH, depth=2, decoder_depth=1,
+                             num_heads=HEADS, drop_path=0.0)
+
+    def forward(self, x):  # [B, 3, 12, 20] -> [B, 3, 12, 20]
+        lead = torch.full((x.shape[0],), 6.0)
+        return self.climax(x, lead, self.FIELDS, self.FIELDS)
+
+
 def build_model(name: str) -> nn.Module:
     return {
         "timm_vit": lambda: TinyViT(TimmStyleAttention),
@@ -176,6 +194,7 @@ def build_model(name: str) -> nn.Module:
         "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
         "hf_vit": HuggingFaceViT,
         "vit_pytorch": VitPytorchStyleViT,
+        "climax": SmallClimaX,
     }[name]()
 
 
@@ -185,6 +204,8 @@ def build_dataset(name: str) -> Dataset:
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(10, OUT_DIM))
     if name == "vit_pytorch":
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(OUT_DIM,))
+    if name == "climax":
+        return RandomTokens(x_shape=(3, 12, 20), y_shape=(3, 12, 20))
     return RandomTokens()
 
 

@@ -19,6 +19,8 @@ SEED, STEPS, BATCH = 1234, 3, 2
 CONFIGS = [("timm_vit", "ulysses"), ("timm_vit", "lss"), ("torch_encoder", "ulysses"), ("sdpa_vit", "lss")]
 # Hugging Face transformers' ViT (SDPA interception) and a vit-pytorch-shaped ViT (built-in adapter, container blocks).
 THIRD_PARTY = [("hf_vit", "ulysses"), ("vit_pytorch", "lss")]
+# The bundled ClimaX through its own plan (tokens sharded after patchify, position embedding sliced per rank).
+CLIMAX = [("climax", "ulysses"), ("climax", "lss")]
 # Ring, and hybrid as 2 (Ulysses) x 2 (ring) on sp = 4.
 RING_HYBRID = [("timm_vit", "ring"), ("sdpa_vit", "hybrid")]
 
@@ -79,7 +81,7 @@ def _max_rel_error(a: dict, b: dict) -> tuple[float, str]:
 
 @pytest.mark.parametrize(
     "world,sp,configs",
-    [(2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1]), (4, 4, CONFIGS + RING_HYBRID), (4, 2, CONFIGS[:2] + THIRD_PARTY[:1])],
+    [(2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1] + CLIMAX), (4, 4, CONFIGS + RING_HYBRID + CLIMAX[:1]), (4, 2, CONFIGS[:2] + THIRD_PARTY[:1])],
     ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"],
 )
 def test_training_equals_single_process(world, sp, configs):
