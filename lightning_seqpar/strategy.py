@@ -324,9 +324,12 @@ class SeqParStrategy(DDPStrategy):
                 " consolidated checkpoint (python -m lightning_seqpar.consolidate DIR OUT.pt)."
             )
         elif ds.is_zero3_partitioned(self.lightning_module):
-            # A ZeRO-3 model after fit holds only its partitions: evaluate through an engine that gathers them.
-            config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self._trainer_config(trainer)["zero_optimization"]}
-            self.model, _ = ds.initialize_engine(self.model, None, {**config, "zero_allow_untested_optimizer": True}, self.topology.mpu)
+            raise ValueError(
+                f"SeqParStrategy: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier fit."
+                " To validate, test or predict, load the full weights into a fresh module first:"
+                " fresh.load_state_dict(trainer.strategy.full_state_dict()) right after fit (on every rank), or"
+                " lightning_seqpar.consolidate_checkpoint(checkpoint_dir) from a checkpoint."
+            )
         self.setup_precision_plugin()
         self.barrier()
 
