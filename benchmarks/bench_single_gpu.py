@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -281,7 +282,7 @@ def _memory_setup_climax(model: nn.Module, memory: str):
 
 
 def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str, device: torch.device,
-                 steps: tuple[int, int], section: str) -> Trial:
+                 steps: tuple[int, int], section: str, attention: str = "ulysses") -> Trial:
     """The same model and loop through Lightning's Trainer and SeqParStrategy(sequence_parallel_size=1), timed by
     CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step)."""
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -289,7 +290,7 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
 
     from lightning_seqpar import SeqParStrategy
 
-    trial = Trial(kind, "strategy", backend, length, memory, section)
+    trial = Trial(kind, "strategy" if attention == "ulysses" else f"strategy-{attention}", backend, length, memory, section)
     model, inputs, y = build(kind, sizes, length, device)
     clock = StepClock(device)
     warmup, timed = steps
@@ -319,6 +320,7 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
     module = Module()
     strategy = SeqParStrategy(
         sequence_parallel_size=1,
+        attention=attention,
         attention_backend=backend,
         activation_checkpointing="ckpt" in memory,
         process_group_backend="nccl" if device.type == "cuda" else "gloo",
@@ -615,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU too")
     parser.add_argument("--sections", default="speed,climax,ladder,largest",
-                        help="comma list of speed, climax, ladder, largest, climax-largest, extreme")
+                        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-largest, extreme")
     parser.add_argument("--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out")
     parser.add_argument("--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)")
     parser.add_argument("--budget-s", type=float, default=500.0, help="skip remaining trials after this many seconds")
@@ -653,6 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     results["large_backend"] = best
     if "climax" in sections:
         section_climax(runner, best)
+    if "attention-kinds" in sections:
+        # The strategy's path at sp = 1 with each distributed attention: LSS on the fastest SDPA kernel, ring and
+        # hybrid on their own block kernels (PyTorch's flash op on CUDA): the single-GPU cost of choosing them.
+        for length in sizes.speed_lengths:
+            for attention, backend in (("lss", best), ("ring", "auto"), ("hybrid", "auto")):
+                runner.add(functools.partial(run_strategy, attention=attention), "vit", length, backend, "amp",
+                           (sizes.warmup, sizes.timed), "attention-kinds")
     if "ladder" in sections:
         section_ladder(runner, best)
     lengths = [int(v) for v in args.largest_lengths.split(",")] if args.largest_lengths else None
