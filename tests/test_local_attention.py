@@ -71,3 +71,18 @@ def test_split_sizes_uneven():
     assert sum(split_sizes(1000003, 7)) == 1000003
     with pytest.raises(ValueError, match="cannot split into 0 parts"):
         split_sizes(3, 0)
+
+
+@pytest.mark.parametrize("name", ["local", "ulysses", "lss", "ring"])
+def test_mismatched_dtypes_are_named(name):
+    from lightning_seqpar.attention import lss_attention, ring_attention, ulysses_attention
+
+    q, k, v = _qkv()
+    fn = {
+        "local": lambda *t: local_attention(*t),
+        "ulysses": lambda *t: ulysses_attention(*t, None),
+        "lss": lambda *t: lss_attention(*t, None),
+        "ring": lambda *t: ring_attention(*t, None),
+    }[name]
+    with pytest.raises(ValueError, match=r"q, k and v must share one dtype and device, got q torch.float32 on cpu, k torch.bfloat16"):
+        fn(q, k.bfloat16(), v)

@@ -33,6 +33,16 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def check_same_dtype_device(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise a ValueError naming the tensors when q, k and v differ in dtype or device."""
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must share one dtype and device, got q {q.dtype} on {q.device}, k {k.dtype} on {k.device},"
+            f" v {v.dtype} on {v.device}. Cast them together (e.g. run the block under one autocast) and keep the"
+            " model and its inputs on the same device."
+        )
+
+
 def resolve_backend(backend: str, q: Tensor, *, has_mask: bool = False) -> str:
     """Return the concrete backend ``backend`` means for ``q``, or raise :class:`BackendUnavailableError`."""
     if backend not in BACKENDS:
@@ -135,6 +145,7 @@ def local_attention(
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected q, k, v of shape [B, L, H, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    check_same_dtype_device(q, k, v)
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must agree on batch, heads and head dim"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_seqpar.attention.local import AttentionBackend, local_attention
+from lightning_seqpar.attention.local import AttentionBackend, check_same_dtype_device, local_attention
 from lightning_seqpar.comm import SequenceLayout, all_gather_sequence, group_rank, group_size, resolve_layout
 
 
@@ -69,6 +69,7 @@ def lss_attention(
     Communication per rank: one all-gather receiving ``2 B (L - L_r) H d`` elements of keys and values;
     backward: one reduce-scatter of the same size. No head limit: any P up to L works.
     """
+    check_same_dtype_device(q, k, v)
     if group_size(group) == 1:
         return local_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend)
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] != k.shape[1]:

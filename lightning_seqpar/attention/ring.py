@@ -25,7 +25,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, local_attention
+from lightning_seqpar.attention.local import (
+    BACKENDS,
+    AttentionBackend,
+    BackendUnavailableError,
+    check_same_dtype_device,
+    local_attention,
+)
 from lightning_seqpar.comm import SequenceLayout, group_rank, group_size, resolve_layout
 
 # The originals, not ``dist.isend``: P2POp and batch_isend_irecv compare the op by identity, and a
@@ -272,6 +278,7 @@ class _RingAttention(torch.autograd.Function):
 
 def check_ring_arguments(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, backend: str, name: str = "ring_attention") -> None:
     """Raise a clear error for inputs ring attention does not support."""
+    check_same_dtype_device(q, k, v)
     if q.dim() != 4 or not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"{name} needs q, k, v of one shape [B, L_r, H, d], got {list(q.shape)}, {list(k.shape)},"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_seqpar.attention.local import AttentionBackend, local_attention
+from lightning_seqpar.attention.local import AttentionBackend, check_same_dtype_device, local_attention
 from lightning_seqpar.comm import (
     group_size,
     head_to_sequence_shards,
@@ -68,6 +68,7 @@ def ulysses_attention(
     Communication per rank and direction: one all-to-all of ``3 B L_r H d (P-1)/P`` elements for q, k, v
     and one of ``B L_r H d (P-1)/P`` for the output; backward mirrors both.
     """
+    check_same_dtype_device(q, k, v)
     if group_size(group) == 1:
         return local_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend)
     if not (q.shape == k.shape == v.shape):
