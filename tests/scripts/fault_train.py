@@ -2,7 +2,8 @@
 
 Used by tests/test_reliability.py through torchrun:
     FAULT_KILL_RANK=1 FAULT_KILL_STEP=6 torchrun --nproc_per_node 2 fault_train.py OUT_DIR
-A relaunch of the same command (without the FAULT_ variables) resumes from OUT_DIR/last.ckpt.
+A relaunch of the same command (without the FAULT_KILL_ variables) resumes from OUT_DIR/last.ckpt.
+FAULT_ZERO_STAGE=3 trains with DeepSpeed ZeRO-3 (last.ckpt is then a directory of shards).
 """
 
 import os
@@ -38,7 +39,7 @@ def main() -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=int(os.environ["WORLD_SIZE"]),
-        strategy=SeqParStrategy(timeout=float(os.environ.get("FAULT_TIMEOUT", "30"))),
+        strategy=SeqParStrategy(timeout=float(os.environ.get("FAULT_TIMEOUT", "30")), zero_stage=int(os.environ.get("FAULT_ZERO_STAGE", "0"))),
         max_epochs=2,
         logger=False,
         enable_progress_bar=False,
@@ -48,8 +49,9 @@ def main() -> None:
     module = RegressionModule()
     last = out / "last.ckpt"
     trainer.fit(module, DataLoader(Subset(RandomTokens(), range(8)), batch_size=2), ckpt_path=str(last) if last.exists() else None)
+    weights = trainer.strategy.full_state_dict()  # gathers ZeRO-3 partitions: every rank takes part
     if trainer.is_global_zero:
-        torch.save(module.state_dict(), out / "final_weights.pt")
+        torch.save(weights, out / "final_weights.pt")
 
 
 if __name__ == "__main__":
