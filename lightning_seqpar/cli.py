@@ -113,6 +113,33 @@ class SeqParCLI(LightningCLI):
             ensure_synthetic_store(config["data"]["path"], spec)
 
 
+    def after_fit(self) -> None:
+        """End a training run with its last validation skill next to persistence, on the console."""
+        if self.trainer.is_global_zero:
+            table = skill_table(self.trainer.callback_metrics, "val")
+            if table:
+                print(table, flush=True)
+
+
+def skill_table(metrics: dict, stage: str) -> str:
+    """A markdown table of ``<stage>/rmse/<field>/<lead>h`` against ``<stage>/persistence/rmse/...``, or ''."""
+    prefix = f"{stage}/rmse/"
+    rows = []
+    for key in sorted(k for k in metrics if k.startswith(prefix)):
+        field, lead = key[len(prefix):].rsplit("/", 1)
+        model = float(metrics[key])
+        baseline = metrics.get(f"{stage}/persistence/rmse/{field}/{lead}")
+        if baseline is None:
+            rows.append(f"| {field} | {lead} | {model:.4g} | - | - |")
+        else:
+            baseline = float(baseline)
+            rows.append(f"| {field} | {lead} | {model:.4g} | {baseline:.4g} | {'yes' if model < baseline else 'no'} |")
+    if not rows:
+        return ""
+    header = [f"{stage} RMSE (physical units), model vs persistence:", "", "| field | lead | model | persistence | beats persistence |", "|---|---|---|---|---|"]
+    return "\n".join(header + rows)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of `seqpar fit|validate|test|predict --config RECIPE.yaml`."""
     SeqParCLI(

@@ -62,10 +62,13 @@ def write_config(directory: Path, config: dict) -> Path:
     return path
 
 
-def test_fit_writes_store_then_test_writes_figures(tmp_path, monkeypatch):
+def test_fit_writes_store_then_test_writes_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve here
     config = write_config(tmp_path, TINY)
     main(["fit", "--config", str(config)])
+    printed = capsys.readouterr().out
+    assert "val RMSE (physical units), model vs persistence:" in printed
+    assert "| geopotential_500 | 24h |" in printed  # the run ends with its skill against persistence
     assert (tmp_path / "data/tiny.zarr").is_dir()
     version = tmp_path / "runs/lightning_logs/version_0"
     assert (version / "config.yaml").is_file()
