@@ -26,11 +26,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-from lightning.pytorch.plugins.precision import DeepSpeedPrecision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.types import LRSchedulerConfig
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -44,6 +40,7 @@ from lightning_seqpar import pipeline
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.resumable import make_resumable
+from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
 from lightning_seqpar.topology import ParallelDims, Topology
 
@@ -52,7 +49,7 @@ log = logging.getLogger(__name__)
 SequenceParallelAttention = Literal["ulysses", "lss", "ring", "hybrid"]
 
 
-class SeqParStrategy(DDPStrategy):
+class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
 
     Args:
@@ -164,35 +161,6 @@ class SeqParStrategy(DDPStrategy):
         self._hybrid_groups = None
         self._init_deepspeed_settings(zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config)
 
-    def _init_deepspeed_settings(self, zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config) -> None:
-        if not isinstance(pipeline_stages, int) or pipeline_stages < 1:
-            raise ValueError(f"SeqParStrategy: pipeline_stages must be a positive integer, got {pipeline_stages!r}.")
-        if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
-            raise ValueError(f"SeqParStrategy: micro_batches must be a positive integer, got {micro_batches!r}.")
-        if micro_batches is not None and pipeline_stages == 1:
-            raise ValueError("SeqParStrategy: micro_batches is for pipeline_stages > 1; use Trainer(accumulate_grad_batches=...) otherwise.")
-        self.deepspeed_config = ds.load_user_config(deepspeed_config)
-        # Validates the combination now (the Trainer-derived keys are filled in at setup).
-        merged = ds.build_config(
-            zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
-            user_config=self.deepspeed_config,
-        )
-        self.zero_stage = int(merged["zero_optimization"].get("stage", 0))
-        if pipeline_stages > 1 and self.zero_stage >= 2:
-            raise ValueError(
-                f"SeqParStrategy: zero_stage={self.zero_stage} cannot be combined with pipeline_stages={pipeline_stages}:"
-                " DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (ZeRO-2/3 partition the gradients and"
-                " parameters its stages exchange). Use zero_stage=1, or pipeline_stages=1 with ZeRO-3."
-            )
-        self.offload_optimizer, self.offload_parameters = offload_optimizer, offload_parameters
-        self.pipeline_stages, self.micro_batches = pipeline_stages, micro_batches
-        self.uses_deepspeed = zero_stage != 0 or pipeline_stages > 1 or deepspeed_config is not None
-        if self.uses_deepspeed and self.on_nonfinite == "skip":
-            raise ValueError(
-                "SeqParStrategy: on_nonfinite='skip' is not available with DeepSpeed (zero_stage, pipeline_stages or"
-                " deepspeed_config): its engine has already accumulated the gradients. Use 'raise' or 'stop'."
-            )
-
     # --- process groups ------------------------------------------------------------------------------
 
     @property
@@ -302,102 +270,6 @@ class SeqParStrategy(DDPStrategy):
             self.applied_plan = None
         super().teardown()
 
-    # --- DeepSpeed engine (zero_stage > 0, pipeline_stages > 1 or a deepspeed_config) ----------------------
-
-    @property
-    def deepspeed_engine(self) -> Any:
-        """The DeepSpeed engine (``PipelineEngine`` with pipelines) while fitting with DeepSpeed, else None."""
-        return self.model if self.uses_deepspeed and hasattr(self.model, "save_checkpoint") else None
-
-    def _setup_deepspeed(self, trainer: Trainer) -> None:
-        assert self.accelerator is not None and self.topology is not None
-        self.accelerator.setup(trainer)
-        if not isinstance(self.precision_plugin, DeepSpeedPrecision):
-            self.precision_plugin = DeepSpeedPrecision(self.precision_plugin.precision)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._initialize_engine(trainer)
-        elif self.pipeline_stages > 1:
-            raise pipeline.PipelineError(
-                "SeqParStrategy(pipeline_stages>1) trains only: validate, test or predict with pipeline_stages=1 from the"
-                " consolidated checkpoint (python -m lightning_seqpar.consolidate DIR OUT.pt)."
-            )
-        elif ds.is_zero3_partitioned(self.lightning_module):
-            raise ValueError(
-                f"SeqParStrategy: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier fit."
-                " To validate, test or predict, load the full weights into a fresh module first:"
-                " fresh.load_state_dict(trainer.strategy.full_state_dict()) right after fit (on every rank), or"
-                " lightning_seqpar.consolidate_checkpoint(checkpoint_dir) from a checkpoint."
-            )
-        self.setup_precision_plugin()
-        self.barrier()
-
-    def _trainer_config(self, trainer: Trainer) -> dict[str, Any]:
-        """The DeepSpeed config: Trainer settings, then the strategy's, then the explicit ``deepspeed_config``."""
-        accumulate = trainer.accumulate_grad_batches
-        if self.pipeline_stages > 1:
-            if accumulate != 1:
-                raise pipeline.PipelineError(
-                    f"with pipeline_stages > 1 every DataLoader batch is one optimizer step, cut into micro-batches: set"
-                    f" SeqParStrategy(micro_batches={accumulate}) instead of Trainer(accumulate_grad_batches={accumulate})."
-                )
-            accumulate = self.micro_batches or 1
-        algorithm = trainer.gradient_clip_algorithm
-        zero_stage = self.zero_stage
-        if self.pipeline_stages > 1 and trainer.gradient_clip_val and zero_stage == 0:
-            # DeepSpeed 0.19.8's stage-0 pipeline clipping leaves later stages out of the norm; ZeRO-1's norm is exact.
-            rank_zero_info("SeqParStrategy: gradient clipping with pipeline stages runs with ZeRO-1 (exact gradient norm).")
-            zero_stage = 1
-        return ds.build_config(
-            zero_stage=zero_stage,
-            offload_optimizer=self.offload_optimizer,
-            offload_parameters=self.offload_parameters,
-            precision=self.precision_plugin.precision,
-            gradient_clip_val=trainer.gradient_clip_val,
-            gradient_clip_algorithm=getattr(algorithm, "value", algorithm),
-            gradient_accumulation_steps=accumulate,
-            user_config=self.deepspeed_config,
-        )
-
-    def _initialize_engine(self, trainer: Trainer) -> None:
-        assert self.topology is not None
-        module = self.lightning_module
-        config = self._trainer_config(trainer)
-        self.zero_stage = int(config["zero_optimization"].get("stage", 0))
-        optimizer, schedulers = None, []
-        if "optimizer" not in config:
-            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-            if len(optimizers) != 1 or len(schedulers) > 1:
-                raise ValueError(
-                    f"SeqParStrategy with DeepSpeed takes one optimizer and at most one LR scheduler from configure_optimizers;"
-                    f" got {len(optimizers)} and {len(schedulers)}."
-                )
-            optimizer = optimizers[0]
-        if self.pipeline_stages > 1:
-            assert self.applied_plan is not None
-            net, blocks = pipeline.build_pipeline_module(module, self.topology)
-            pipeline.enter_stage_regions(self.applied_plan, net, blocks)
-            if optimizer is not None:
-                ds.restrict_optimizer(optimizer, net.parameters())
-            engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
-        else:
-            engine, engine_optimizer = ds.initialize_engine(self.model, optimizer, config, self.topology.mpu)
-        if engine.lr_scheduler is not None:  # a "scheduler" section: Lightning steps it, per optimizer step
-            schedulers = [LRSchedulerConfig(engine.lr_scheduler, interval="step")]
-            engine.lr_scheduler = None
-        self.model = engine
-        self.optimizers = [engine_optimizer]
-        self.lr_scheduler_configs = schedulers
-        rank_zero_info(
-            f"SeqParStrategy: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks per stage,"
-            f" {self.topology.pp} pipeline stage(s)"
-        )
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The LightningModule's full state dict on CPU, gathering ZeRO-3 partitions (call on every rank)."""
-        return ds.full_state_dict(self.lightning_module)
-
     @property
     @override
     def handles_gradient_accumulation(self) -> bool:
@@ -441,26 +313,6 @@ class SeqParStrategy(DDPStrategy):
             return closure_loss  # done inside train_batch
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
-    def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
-        model = model or self.lightning_module
-        if self.pipeline_stages > 1:
-            return closure()
-        trainer = self.lightning_module.trainer
-        guarded = nonfinite_step_guard(
-            closure,
-            policy=self.on_nonfinite,
-            parameters=lambda: (),  # gradients live in DeepSpeed's buffers; the guard checks the loss
-            device=self.root_device,
-            step=trainer.global_step,
-            request_stop=lambda: setattr(trainer, "should_stop", True),
-            zero_grad=lambda: None,
-        )
-        result = guarded()
-        self.precision_plugin._after_closure(model, optimizer)
-        if result is None:  # on_nonfinite="stop": leave without the step
-            return None
-        return self.model.step()
-
     # --- steps and checkpoints ----------------------------------------------------------------------------
 
     @override
@@ -498,16 +350,8 @@ class SeqParStrategy(DDPStrategy):
         checkpoint["seqpar"] = self.parallel_settings()
         if self.deepspeed_engine is None:
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-            return
-        if storage_options is not None:
-            raise TypeError("SeqParStrategy with DeepSpeed writes through DeepSpeed, which takes no storage_options.")
-        # A directory: every rank writes its ZeRO partition (or pipeline stage) under <filepath>/checkpoint/.
-        filepath = self.broadcast(filepath)
-        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=ds.CHECKPOINT_TAG)
-        if self.is_global_zero:
-            ds.write_layout(filepath, checkpoint["seqpar"])
-        self.barrier()
+        else:
+            self._save_deepspeed_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -518,26 +362,6 @@ class SeqParStrategy(DDPStrategy):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
             rank_zero_info(f"SeqParStrategy: resuming {checkpoint_path} with a different layout: {difference}")
         return checkpoint
-
-    def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
-        if self.deepspeed_engine is None:
-            raise ValueError(
-                f"SeqParStrategy: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to validate,"
-                " test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
-            )
-        checkpoint_path = self.broadcast(checkpoint_path)
-        load_universal = bool(self.deepspeed_engine.config.get("checkpoint", {}).get("load_universal", False))
-        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=load_universal)
-        _, client_state = self.deepspeed_engine.load_checkpoint(
-            checkpoint_path,
-            tag=ds.CHECKPOINT_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-            load_module_strict=self.lightning_module.strict_loading,
-        )
-        if client_state is None:
-            raise ValueError(f"SeqParStrategy: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
-        return client_state
 
     # --- collectives Lightning asks for -----------------------------------------------------------------
 
