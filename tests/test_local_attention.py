@@ -86,3 +86,13 @@ def test_mismatched_dtypes_are_named(name):
     }[name]
     with pytest.raises(ValueError, match=r"q, k and v must share one dtype and device, got q torch.float32 on cpu, k torch.bfloat16"):
         fn(q, k.bfloat16(), v)
+
+
+def test_math_kernel_keeps_float64():
+    """The math kernel is the reference of the distributed tests: it must not round float64 inputs to float32."""
+    q, k, v = (t.double() for t in _qkv())
+    out = local_attention(q, k, v, backend="math")
+    assert out.dtype == torch.float64
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    assert (out - expected).abs().max().item() < 1e-12

@@ -100,9 +100,11 @@ def math_attention(
     causal: bool = False,
     attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q k^T * scale) v in plain torch ops, softmax in float32; ``[B, L_q, H, d] -> [B, L_q, H, d]``."""
+    """softmax(q k^T * scale) v in plain torch ops, softmax in float32 or wider (float64 inputs stay float64);
+    ``[B, L_q, H, d] -> [B, L_q, H, d]``."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale  # [B, H, L_q, L_k]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)  # [B, H, L_q, L_k]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     if causal:
         keep = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
