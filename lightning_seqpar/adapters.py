@@ -22,6 +22,14 @@ class UnsupportedAttentionError(ValueError):
     """Raised when an attention call uses an option its distributed version does not support."""
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """The same tensor, or an alias of the same memory (ZeRO-3's module hooks hand each input over as a new
+    tensor object, so ``self_attn(x, x, x)`` arrives as three aliases)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    )
+
+
 def _mha_forward(
     module: nn.MultiheadAttention,
     attend: Attend,
@@ -46,7 +54,7 @@ def _mha_forward(
             f"{name} was called with key_padding_mask/attn_mask; masks are not supported by the distributed"
             " attention (use is_causal=True for causal masking, or no mask)."
         )
-    if not (query is key and key is value):
+    if not (_same_tensor(query, key) and _same_tensor(key, value)):
         raise UnsupportedAttentionError(
             f"{name} was called as cross-attention (query, key, value differ); only self-attention over the"
             " sharded tokens can be made distributed. Leave this module out of the plan."

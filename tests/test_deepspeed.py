@@ -235,6 +235,13 @@ def zero_worker(tmp: str) -> dict:
         }
         out["times"][f"zero{stage}"] = time.perf_counter() - start
 
+    # ZeRO-3 wraps every module's inputs, so nn.MultiheadAttention receives self(x, x, x) as three aliases.
+    seed_everything(SEED)
+    module = RegressionModule("torch_encoder")
+    trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_steps=STEPS, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(build_dataset("torch_encoder"), batch_size=BATCH))
+    out["zero3_torch_encoder"] = {"final": trainer.strategy.full_state_dict(), "seen": module.seen}
+
     # ZeRO-3: one epoch with a checkpoint, then a new process state resumes it for a second epoch.
     start = time.perf_counter()
     data = lambda: DataLoader(Subset(RandomTokens(), range(8)), batch_size=BATCH)  # noqa: E731
@@ -298,6 +305,15 @@ def test_zero_training_equals_single_process(zero_runs, stage):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(450)
+def test_zero3_with_torch_multihead_attention(zero_runs):
+    _, per_rank = zero_runs
+    seen = per_rank[0]["zero3_torch_encoder"]["seen"]
+    reference = train_reference("torch_encoder", SEED, seen, build_dataset("torch_encoder"))
+    for rank, r in enumerate(per_rank):
+        err, name = _max_rel_error(r["zero3_torch_encoder"]["final"], reference)
+        assert err < REL_TOL, f"ZeRO-3 TransformerEncoder rank {rank}: {name} off by relative error {err:.2e}"
+
+
 def test_zero3_resume_continues_exactly(zero_runs):
     from tests.models import RandomTokens
 

@@ -200,6 +200,10 @@ def test_unsupported_options_are_named(group):
         mha(x, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
     out, weights = mha(x, x, x)
     assert out.shape == x.shape and weights is None
+    aliased, _ = mha(x, x.view_as(x), x.view_as(x))  # aliases of one tensor (as ZeRO-3's hooks pass them) are self-attention
+    torch.testing.assert_close(aliased, out)
+    with pytest.raises(UnsupportedAttentionError, match="cross-attention"):
+        mha(x, x.clone(), x)  # equal values in other memory: genuinely another tensor
     applied.remove()
 
     seq_first = nn.MultiheadAttention(8, 2)
