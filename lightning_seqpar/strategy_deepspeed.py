@@ -130,6 +130,9 @@ class DeepSpeedEngineMixin:
             assert self.applied_plan is not None
             net, blocks = pipeline.build_pipeline_module(module, self.topology)
             pipeline.enter_stage_regions(self.applied_plan, net, blocks)
+            # The names (in the LightningModule) of what this rank's stage trains: full_state_dict merges by them.
+            local = {id(t) for t in [*net.parameters(), *net.buffers()]}
+            self._stage_state_names = [name for name, t in module.state_dict(keep_vars=True).items() if id(t) in local]
             if optimizer is not None:
                 ds.restrict_optimizer(optimizer, net.parameters())
             engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
@@ -147,8 +150,19 @@ class DeepSpeedEngineMixin:
         )
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The LightningModule's full state dict on CPU, gathering ZeRO-3 partitions (call on every rank)."""
-        return ds.full_state_dict(self.lightning_module)
+        """The LightningModule's full state dict on CPU, gathering ZeRO-3 partitions and, with pipeline stages, each
+        stage's trained layers from the ranks that own them (call on every rank)."""
+        state = ds.full_state_dict(self.lightning_module)
+        names = getattr(self, "_stage_state_names", None)
+        if self.pipeline_stages > 1 and names is not None:
+            assert self.topology is not None
+            import torch.distributed as dist
+
+            stages: list[dict[str, Tensor] | None] = [None] * self.topology.pp
+            dist.all_gather_object(stages, {name: state[name] for name in names}, group=self.topology.pipeline_group)
+            for stage_state in stages:  # each stage's own layers replace this rank's untrained copies
+                state.update(stage_state or {})
+        return state
 
     def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
         model = model or self.lightning_module

@@ -369,6 +369,7 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
         "losses": record.losses,
         "seen": module.seen,  # pipeline_batch runs once per step, before the split into micro-batches
         "local": {k: v.detach().clone() for k, v in module.named_parameters() if id(v) in local},
+        "full": trainer.strategy.full_state_dict(),  # every stage's layers, from the ranks that train them
         "parts": [int(p) for p in trainer.strategy.deepspeed_engine.module.parts],
         "topology": trainer.strategy.topology.describe(),
     }
@@ -422,6 +423,9 @@ def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_r
     assert sorted(merged) == sorted(k for k in reference if not k.startswith("samples"))
     err, name = _max_rel_error(merged, {k: reference[k] for k in merged})
     assert err < REL_TOL, f"pipeline: {name} off by relative error {err:.2e}"
+    for rank, r in enumerate(runs):
+        err, name = _max_rel_error({k: r["full"][k] for k in merged}, {k: reference[k] for k in merged})
+        assert err < REL_TOL, f"pipeline full_state_dict on rank {rank}: {name} off by relative error {err:.2e}"
 
 
 @pytest.mark.multiprocess
