@@ -85,7 +85,7 @@ def _max_rel_error(a: dict, b: dict) -> tuple[float, str]:
     ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"],
 )
 def test_training_equals_single_process(world, sp, configs):
-    per_rank = run_distributed("tests.test_strategy_contract:contract_worker", world, sp=sp, configs=configs)
+    per_rank = run_distributed("tests.test_strategy_contract:contract_worker", world, timeout=400, sp=sp, configs=configs)
     dp = world // sp
     for config in configs:
         dataset = build_dataset(config[0])

@@ -123,7 +123,7 @@ def features_worker(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    return run_distributed("tests.test_strategy_features:features_worker", 2, tmp=str(tmp_path_factory.mktemp("features")))
+    return run_distributed("tests.test_strategy_features:features_worker", 2, timeout=400, tmp=str(tmp_path_factory.mktemp("features")))
 
 
 def test_resume_continues_exactly(features):
