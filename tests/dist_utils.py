@@ -104,6 +104,11 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> str:
     return f"timed out or a rank failed after at most {timeout:.0f} s (exit codes {codes})"
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, the error measure of the equivalence tests."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def init_gloo() -> None:
     """Initialise the default gloo group from the environment, with a short timeout."""
     dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_utils import CollectiveCounter, init_gloo, run_distributed
+from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -21,10 +21,6 @@ CASES = [
     ("L7_H3_P2", 2, 1, 7, 3, 64, False),
     ("causal_L13_P4", 4, 2, 13, 4, 32, True),
 ]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def attention_worker(world: int, cases: list) -> dict:
@@ -55,11 +51,11 @@ def attention_worker(world: int, cases: list) -> dict:
                 out_inferred = fn(*(t.detach() for t in local), group, causal=causal)
             sl = slice(start, start + sizes[rank])
             results[(name, kind)] = {
-                "out": _rel(out.double(), ref[:, sl].detach()),
-                "out_inferred": _rel(out_inferred.double(), ref[:, sl].detach()),
-                "dq": _rel(local[0].grad.double(), qf.grad[:, sl]),
-                "dk": _rel(local[1].grad.double(), kf.grad[:, sl]),
-                "dv": _rel(local[2].grad.double(), vf.grad[:, sl]),
+                "out": relative_error(out.double(), ref[:, sl].detach()),
+                "out_inferred": relative_error(out_inferred.double(), ref[:, sl].detach()),
+                "dq": relative_error(local[0].grad.double(), qf.grad[:, sl]),
+                "dk": relative_error(local[1].grad.double(), kf.grad[:, sl]),
+                "dv": relative_error(local[2].grad.double(), vf.grad[:, sl]),
                 "fwd": fwd.calls,
                 "bwd": bwd.calls,
                 "inferred": inferred.calls,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_utils import CollectiveCounter, init_gloo, run_distributed
+from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -32,10 +32,6 @@ HYBRID_CASES = [
     ("4x1_causal_L13", 4, 2, 13, 4, 32, True),
     ("1x4_causal_L13", 1, 2, 13, 2, 32, True),
 ]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(tag: str, B: int, L: int, H: int, d: int) -> list[torch.Tensor]:
@@ -65,10 +61,10 @@ def _compare(fn, fn_inferred, q, k, v, grad_out, causal, sizes, rank) -> dict:
     with CollectiveCounter() as inferred:
         out_inferred = fn_inferred(*(t.detach() for t in local), causal=causal)
     norms = {"dq": dq[:, sl], "dk": dk[:, sl], "dv": dv[:, sl]}
-    errors = {"out": _rel(out.double(), ref[:, sl]), "out_inferred": _rel(out_inferred.double(), ref[:, sl])}
+    errors = {"out": relative_error(out.double(), ref[:, sl]), "out_inferred": relative_error(out_inferred.double(), ref[:, sl])}
     for (name, expected), t in zip(norms.items(), local):
         # A rank with no tokens has empty gradients: nothing to compare.
-        errors[name] = _rel(t.grad.double(), expected) if expected.numel() else 0.0
+        errors[name] = relative_error(t.grad.double(), expected) if expected.numel() else 0.0
     return {"errors": errors, "fwd": fwd.calls, "bwd": bwd.calls, "inferred": inferred.calls}
 
 
@@ -361,7 +357,7 @@ def test_flash_blocks_match_math_on_cuda(causal, head_dim):
             dk[:, sl] += grads[1].float()
             dv[:, sl] += grads[2].float()
         got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
-        errors[flash] = {name: _rel(got[name].double(), expected[name]) for name in expected}
+        errors[flash] = {name: relative_error(got[name].double(), expected[name]) for name in expected}
     for name in expected:
         assert errors[True][name] < 2e-2, f"flash {name}: relative error {errors[True][name]:.2e}"
         assert errors[True][name] < 2 * errors[False][name] + 2e-3, (name, errors)
@@ -383,5 +379,5 @@ def test_ring_function_flash_path_on_one_rank(causal):
     out = ring._RingAttention.apply(qb, kb, vb, None, SequenceLayout((257,)), 64**-0.5, causal, True)
     out.backward(grad_out.bfloat16())
     for name, got, expected in (("out", out, ref), ("dq", qb.grad, qf.grad), ("dk", kb.grad, kf.grad), ("dv", vb.grad, vf.grad)):
-        err = _rel(got.double(), expected.detach())
+        err = relative_error(got.double(), expected.detach())
         assert err < 2e-2, f"{name}: relative error {err:.2e}"
