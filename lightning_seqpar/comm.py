@@ -17,10 +17,8 @@ for the gathered keys and values.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,28 +70,11 @@ class SequenceLayout:
         return sum(self.lengths[:rank])
 
 
-_LAYOUT: contextvars.ContextVar[SequenceLayout | None] = contextvars.ContextVar("seqpar_layout", default=None)
-
-
-@contextlib.contextmanager
-def use_layout(layout: SequenceLayout | None) -> Iterator[None]:
-    """Make ``layout`` the one distributed attention assumes while the block runs (saves a length exchange)."""
-    token = _LAYOUT.set(layout)
-    try:
-        yield
-    finally:
-        _LAYOUT.reset(token)
-
-
-def current_layout() -> SequenceLayout | None:
-    return _LAYOUT.get()
-
-
 def resolve_layout(local_length: int, group: ProcessGroup, lengths: Sequence[int] | None = None) -> SequenceLayout:
     """The sequence layout of ``group`` given this rank's ``local_length``.
 
-    Taken from ``lengths`` if given, else from the layout set by :func:`use_layout` (the strategy sets it
-    when it shards the tokens), else exchanged with one all-gather of ``P`` integers.
+    Taken from ``lengths`` if given (the strategy passes the layout it sharded the tokens with), else exchanged
+    with one all-gather of ``P`` integers.
     """
     world, rank = group_size(group), group_rank(group)
     if lengths is not None:
@@ -103,9 +84,6 @@ def resolve_layout(local_length: int, group: ProcessGroup, lengths: Sequence[int
                 f"sequence lengths {list(layout.lengths)} do not match this rank: group of {world} ranks,"
                 f" rank {rank} holds {local_length} tokens."
             )
-        return layout
-    layout = current_layout()
-    if layout is not None and len(layout.lengths) == world and layout.lengths[rank] == local_length:
         return layout
     mine = torch.tensor([local_length], dtype=torch.int64, device=_comm_device(group))
     everyone = torch.empty(world, dtype=torch.int64, device=mine.device)

@@ -27,7 +27,6 @@ from lightning_seqpar.attention.local import AttentionBackend
 from lightning_seqpar.attention.ring import check_ring_arguments, ring_attention
 from lightning_seqpar.comm import (
     SequenceLayout,
-    current_layout,
     group_rank,
     group_size,
     head_to_sequence_shards,
@@ -93,15 +92,11 @@ def hybrid_layouts(
 ) -> tuple[SequenceLayout, SequenceLayout]:
     """The token layout inside this rank's Ulysses group and the layout of the ring's blocks.
 
-    ``sequence_lengths`` (or the layout set by the strategy) lists the tokens of all P = u x r SP ranks in
+    ``sequence_lengths`` (the strategy passes them) lists the tokens of all P = u x r SP ranks in
     SP rank order; without them, two small all-gathers (Ulysses group, then ring group) find the lengths.
     """
     u, r = group_size(ulysses_group), group_size(ring_group)
     i_u, i_r = group_rank(ulysses_group), group_rank(ring_group)
-    if sequence_lengths is None:
-        layout = current_layout()
-        if layout is not None and len(layout.lengths) == u * r and layout.lengths[i_r * u + i_u] == local_length:
-            sequence_lengths = layout.lengths
     if sequence_lengths is not None:
         lengths = [int(n) for n in sequence_lengths]
         if len(lengths) != u * r or lengths[i_r * u + i_u] != local_length:
@@ -143,8 +138,8 @@ def hybrid_attention(
         softmax_scale: Scale of ``q k^T``; default ``1 / sqrt(d)``.
         causal: Causal masking over the full sequence (token order = SP rank order).
         backend: The ring's block kernel, see :func:`~lightning_seqpar.attention.ring.ring_attention`.
-        sequence_lengths: Tokens held by each of the u x r SP ranks, in SP rank order; default: the
-            layout set by the strategy, else exchanged.
+        sequence_lengths: Tokens held by each of the u x r SP ranks, in SP rank order (the strategy
+            passes them); default: exchanged with two small all-gathers.
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.

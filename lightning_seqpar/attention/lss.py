@@ -60,8 +60,8 @@ def lss_attention(
         causal: Causal masking over the full sequence (token order = rank order). Uses an explicit
             mask, so it runs on SDPA or math, not flash-attn.
         backend: Local kernel, see :func:`~lightning_seqpar.attention.local_attention`.
-        sequence_lengths: Tokens held by each rank; default: the layout set by the strategy, else
-            exchanged with one small all-gather.
+        sequence_lengths: Tokens held by each rank (the strategy passes them); default: exchanged with one
+            small all-gather.
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.

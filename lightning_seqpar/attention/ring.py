@@ -324,8 +324,8 @@ def ring_attention(
         backend: The block kernel, see :data:`RING_BACKENDS`: ``"math"`` (plain torch, fp32 softmax, any
             device), ``"sdpa_flash"`` (PyTorch's FlashAttention-2 op on fp16/bf16 CUDA inputs), or
             ``"auto"``: flash where it runs, else math. Partial results are merged in fp32 either way.
-        sequence_lengths: Tokens held by each rank (they may differ, e.g. L = 197 over 4 ranks); default:
-            the layout set by the strategy, else exchanged with one small all-gather.
+        sequence_lengths: Tokens held by each rank (they may differ, e.g. L = 197 over 4 ranks); the strategy
+            passes them; default: exchanged with one small all-gather.
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.

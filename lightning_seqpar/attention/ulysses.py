@@ -59,8 +59,8 @@ def ulysses_attention(
         softmax_scale: Scale of ``q k^T``; default ``1 / sqrt(d)``.
         causal: Causal masking over the full sequence (token order = rank order).
         backend: Local kernel, see :func:`~lightning_seqpar.attention.local_attention`.
-        sequence_lengths: Tokens held by each rank; default: the layout set by the strategy, else
-            exchanged with one small all-gather.
+        sequence_lengths: Tokens held by each rank (the strategy passes them); default: exchanged with one
+            small all-gather.
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.
