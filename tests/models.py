@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -222,6 +222,16 @@ class RandomTokens(Dataset):
 
     def __getitem__(self, i):
         return {"index": i, "x": self.x[i], "y": self.y[i]}
+
+
+class LossRecorder(Callback):
+    """Records the loss of every training batch (``outputs["loss"]``), for loss-curve comparisons."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())
 
 
 class RegressionModule(LightningModule):

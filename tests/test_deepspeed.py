@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.dist_utils import run_distributed
-from tests.models import RegressionModule, TinyViT, build_dataset, train_reference
+from tests.models import LossRecorder, RegressionModule, TinyViT, build_dataset, train_reference
 
 SEED, STEPS, BATCH = 1234, 3, 2
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -202,7 +202,7 @@ def zero_worker(tmp: str) -> dict:
     import time
 
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, Subset
 
     from lightning_seqpar import SeqParStrategy
@@ -210,12 +210,6 @@ def zero_worker(tmp: str) -> dict:
     from lightning_seqpar.deepspeed_engine import consolidate_checkpoint
     from tests.models import RandomTokens
 
-    class Record(Callback):
-        def __init__(self):
-            self.losses = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.losses.append(outputs["loss"].item())
 
     out: dict = {"times": {}}
     for stage in (1, 2, 3):
@@ -248,14 +242,14 @@ def zero_worker(tmp: str) -> dict:
     seed_everything(7)
     first = RegressionModule()
     checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), save_last=True)
-    record1 = Record()
+    record1 = LossRecorder()
     trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_epochs=1, callbacks=[record1, checkpoint])
     trainer.fit(first, data())
     after_first_epoch = trainer.strategy.full_state_dict()
     seed_everything(7)
     torch.manual_seed(123)  # the RNG differs in a new process: the checkpoint must carry what matters
     second = RegressionModule()
-    record2 = Record()
+    record2 = LossRecorder()
     trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_epochs=2, callbacks=[record2],
                        enable_checkpointing=False)
     trainer.fit(second, data(), ckpt_path=checkpoint.last_model_path)
@@ -344,23 +338,16 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
     import time
 
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
 
-    class Record(Callback):
-        def __init__(self):
-            self.losses = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.losses.append(outputs["loss"].item())
 
     out: dict = {}
     start = time.perf_counter()
     seed_everything(SEED)
     module = PipelineRegression()
-    record = Record()
+    record = LossRecorder()
     strategy = SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=2, timeout=60)
     trainer = _trainer(strategy, tmp, max_steps=STEPS, enable_checkpointing=False, callbacks=[record])
     trainer.fit(module, DataLoader(build_dataset("timm_vit"), batch_size=2 * BATCH))

@@ -38,36 +38,30 @@ WORLD = 2
 
 def features_worker(tmp: str) -> dict:
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, Subset
 
-    from tests.models import RandomTokens, RegressionModule, build_model
+    from tests.models import LossRecorder, RandomTokens, RegressionModule, build_model
 
-    class Record(Callback):
-        def __init__(self):
-            self.losses = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.losses.append(outputs["loss"].item())
 
     data = lambda: DataLoader(Subset(RandomTokens(), range(8)), batch_size=2)  # noqa: E731
     out = {}
 
     # Uninterrupted: 2 epochs of 4 steps.
     seed_everything(7)
-    rec, module = Record(), RegressionModule()
+    rec, module = LossRecorder(), RegressionModule()
     _trainer(tmp, max_epochs=2, callbacks=[rec], enable_checkpointing=False).fit(module, data())
     out["uninterrupted"] = rec.losses
     out["uninterrupted_seen"] = module.seen
 
     # Interrupted after epoch 1, then resumed from the checkpoint written on rank 0.
     seed_everything(7)
-    rec1 = Record()
+    rec1 = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), save_last=True)
     _trainer(tmp, max_epochs=1, callbacks=[rec1, ckpt]).fit(RegressionModule(), data())
     seed_everything(7)  # the relaunched command seeds as the first run did ...
     torch.manual_seed(123)  # ... but the RNG state differs: the checkpoint must carry what matters
-    rec2 = Record()
+    rec2 = LossRecorder()
     module = RegressionModule()
     _trainer(tmp, max_epochs=2, callbacks=[rec2], enable_checkpointing=False).fit(module, data(), ckpt_path=ckpt.last_model_path)
     out["resumed"] = rec1.losses + rec2.losses
@@ -75,12 +69,12 @@ def features_worker(tmp: str) -> dict:
     # Interrupted in the middle of epoch 2 (after global step 6 of 8): the resumed run takes batches 7 and 8 of
     # that epoch, neither repeating nor skipping a sample.
     seed_everything(7)
-    rec3, first = Record(), RegressionModule()
+    rec3, first = LossRecorder(), RegressionModule()
     mid = ModelCheckpoint(dirpath=os.path.join(tmp, "mid"), every_n_train_steps=6, save_top_k=-1)
     _trainer(tmp, max_steps=6, callbacks=[rec3, mid]).fit(first, data())
     seed_everything(7)
     torch.manual_seed(321)
-    rec4, second = Record(), RegressionModule()
+    rec4, second = LossRecorder(), RegressionModule()
     _trainer(tmp, max_epochs=2, callbacks=[rec4], enable_checkpointing=False).fit(second, data(), ckpt_path=mid.best_model_path or mid.last_model_path)
     out["mid_epoch_losses"] = rec3.losses + rec4.losses
     out["mid_epoch_seen"] = first.seen + second.seen
@@ -100,7 +94,7 @@ def features_worker(tmp: str) -> dict:
     # Activation checkpointing gives the same training as without.
     for checkpointing in (False, True):
         seed_everything(7)
-        rec = Record()
+        rec = LossRecorder()
         trainer = _trainer(tmp, max_steps=3, callbacks=[rec], enable_checkpointing=False,
                            strategy_kwargs={"activation_checkpointing": checkpointing})
         trainer.fit(RegressionModule(), data())
