@@ -29,17 +29,26 @@ class NonFiniteStepError(FloatingPointError):
     """Raised on every rank when a step's loss or gradients are not finite and the policy is ``raise``."""
 
 
-def _local_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter]) -> bool:
+def _local_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter], device: torch.device) -> Tensor:
+    """1.0 if the loss or any gradient holds a NaN/inf, else 0.0, computed on ``device`` without a host sync: one
+    max-abs per gradient (``torch._foreach_norm`` with ord=inf: exact, it cannot overflow, and NaN propagates)."""
     if isinstance(loss, dict):
         loss = loss.get("loss")
-    if isinstance(loss, Tensor) and not torch.isfinite(loss.detach()).all():
-        return True
-    return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in parameters)
+    checks = []
+    if isinstance(loss, Tensor):
+        checks.append(loss.detach().float().reshape(-1).to(device))
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        checks += [n.float().reshape(1).to(device) for n in torch._foreach_norm(grads, float("inf"))]
+    if not checks:
+        return torch.zeros((), device=device)
+    return (~torch.isfinite(torch.cat(checks))).any().float()
 
 
 def any_rank_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter], device: torch.device) -> bool:
-    """True on every rank if the loss or a gradient is not finite on any rank (one all-reduce of one number)."""
-    flag = torch.tensor([1.0 if _local_nonfinite(loss, parameters) else 0.0], device=device)
+    """True on every rank if the loss or a gradient is not finite on any rank: one all-reduce of one number and
+    one host sync per step (the flag is computed on the device)."""
+    flag = _local_nonfinite(loss, parameters, device).reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
