@@ -65,6 +65,13 @@ class SequenceParallelRuntime:
                 " way to this attention. Put the shard point on a module that runs before it."
             )
         self.attention_calls += 1
+        device_type = q.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What SDPA does under autocast (it is on autocast's lower-precision list): q, k and v in the autocast
+            # dtype, also when a q/k normalisation left them in float32 next to a bf16 v. Casting before the
+            # collectives also halves the bytes they move.
+            dtype = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         layout = self.layout
         lengths = layout.lengths if layout is not None and layout.lengths[group_rank(self.group)] == q.shape[1] else None
         options = dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=self.backend, sequence_lengths=lengths)

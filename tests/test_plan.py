@@ -284,3 +284,25 @@ def test_checkpoint_modes_and_chunked_mlp_match(group, mode):
 def test_bad_chunk_role():
     with pytest.raises(PlanError, match="'chunk:0': the value after ':' must be a positive number of slices"):
         SequenceParallelPlan({"mlp": "chunk:0"})
+
+
+def test_autocast_mixed_qkv_dtypes_match_plain(group):
+    """Under autocast a q normalisation (LayerNorm, autocast's float32 list) leaves q in float32 next to bf16 k and
+    v; plain SDPA casts all three to the autocast dtype, and the distributed attention must do the same."""
+    class Float32(torch.nn.Module):  # what LayerNorm does under CUDA autocast
+        def forward(self, t):
+            return t.float()
+
+    torch.manual_seed(0)
+    model = TinyViT()
+    for block in model.blocks:
+        block.attn.q_norm = Float32()
+    x = torch.randn(2, 13, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        applied = apply_sequence_parallel(model, infer_plan(model), group)
+        got = model(x)
+    applied.remove()
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
