@@ -5,8 +5,8 @@ hooks, and attention, SDPA interception, sliced parameters and activation checkp
 instance's ``forward``. :meth:`AppliedPlan.remove` restores the plain model.
 
 Order of application (see :func:`apply_sequence_parallel`): attention adapters first (innermost), then SDPA
-interception and activation checkpointing of whole blocks (so recomputation in backward re-enters the
-distributed attention), then sliced parameters, then the shard and gather hooks (outermost, so they run
+interception, token chunking and ``torch.compile`` of whole blocks, then their activation checkpointing (so
+recomputation in backward re-enters the compiled block and the distributed attention), then sliced parameters, then the shard and gather hooks (outermost, so they run
 once per forward and never during recomputation).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,8 +56,13 @@ class SequenceParallelRuntime:
     hybrid_groups: tuple[ProcessGroup, ProcessGroup] | None = None
     _restore_fastpath: Callable[[], None] | None = field(default=None, repr=False)
 
+    @torch.compiler.disable
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
-        """Distributed attention on ``[B, L_r, H, d]`` with this plan's kernel and the current layout."""
+        """Distributed attention on ``[B, L_r, H, d]`` with this plan's kernel and the current layout.
+
+        Never traced by ``torch.compile``: a compiled block breaks its graph here and calls this eagerly, so the
+        collectives run on the process group exactly as in an uncompiled model.
+        """
         in_backward = torch._C._current_graph_task_id() != -1  # activation-checkpoint recomputation
         if not self.active and not in_backward:
             raise NoDistributedAttentionError(
@@ -166,6 +172,11 @@ def apply_sdpa(applied: AppliedPlan, module: nn.Module) -> None:
     applied._wrap_forward(module, make)
 
 
+def apply_compile(applied: AppliedPlan, module: nn.Module, options: dict[str, Any]) -> None:
+    """Compile ``module``'s current forward (attention adapters already inside it) with ``torch.compile(**options)``."""
+    applied._wrap_forward(module, lambda inner: torch.compile(inner, **options))
+
+
 def apply_checkpoint(applied: AppliedPlan, module: nn.Module, kind: str = "checkpoint") -> None:
     if kind != "checkpoint":
         # Selective (keep attention outputs) or host-offloaded recomputation: see lightning_seqpar.memory.
@@ -230,6 +241,7 @@ def apply_sequence_parallel(
     attention: str = "ulysses",
     backend: AttentionBackend = "auto",
     hybrid_groups: tuple[ProcessGroup, ProcessGroup] | None = None,
+    compile_options: dict[str, Any] | None = None,
 ) -> AppliedPlan:
     """Make ``root`` sequence-parallel over ``group`` in place according to ``plan``.
 
@@ -241,6 +253,7 @@ def apply_sequence_parallel(
         backend: Local attention kernel.
         hybrid_groups: ``(ulysses_group, ring_group)`` for ``attention="hybrid"``
             (see :func:`~lightning_seqpar.attention.build_hybrid_groups`).
+        compile_options: Keyword arguments of ``torch.compile`` for the modules marked ``compile``.
 
     Returns:
         The applied plan; call ``.remove()`` to restore the plain model.
@@ -259,6 +272,8 @@ def apply_sequence_parallel(
         apply_sdpa(applied, root.get_submodule(path))
     for path, role in by_kind("chunk"):
         applied._undo.append(chunk_module(root.get_submodule(path), role.dim, dim=1))
+    for path, _ in by_kind("compile"):  # inside checkpointing, so recomputation reuses the compiled code
+        apply_compile(applied, root.get_submodule(path), compile_options or {})
     for path, role in by_kind("checkpoint", "checkpoint_save_attention", "checkpoint_offload"):
         apply_checkpoint(applied, root.get_submodule(path), role.kind)
     for path, role in by_kind("sequence_parameter"):

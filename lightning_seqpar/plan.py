@@ -30,6 +30,11 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
 ``chunk:N``
     Run this token-local module (e.g. an MLP) on N slices of the tokens, each recomputed in backward, so its
     wide hidden activations exist for one slice at a time.
+``compile``
+    Run this module's forward through ``torch.compile`` (LayerNorm, GELU, biases and residual additions fused
+    around the matrix products). The distributed attention inside it stays eager (never traced), so the
+    collectives and the attention kernel are the ones an uncompiled run uses. Activation checkpointing of the
+    same module wraps the compiled forward, so recomputation runs the compiled code too.
 
 A plan is printable (``print(plan)``) and YAML-friendly (roles are strings; several roles are separated by
 commas). :func:`infer_plan` builds one for a model that does not supply its own.
@@ -46,7 +51,7 @@ from torch import nn
 
 RoleKind = Literal[
     "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter",
-    "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk",
+    "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
 _DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter", "chunk"}
@@ -142,10 +147,10 @@ class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
                     )
                 resolved.extend((m, role) for m in matches)
         for path, role in resolved:
-            if role.kind in _DIM_ROLES - {"sequence_parameter", "chunk"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
+            if role.kind in (_DIM_ROLES | {"compile"}) - {"sequence_parameter", "chunk"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
                 raise PlanError(
                     f"plan entry {path!r} ({role}) is a {type(modules[path]).__name__}, which is never called, so the"
-                    " tokens would never be sharded or gathered there. Put the role on the module that runs the blocks."
+                    " role would never take effect there. Put it on the module that runs the blocks (or on each block)."
                 )
         kinds = {role.kind for _, role in resolved}
         if not kinds & {"shard_input", "shard_output"} or not kinds & {"gather_input", "gather_output"}:

@@ -38,7 +38,7 @@ from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
-from lightning_seqpar.plan import SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.resumable import make_resumable
 from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
@@ -71,6 +71,11 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             long sequences, about a third more compute): ``True`` / ``"full"``; ``"save_attention"`` keeps the
             attention outputs so backward does not rerun attention; ``"offload"`` also keeps the block inputs in
             pinned host memory (the leanest; see docs/performance.md).
+        compile_blocks: ``torch.compile`` each transformer block (the blocks activation checkpointing wraps):
+            LayerNorm, GELU, biases and residual additions are fused around the matrix products, while the
+            distributed attention stays eager, so its collectives and kernel are unchanged. ``True``, or a dict of
+            ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``). The first
+            steps pay the compilation; see docs/performance.md for what it buys.
         process_group_backend: ``"nccl"`` or ``"gloo"``; default: NCCL on CUDA, gloo on CPU.
         timeout: Timeout of every collective, as a ``timedelta`` or seconds: a rank that dies makes the others
             fail after this long instead of hanging.
@@ -100,6 +105,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         attention_backend: AttentionBackend = "auto",
         plan: dict[str, str | list[str]] | None = None,
         activation_checkpointing: bool | Literal["full", "save_attention", "offload"] = False,
+        compile_blocks: bool | dict[str, Any] = False,
         process_group_backend: str | None = None,
         timeout: timedelta | float = timedelta(minutes=30),
         on_nonfinite: NonFinitePolicy = "raise",
@@ -155,6 +161,11 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
                 f" got {activation_checkpointing!r}."
             )
         self.activation_checkpointing = activation_checkpointing
+        if not isinstance(compile_blocks, (bool, dict)):
+            raise ValueError(
+                f"SeqParStrategy: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}."
+            )
+        self.compile_blocks = compile_blocks
         self.topology: Topology | None = None
         self.applied_plan: AppliedPlan | None = None
         self._data_seed: int | None = None
@@ -236,9 +247,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         plan = self._plan if self._plan is not None else infer_plan(module)
         if self.activation_checkpointing:
             plan = _with_checkpoints(plan, module, self.activation_checkpointing)
+        if self.compile_blocks:
+            plan = _with_block_role(plan, module, "compile")
         self.applied_plan = apply_sequence_parallel(
             module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend,
             hybrid_groups=self._hybrid_groups,
+            compile_options=self.compile_blocks if isinstance(self.compile_blocks, dict) else None,
         )
         rank_zero_info(f"SeqParStrategy: sequence-parallel plan of {type(module).__name__}:\n{plan}")
 
@@ -427,7 +441,18 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
 def _with_checkpoints(plan: SequenceParallelPlan, module: torch.nn.Module, mode: bool | str = True) -> SequenceParallelPlan:
     """``plan`` with every transformer block marked for activation checkpointing in ``mode``."""
     role = {True: "checkpoint", "full": "checkpoint", "save_attention": "checkpoint_save_attention", "offload": "checkpoint_offload"}[mode]
-    extra = {path: role for path in block_paths(module)}
+    return _with_block_role(plan, module, role)
+
+
+def _with_block_role(plan: SequenceParallelPlan, module: torch.nn.Module, role: str) -> SequenceParallelPlan:
+    """``plan`` with ``role`` added to every transformer block (the children of the largest block stack)."""
+    paths = block_paths(module)
+    if not paths:
+        raise PlanError(
+            f"SeqParStrategy: no stack of transformer blocks found in {type(module).__name__} to apply {role!r} to;"
+            " mark the blocks in an explicit plan instead."
+        )
+    extra = {path: role for path in paths}
     merged = plan.to_dict()
     for path, role in extra.items():
         merged[path] = f"{merged[path]}, {role}" if path in merged else role

@@ -306,3 +306,22 @@ def test_autocast_mixed_qkv_dtypes_match_plain(group):
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
+
+def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
+    from lightning_seqpar.strategy import _with_block_role
+
+    with pytest.raises(PlanError, match="is a ModuleList, which is never called"):
+        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({**infer_plan(TinyViT()).to_dict(), "blocks": "compile"}), group)
+    with pytest.raises(PlanError, match="no stack of transformer blocks found in Linear"):
+        _with_block_role(SequenceParallelPlan({}), torch.nn.Linear(2, 2), "compile")
+    torch.manual_seed(0)
+    model = TinyViT()
+    x = torch.randn(2, 13, 6)
+    expected = model(x)
+    plan = _with_block_role(infer_plan(model), model, "compile")
+    assert plan.to_dict()["blocks.1"] == "gather_output:1, compile"
+    applied = apply_sequence_parallel(model, plan, group)
+    assert all("forward" in block.__dict__ for block in model.blocks)  # the compiled forward sits on each block
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    applied.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())

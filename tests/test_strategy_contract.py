@@ -25,8 +25,10 @@ CLIMAX = [("climax", "ulysses"), ("climax", "lss")]
 RING_HYBRID = [("timm_vit", "ring"), ("sdpa_vit", "hybrid")]
 
 
-def contract_worker(sp: int, configs: list) -> dict:
+def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None) -> dict:
     import os
+
+    from torch._dynamo.utils import counters
 
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
@@ -44,7 +46,8 @@ def contract_worker(sp: int, configs: list) -> dict:
             accelerator="cpu",
             devices=world,
             strategy=SeqParStrategy(
-                sequence_parallel_size=sp, attention=attention, timeout=60, ulysses_degree=2 if attention == "hybrid" else None
+                sequence_parallel_size=sp, attention=attention, timeout=60, ulysses_degree=2 if attention == "hybrid" else None,
+                **(strategy_kwargs or {}),
             ),
             max_steps=STEPS,
             logger=False,
@@ -52,8 +55,11 @@ def contract_worker(sp: int, configs: list) -> dict:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+        counters.clear()
         trainer.fit(module, DataLoader(build_dataset(model_name), batch_size=BATCH))
         results[(model_name, attention)] = {
+            "compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
             "initial": initial,
             "final": {k: v.detach().clone() for k, v in module.state_dict().items()},
             "seen": module.seen,

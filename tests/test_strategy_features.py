@@ -171,6 +171,8 @@ def test_strategy_argument_errors():
         SeqParStrategy(attention_backend="xformers")
     with pytest.raises(ValueError, match="sequence_parallel_size must be a positive integer, got 0"):
         SeqParStrategy(sequence_parallel_size=0)
+    with pytest.raises(ValueError, match="compile_blocks must be True, False or a dict of torch.compile options, got 'yes'"):
+        SeqParStrategy(compile_blocks="yes")
 
 
 def test_registered_names():

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 SEED, STEPS, BATCH = 1234, 3, 2
 
 
-def _fit(model_name: str, precision: str, attention: str = "ulysses", checkpointing: bool = False, steps: int = STEPS):
+def _fit(model_name: str, precision: str, attention: str = "ulysses", checkpointing: bool = False, steps: int = STEPS,
+         compile_blocks: bool = False):
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
 
@@ -27,21 +28,22 @@ def _fit(model_name: str, precision: str, attention: str = "ulysses", checkpoint
     trainer = Trainer(
         accelerator="gpu", devices=1, precision=precision, max_steps=steps, logger=False,
         strategy=SeqParStrategy(sequence_parallel_size=1, attention=attention, activation_checkpointing=checkpointing,
-                                process_group_backend="nccl", timeout=120),
+                                compile_blocks=compile_blocks, process_group_backend="nccl", timeout=120),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(RandomTokens(), batch_size=BATCH, shuffle=False))
     return module, trainer
 
 
-@pytest.mark.parametrize("model_name,attention,checkpointing", [
-    ("timm_vit", "ulysses", False), ("timm_vit", "lss", True), ("torch_encoder", "ulysses", False), ("sdpa_vit", "lss", False),
+@pytest.mark.parametrize("model_name,attention,checkpointing,compile_blocks", [
+    ("timm_vit", "ulysses", False, False), ("timm_vit", "lss", True, False), ("torch_encoder", "ulysses", False, False),
+    ("sdpa_vit", "lss", False, False), ("timm_vit", "ulysses", False, True), ("sdpa_vit", "lss", True, True),
 ])
-def test_fp32_training_equals_single_process(model_name, attention, checkpointing):
+def test_fp32_training_equals_single_process(model_name, attention, checkpointing, compile_blocks):
     previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        module, trainer = _fit(model_name, "32-true", attention, checkpointing)
+        module, trainer = _fit(model_name, "32-true", attention, checkpointing, compile_blocks=compile_blocks)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     assert trainer.strategy.topology is not None and trainer.strategy.topology.sp == 1
