@@ -202,6 +202,7 @@ class Trial:
     flops_per_step: float | None = None
     peak_gib: float | None = None
     note: str = ""
+    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 MEMORY_CONFIGS = {
@@ -239,12 +240,16 @@ def _init_optimizer_state(model: nn.Module, optimizer) -> None:
 
 
 def run_plain(kind: str, sizes: Sizes, length: int, backend: str, memory: str, device: torch.device,
-              steps: tuple[int, int], section: str) -> Trial:
-    """Hand-written training loop: zero_grad, forward under autocast (unless bf16 weights), MSE, backward, AdamW."""
-    trial = Trial(kind, "plain", backend, length, memory, section)
+              steps: tuple[int, int], section: str, compile_blocks: bool = False) -> Trial:
+    """Hand-written training loop: zero_grad, forward under autocast (unless bf16 weights), MSE, backward, AdamW.
+    ``compile_blocks``: ``torch.compile`` each block (``nn.Module.compile``), attention included."""
+    trial = Trial(kind, "plain+compile" if compile_blocks else "plain", backend, length, memory, section)
     dtype = torch.bfloat16 if memory.startswith("bf16") else None
     model, inputs, y = build(kind, sizes, length, device, dtype)
     use_autocast, optimizer = _memory_setup(model, memory, sizes) if kind == "vit" else _memory_setup_climax(model, memory)
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
     warmup, timed = steps
     if warmup == 0:
         _init_optimizer_state(model, optimizer)
@@ -282,15 +287,17 @@ def _memory_setup_climax(model: nn.Module, memory: str):
 
 
 def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str, device: torch.device,
-                 steps: tuple[int, int], section: str, attention: str = "ulysses") -> Trial:
+                 steps: tuple[int, int], section: str, attention: str = "ulysses", compile_blocks: bool = False) -> Trial:
     """The same model and loop through Lightning's Trainer and SeqParStrategy(sequence_parallel_size=1), timed by
-    CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step)."""
+    CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step).
+    ``compile_blocks`` is the strategy's own option (blocks compiled, the distributed attention left eager)."""
     from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
 
-    trial = Trial(kind, "strategy" if attention == "ulysses" else f"strategy-{attention}", backend, length, memory, section)
+    mode = ("strategy" if attention == "ulysses" else f"strategy-{attention}") + ("+compile" if compile_blocks else "")
+    trial = Trial(kind, mode, backend, length, memory, section)
     model, inputs, y = build(kind, sizes, length, device)
     clock = StepClock(device)
     warmup, timed = steps
@@ -323,6 +330,7 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
         attention=attention,
         attention_backend=backend,
         activation_checkpointing="ckpt" in memory,
+        compile_blocks=compile_blocks,
         process_group_backend="nccl" if device.type == "cuda" else "gloo",
     )
     trainer = Trainer(
@@ -370,7 +378,7 @@ def measure(fn, *args, **kwargs) -> Trial:
         traceback.print_exc()
     kind, sizes, length, backend, memory, device = args[:6]
     if trial is None:
-        trial = Trial(kind, "strategy" if fn is run_strategy else "plain", backend, length, memory, kwargs.get("section", ""))
+        trial = Trial(kind, _mode_of(fn), backend, length, memory, kwargs.get("section", ""))
         trial.status = "oom" if oom else "error"
         trial.note = error or ""
         if oom and device.type == "cuda":
@@ -379,6 +387,15 @@ def measure(fn, *args, **kwargs) -> Trial:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return trial
+
+
+def _mode_of(fn) -> str:
+    """The Trial.mode a runner (possibly a functools.partial of one) reports."""
+    keywords = getattr(fn, "keywords", {})
+    base = "strategy" if getattr(fn, "func", fn) is run_strategy else "plain"
+    if base == "strategy" and keywords.get("attention", "ulysses") != "ulysses":
+        base += f"-{keywords['attention']}"
+    return base + ("+compile" if keywords.get("compile_blocks") else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +413,7 @@ class Runner:
 
     def add(self, fn, kind, length, backend, memory, steps, section) -> Trial:
         if self.left() <= 0:
-            trial = Trial(kind, "strategy" if fn is run_strategy else "plain", backend, length, memory, section, status="skipped",
+            trial = Trial(kind, _mode_of(fn), backend, length, memory, section, status="skipped",
                           note="time budget spent")
         else:
             trial = measure(fn, kind, self.sizes, length, backend, memory, self.device, steps=steps, section=section)
@@ -417,9 +434,11 @@ def section_speed(r: Runner, backends: list[str]) -> None:
         # efficient attention is far behind at 64K (and costs a minute of device time): 16K only
         for backend in [b for b in backends if b != "sdpa_efficient" or L <= 16 * K or s.width < 1024]:
             r.add(run_plain, "vit", L, backend, "amp", steps_for(L), "speed")
-        for backend in backends[:2]:
-            r.add(run_strategy, "vit", L, backend, "amp", steps_for(L), "speed")
+        r.add(run_strategy, "vit", L, backends[0], "amp", steps_for(L), "speed")
         r.add(run_plain, "vit", L, backends[0], "amp", steps_for(L), "speed-repeat")  # the spread of one config
+        # Blocks through torch.compile: plain (nn.Module.compile) and the strategy's compile_blocks option.
+        r.add(functools.partial(run_plain, compile_blocks=True), "vit", L, backends[0], "amp", steps_for(L), "speed")
+        r.add(functools.partial(run_strategy, compile_blocks=True), "vit", L, backends[0], "amp", steps_for(L), "speed")
     r.add(run_plain, "vit", s.math_length, "math", "amp", (s.warmup, s.timed), "speed")
     r.add(run_strategy, "vit", s.math_length, "math", "amp", (s.warmup, s.timed), "speed")
 
@@ -541,6 +560,7 @@ def markdown(results: dict) -> str:
         "Model FLOPs per step = 3 x depth x (24 L D^2 + 4 L^2 D) for the ViT (recomputation not counted); ClimaX adds"
         " embedding and head. Step time: median over the timed steps (CUDA events); `largest` rows are one step"
         " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.", "",
+        *targets(results),
         "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both", "",
         "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB |", "|---|---|---|---|---|---|---|---|",
     ]
@@ -550,13 +570,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {_fmt(t['step_ms'], '.1f')} |"
                          f" {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} |"
                          + (f" {t['status']}" if t["status"] != "ok" else ""))
-    lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | backend | overhead |", "|---|---|---|---|"]
+    lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | paths | backend | overhead |", "|---|---|---|---|---|"]
     for t in trials:
-        if t["section"] == "speed" and t["mode"] == "strategy" and t["status"] == "ok":
-            plain = [p for p in trials if p["section"] == "speed" and p["mode"] == "plain" and p["status"] == "ok"
+        if t["section"] == "speed" and t["mode"] in ("strategy", "strategy+compile") and t["status"] == "ok":
+            plain_mode = t["mode"].replace("strategy", "plain")
+            plain = [p for p in trials if p["section"] == "speed" and p["mode"] == plain_mode and p["status"] == "ok"
                      and p["model"] == t["model"] and p["length"] == t["length"] and p["backend"] == t["backend"]]
             if plain:
-                lines.append(f"| {t['model']} | {t['length']} | {t['backend']} | {100 * (t['step_ms'] / plain[0]['step_ms'] - 1):+.1f}% |")
+                lines.append(f"| {t['model']} | {t['length']} | {t['mode']} vs {plain_mode} | {t['backend']} |"
+                             f" {100 * (t['step_ms'] / plain[0]['step_ms'] - 1):+.1f}% |")
     lines += ["", "## Memory configurations (generic ViT, plain PyTorch)", ""]
     lines += [f"- `{k}`: {v}" for k, v in {**MEMORY_CONFIGS, **CLIMAX_MEMORY}.items()]
     lines += ["", "| memory | L | step ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
@@ -573,6 +595,39 @@ def markdown(results: dict) -> str:
         lines.append(f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
                      f" {_fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, read off the trials: strategy overhead at sp = 1, model TFLOP/s of the generic ViT at
+    the longest speed length, and the longest sequences that trained."""
+    trials = [t for t in results["trials"] if t["status"] == "ok"]
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    speed = [t for t in trials if t["section"] == "speed" and t["model"] == "vit" and t["backend"] == "sdpa"]
+    for L in sorted({t["length"] for t in speed if t["length"] >= 16 * K}):
+        s = [t for t in speed if t["length"] == L and t["mode"] == "strategy"]
+        p = [t for t in speed if t["length"] == L and t["mode"] == "plain"]
+        if s and p:
+            overhead = 100 * (s[0]["step_ms"] / p[0]["step_ms"] - 1)
+            lines.append(f"| strategy step (sp = 1) within 3% of plain PyTorch, {L // K}K tokens | {overhead:+.1f}% |"
+                         f" {'yes' if overhead <= 3 else 'no'} |")
+    if speed:
+        L = max(t["length"] for t in speed)
+        for mode in ("plain", "strategy", "plain+compile", "strategy+compile"):
+            best = [t for t in speed if t["length"] == L and t["mode"] == mode]
+            if best:
+                tf = best[0]["tflops"]
+                lines.append(f"| >= 380 model TFLOP/s, generic ViT, {L // K}K tokens, {mode} | {tf:.1f} | {'yes' if tf >= 380 else 'no'} |")
+    largest = [t for t in trials if t["section"] == "largest" and t["model"] == "vit"]
+    if largest:
+        t = max(largest, key=lambda t: t["length"])
+        lines.append(f"| generic ViT at 1,048,576 tokens trains on one GPU | {t['length']:,} tokens, {t['memory']},"
+                     f" peak {t['peak_gib']:.1f} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
+    climax = [t for t in trials if t["section"] == "largest" and t["model"] == "climax"]
+    if climax:
+        t = max(climax, key=lambda t: t["length"])
+        lines.append(f"| ClimaX largest trainable, {results['sizes']['variables']} variables | {t['length']:,} tokens,"
+                     f" {t['memory']}, peak {t['peak_gib']:.1f} GiB | (reported) |")
+    return lines + [""]
 
 
 def plot(results: dict, out: Path) -> None:
@@ -616,11 +671,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU too")
-    parser.add_argument("--sections", default="speed,climax,ladder,largest",
-                        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-largest, extreme")
+    parser.add_argument("--sections", default="speed,climax,ladder,largest,climax-agg",
+                        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-agg, climax-largest,"
+                             " extreme (the default fits one 10-minute device call; extreme is the 1M-token step, ~5 minutes)")
     parser.add_argument("--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out")
     parser.add_argument("--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)")
-    parser.add_argument("--budget-s", type=float, default=500.0, help="skip remaining trials after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip remaining trials after this many seconds")
     parser.add_argument("--climax-backend", default="sdpa_flash", help="attention backend of the climax-largest section")
     parser.add_argument("--large-backend", default=None, help="attention backend of the longest runs (default: fastest at 64K)")
     parser.add_argument("--largest-lengths", default=None, help="comma list overriding the largest-section lengths;"
