@@ -562,14 +562,14 @@ def markdown(results: dict) -> str:
         " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.", "",
         *targets(results),
         "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both", "",
-        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB |", "|---|---|---|---|---|---|---|---|",
+        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         if t["section"] in ("speed", "speed-repeat"):
             path = t["mode"] + (" (repeat)" if t["section"] == "speed-repeat" else "")
             lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {_fmt(t['step_ms'], '.1f')} |"
                          f" {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} |"
-                         + (f" {t['status']}" if t["status"] != "ok" else ""))
+                         f" {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
     lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | paths | backend | overhead |", "|---|---|---|---|---|"]
     for t in trials:
         if t["section"] == "speed" and t["mode"] in ("strategy", "strategy+compile") and t["status"] == "ok":
