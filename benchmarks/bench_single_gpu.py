@@ -524,23 +524,28 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
+def cuda_ms(fn, warmup: int, timed: int) -> list[float]:
+    """Milliseconds of each of ``timed`` calls of ``fn`` after ``warmup`` untimed ones, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(timed):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def matmul_ceiling(device: torch.device) -> float | None:
     """bf16 8192^3 matrix product rate on random data (median of 20 after 5 warm-ups): the practical ceiling."""
     if device.type != "cuda":
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * 8192**3 / (statistics.median(times) / 1e3) / 1e12
+    return 2 * 8192**3 / (statistics.median(cuda_ms(lambda: a @ b, 5, 20)) / 1e3) / 1e12
 
 
 def write_outputs(results: dict, out: Path) -> None:

@@ -32,26 +32,13 @@ from bench_single_gpu import (
     OUT_DIM,
     GenericViT,
     Sizes,
+    cuda_ms,
     device_info,
     sdpa_context,
     vit_flops,
 )
 
 from lightning_seqpar.memory import MasterWeightAdamW
-
-
-def cuda_ms(fn, warmup: int, timed: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(timed):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def attention_alone(length: int, heads: int, head_dim: int, depth: int) -> list[dict]:

@@ -6,8 +6,8 @@ instance's ``forward``. :meth:`AppliedPlan.remove` restores the plain model.
 
 Order of application (see :func:`apply_sequence_parallel`): attention adapters first (innermost), then SDPA
 interception, token chunking and ``torch.compile`` of whole blocks, then their activation checkpointing (so
-recomputation in backward re-enters the compiled block and the distributed attention), then sliced parameters, then the shard and gather hooks (outermost, so they run
-once per forward and never during recomputation).
+recomputation in backward re-enters the compiled block and the distributed attention), then sliced parameters,
+then the shard and gather hooks (outermost, so they run once per forward and never during recomputation).
 """
 
 from __future__ import annotations

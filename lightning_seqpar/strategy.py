@@ -452,8 +452,7 @@ def _with_block_role(plan: SequenceParallelPlan, module: torch.nn.Module, role: 
             f"SeqParStrategy: no stack of transformer blocks found in {type(module).__name__} to apply {role!r} to;"
             " mark the blocks in an explicit plan instead."
         )
-    extra = {path: role for path in paths}
     merged = plan.to_dict()
-    for path, role in extra.items():
+    for path in paths:
         merged[path] = f"{merged[path]}, {role}" if path in merged else role
     return SequenceParallelPlan(merged)
