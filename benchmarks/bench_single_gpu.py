@@ -340,9 +340,22 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
         callbacks=[Timer()],
     )
     _reset_peak(device)
-    trainer.fit(module, DataLoader(list(range(warmup + timed)), batch_size=1))
+    fit_and_release(trainer, module, DataLoader(list(range(warmup + timed)), batch_size=1))
     _finish(trial, clock, device, sizes)
     return trial
+
+
+def fit_and_release(trainer, module, loader) -> None:
+    """``trainer.fit``, then tear the process group down. Lightning leaves it up after fit, and the NCCL group keeps
+    DDP's gradient buckets (one fp32 copy of the gradients) alive with it: without this, every later trial in the
+    process would carry them in its peak memory. The next fit sets a new group up."""
+    excepthook = sys.excepthook  # each init_process_group wraps it with a "[rank0]:" prefix
+    try:
+        trainer.fit(module, loader)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.excepthook = excepthook
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -384,6 +397,9 @@ def measure(fn, *args, **kwargs) -> Trial:
         if oom and device.type == "cuda":
             trial.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     gc.collect()
+    # What survives (imports, compiled-graph caches) moves out of the collector's view, so that a later trial's
+    # full collections do not re-scan it and every trial starts from the same collector state.
+    gc.freeze()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return trial
@@ -407,6 +423,8 @@ class Runner:
     def __init__(self, sizes: Sizes, device: torch.device, budget_s: float, results: dict, out: Path) -> None:
         self.sizes, self.device, self.budget_s, self.results, self.out = sizes, device, budget_s, results, out
         self.t0 = time.monotonic()
+        gc.collect()
+        gc.freeze()
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -458,7 +476,8 @@ def section_ladder(r: Runner, backend: str) -> None:
     s = r.sizes
     for memory in MEMORY_CONFIGS:
         for L in s.ladder_lengths:
-            steps = (2, 5) if L == s.ladder_lengths[-1] else (1, 2)
+            # five timed steps at every length: a median of two let one slow step (host or allocator) set a row
+            steps = (2, 5)
             r.add(run_plain, "vit", L, backend, memory, steps, "ladder")
 
 
@@ -498,6 +517,10 @@ def pick_memory_for(results: dict, length: int, capacity_gib: float) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _tokens(length: int) -> str:
+    return f"{length // K}K" if length >= K else str(length)
 
 
 def _fmt(v, spec):
@@ -584,6 +607,15 @@ def markdown(results: dict) -> str:
             if plain:
                 lines.append(f"| {t['model']} | {t['length']} | {t['mode']} vs {plain_mode} | {t['backend']} |"
                              f" {100 * (t['step_ms'] / plain[0]['step_ms'] - 1):+.1f}% |")
+    kinds = [t for t in trials if t["section"] == "attention-kinds"]
+    if kinds:
+        lines += ["", "## Distributed attention kinds at sp=1 (strategy path, autocast bf16)", "",
+                  "| L | attention | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in kinds:
+            lines.append(f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
+                         f" {_fmt(t['step_ms'], '.1f')} | {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} |"
+                         f" {_fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
     lines += ["", "## Memory configurations (generic ViT, plain PyTorch)", ""]
     lines += [f"- `{k}`: {v}" for k, v in {**MEMORY_CONFIGS, **CLIMAX_MEMORY}.items()]
     lines += ["", "| memory | L | step ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
@@ -613,7 +645,7 @@ def targets(results: dict) -> list[str]:
         p = [t for t in speed if t["length"] == L and t["mode"] == "plain"]
         if s and p:
             overhead = 100 * (s[0]["step_ms"] / p[0]["step_ms"] - 1)
-            lines.append(f"| strategy step (sp = 1) within 3% of plain PyTorch, {L // K}K tokens | {overhead:+.1f}% |"
+            lines.append(f"| strategy step (sp = 1) within 3% of plain PyTorch, {_tokens(L)} tokens | {overhead:+.1f}% |"
                          f" {'yes' if overhead <= 3 else 'no'} |")
     if speed:
         L = max(t["length"] for t in speed)
@@ -621,17 +653,17 @@ def targets(results: dict) -> list[str]:
             best = [t for t in speed if t["length"] == L and t["mode"] == mode]
             if best:
                 tf = best[0]["tflops"]
-                lines.append(f"| >= 380 model TFLOP/s, generic ViT, {L // K}K tokens, {mode} | {tf:.1f} | {'yes' if tf >= 380 else 'no'} |")
+                lines.append(f"| >= 380 model TFLOP/s, generic ViT, {_tokens(L)} tokens, {mode} | {tf:.1f} | {'yes' if tf >= 380 else 'no'} |")
     largest = [t for t in trials if t["section"] == "largest" and t["model"] == "vit"]
     if largest:
         t = max(largest, key=lambda t: t["length"])
         lines.append(f"| generic ViT at 1,048,576 tokens trains on one GPU | {t['length']:,} tokens, {t['memory']},"
-                     f" peak {t['peak_gib']:.1f} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
+                     f" peak {_fmt(t['peak_gib'], '.1f')} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
     climax = [t for t in trials if t["section"] == "largest" and t["model"] == "climax"]
     if climax:
         t = max(climax, key=lambda t: t["length"])
         lines.append(f"| ClimaX largest trainable, {results['sizes']['variables']} variables | {t['length']:,} tokens,"
-                     f" {t['memory']}, peak {t['peak_gib']:.1f} GiB | (reported) |")
+                     f" {t['memory']}, peak {_fmt(t['peak_gib'], '.1f')} GiB | (reported) |")
     return lines + [""]
 
 
@@ -648,13 +680,15 @@ def plot(results: dict, out: Path) -> None:
             continue
         label = f"{t['mode']} {t['backend']} {t['memory']}"
         groups.setdefault(label, []).append(t)
-    for label, ts in sorted(groups.items()):
+    for i, (label, ts) in enumerate(sorted(groups.items())):
+        # up to 20 colours, and a marker that changes with them, so that no two series look alike
+        style = {"color": plt.cm.tab20.colors[i % 20], "marker": "os^Dv<>p"[i % 8], "label": label}
         ts = sorted(ts, key=lambda t: t["length"])
         xs = [t["length"] for t in ts]
-        ax_speed.plot(xs, [t["tokens_per_s"] for t in ts], marker="o", label=label)
+        ax_speed.plot(xs, [t["tokens_per_s"] for t in ts], **style)
         mem = [(t["length"], t["peak_gib"]) for t in ts if t["peak_gib"] is not None]
         if mem:
-            ax_mem.plot(*zip(*mem), marker="o", label=label)
+            ax_mem.plot(*zip(*mem), **style)
     capacity = results["device"].get("memory_gib")
     if capacity:
         ax_mem.axhline(capacity, color="k", linestyle="--", linewidth=1, label="GPU memory")
