@@ -1,5 +1,5 @@
-"""The multi-GPU benchmark and its scaling report run end to end in smoke mode on the CPU (gloo), so they work
-when a multi-GPU machine is available."""
+"""The benchmark scripts run end to end in smoke mode on the CPU (gloo), so they work when a GPU machine is
+available: the multi-GPU benchmark and its scaling report, and the single-GPU benchmark."""
 
 from __future__ import annotations
 
@@ -15,32 +15,59 @@ from tests.dist_utils import REPO_ROOT, free_port
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
 
-def _bench(out, nproc, tag, sections, attention=("ulysses", "lss")):
+def _bench(out, nproc, tag, sections, attention=("ulysses", "lss"), extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            str(REPO_ROOT / "benchmarks" / "bench_multi_gpu.py"), "--smoke", "--out", str(out), "--tag", tag,
-           "--sections", sections, "--attention", *attention]
+           "--sections", sections, "--attention", *attention, *extra]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / f"multi_gpu_{tag}.json").read_text())
 
 
-def test_weak_scaling_smoke_and_report(tmp_path):
-    single = _bench(tmp_path, 1, "n1", "weak")
-    multi = _bench(tmp_path, 2, "n2", "weak,profile")
+def test_multi_gpu_benchmark_smoke_and_report(tmp_path):
+    """1-GPU baseline, 2 processes (weak + strong, profiled), the longest-sequence ladders of the ViT and ClimaX, and
+    the report merging the three files."""
+    single = _bench(tmp_path, 1, "n1", "weak,strong", attention=("ulysses",))
+    multi = _bench(tmp_path, 2, "n2", "weak,strong")
+    longest = _bench(tmp_path, 2, "n2_longest", "longest", attention=("ulysses",), extra=("--climax-attention", "lss"))
+    assert single["results"][0]["world"] == 1 and [r["section"] for r in single["results"]] == ["weak", "strong"]
     assert [r["status"] for r in multi["results"]] == ["ok"] * 4
     weak = [r for r in multi["results"] if r["section"] == "weak"]
     assert {(r["attention"], r["sp"], r["dp"], r["length"]) for r in weak} == {("ulysses", 2, 1, 32), ("lss", 2, 1, 32)}
     assert all(r["tokens_per_s"] > 0 and len(r["step_ms_all"]) == 2 for r in weak)
-    profiled = [r for r in multi["results"] if r["section"] == "profile"]
-    assert all(r["comm_ms"] > 0 for r in profiled)  # gloo collectives were seen by the profiler
+    assert all(r["comm_ms"] > 0 for r in weak)  # the profiled step saw the gloo collectives
+    assert all(r["note"].startswith("loss ") for r in multi["results"])  # each configuration trained
+    rows = [(r["model"], r["attention"], r["length"], r["status"], len(r["step_ms_all"])) for r in longest["results"]]
+    assert rows == [("vit", "ulysses", 32, "ok", 1), ("vit", "ulysses", 64, "ok", 1),
+                    ("climax", "lss", 16, "ok", 1), ("climax", "lss", 32, "ok", 1)]
     report = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "scaling_report.py"),
-                             str(tmp_path / "multi_gpu_n1.json"), str(tmp_path / "multi_gpu_n2.json")],
+                             *(str(tmp_path / f"multi_gpu_{t}.json") for t in ("n1", "n2", "n2_longest"))],
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
-    assert "| ulysses | 2 | 2 x 1 |" in report.stdout and "| lss | 2 | 2 x 1 |" in report.stdout
-    assert (tmp_path / "multi_gpu_n2_scaling.md").exists() and (tmp_path / "multi_gpu_n2_scaling.png").exists()
-    assert single["results"][0]["world"] == 1
+    for heading in ("## Weak scaling", "## Strong scaling", "## Communication against attention", "## Longest sequence"):
+        assert heading in report.stdout
+    assert "| ulysses | 2 | 2 x 1 | 32 |" in report.stdout and "| lss | 2 | 2 x 1 | 32 |" in report.stdout
+    assert "| climax | lss | 2 | 32 | ok |" in report.stdout
+    assert (tmp_path / "multi_gpu_n2_report.md").exists() and (tmp_path / "multi_gpu_n2_report.png").exists()
+
+
+def test_longest_ladder_skips_what_it_predicts_will_not_fit():
+    """The longest-sequence ladder stops before a length predicted past the memory or the time left, saying why."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from bench_multi_gpu import Result, skip_reason
+
+    def row(length, peak, step_ms, seconds):
+        return Result("longest", "vit", "ulysses", 2, 2, 1, length, peak_gib=peak, step_ms=step_ms, seconds=seconds)
+
+    rows = [row(512, 40.0, 10_000.0, 25.0), row(1024, 70.0, 40_000.0, 55.0)]
+    assert skip_reason([], 512, 80.0, 1e9) == ""
+    assert skip_reason(rows, 2048, 1000.0, 1e9) == ""
+    assert "predicted peak 130 GiB > 80 GiB" in skip_reason(rows, 2048, 80.0, 1e9)  # 70 + 30 GiB per 512 tokens
+    assert "predicted 175 s for one step > 100 s left" in skip_reason(rows, 2048, 1000.0, 100.0)  # 40 s x 4 + 15 s
+    assert skip_reason([row(512, 40.0, 1.0, 1.0)], 1024, 79.0, 1e9).startswith("predicted peak 80 GiB")  # through zero
+    assert skip_reason(rows[:1] + [Result("longest", "vit", "ulysses", 2, 2, 1, 1024, status="oom")], 2048, 80.0, 1e9) == \
+        skip_reason(rows[:1], 2048, 80.0, 1e9)
 
 
 def test_single_gpu_benchmark_smoke(tmp_path):
