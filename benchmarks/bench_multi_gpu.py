@@ -69,6 +69,7 @@ class Result:
     comm_ms: float | None = None
     attention_ms: float | None = None
     kernel_ms: float | None = None
+    top_kernels: list = field(default_factory=list)  # [[kernel name, ms], ...] of the profiled step
     seconds: float | None = None  # wall time of the whole configuration, start-up included
     note: str = ""
     measured_at: str = ""
@@ -118,7 +119,7 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
     clock = StepClock(device)
     warmup, timed = steps
     total = warmup + timed + int(profile)
-    profile_times: dict[str, float] = {}
+    profile_times: dict = {}
 
     class Module(LightningModule):
         def __init__(self) -> None:
@@ -182,6 +183,7 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
     result.comm_ms = profile_times.get("comm_ms")
     result.attention_ms = profile_times.get("attention_ms")
     result.kernel_ms = profile_times.get("kernel_ms")
+    result.top_kernels = profile_times.get("top_kernels", [])
     return result
 
 
@@ -192,20 +194,24 @@ def _activities(device: torch.device):
     return acts
 
 
-def _split_profile(profiler, device: torch.device) -> dict[str, float]:
+def _split_profile(profiler, device: torch.device) -> dict:
     """Milliseconds in communication kernels (NCCL; gloo ops on the CPU), in attention kernels and in all kernels
-    during the profiled step. On a GPU only kernel events count (the operators that launch them would count them
-    twice); NCCL kernels on their own stream can overlap compute, so comm + the rest can exceed the step."""
+    during the profiled step, and the ten kernels that took longest. On a GPU only kernels count: neither the
+    operators that launch them nor the ``record_function`` ranges that the profiler also draws on the GPU timeline
+    (DDP's forward, the optimizer step, ``nccl:*``), which would count kernels twice. NCCL kernels run on their own
+    stream and can overlap compute, so comm + the rest can exceed the step."""
     comm = attention = kernels = 0.0
-    events = list(profiler.key_averages())
-    kernel_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    for event in kernel_events or events:  # without kernel entries, operators' self device time (no double count)
-        name = event.key.lower()
+    per_kernel: dict[str, float] = {}
+    if device.type == "cuda":
+        items = [(e.name, e.time_range.elapsed_us()) for e in profiler.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    else:
+        items = [(e.key, e.cpu_time_total) for e in profiler.key_averages()]
+    for key, us in items:
+        name = key.lower()
         if device.type == "cuda":
-            us = event.self_device_time_total
             kernels += us
-        else:
-            us = event.cpu_time_total
+            per_kernel[key] = per_kernel.get(key, 0.0) + us
         if "nccl" in name or (device.type != "cuda" and "gloo" in name):
             comm += us
         elif any(k in name for k in ("flash", "cudnn", "fmha", "attention", "sdpa")):
@@ -213,6 +219,8 @@ def _split_profile(profiler, device: torch.device) -> dict[str, float]:
     out = {"comm_ms": comm / 1e3, "attention_ms": attention / 1e3}
     if device.type == "cuda":
         out["kernel_ms"] = kernels / 1e3
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+        out["top_kernels"] = [[name[:120], round(us / 1e3, 2)] for name, us in top]
     return out
 
 
@@ -248,18 +256,20 @@ def skip_reason(previous: list[Result], length: int, capacity_gib: float | None,
         return ""
     last = ok[-1]
     ratio = length / last.length
-    if capacity_gib is not None and last.peak_gib is not None:
+    predicted = None
+    if last.peak_gib is not None:
         if len(ok) >= 2 and ok[-2].peak_gib is not None:
             slope = (last.peak_gib - ok[-2].peak_gib) / (last.length - ok[-2].length)
             predicted = last.peak_gib + slope * (length - last.length)
         else:
             predicted = last.peak_gib * ratio
-        if predicted > 0.97 * capacity_gib:
+        if capacity_gib is not None and predicted > 0.97 * capacity_gib:
             return f"predicted peak {predicted:.0f} GiB > {capacity_gib:.0f} GiB"
     startup = max(0.0, (last.seconds or 0.0) - (last.step_ms or 0.0) / 1e3)
     predicted_s = (last.step_ms or 0.0) / 1e3 * ratio**2 + startup
     if predicted_s > seconds_left:
-        return f"predicted {predicted_s:.0f} s for one step > {seconds_left:.0f} s left"
+        memory = "" if predicted is None else f" (predicted peak {predicted:.0f} GiB)"
+        return f"predicted {predicted_s:.0f} s for one step > {seconds_left:.0f} s left{memory}"
     return ""
 
 
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", nargs="+", default=["ulysses", "lss", "ring", "hybrid"])
     parser.add_argument("--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows")
     parser.add_argument("--sections", default="weak,strong,longest")
+    parser.add_argument("--longest-models", default="vit,climax", help="models of the longest section, in this order")
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget; longer rows predicted past it are skipped")
     args = parser.parse_args(argv)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -307,8 +318,14 @@ def main(argv: list[str] | None = None) -> None:
                 record(measure("strong", "vit", attention, sp, sizes.strong_length, sizes, device,
                                steps=sizes.strong_steps, checkpointing=False))
     if "longest" in sections:
-        ladders = [("vit", a, sizes.longest) for a in args.attention if a != "hybrid" or world >= 4]
-        ladders += [("climax", a, sizes.climax_longest) for a in args.climax_attention]
+        ladders = []
+        for model_kind in args.longest_models.split(","):
+            if model_kind == "vit":
+                ladders += [("vit", a, sizes.longest) for a in args.attention if a != "hybrid" or world >= 4]
+            elif model_kind == "climax":
+                ladders += [("climax", a, sizes.climax_longest) for a in args.climax_attention]
+            else:
+                parser.error(f"unknown model {model_kind!r} in --longest-models; choose from vit, climax")
         for model_kind, attention, lengths in ladders:
             rows: list[Result] = []
             for length in lengths:

@@ -3,17 +3,19 @@ against attention time and the longest sequences, as markdown and a plot.
 
     python benchmarks/scaling_report.py benchmarks/results/multi_gpu_n1.json benchmarks/results/multi_gpu_n8.json [more.json]
 
-The first file is the 1-GPU baseline; the others (e.g. the N-GPU speed sections and a separate longest-sequence run)
-are merged. Weak-scaling efficiency = (tokens/s on N) / (N x tokens/s on 1 GPU) against the fastest 1-GPU row (at
-sp = 1 Ulysses and LSS both run plain local attention); where the same attention kind has its own 1-GPU row, the
-efficiency against it is shown too. Strong scaling: speed-up = step time on 1 GPU / step time on N at the same
-sequence, efficiency = speed-up / N. Writes ``<second file's stem>_report.md`` and ``.png`` next to that file.
+Rows of all files are merged: rows on 1 GPU are the baseline, the others the multi-GPU results; where two files hold
+the same configuration, the later file's row is used (a re-measurement). Weak-scaling efficiency = (tokens/s on N)
+/ (N x tokens/s on 1 GPU) against the fastest 1-GPU row (at sp = 1 Ulysses and LSS both run plain local attention).
+Tokens per GPU are fixed, so the sequence grows with N and attention's FLOPs per token with it: the formula's ideal is
+below 100%, and the model-FLOP efficiency, (model TFLOP/s per GPU on N) / (model TFLOP/s on 1 GPU), is the work-normalised
+measure shown beside it. Strong scaling: speed-up = step time on 1 GPU / step time on N at the same sequence,
+efficiency = speed-up / N. Writes ``multi_gpu_n<N>_report.md`` and ``.png`` next to the first file (``--out`` to
+choose the markdown path).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -21,62 +23,85 @@ def _ok(results: list[dict], section: str) -> list[dict]:
     return [r for r in results if r["section"] == section and r["status"] == "ok"]
 
 
-def efficiency(single: dict, multi: dict) -> list[dict]:
-    """One row per weak-scaling result of ``multi``: efficiency against the fastest 1-GPU weak row, and against the
-    same attention kind's 1-GPU row where there is one (``efficiency_same``, else None)."""
-    base_rows = _ok(single["results"], "weak")
+def load(paths: list[str]) -> tuple[list[dict], list[dict], dict]:
+    """(1-GPU rows, multi-GPU rows, metadata of the last multi-GPU file), later files replacing earlier rows of the
+    same configuration."""
+    rows: dict[tuple, dict] = {}
+    meta: dict | None = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["results"]:
+            key = (r["section"], r.get("model", "vit"), r["attention"], r["world"], r["sp"], r["dp"], r["length"])
+            rows.pop(key, None)
+            rows[key] = r
+        if meta is None or data["world"] > 1:
+            meta = data
+    results = list(rows.values())
+    return [r for r in results if r["world"] == 1], [r for r in results if r["world"] > 1], meta
+
+
+def efficiency(single: list[dict], multi: list[dict]) -> list[dict]:
+    """One row per weak-scaling result of ``multi``: token and model-FLOP efficiency against the fastest 1-GPU weak
+    row, and the token efficiency against the same attention kind's 1-GPU row where there is one (else None)."""
+    base_rows = _ok(single, "weak")
     if not base_rows:
         return []
     best = max(base_rows, key=lambda r: r["tokens_per_s"])
     same = {r["attention"]: r["tokens_per_s"] for r in base_rows}
     rows = []
-    for r in _ok(multi["results"], "weak"):
+    for r in _ok(multi, "weak"):
         own = same.get(r["attention"])
         rows.append({"attention": r["attention"], "world": r["world"], "sp": r["sp"], "dp": r["dp"], "length": r["length"],
                      "tokens_per_s": r["tokens_per_s"], "tflops_per_gpu": r["tflops_per_gpu"],
                      "efficiency": r["tokens_per_s"] / (r["world"] * best["tokens_per_s"]),
+                     "flop_efficiency": r["tflops_per_gpu"] / best["tflops_per_gpu"],
                      "efficiency_same": None if own is None else r["tokens_per_s"] / (r["world"] * own),
-                     "baseline": f"{best['attention']} on 1 GPU"})
+                     "baseline": best})
     return rows
 
 
-def strong(single: dict, multi: dict) -> list[dict]:
+def strong(single: list[dict], multi: list[dict]) -> list[dict]:
     """Speed-up of each strong-scaling result of ``multi`` over the fastest 1-GPU row at the same length."""
     rows = []
-    for r in _ok(multi["results"], "strong"):
-        base = [b for b in _ok(single["results"], "strong") if b["length"] == r["length"]]
+    for r in _ok(multi, "strong"):
+        base = [b for b in _ok(single, "strong") if b["length"] == r["length"]]
         if not base:
             continue
         b = min(base, key=lambda b: b["step_ms"])
         speedup = b["step_ms"] / r["step_ms"]
         rows.append({"attention": r["attention"], "world": r["world"], "sp": r["sp"], "dp": r["dp"], "length": r["length"],
-                     "step_ms": r["step_ms"], "base_ms": b["step_ms"], "speedup": speedup, "efficiency": speedup / r["world"]})
+                     "step_ms": r["step_ms"], "base_ms": b["step_ms"], "speedup": speedup, "efficiency": speedup / r["world"],
+                     "peak_gib": r["peak_gib"], "resident_gib": r.get("resident_gib")})
     return rows
 
 
 def report(paths: list[str]) -> tuple[str, dict]:
-    single, *others = (json.loads(Path(p).read_text()) for p in paths)
-    multi = {"world": max(o["world"] for o in others), "results": [r for o in others for r in o["results"]],
-             "sizes": others[0]["sizes"], "device": others[0]["device"]}
-    weak_rows, strong_rows = efficiency(single, multi), strong(single, multi)
+    single_rows, multi_rows, meta = load(paths)
+    multi = {"world": max((r["world"] for r in multi_rows), default=1), "results": multi_rows, "sizes": meta["sizes"],
+             "device": meta["device"]}
+    weak_rows, strong_rows = efficiency(single_rows, multi_rows), strong(single_rows, multi_rows)
     dev = multi["device"]
     lines = [f"# Multi-GPU scaling: {multi['world']} x {dev.get('name', dev.get('device'))}", "",
              f"torch {dev.get('torch')}, CUDA {dev.get('cuda')}, lightning {dev.get('lightning')}; bf16-mixed, fused AdamW, "
              f"generic ViT width {multi['sizes']['width']}, depth {multi['sizes']['depth']}, {multi['sizes']['heads']} heads.", ""]
     if weak_rows:
         lines += [f"## Weak scaling ({multi['sizes']['tokens_per_gpu']:,} tokens per GPU, no recomputation)", "",
-                  "| attention | GPUs | sp x dp | L | tokens/s | TFLOP/s per GPU | efficiency | vs own 1-GPU row |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| attention | GPUs | sp x dp | L | tokens/s | model TFLOP/s per GPU | token efficiency | ideal token efficiency "
+                  "| model-FLOP efficiency |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | {r['length']:,} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tflops_per_gpu']:.1f} | {r['efficiency']:.1%} | "
-                  f"{'-' if r['efficiency_same'] is None else format(r['efficiency_same'], '.1%')} |" for r in weak_rows]
-        lines += ["", f"Efficiency is against {weak_rows[0]['baseline']} "
-                  f"({max(r['tokens_per_s'] for r in _ok(single['results'], 'weak')):,.0f} tokens/s).", ""]
+                  f"{r['tflops_per_gpu']:.1f} | {r['efficiency']:.1%} | {r['efficiency'] / r['flop_efficiency']:.1%} | "
+                  f"{r['flop_efficiency']:.1%} |" for r in weak_rows]
+        base = weak_rows[0]["baseline"]
+        lines += ["", f"Against {base['attention']} on 1 GPU at {base['length']:,} tokens: {base['tokens_per_s']:,.0f} tokens/s, "
+                  f"{base['tflops_per_gpu']:.1f} model TFLOP/s. Token efficiency = tokens/s on N / (N x that); its ideal, "
+                  "from the model's FLOPs per token at each length, is below 100% because attention's cost per token grows "
+                  "with the sequence; model-FLOP efficiency = token efficiency / ideal.", ""]
     if strong_rows:
         lines += [f"## Strong scaling ({strong_rows[0]['length']:,} tokens, no recomputation)", "",
-                  "| attention | GPUs | sp x dp | step ms | 1-GPU step ms | speed-up | efficiency |", "|---|---|---|---|---|---|---|"]
+                  "| attention | GPUs | sp x dp | step ms | 1-GPU step ms | speed-up | efficiency | peak GiB per GPU |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | {r['step_ms']:.1f} | {r['base_ms']:.1f} | "
-                  f"{r['speedup']:.2f}x | {r['efficiency']:.1%} |" for r in strong_rows]
+                  f"{r['speedup']:.2f}x | {r['efficiency']:.1%} | {_gib(r)} |" for r in strong_rows]
         lines.append("")
     profiled = [r for r in _ok(multi["results"], "weak") if r.get("comm_ms") is not None]
     if profiled:
@@ -90,16 +115,25 @@ def report(paths: list[str]) -> tuple[str, dict]:
     longest = [r for r in multi["results"] if r["section"] == "longest"]
     if longest:
         lines += ["## Longest sequence (one step, per-block activation checkpointing, optimizer state created)", "",
-                  "| model | attention | GPUs | L | status | step s | TFLOP/s per GPU | peak GiB | note |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | attention | GPUs | L | status | step s | model TFLOP/s per GPU | peak GiB per GPU | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in longest:
             step = "-" if r["step_ms"] is None else f"{r['step_ms'] / 1e3:.1f}"
             tflops = "-" if r["tflops_per_gpu"] is None else f"{r['tflops_per_gpu']:.1f}"
-            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             lines.append(f"| {r['model']} | {r['attention']} | {r['world']} | {r['length']:,} | {r['status']} | {step} | "
-                         f"{tflops} | {peak} | {r['note'] if r['status'] != 'ok' else ''} |")
-        lines.append("")
+                         f"{tflops} | {_gib(r)} | {r['note'] if r['status'] != 'ok' else ''} |")
+        lines += ["", "Peak GiB: `torch.cuda.max_memory_allocated` of the step; in parentheses the memory still allocated "
+                  "when the configuration started (DDP buckets of earlier configurations in the same process), included "
+                  "in the peak. Model FLOPs do not count recomputation.", ""]
     return "\n".join(lines), {"weak": weak_rows, "strong": strong_rows, "longest": longest, "world": multi["world"],
                               "tokens_per_gpu": multi["sizes"]["tokens_per_gpu"]}
+
+
+def _gib(r: dict) -> str:
+    if r.get("peak_gib") is None:
+        return "-"
+    resident = r.get("resident_gib")
+    return f"{r['peak_gib']:.1f}" + (f" ({resident:.1f})" if resident else "")
 
 
 def plot(data: dict, path: Path) -> None:
@@ -125,8 +159,19 @@ def plot(data: dict, path: Path) -> None:
             ax.legend(fontsize=8)
             continue
         labels = [f"{r['attention']}\n{r['sp']}x{r['dp']}" for r in rows]
-        ax.bar(labels, [r["efficiency"] for r in rows], color="tab:blue" if panel == "weak" else "tab:orange")
-        ax.axhline(0.95 if panel == "weak" else 1.0, ls="--", c="k", lw=1)
+        if panel == "weak":
+            xs = range(len(rows))
+            ax.bar([x - 0.2 for x in xs], [r["efficiency"] for r in rows], width=0.4, color="tab:cyan", label="tokens/s")
+            ax.bar([x + 0.2 for x in xs], [r["flop_efficiency"] for r in rows], width=0.4, color="tab:blue",
+                   label="model FLOP/s")
+            ideal = rows[0]["efficiency"] / rows[0]["flop_efficiency"]
+            ax.axhline(ideal, ls=":", c="tab:cyan", lw=1.5, label=f"ideal tokens/s ({ideal:.0%})")
+            ax.axhline(0.95, ls="--", c="k", lw=1, label="95%")
+            ax.set_xticks(list(xs), labels)
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.bar(labels, [r["efficiency"] for r in rows], color="tab:orange")
+            ax.axhline(1.0, ls="--", c="k", lw=1)
         ax.set_ylim(0, 1.1)
         ax.set_ylabel(f"{panel}-scaling efficiency")
         title = (f"weak: {data['tokens_per_gpu']:,} tokens per GPU" if panel == "weak"
@@ -136,11 +181,18 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(paths: list[str]) -> None:
-    if len(paths) < 2:
-        raise SystemExit("usage: scaling_report.py ONE_GPU.json N_GPU.json [MORE.json ...]")
-    text, data = report(paths)
-    out = Path(paths[1]).with_name(Path(paths[1]).stem + "_report.md")
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="bench_multi_gpu.py JSON files; later ones win")
+    parser.add_argument("--out", type=Path, default=None, help="markdown path (the plot goes beside it, .png)")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        parser.error(f"no such results file: {', '.join(missing)}")
+    text, data = report([str(p) for p in args.results])
+    out = args.out or args.results[0].with_name(f"multi_gpu_n{data['world']}_report.md")
     out.write_text(text)
     print(text)
     try:
@@ -150,4 +202,4 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -182,7 +182,7 @@ class SmallClimaX(nn.Module):
                              num_heads=HEADS, drop_path=0.0)
 
     def forward(self, x):  # [B, 3, 12, 20] -> [B, 3, 12, 20]
-        lead = torch.full((x.shape[0],), 6.0)
+        lead = torch.full((x.shape[0],), 6.0, device=x.device)
         return self.climax(x, lead, self.FIELDS, self.FIELDS)
 
 

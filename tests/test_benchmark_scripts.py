@@ -52,6 +52,35 @@ def test_multi_gpu_benchmark_smoke_and_report(tmp_path):
     assert (tmp_path / "multi_gpu_n2_report.md").exists() and (tmp_path / "multi_gpu_n2_report.png").exists()
 
 
+def test_scaling_report_merges_files_later_rows_win(tmp_path):
+    """Rows of several files are merged, a re-measured configuration replaces the earlier one, and the efficiencies
+    follow the documented formulas."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from scaling_report import report
+
+    def row(section, world, length, step_ms, tflops, note=""):
+        return {"section": section, "model": "vit", "attention": "ulysses", "world": world, "sp": world, "dp": 1,
+                "length": length, "status": "ok", "step_ms": step_ms, "tokens_per_s": length / step_ms * 1e3,
+                "tflops_per_gpu": tflops, "peak_gib": 1.0, "resident_gib": 0.0, "comm_ms": None, "attention_ms": None,
+                "note": note}
+
+    meta = {"sizes": {"width": 8, "depth": 1, "heads": 2, "tokens_per_gpu": 100}, "device": {"device": "cpu"}}
+    files = {
+        "n1.json": {"world": 1, **meta, "results": [row("weak", 1, 100, 1000.0, 10.0), row("strong", 1, 400, 8000.0, 10.0)]},
+        "old.json": {"world": 2, **meta, "results": [row("weak", 2, 200, 4000.0, 5.0), row("strong", 2, 400, 5000.0, 8.0)]},
+        "new.json": {"world": 2, **meta, "results": [row("weak", 2, 200, 2500.0, 9.6)]},
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    text, data = report([str(tmp_path / n) for n in files])
+    [weak] = data["weak"]
+    assert weak["tokens_per_s"] == 80.0  # the re-measured row, not the first one (50 tokens/s)
+    assert weak["efficiency"] == pytest.approx(80.0 / (2 * 100.0)) and weak["flop_efficiency"] == pytest.approx(0.96)
+    [strong] = data["strong"]
+    assert strong["speedup"] == pytest.approx(1.6) and strong["efficiency"] == pytest.approx(0.8)
+    assert "| ulysses | 2 | 2 x 1 | 200 | 80 | 9.6 | 40.0% | 41.7% | 96.0% |" in text
+
+
 def test_longest_ladder_skips_what_it_predicts_will_not_fit():
     """The longest-sequence ladder stops before a length predicted past the memory or the time left, saying why."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -64,7 +93,8 @@ def test_longest_ladder_skips_what_it_predicts_will_not_fit():
     assert skip_reason([], 512, 80.0, 1e9) == ""
     assert skip_reason(rows, 2048, 1000.0, 1e9) == ""
     assert "predicted peak 130 GiB > 80 GiB" in skip_reason(rows, 2048, 80.0, 1e9)  # 70 + 30 GiB per 512 tokens
-    assert "predicted 175 s for one step > 100 s left" in skip_reason(rows, 2048, 1000.0, 100.0)  # 40 s x 4 + 15 s
+    assert skip_reason(rows, 2048, 1000.0, 100.0) == \
+        "predicted 175 s for one step > 100 s left (predicted peak 130 GiB)"  # 40 s x 4 + 15 s
     assert skip_reason([row(512, 40.0, 1.0, 1.0)], 1024, 79.0, 1e9).startswith("predicted peak 80 GiB")  # through zero
     assert skip_reason(rows[:1] + [Result("longest", "vit", "ulysses", 2, 2, 1, 1024, status="oom")], 2048, 80.0, 1e9) == \
         skip_reason(rows[:1], 2048, 80.0, 1e9)

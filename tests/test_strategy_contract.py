@@ -33,7 +33,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
 
     from torch._dynamo.utils import counters
 
-    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch import Callback, Trainer, seed_everything
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -42,8 +42,16 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
     world = int(os.environ["WORLD_SIZE"])
     if accelerator == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    class SyncedSampleCount(Callback):
+        """The torchmetrics total, synced while the module is still on its device (after fit it is on the CPU,
+        which an NCCL group cannot reduce)."""
+
+        def on_train_end(self, trainer, pl_module):
+            self.value = pl_module.samples.compute().item()
+
     results = {}
     for model_name, attention in configs:
+        counted = SyncedSampleCount()
         seed_everything(SEED)
         module = RegressionModule(model_name)
         initial = {k: v.clone() for k, v in module.state_dict().items()}
@@ -60,6 +68,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
+            callbacks=[counted],
         )
         counters.clear()
         trainer.fit(module, DataLoader(build_dataset(model_name), batch_size=BATCH))
@@ -70,7 +79,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             "final": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
             "seen": module.seen,
             "samples_logged": trainer.callback_metrics["samples_in_step"].item(),
-            "samples_metric": module.samples.compute().item(),
+            "samples_metric": counted.value,
             "topology": (trainer.strategy.topology.dp_rank, trainer.strategy.topology.sp_rank),
             "plan": str(trainer.strategy.applied_plan.plan) if trainer.strategy.applied_plan else None,
             "plain_after_teardown": "forward" not in module.model.blocks[0].__dict__ if hasattr(module.model, "blocks") else True,

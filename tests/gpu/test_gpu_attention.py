@@ -3,7 +3,7 @@
 Tolerance: relative error ||out - ref|| / ||ref|| < 2e-2 for outputs and for dq, dk, dv (bf16 operands land
 between 1e-3 and 1e-2). At world size 1 ``ulysses_attention`` and ``lss_attention`` take the local path, so
 the all-to-all and the all-gather / reduce-scatter are also driven directly here through NCCL; exchanges
-between two GPUs need a machine with several (tests/test_attention_distributed.py proves them on gloo).
+between GPUs are tested by test_gpu_multi.py (tests/test_attention_distributed.py proves them on gloo).
 """
 
 from __future__ import annotations
