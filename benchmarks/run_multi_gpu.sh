@@ -3,14 +3,15 @@
 # the longest sequences across the N GPUs in a process of their own, then the report.
 #   benchmarks/run_multi_gpu.sh 8 [extra bench_multi_gpu.py options]
 # Results: benchmarks/results/multi_gpu_n1.json, multi_gpu_n8.json, multi_gpu_n8_longest.json and
-# multi_gpu_n8_report.{md,png}. NVLink multicast stays off (NCCL_NVLS_ENABLE=0); set it as your cluster requires.
+# multi_gpu_n8_report.{md,png} (SEQPAR_BENCH_OUT=DIR writes them elsewhere). NVLink multicast stays off
+# (NCCL_NVLS_ENABLE=0); set it as your cluster requires. With --smoke it runs tiny sizes on the CPU (gloo).
 set -euo pipefail
 N=${1:?usage: run_multi_gpu.sh NUM_GPUS [bench_multi_gpu.py options]}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-R=benchmarks/results
-torchrun --standalone --nproc_per_node 1 benchmarks/bench_multi_gpu.py --out $R --tag n1 --sections weak,strong --attention ulysses "${@:2}"
-torchrun --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out $R --tag "n$N" --sections weak,strong "${@:2}"
-torchrun --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out $R --tag "n${N}_longest" --sections longest "${@:2}"
-python benchmarks/scaling_report.py $R/multi_gpu_n1.json "$R/multi_gpu_n$N.json" "$R/multi_gpu_n${N}_longest.json"
+R=${SEQPAR_BENCH_OUT:-benchmarks/results}
+python -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/bench_multi_gpu.py --out "$R" --tag n1 --sections weak,strong --attention ulysses "${@:2}"
+python -m torch.distributed.run --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out "$R" --tag "n$N" --sections weak,strong "${@:2}"
+python -m torch.distributed.run --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out "$R" --tag "n${N}_longest" --sections longest "${@:2}"
+python benchmarks/scaling_report.py "$R/multi_gpu_n1.json" "$R/multi_gpu_n$N.json" "$R/multi_gpu_n${N}_longest.json"

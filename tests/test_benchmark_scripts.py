@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,21 @@ def test_scaling_report_merges_files_later_rows_win(tmp_path):
     [strong] = data["strong"]
     assert strong["speedup"] == pytest.approx(1.6) and strong["efficiency"] == pytest.approx(0.8)
     assert "| ulysses | 2 | 2 x 1 | 200 | 80 | 9.6 | 40.0% | 41.7% | 96.0% |" in text
+
+
+def test_run_multi_gpu_script_end_to_end(tmp_path):
+    """The documented launcher: 1-process baseline, 2 processes, the longest ladders, the report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQPAR_BENCH_OUT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "run_multi_gpu.sh"), "2", "--smoke", "--attention", "ulysses"],
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"multi_gpu_n1.json", "multi_gpu_n2.json", "multi_gpu_n2_longest.json", "multi_gpu_n2_report.md",
+            "multi_gpu_n2_report.png"} <= names
+    longest = json.loads((tmp_path / "multi_gpu_n2_longest.json").read_text())["results"]
+    assert {r["model"] for r in longest} == {"vit", "climax"} and all(r["status"] == "ok" for r in longest)
+    assert "| ulysses | 2 | 2 x 1 | 32 |" in (tmp_path / "multi_gpu_n2_report.md").read_text()
 
 
 def test_longest_ladder_skips_what_it_predicts_will_not_fit():
