@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single_gpu import StepClock, _init_optimizer_state, build, climax_flops, device_info, vit_flops  # noqa: E402
+from bench_single_gpu import StepClock, _fmt, _init_optimizer_state, build, climax_flops, device_info, vit_flops  # noqa: E402
 
 K = 1024
 GIB = 2**30
@@ -340,10 +340,6 @@ def main(argv: list[str] | None = None) -> None:
                     break
     if rank == 0:
         print(markdown(payload))
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def markdown(payload: dict) -> str:

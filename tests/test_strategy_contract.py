@@ -42,6 +42,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
     world = int(os.environ["WORLD_SIZE"])
     if accelerator == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
     class SyncedSampleCount(Callback):
         """The torchmetrics total, synced while the module is still on its device (after fit it is on the CPU,
         which an NCCL group cannot reduce)."""

@@ -96,7 +96,7 @@ def attention_worker(cases: list) -> dict:
 def test_attention_across_gpus_matches_full_attention(world):
     per_rank = run_distributed("tests.gpu.test_gpu_multi:attention_worker", world, timeout=300, env=NCCL_ENV, cases=CASES)
     expected = {"ulysses", "lss", "ring"} | ({"hybrid"} if world >= 4 else set())
-    assert {kind for kind in (k for _, k in per_rank[0])} == expected
+    assert {kind for _, kind in per_rank[0]} == expected
     for rank, results in enumerate(per_rank):
         for (name, kind), r in results.items():
             assert r["dtype"] == "torch.bfloat16"
