@@ -22,6 +22,8 @@ RING_CASES = [
     ("L197", 4, 2, 197, 2, 64, False),
     ("causal_L197", 4, 1, 197, 2, 64, True),
     ("L3_empty_rank", 4, 2, 3, 2, 32, False),  # lengths [1, 1, 1, 0]
+    ("causal_L6_empty_chunks", 4, 1, 6, 2, 32, True),  # 8 zigzag chunks of [1, 1, 1, 1, 1, 1, 0, 0]
+    ("causal_L64_unbalanced", 4, 1, 64, 2, 32, "unbalanced"),  # load_balance=False: the rank-order path
 ]
 
 # (name, ulysses_degree, B, L, H, d, causal) on 4 ranks
@@ -50,16 +52,20 @@ def _reference(q, k, v, grad_out, causal):
 
 
 def _compare(fn, fn_inferred, q, k, v, grad_out, causal, sizes, rank) -> dict:
-    """Run ``fn`` on this rank's slice, count its exchanges forward and backward, compare with the reference."""
+    """Run ``fn`` on this rank's slice, count its exchanges forward and backward, compare with the reference.
+    ``causal="unbalanced"``: causal with ``load_balance=False``."""
+    unbalanced = causal == "unbalanced"
+    causal = bool(causal)
     ref, dq, dk, dv = _reference(q, k, v, grad_out, causal)
     sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     local = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+    extra = {"load_balance": False} if unbalanced else {}
     with CollectiveCounter() as fwd:
-        out = fn(*local, causal=causal, sequence_lengths=sizes)
+        out = fn(*local, causal=causal, sequence_lengths=sizes, **extra)
     with CollectiveCounter() as bwd:
         out.backward(grad_out[:, sl])
     with CollectiveCounter() as inferred:
-        out_inferred = fn_inferred(*(t.detach() for t in local), causal=causal)
+        out_inferred = fn_inferred(*(t.detach() for t in local), causal=causal, **extra)
     norms = {"dq": dq[:, sl], "dk": dk[:, sl], "dv": dv[:, sl]}
     errors = {"out": relative_error(out.double(), ref[:, sl]), "out_inferred": relative_error(out_inferred.double(), ref[:, sl])}
     for (name, expected), t in zip(norms.items(), local):
@@ -91,6 +97,25 @@ def _event_order(group, q, k, v) -> list[str]:
     return events
 
 
+def _block_work(group, q, k, v, load_balance: bool) -> float:
+    """Query x key pairs this rank's forward computes (a masked diagonal block counts half)."""
+    from lightning_seqpar.attention import ring
+
+    work = [0.0]
+    original = ring._block_forward
+
+    def block(kernel, q, k, v, scale, diagonal, fallback):
+        work[0] += q.shape[1] * k.shape[1] / (2 if diagonal else 1)
+        return original(kernel, q, k, v, scale, diagonal, fallback)
+
+    ring._block_forward = block
+    try:
+        ring.ring_attention(q, k, v, group, causal=True, load_balance=load_balance)
+    finally:
+        ring._block_forward = original
+    return work[0]
+
+
 def worker(world: int, ring_cases: list, hybrid_cases: list) -> dict:
     """Everything that needs ``world`` processes, in one launch (process start-up dominates the runtime)."""
     init_gloo()
@@ -115,6 +140,9 @@ def _ring_cases(world: int, cases: list) -> dict:
     q, k, v, _ = _inputs("order", 1, 4 * world, 2, 32)
     sl = slice(4 * rank, 4 * rank + 4)
     results["event_order"] = _event_order(group, q[:, sl], k[:, sl], v[:, sl])
+    q, k, v, _ = _inputs("work", 1, 16 * world, 2, 32)
+    sl = slice(16 * rank, 16 * rank + 16)
+    results["work"] = {b: _block_work(group, q[:, sl], k[:, sl], v[:, sl], b) for b in (True, False)}
     return results
 
 
@@ -207,13 +235,25 @@ def test_ring_matches_full_attention(ring_results):
 
 
 def test_ring_exchanges(ring_results):
-    """Forward: P-1 neighbour exchanges of k/v and nothing else; backward: P-1 of k/v and P-1 of dK/dV."""
+    """Forward: P-1 neighbour exchanges of k/v and nothing else; backward: P-1 of k/v and P-1 of dK/dV. Balanced
+    causal adds one all-to-all into zigzag order before the ring and one back after it, each way."""
     world, merged = ring_results
-    for name in (c[0] for c in RING_CASES if c[1] == world):
+    for name, _, *_, causal in (c for c in RING_CASES if c[1] == world):
+        zigzag = ["all_to_all_single"] if causal is True else []
         for r in merged[name]:
-            assert [c for c, _ in r["fwd"]] == ["batch_isend_irecv"] * (world - 1), (name, r["fwd"])
-            assert [c for c, _ in r["bwd"]] == ["batch_isend_irecv"] * (2 * (world - 1)), (name, r["bwd"])
-            assert [c for c, _ in r["inferred"]] == ["all_gather_into_tensor"] + ["batch_isend_irecv"] * (world - 1)
+            assert [c for c, _ in r["fwd"]] == zigzag + ["batch_isend_irecv"] * (world - 1) + zigzag, (name, r["fwd"])
+            assert [c for c, _ in r["bwd"]] == zigzag + ["batch_isend_irecv"] * (2 * (world - 1)) + zigzag, (name, r["bwd"])
+            assert [c for c, _ in r["inferred"]] == ["all_gather_into_tensor"] + zigzag + ["batch_isend_irecv"] * (world - 1) + zigzag
+
+
+def test_causal_ring_is_load_balanced(ring_results):
+    """Causal, 16 tokens per rank: in zigzag order every rank computes the same query x key pairs (a diagonal block
+    of 2 chunks, then half a block per step); in rank order the last rank computes 2P-1 times the first one's."""
+    world, merged = ring_results
+    balanced = [w[True] for w in merged["work"]]
+    unbalanced = [w[False] for w in merged["work"]]
+    assert balanced == [16 * 16 / 2 + (world - 1) * 16 * 8] * world, balanced
+    assert unbalanced == [16 * 16 / 2 + r * 16 * 16 for r in range(world)], unbalanced
 
 
 def test_ring_posts_exchange_before_compute(ring_results):
@@ -228,17 +268,15 @@ def test_hybrid_matches_full_attention(hybrid_results):
 
 
 def test_hybrid_collectives(hybrid_results):
-    """2x2: all-to-all, one ring exchange, all-to-all; the degenerate grids are pure Ulysses or pure ring."""
-    expected = {
-        2: (
-            ["all_to_all_single", "batch_isend_irecv", "all_to_all_single"],
-            ["all_to_all_single", "batch_isend_irecv", "batch_isend_irecv", "all_to_all_single"],
-        ),
-        4: (["all_to_all_single"] * 2, ["all_to_all_single"] * 2),
-        1: (["batch_isend_irecv"] * 3, ["batch_isend_irecv"] * 6),
-    }
-    for name, u, *_ in HYBRID_CASES:
-        fwd, bwd = expected[u]
+    """2x2: all-to-all, one ring exchange, all-to-all; the degenerate grids are pure Ulysses or pure ring. Causal
+    with a ring of 2 or more adds the ring's zigzag all-to-all on each side of it."""
+    a2a, p2p = "all_to_all_single", "batch_isend_irecv"
+    for name, u, *_, causal in HYBRID_CASES:
+        ring_world = 4 // u
+        z = [a2a] if causal and ring_world > 1 else []
+        ulysses = [a2a] if u > 1 else []
+        fwd = ulysses + z + [p2p] * (ring_world - 1) + z + ulysses
+        bwd = ulysses + z + [p2p] * (2 * (ring_world - 1)) + z + ulysses
         for r in hybrid_results[name]:
             assert [c for c, _ in r["fwd"]] == fwd, (name, r["fwd"])
             assert [c for c, _ in r["bwd"]] == bwd, (name, r["bwd"])
@@ -274,13 +312,15 @@ def test_argument_errors(fn_name):
         fn(x, x, x, dropout_p=0.1)
     with pytest.raises(ValueError, match=r"needs q, k, v of one shape \[B, L_r, H, d\].*grouped-query"):
         fn(x, x[:, :, :1], x[:, :, :1])
-    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto', 'math' or 'sdpa_flash'"):
+    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto', 'sdpa_cudnn', 'sdpa_flash' or 'math'"):
         fn(x, x, x, backend="sdpa")
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         fn(x, x, x, backend="fast")
     if fn_name == "ring":
         with pytest.raises(BackendUnavailableError, match=r"'sdpa_flash' needs fp16/bf16 CUDA inputs.*got torch.float32 on cpu"):
             fn(x, x, x, backend="sdpa_flash")
+        with pytest.raises(BackendUnavailableError, match=r"'sdpa_cudnn' needs fp16/bf16 inputs on an sm80\+ CUDA GPU.*got torch.float32 on cpu"):
+            fn(x, x, x, backend="sdpa_cudnn")
 
 
 def test_single_rank_is_local_attention():
@@ -308,19 +348,20 @@ def test_hybrid_grid_errors_and_layout():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CUDA: the flash block kernel against the math one (run on the GPU machine; the ring logic around the kernels
-# is the one the gloo tests above check).
+# CUDA: the cuDNN and flash block kernels against the math one (run on the GPU machine; the ring logic around the
+# kernels is the one the gloo tests above check).
 # ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash block kernel needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN and flash block kernels need CUDA")
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_flash_blocks_match_math_on_cuda(causal, head_dim):
+def test_cuda_blocks_match_math(kernel, causal, head_dim):
     """The last rank of a 2-rank ring, in bf16: its own (diagonal) block, then the earlier one, merged by LSE;
-    backward from the final output and LSE. Flash and math kernels must be as close to float64 as each other."""
-    from lightning_seqpar.attention import math_attention, ring
+    backward from the final output and LSE. The CUDA kernel must be as close to float64 as the math one."""
+    from lightning_seqpar.attention import blocks, math_attention
 
     B, H, lengths = 2, 4, (301, 300)
     q, k, v, grad_out = (t.cuda() for t in _inputs(f"cuda-{head_dim}", B, sum(lengths), H, head_dim))
@@ -333,41 +374,34 @@ def test_flash_blocks_match_math_on_cuda(causal, head_dim):
     expected = {"out": ref.detach(), "dq": qf.grad, "dk": kf.grad, "dv": vf.grad}
 
     errors = {}
-    for flash in (True, False):
+    for name in (kernel, "math"):
         qb, kb, vb, gb = (t.bfloat16() for t in (q, k, v, grad_out))
-        compute = qb if flash else qb.float()
-        blocks = [(1, kb[:, lengths[0] :], vb[:, lengths[0] :]), (0, kb[:, : lengths[0]], vb[:, : lengths[0]])]
+        block_list = [(1, kb[:, lengths[0] :], vb[:, lengths[0] :]), (0, kb[:, : lengths[0]], vb[:, : lengths[0]])]
         out = torch.zeros(qb.shape, dtype=torch.float32, device="cuda")
         lse = torch.full((B, H, lengths[1]), float("-inf"), device="cuda")
-        for owner, kk, vv in blocks:
-            kk, vv = (kk, vv) if flash else (kk.float(), vv.float())
-            forward = ring._flash_block_forward if flash else ring._block_forward
-            out, lse = ring._merge_block(out, lse, *forward(compute, kk, vv, scale, causal and owner == 1))
+        for owner, kk, vv in block_list:
+            out, lse = blocks.merge_block(out, lse, *blocks.block_forward(name, qb, kk, vv, scale, causal and owner == 1))
         out = out.bfloat16()
-        delta = (gb.float() * out.float()).sum(-1).transpose(1, 2)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for owner, kk, vv in blocks:
+        for owner, kk, vv in block_list:
             sl = slice(lengths[0], None) if owner == 1 else slice(0, lengths[0])
-            diagonal = causal and owner == 1
-            if flash:
-                grads = ring._flash_block_backward(qb, kk, vv, gb, out, lse, scale, diagonal)
-            else:
-                grads = ring._block_backward(qb.float(), kk.float(), vv.float(), gb.float(), lse, delta, scale, diagonal)
+            grads = blocks.block_backward(name, qb, kk, vv, gb, out, lse, scale, causal and owner == 1)
             dq += grads[0].float()
             dk[:, sl] += grads[1].float()
             dv[:, sl] += grads[2].float()
         got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
-        errors[flash] = {name: relative_error(got[name].double(), expected[name]) for name in expected}
-    for name in expected:
-        assert errors[True][name] < 2e-2, f"flash {name}: relative error {errors[True][name]:.2e}"
-        assert errors[True][name] < 2 * errors[False][name] + 2e-3, (name, errors)
+        errors[name] = {n: relative_error(got[n].double(), expected[n]) for n in expected}
+    for n in expected:
+        assert errors[kernel][n] < 2e-2, f"{kernel} {n}: relative error {errors[kernel][n]:.2e}"
+        assert errors[kernel][n] < 2 * errors["math"][n] + 2e-3, (n, errors)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash block kernel needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN and flash block kernels need CUDA")
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_function_flash_path_on_one_rank(causal):
-    """The autograd Function's flash path end to end (one block, no peers) against float64 attention."""
+def test_ring_function_cuda_path_on_one_rank(kernel, causal):
+    """The autograd Function's CUDA path end to end (one block, no peers) against float64 attention."""
     from lightning_seqpar.attention import math_attention, ring
     from lightning_seqpar.comm import SequenceLayout
 
@@ -376,8 +410,21 @@ def test_ring_function_flash_path_on_one_rank(causal):
     ref = math_attention(qf, kf, vf, causal=causal)
     ref.backward(grad_out.double())
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
-    out = ring._RingAttention.apply(qb, kb, vb, None, SequenceLayout((257,)), 64**-0.5, causal, True)
+    out = ring._RingAttention.apply(qb, kb, vb, None, SequenceLayout((257,)), 64**-0.5, causal, kernel, False, None)
     out.backward(grad_out.bfloat16())
     for name, got, expected in (("out", out, ref), ("dq", qb.grad, qf.grad), ("dk", kb.grad, kf.grad), ("dv", vb.grad, vf.grad)):
         err = relative_error(got.double(), expected.detach())
         assert err < 2e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_kernel_is_cudnn_with_fallback_on_cuda():
+    """``auto`` picks cuDNN on bf16 d=64 (with fallback), flash where cuDNN's head-dim limit is passed, math on fp32."""
+    from lightning_seqpar.attention.ring import choose_kernel
+
+    x = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert choose_kernel(x, "auto") == ("sdpa_cudnn", True)
+    assert choose_kernel(torch.zeros(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16), "auto") == ("sdpa_flash", False)
+    assert choose_kernel(x.float(), "auto") == ("math", False)
+    assert choose_kernel(x, "sdpa_cudnn") == ("sdpa_cudnn", False)

@@ -10,13 +10,22 @@ Shape flow on rank r of a group of P ranks (rank order = token order)::
 
 Backward recomputes every block's probabilities from the saved final LSE (the FlashAttention-2 backward,
 arXiv 2307.08691) while the same blocks travel around the ring a second time, followed one step behind by
-their dK/dV accumulators, so that each accumulator ends at its owner after P-1 hops.
+their dK/dV accumulators, so that each accumulator ends at its owner after P-1 hops. The block kernels
+(cuDNN, PyTorch's flash op, plain torch) are in :mod:`lightning_seqpar.attention.blocks`.
+
+Causal attention is load-balanced (``load_balance=True``): with tokens in rank order, rank P-1 would attend
+to all P blocks and rank 0 to one. The sequence is cut into 2P chunks and rank r takes chunks r and 2P-1-r
+(the "zigzag" / head-tail order of ring-flash-attn and Llama 3's context parallelism, arXiv 2407.21783), moved
+there by one all-to-all of q, k, v before the ring and one of the output after it. Then every step after the
+first does half a block on every rank: owner o < r: all queries x the first chunk of o; o > r: the second
+chunk of queries x both chunks of o.
 
 Letters: B batch, L tokens, L_r tokens of this rank, L_max the longest L_r, H heads, d head dim, P ranks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_seqpar.attention import blocks
 from lightning_seqpar.attention.local import (
     BACKENDS,
     AttentionBackend,
@@ -32,7 +42,7 @@ from lightning_seqpar.attention.local import (
     check_same_dtype_device,
     local_attention,
 )
-from lightning_seqpar.comm import SequenceLayout, group_rank, group_size, resolve_layout
+from lightning_seqpar.comm import SequenceLayout, _AllToAll, group_rank, group_size, resolve_layout, split_sizes
 
 # The originals, not ``dist.isend``: P2POp and batch_isend_irecv compare the op by identity, and a
 # monkeypatched ``dist.isend`` (as the tests' collective counter installs) would not match.
@@ -40,10 +50,33 @@ _ISEND = dist.distributed_c10d.isend
 _IRECV = dist.distributed_c10d.irecv
 _TAG_KV, _TAG_GRAD = 0, 1
 
-RING_BACKENDS = ("auto", "math", "sdpa_flash")
-"""Block kernels ring attention can run: ``math`` is the plain-torch kernel below (float32 softmax, any device);
-``sdpa_flash`` is PyTorch's FlashAttention-2 op (CUDA, fp16/bf16, d a multiple of 8 up to 256), which returns the
-block's log-sum-exp and takes the final one in backward; ``auto`` picks flash where it runs, else math."""
+RING_BACKENDS = ("auto", "math", "sdpa_flash", "sdpa_cudnn")
+"""Block kernels ring attention can run (each returns the block's log-sum-exp, see
+:mod:`~lightning_seqpar.attention.blocks`): ``sdpa_cudnn`` (cuDNN fused attention; CUDA sm80+, fp16/bf16, d a
+multiple of 8 up to 128), ``sdpa_flash`` (PyTorch's FlashAttention-2 op; CUDA, fp16/bf16, d a multiple of 8 up to
+256), ``math`` (plain torch, float32 softmax, any device); ``auto`` picks cuDNN where it runs, falling back to
+flash per block where cuDNN refuses a shape, else flash, else math."""
+
+
+def choose_kernel(q: Tensor, backend: str) -> tuple[str, bool]:
+    """The block kernel for ``backend`` on inputs like ``q`` and whether it may fall back at run time; raise
+    :class:`BackendUnavailableError` when a forced kernel cannot run on them."""
+    if backend == "sdpa_flash" and not blocks.flash_runs(q):
+        raise BackendUnavailableError(
+            f"ring attention's backend 'sdpa_flash' needs fp16/bf16 CUDA inputs with a head dim that is a multiple"
+            f" of 8 up to 256, got {q.dtype} on {q.device.type} with d={q.shape[-1]}; use backend='auto' or 'math'."
+        )
+    if backend == "sdpa_cudnn" and not blocks.cudnn_runs(q):
+        raise BackendUnavailableError(
+            f"ring attention's backend 'sdpa_cudnn' needs fp16/bf16 inputs on an sm80+ CUDA GPU with cuDNN attention"
+            f" enabled and a head dim that is a multiple of 8 up to 128, got {q.dtype} on {q.device.type} with"
+            f" d={q.shape[-1]}; use backend='auto', 'sdpa_flash' or 'math'."
+        )
+    if backend == "auto":
+        if blocks.cudnn_runs(q):
+            return "sdpa_cudnn", True
+        return ("sdpa_flash" if blocks.flash_runs(q) else "math"), False
+    return backend, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,110 +106,43 @@ class _RingExchange:
 
 def _pack_blocks(k: Tensor, v: Tensor, longest: int) -> Tensor:
     """``[B, L_r, H, d]`` twice -> ``[2, B, L_max, H, d]``, zero rows after L_r (transport only, never read)."""
-    kv = k.new_zeros((2, k.shape[0], longest, *k.shape[2:]))
+    kv = k.new_empty((2, k.shape[0], longest, *k.shape[2:]))
     kv[0, :, : k.shape[1]] = k
     kv[1, :, : v.shape[1]] = v
+    if longest > k.shape[1]:
+        kv[:, :, k.shape[1] :] = 0
     return kv
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The block kernel: plain torch, softmax in float32 (float64 for float64 inputs), returns the LSE.
+# Which part of which block each step computes.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+def _block_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool, fallback: bool):
+    """One block's forward (a module-level name, so that tests can observe when blocks are computed)."""
+    return blocks.block_forward(kernel, q, k, v, scale, diagonal, fallback)
 
 
-def _block_scores(q: Tensor, k: Tensor, scale: float, diagonal: bool) -> Tensor:
-    """``[B, L_q, H, d] x [B, L_k, H, d] -> [B, H, L_q, L_k]``, causal within the block when ``diagonal``."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if diagonal:
-        keep = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
+def _block_plan(rank: int, owner: int, lengths: tuple[int, ...], causal: bool, chunks: tuple[int, ...] | None):
+    """``(first query row, keys of the block, diagonal mask)`` that this rank's queries attend to in ``owner``'s
+    block, or None when they attend to none of it.
 
-
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` over one key/value block: output ``[B, L_q, H, d]`` and LSE ``[B, H, L_q]`` (compute dtype)."""
-    scores = _block_scores(q, k, scale, diagonal)  # [B, H, L_q, L_k]
-    lse = scores.logsumexp(dim=-1)  # [B, H, L_q]
-    probs = (scores - lse.unsqueeze(-1)).exp()
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
-
-
-def _block_backward(
-    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse: Tensor, delta: Tensor, scale: float, diagonal: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of one block from the final LSE ``[B, H, L_q]`` and ``delta = rowsum(dO * O)`` ``[B, H, L_q]``."""
-    probs = (_block_scores(q, k, scale, diagonal) - lse.unsqueeze(-1)).exp()  # [B, H, L_q, L_k]
-    grad_v = torch.einsum("bhqk,bqhd->bkhd", probs, grad_out)  # [B, L_k, H, d]
-    grad_probs = torch.einsum("bqhd,bkhd->bhqk", grad_out, v)  # [B, H, L_q, L_k]
-    grad_scores = probs * (grad_probs - delta.unsqueeze(-1)) * scale
-    grad_q = torch.einsum("bhqk,bkhd->bqhd", grad_scores, k)  # [B, L_q, H, d]
-    grad_k = torch.einsum("bhqk,bqhd->bkhd", grad_scores, q)  # [B, L_k, H, d]
-    return grad_q, grad_k, grad_v
-
-
-def _merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Online softmax: merge a block's output ``[B, L_q, H, d]`` and LSE ``[B, H, L_q]`` into the running ones."""
-    merged = torch.logaddexp(lse, block_lse)  # [B, H, L_q]
-    old_weight = (lse - merged).exp().transpose(1, 2).unsqueeze(-1)  # [B, L_q, H, 1]
-    block_weight = (block_lse - merged).exp().transpose(1, 2).unsqueeze(-1)
-    return out * old_weight + block_out * block_weight, merged
-
-
-def _flash_block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_block_forward` with PyTorch's flash kernel: output ``[B, L_q, H, d]`` (float32) and LSE ``[B, H, L_q]``."""
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, diagonal, False, scale=scale
-    )  # [B, H, L_q, d], [B, H, L_q]
-    return out.transpose(1, 2).float(), lse[..., : q.shape[1]].float()
-
-
-def _flash_block_backward(
-    q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, diagonal: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_block_backward` with PyTorch's flash kernel, from the final output and LSE (it forms delta itself)."""
-    # Dense (not varlen) call: no cumulative sequence lengths; with no dropout the RNG state is never read.
-    philox_seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    philox_offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad_out.transpose(1, 2),  # [B, H, L_q, d]
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        out.transpose(1, 2),
-        lse.contiguous(),
-        None,
-        None,
-        q.shape[1],
-        k.shape[1],
-        0.0,
-        diagonal,
-        philox_seed,
-        philox_offset,
-        scale=scale,
-    )
-    return tuple(g.transpose(1, 2) for g in grads)  # [B, L, H, d] each
-
-
-def _use_flash(q: Tensor, backend: str) -> bool:
-    """Whether the block kernel is PyTorch's flash op; raise if ``sdpa_flash`` was forced where it cannot run."""
-    runs = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-    if backend == "sdpa_flash" and not runs:
-        raise BackendUnavailableError(
-            f"ring attention's backend 'sdpa_flash' needs fp16/bf16 CUDA inputs with a head dim that is a multiple"
-            f" of 8 up to 256, got {q.dtype} on {q.device.type} with d={q.shape[-1]}; use backend='auto' or 'math'."
-        )
-    return runs and backend != "math"
-
-
-def _visits(owner: int, rank: int, layout: SequenceLayout, causal: bool) -> bool:
-    """Whether this rank's queries see any key of ``owner``'s block (causal: blocks in the future are skipped)."""
-    if layout.lengths[owner] == 0 or layout.lengths[rank] == 0:
-        return False
-    return not (causal and owner > rank)
+    ``chunks`` (zigzag order, causal only): the 2P chunk lengths; rank r holds chunks r and 2P-1-r.
+    """
+    n_q, n_k = lengths[rank], lengths[owner]
+    if n_q == 0 or n_k == 0:
+        return None
+    if owner == rank:
+        return 0, n_k, causal
+    if not causal:
+        return 0, n_k, False
+    if chunks is None:
+        return (0, n_k, False) if owner < rank else None
+    if owner < rank:  # every query of this rank comes after the first chunk of the owner and before its second
+        return (0, chunks[owner], False) if chunks[owner] else None
+    first = chunks[rank]  # owner > rank: only this rank's second chunk comes after both chunks of the owner
+    return (first, n_k, False) if n_q > first else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,11 +164,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: Tensor, k: Tensor, v: Tensor, group: ProcessGroup, layout: SequenceLayout, scale: float, causal: bool,
-        flash: bool,
+        kernel: str, fallback: bool = False, chunks: tuple[int, ...] | None = None,
     ) -> Tensor:
         world, rank = group_size(group), group_rank(group)
-        compute = _compute_dtype(q.dtype)
-        q_c = q if flash else q.to(compute)
+        compute = blocks.compute_dtype(q.dtype)
         # Running output and LSE in the compute dtype whichever kernel computes the blocks.
         out = q.new_zeros(q.shape, dtype=compute)  # [B, L_r, H, d]
         lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=compute)  # [B, H, L_r]
@@ -210,30 +175,26 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             owner = (rank - step) % world
             pending = _RingExchange(kv, group, _TAG_KV) if step < world - 1 else None
-            if _visits(owner, rank, layout, causal):
-                n = layout.lengths[owner]
-                k_blk, v_blk = (kv[0, :, :n], kv[1, :, :n]) if flash else (kv[0, :, :n].to(compute), kv[1, :, :n].to(compute))
-                block_out, block_lse = (_flash_block_forward if flash else _block_forward)(
-                    q_c, k_blk, v_blk, scale, causal and owner == rank
-                )
-                out, lse = _merge_block(out, lse, block_out, block_lse)
+            plan = _block_plan(rank, owner, layout.lengths, causal, chunks)
+            if plan is not None:
+                first, n, diagonal = plan
+                block_out, block_lse = _block_forward(kernel, q[:, first:], kv[0, :, :n], kv[1, :, :n], scale, diagonal, fallback)
+                out[:, first:], lse[..., first:] = blocks.merge_block(out[:, first:], lse[..., first:], block_out, block_lse)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.layout, ctx.scale, ctx.causal, ctx.flash = group, layout, scale, causal, flash
+        ctx.group, ctx.layout, ctx.scale, ctx.causal = group, layout, scale, causal
+        ctx.kernel, ctx.fallback, ctx.chunks = kernel, fallback, chunks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        group, layout, scale, causal, flash = ctx.group, ctx.layout, ctx.scale, ctx.causal, ctx.flash
+        group, layout, scale = ctx.group, ctx.layout, ctx.scale
         world, rank = group_size(group), group_rank(group)
-        compute = _compute_dtype(q.dtype)
+        compute = blocks.compute_dtype(q.dtype)
         grad_out = grad_out.contiguous()
-        q_c, grad_out_c = (q, grad_out) if flash else (q.to(compute), grad_out.to(compute))
-        # The flash op forms delta = rowsum(dO * O) itself; the math kernel takes it: [B, L_r, H] -> [B, H, L_r].
-        delta = None if flash else (grad_out_c * out.to(compute)).sum(dim=-1).transpose(1, 2)
         grad_q = torch.zeros_like(q, dtype=compute)
         longest = max(layout.lengths)
         kv = _pack_blocks(k, v, longest)  # [2, B, L_max, H, d]
@@ -243,16 +204,14 @@ class _RingAttention(torch.autograd.Function):
             owner = (rank - step) % world
             kv_pending = _RingExchange(kv, group, _TAG_KV) if step < world - 1 else None
             grad_kv = kv.new_zeros(kv.shape, dtype=compute)  # [2, B, L_max, H, d]
-            if _visits(owner, rank, layout, causal):
-                n = layout.lengths[owner]
-                diagonal = causal and owner == rank
-                if flash:
-                    dq, dk, dv = _flash_block_backward(q, kv[0, :, :n], kv[1, :, :n], grad_out, out, lse, scale, diagonal)
-                else:
-                    dq, dk, dv = _block_backward(
-                        q_c, kv[0, :, :n].to(compute), kv[1, :, :n].to(compute), grad_out_c, lse, delta, scale, diagonal
-                    )
-                grad_q += dq
+            plan = _block_plan(rank, owner, layout.lengths, ctx.causal, ctx.chunks)
+            if plan is not None:
+                first, n, diagonal = plan
+                dq, dk, dv = blocks.block_backward(
+                    ctx.kernel, q[:, first:], kv[0, :, :n], kv[1, :, :n], grad_out[:, first:], out[:, first:],
+                    lse[..., first:], scale, diagonal, ctx.fallback,
+                )
+                grad_q[:, first:] += dq
                 grad_kv[0, :, :n] = dk
                 grad_kv[1, :, :n] = dv
             if step == 0:
@@ -268,7 +227,68 @@ class _RingAttention(torch.autograd.Function):
         n = q.shape[1]
         grad_k = own_grad_kv[0, :, :n].to(k.dtype)
         grad_v = own_grad_kv[1, :, :n].to(v.dtype)
-        return grad_q.to(q.dtype), grad_k, grad_v, None, None, None, None, None
+        return grad_q.to(q.dtype), grad_k, grad_v, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zigzag order for causal load balance: rank r holds chunks r and 2P-1-r of the 2P chunks.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def zigzag_chunks(total: int, world: int) -> tuple[int, ...]:
+    """Lengths of the 2P chunks of a sequence of ``total`` tokens (:func:`~lightning_seqpar.comm.split_sizes`)."""
+    return tuple(split_sizes(total, 2 * world))
+
+
+class _Zigzag:
+    """The all-to-all that moves tokens from rank order (``layout``) to zigzag order and back, for one rank.
+
+    ``index``: this rank's token positions grouped by the rank that holds them in zigzag order (each group in
+    sequence order); ``send``/``recv``: tokens sent to / received from each rank going to zigzag order. Tokens
+    arrive in source-rank order, which is sequence order, which is the zigzag rank's own order.
+    """
+
+    def __init__(self, layout: SequenceLayout, rank: int, device: torch.device) -> None:
+        world = len(layout.lengths)
+        self.chunks = zigzag_chunks(layout.total, world)
+        starts = [sum(self.chunks[:i]) for i in range(2 * world)]
+        spans = [[(starts[c], starts[c] + self.chunks[c]) for c in (j, 2 * world - 1 - j)] for j in range(world)]
+
+        def overlap(begin: int, end: int, j: int) -> list[tuple[int, int]]:
+            return [(max(lo, begin), min(hi, end)) for lo, hi in spans[j] if min(hi, end) > max(lo, begin)]
+
+        begin, end = layout.offset(rank), layout.offset(rank) + layout.lengths[rank]
+        runs = [overlap(begin, end, j) for j in range(world)]
+        self.send = [sum(hi - lo for lo, hi in r) for r in runs]
+        self.recv = [
+            sum(hi - lo for lo, hi in overlap(layout.offset(s), layout.offset(s) + layout.lengths[s], rank))
+            for s in range(world)
+        ]
+        pieces = [torch.arange(lo - begin, hi - begin, device=device) for r in runs for lo, hi in r]
+        self.index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+        self.inverse = torch.argsort(self.index)
+        self.lengths = tuple(self.chunks[j] + self.chunks[2 * world - 1 - j] for j in range(world))
+
+    @staticmethod
+    def _exchange(x: Tensor, dim: int, send: list[int], recv: list[int], group: ProcessGroup) -> Tensor:
+        tokens_first = x.movedim(dim, 0)  # [L, *rest]: each destination's tokens are one contiguous run
+        rest = tokens_first.shape[1:]
+        inner = math.prod(rest)
+        flat = tokens_first.contiguous().reshape(-1)
+        received = _AllToAll.apply(flat, [n * inner for n in send], [n * inner for n in recv], group)
+        return received.view(sum(recv), *rest).movedim(0, dim)
+
+    def to_zigzag(self, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+        return self._exchange(x.index_select(dim, self.index), dim, self.send, self.recv, group)
+
+    def from_zigzag(self, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+        return self._exchange(x, dim, self.recv, self.send, group).index_select(dim, self.inverse)
+
+
+@functools.lru_cache(maxsize=64)
+def _zigzag(layout: SequenceLayout, rank: int, device: torch.device) -> _Zigzag:
+    """One :class:`_Zigzag` per layout (every layer of a step shares it)."""
+    return _Zigzag(layout, rank, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,8 +313,9 @@ def check_ring_arguments(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, back
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend not in RING_BACKENDS:
         raise BackendUnavailableError(
-            f"{name} needs the log-sum-exp of every block, which only its plain-torch kernel and PyTorch's flash"
-            f" op return, so backend {backend!r} cannot be used; pass backend='auto', 'math' or 'sdpa_flash'."
+            f"{name} needs the log-sum-exp of every block, which only cuDNN's and PyTorch's flash ops and its"
+            f" plain-torch kernel return, so backend {backend!r} cannot be used; pass backend='auto', 'sdpa_cudnn',"
+            " 'sdpa_flash' or 'math'."
         )
 
 
@@ -309,6 +330,7 @@ def ring_attention(
     causal: bool = False,
     backend: AttentionBackend = "auto",
     sequence_lengths: Sequence[int] | None = None,
+    load_balance: bool = True,
 ) -> Tensor:
     """Exact full attention over a sequence whose tokens are split across ``group``, by passing keys and values around a ring.
 
@@ -321,28 +343,44 @@ def ring_attention(
         softmax_scale: Scale of ``q k^T``; default ``1 / sqrt(d)``.
         causal: Causal masking over the full sequence (token order = rank order): blocks entirely in the
             future are skipped, the diagonal block is masked.
-        backend: The block kernel, see :data:`RING_BACKENDS`: ``"math"`` (plain torch, fp32 softmax, any
-            device), ``"sdpa_flash"`` (PyTorch's FlashAttention-2 op on fp16/bf16 CUDA inputs), or
-            ``"auto"``: flash where it runs, else math. Partial results are merged in fp32 either way.
+        backend: The block kernel, see :data:`RING_BACKENDS`: ``"sdpa_cudnn"`` (cuDNN), ``"sdpa_flash"``
+            (PyTorch's FlashAttention-2 op), ``"math"`` (plain torch, fp32 softmax, any device), or ``"auto"``:
+            cuDNN where it runs (flash for a block cuDNN refuses), else flash, else math. Partial results are
+            merged in fp32 whichever kernel runs.
         sequence_lengths: Tokens held by each rank (they may differ, e.g. L = 197 over 4 ranks); the strategy
             passes them; default: exchanged with one small all-gather.
+        load_balance: With ``causal``, move the tokens to zigzag order for the ring (see the module docstring) so
+            that every rank does the same work; the output comes back in this rank's own tokens either way.
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.
 
+    Raises:
+        BackendUnavailableError: a forced ``backend`` cannot run on these inputs.
+
     Communication per rank: forward P-1 exchanges with the ring neighbours of ``2 B L_max H d`` elements,
     each overlapped with the attention of the block already here; backward the same P-1 exchanges plus
-    P-1 of the dK/dV accumulators (same size, compute dtype). No head limit; memory holds two blocks of
-    keys and values (current and incoming) and, with the math kernel, one ``[B, H, L_r, L_max]`` score block at a time.
+    P-1 of the dK/dV accumulators (same size, compute dtype). Balanced causal adds one all-to-all of q, k, v
+    (about half of this rank's tokens move) and one of the output, each way. No head limit; memory holds two
+    blocks of keys and values (current and incoming) and, with the math kernel, one ``[B, H, L_r, L_max]`` score
+    block at a time.
     """
     check_ring_arguments(q, k, v, dropout_p, backend)
-    flash = _use_flash(q, backend)
-    if group_size(group) == 1:
-        kernel = "sdpa_flash" if flash else "math"
-        return local_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, backend=kernel)
+    kernel, fallback = choose_kernel(q, backend)
+    world = group_size(group)
+    if world == 1:
+        local = {"sdpa_cudnn": "sdpa" if fallback else "sdpa_cudnn"}.get(kernel, kernel)
+        return local_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, backend=local)
     layout = resolve_layout(q.shape[1], group, sequence_lengths)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _RingAttention.apply(q, k, v, group, layout, scale, causal, flash)
+    if not (causal and load_balance):
+        return _RingAttention.apply(q, k, v, group, layout, scale, causal, kernel, fallback, None)
+    zigzag = _zigzag(layout, group_rank(group), q.device)
+    qkv = zigzag.to_zigzag(torch.stack([q, k, v]), 2, group)  # [3, B, L_z, H, d]
+    out = _RingAttention.apply(
+        qkv[0], qkv[1], qkv[2], group, SequenceLayout(zigzag.lengths), scale, causal, kernel, fallback, zigzag.chunks
+    )  # [B, L_z, H, d]
+    return zigzag.from_zigzag(out, 1, group)  # [B, L_r, H, d]
 
 
 class RingAttention(nn.Module):
@@ -359,6 +397,7 @@ class RingAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        """``kwargs`` (``dropout_p``, ``softmax_scale``, ``causal``, ``sequence_lengths``) go to :func:`ring_attention`."""
+        """``kwargs`` (``dropout_p``, ``softmax_scale``, ``causal``, ``sequence_lengths``, ``load_balance``) go to
+        :func:`ring_attention`."""
         kwargs.setdefault("backend", self.backend)
         return ring_attention(q, k, v, self.group, **kwargs)
