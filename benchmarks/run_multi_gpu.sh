@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Multi-GPU scaling on one host: the 1-GPU baseline, then N GPUs (weak and strong scaling, communication time), then
-# the longest sequences across the N GPUs in a process of their own, then the report.
+# the longest sequences across the N GPUs in a process of their own, then the report, then the peer comparison
+# (bench_peers.py: DeepSpeed Ulysses, torch context_parallel, ... side by side; SEQPAR_SKIP_PEERS=1 skips it).
 #   benchmarks/run_multi_gpu.sh 8 [extra bench_multi_gpu.py options]
 # Results: benchmarks/results/multi_gpu_n1.json, multi_gpu_n8.json, multi_gpu_n8_longest.json and
-# multi_gpu_n8_report.{md,png} (SEQPAR_BENCH_OUT=DIR writes them elsewhere). NVLink multicast stays off
+# multi_gpu_n8_report.{md,png}, peers_n8.{json,md,png} (SEQPAR_BENCH_OUT=DIR writes them elsewhere). NVLink multicast stays off
 # (NCCL_NVLS_ENABLE=0); set it as your cluster requires. With --smoke it runs tiny sizes on the CPU (gloo).
 set -euo pipefail
 N=${1:?usage: run_multi_gpu.sh NUM_GPUS [bench_multi_gpu.py options]}
@@ -15,3 +16,8 @@ python -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/bench
 python -m torch.distributed.run --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out "$R" --tag "n$N" --sections weak,strong "${@:2}"
 python -m torch.distributed.run --standalone --nproc_per_node "$N" benchmarks/bench_multi_gpu.py --out "$R" --tag "n${N}_longest" --sections longest "${@:2}"
 python benchmarks/scaling_report.py "$R/multi_gpu_n1.json" "$R/multi_gpu_n$N.json" "$R/multi_gpu_n${N}_longest.json"
+# The peers take their own options (bench_peers.py --help); in a --smoke run they are left out (tests cover them).
+case " ${*:2} " in *" --smoke "*) SEQPAR_SKIP_PEERS=${SEQPAR_SKIP_PEERS:-1} ;; esac
+if [ -z "${SEQPAR_SKIP_PEERS:-}" ]; then
+  python -m torch.distributed.run --standalone --nproc_per_node "$N" benchmarks/bench_peers.py --out "$R"
+fi

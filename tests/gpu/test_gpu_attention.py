@@ -1,4 +1,5 @@
-"""Attention on CUDA in bf16 against an fp32 reference: every local kernel, and Ulysses / LSS over a one-rank NCCL group.
+"""Attention on CUDA in bf16 against an fp32 reference: every local kernel, Ulysses / LSS over a one-rank NCCL group,
+and ring / hybrid on each block kernel (cuDNN, flash, auto) across 2 GPUs.
 
 Tolerance: relative error ||out - ref|| / ||ref|| < 2e-2 for outputs and for dq, dk, dv (bf16 operands land
 between 1e-3 and 1e-2). At world size 1 ``ulysses_attention`` and ``lss_attention`` take the local path, so
@@ -93,3 +94,82 @@ def test_all_gather_reduce_scatter_through_nccl(nccl_group):
     grad = torch.randn_like(gathered)
     gathered.backward(grad)
     torch.testing.assert_close(x.grad, grad[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ring and hybrid on each block kernel across 2 GPUs (cuDNN, flash, auto), against fp32 full attention.
+# ---------------------------------------------------------------------------------------------------------
+
+# (name, B, L, H, d, causal, load_balance): L odd (uneven shards, zigzag chunks of unequal length), d 64 and 128.
+RING_KERNEL_CASES = [
+    ("L1001_d64", 2, 1001, 8, 64, False, True),
+    ("L2049_d128_causal_zigzag", 1, 2049, 4, 128, True, True),
+    ("L1001_d64_causal_rank_order", 1, 1001, 8, 64, True, False),
+]
+
+
+def ring_kernels_worker(cases: list) -> dict:
+    """Every (kind, kernel, case) on this rank: relative errors of the output and gradient shards."""
+    import datetime
+    import os
+    import zlib
+
+    import torch.distributed as dist
+
+    from lightning_seqpar.attention.hybrid import build_hybrid_groups, hybrid_attention
+    from lightning_seqpar.attention.ring import ring_attention
+    from lightning_seqpar.comm import split_sizes
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120), device_id=torch.device("cuda", local_rank))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))
+    hybrid_groups = build_hybrid_groups(range(world), 1)  # u = 1: the ring runs inside hybrid's path
+    kinds = {
+        "ring": lambda *t, **kw: ring_attention(*t, group, **kw),
+        "hybrid_u1": lambda *t, **kw: hybrid_attention(*t, *hybrid_groups, **kw),
+    }
+    results = {}
+    for name, B, L, H, d, causal, balance in cases:
+        gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+        q, k, v, grad_out = (torch.randn(B, L, H, d, device="cuda", generator=gen).bfloat16() for _ in range(4))
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        ref = math_attention(qf, kf, vf, causal=causal)
+        ref.backward(grad_out.float())
+        sizes = split_sizes(L, world)
+        sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        for kind, fn in kinds.items():
+            for backend in ("sdpa_cudnn", "sdpa_flash", "auto"):
+                local = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+                extra = {} if kind != "ring" else {"load_balance": balance}
+                if kind != "ring" and not balance:
+                    continue
+                out = fn(*local, causal=causal, backend=backend, sequence_lengths=sizes, **extra)
+                out.backward(grad_out[:, sl])
+                results[(name, kind, backend)] = {"dtype": str(out.dtype)} | {
+                    "out": _rel(out, ref[:, sl].detach()),
+                    "dq": _rel(local[0].grad, qf.grad[:, sl]),
+                    "dk": _rel(local[1].grad, kf.grad[:, sl]),
+                    "dv": _rel(local[2].grad, vf.grad[:, sl]),
+                }
+    dist.barrier()
+    dist.destroy_process_group()
+    return results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.timeout(600)
+def test_ring_and_hybrid_kernels_across_gpus():
+    """cuDNN, flash and auto block kernels give the same attention across 2 GPUs, forward and gradients, uneven
+    shards, full, causal in zigzag order and causal in rank order (tolerance as above)."""
+    from tests.dist_utils import run_distributed
+
+    per_rank = run_distributed("tests.gpu.test_gpu_attention:ring_kernels_worker", 2, timeout=400,
+                               env={"NCCL_NVLS_ENABLE": "0"}, cases=RING_KERNEL_CASES)
+    for rank, results in enumerate(per_rank):
+        assert len(results) == 15
+        for key, r in results.items():
+            errors = {f: r[f] for f in ("out", "dq", "dk", "dv")}
+            assert r["dtype"] == "torch.bfloat16" and max(errors.values()) < TOLERANCE, f"{key} rank {rank}: {errors}"
