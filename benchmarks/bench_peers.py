@@ -13,6 +13,8 @@ writes ``peers_n<N>.json``, ``peers_n<N>.md`` and ``peers_n<N>.png``. Sections:
   ranks, bf16, at each (heads x head dim). TFLOP/s per GPU counts forward = 4 L^2 H d and forward + backward =
   3.5 x forward (FlashAttention-2's accounting, arXiv 2307.08691), divided by N. The one-GPU cuDNN row runs the
   whole sequence on rank 0's GPU alone (same accounting, N = 1).
+- ``causal``: the same with causal masking, counting half the FLOPs; this project's ring in its balanced zigzag
+  order and in rank order (``ring_rank_order``), PyTorch's ring with its head-tail load balancing (cuDNN).
 - ``vit``: a whole training step of the generic ViT (width 1024, depth 8, fused qkv, bf16 autocast, fused AdamW),
   tokens sharded over the N ranks, only the attention call swapped between rows; the parameter gradients are
   all-reduced over the group (one flat all-reduce, the same for every row). Model TFLOP/s per GPU as in
@@ -65,18 +67,19 @@ class Sizes:
     depth: int = 8
     heads: int = 16
     check_length: int = 4 * K
-    attention_steps: tuple[int, int] = (1, 3)  # (warm-up, timed)
+    causal: tuple[tuple[int, int, int], ...] = ((256 * K, 16, 64),)
+    attention_steps: tuple[int, int] = (1, 3)  # (warm-up, timed) above 128K tokens; (2, 10) up to it
     vit_steps: tuple[int, int] = (1, 2)
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(attention=((64, 4, 16), (96, 2, 32)), vit_lengths=(64,), width=32, depth=2, heads=4, check_length=48,
+        return cls(attention=((64, 4, 16), (96, 2, 32)), causal=((64, 4, 16),), vit_lengths=(64,), width=32, depth=2, heads=4, check_length=48,
                    attention_steps=(1, 1), vit_steps=(1, 1))
 
 
 @dataclass
 class Row:
-    section: str  # check | attention | vit
+    section: str  # check | attention | causal | vit
     method: str
     family: str  # ours | peer | one-gpu
     world: int
@@ -99,9 +102,9 @@ class Row:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _sdpa(q, k, v):
+def _sdpa(q, k, v, causal: bool = False):
     """SDPA on the [B, L, H, d] layout (kernel chosen by the active ``sdpa_kernel`` context)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
 
 
 def _divisors(n: int) -> list[int]:
@@ -126,9 +129,10 @@ class Methods:
         self.group = dist.new_group(list(range(world)))
         self.hybrid_groups = {u: build_hybrid_groups(range(world), u) for u in _divisors(world)}
         self._ours = {
-            "ulysses": lambda q, k, v: ulysses_attention(q, k, v, self.group),
-            "lss": lambda q, k, v: lss_attention(q, k, v, self.group),
-            "ring": lambda q, k, v: ring_attention(q, k, v, self.group),
+            "ulysses": lambda q, k, v, causal: ulysses_attention(q, k, v, self.group, causal=causal),
+            "lss": lambda q, k, v, causal: lss_attention(q, k, v, self.group, causal=causal),
+            "ring": lambda q, k, v, causal: ring_attention(q, k, v, self.group, causal=causal),
+            "ring_rank_order": lambda q, k, v, causal: ring_attention(q, k, v, self.group, causal=causal, load_balance=False),
         }
         self._hybrid = hybrid_attention
         self.mesh = None
@@ -149,23 +153,24 @@ class Methods:
         except Exception as err:  # noqa: BLE001 - recorded in the row
             return f"deepspeed.init_distributed failed: {err}"
 
-    def names(self, heads: int) -> list[tuple[str, str]]:
-        """(method, family) rows for ``heads`` heads."""
-        rows = [(m, "ours") for m in ("ulysses", "lss", "ring")]
+    def names(self, heads: int, causal: bool = False) -> list[tuple[str, str]]:
+        """(method, family) rows for ``heads`` heads; causal rows add ring in rank order (no load balance)."""
+        rows = [(m, "ours") for m in ("ulysses", "lss", "ring")] + ([("ring_rank_order", "ours")] if causal else [])
         rows += [(f"hybrid u{u}xr{self.world // u}", "ours") for u in hybrid_degrees(self.world, heads)]
         rows += [("deepspeed_ulysses", "peer")]
         rows += [(f"torch_cp_{kernel}_{rotate}", "peer") for kernel in ("cudnn", "flash") for rotate in ("allgather", "alltoall")]
         rows += [("ring_flash_attn", "peer"), ("yunchang_usp", "peer")]
         return rows
 
-    def get(self, name: str, heads: int):
+    def get(self, name: str, heads: int, causal: bool = False):
         """``(attend, context factory)`` for ``name``; raises ``Unavailable`` with the reason when it cannot run."""
         if name in self._ours:
-            return self._ours[name], contextlib.nullcontext
+            fn = self._ours[name]
+            return (lambda q, k, v: fn(q, k, v, causal)), contextlib.nullcontext
         if name.startswith("hybrid"):
             u = int(name.split()[1][1:].split("x")[0])
             ulysses_group, ring_group = self.hybrid_groups[u]
-            return (lambda q, k, v: self._hybrid(q, k, v, ulysses_group, ring_group)), contextlib.nullcontext
+            return (lambda q, k, v: self._hybrid(q, k, v, ulysses_group, ring_group, causal=causal)), contextlib.nullcontext
         if name == "deepspeed_ulysses":
             if self.deepspeed_error:
                 raise Unavailable(self.deepspeed_error)
@@ -173,16 +178,16 @@ class Methods:
 
             # [B, L_r, H, d]: heads scattered (dim 2), tokens gathered (dim 1), batch at dim 0.
             layer = DistributedAttention(_sdpa, self.group, scatter_idx=2, gather_idx=1)
-            return (lambda q, k, v: layer(q, k, v, 0)), contextlib.nullcontext
+            return (lambda q, k, v: layer(q, k, v, 0, None, causal=causal)), contextlib.nullcontext
         if name.startswith("torch_cp_"):
             _, _, kernel, rotate = name.split("_")
-            return _sdpa, lambda: _torch_cp_scope(self.mesh, kernel, rotate, self.device)
+            return (lambda q, k, v: _sdpa(q, k, v, causal)), lambda: _torch_cp_scope(self.mesh, kernel, rotate, self.device, causal)
         if name == "ring_flash_attn":
             if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("ring_flash_attn") is None:
                 raise Unavailable("cannot run: ring-flash-attn needs flash-attn, which has no wheel for this image")
             from ring_flash_attn import ring_flash_attn_func
 
-            return (lambda q, k, v: ring_flash_attn_func(q, k, v, group=self.group)), contextlib.nullcontext
+            return (lambda q, k, v: ring_flash_attn_func(q, k, v, causal=causal, group=self.group)), contextlib.nullcontext
         if name == "yunchang_usp":
             if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("yunchang") is None:
                 raise Unavailable("cannot run: yunchang's torch kernels have no backward; it needs flash-attn, which has"
@@ -191,7 +196,7 @@ class Methods:
 
             set_seq_parallel_pg(min(self.world, heads), self.world // min(self.world, heads), dist.get_rank(), self.world)
             layer = LongContextAttention()
-            return (lambda q, k, v: layer(q, k, v)), contextlib.nullcontext
+            return (lambda q, k, v: layer(q, k, v, causal=causal)), contextlib.nullcontext
         raise ValueError(f"unknown method {name!r}")
 
 
@@ -200,9 +205,11 @@ class Unavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def _torch_cp_scope(mesh, kernel: str, rotate: str, device: torch.device):
-    """PyTorch's context parallelism around forward and backward: SDPA on local shards becomes its ring, with load
-    balancing off (it supports it for causal attention only) and the given SDPA kernel and rotate method."""
+def _torch_cp_scope(mesh, kernel: str, rotate: str, device: torch.device, causal: bool = False):
+    """PyTorch's context parallelism around forward and backward: SDPA on local shards becomes its ring, with the
+    given SDPA kernel and rotate method; load balancing (head-tail order) on for causal attention, off otherwise
+    (it refuses non-causal attention with it). With it on, torch assumes the shards are in its head-tail order:
+    the causal rows are timed on shards in rank order, which is the same work (the values do not change it)."""
     if mesh is None:
         raise Unavailable(f"torch context_parallel runs on CUDA only (its ring wraps the CUDA SDPA ops), not on {device.type}")
     from torch.distributed.tensor.experimental import context_parallel
@@ -211,12 +218,13 @@ def _torch_cp_scope(mesh, kernel: str, rotate: str, device: torch.device):
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
     previous = _cp_options.enable_load_balance
-    _cp_options.enable_load_balance = False
+    _cp_options.enable_load_balance = causal
     set_rotate_method(rotate)
-    # A buffer is required; one element per rank shards trivially and cannot be load-balanced (N not divisible by 2N).
-    dummy = torch.zeros(mesh.size(), device=device)
+    # A buffer is required: 2 elements per rank, which context_parallel shards (head-tail when balancing).
+    dummy = torch.zeros(2 * mesh.size(), device=device)
     try:
         with context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[0], no_restore_buffers={dummy}), sdpa_kernel([backend]):
+            _cp_options.enable_load_balance = causal  # context_parallel sets it from the buffer; the ring reads it
             yield
     finally:
         _cp_options.enable_load_balance = previous
@@ -299,11 +307,12 @@ def _tf32_off():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def time_attention(methods: Methods, name: str, length: int, heads: int, head_dim: int, steps, device, dtype) -> list[float]:
+def time_attention(methods: Methods, name: str, length: int, heads: int, head_dim: int, steps, device, dtype,
+                   causal: bool = False) -> list[float]:
     world, rank = methods.world, dist.get_rank()
     q, k, v, grad = (_shard(t, world, rank).contiguous() for t in _inputs(11, length, heads, head_dim, device, dtype))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    attend, scope = methods.get(name, heads)
+    attend, scope = methods.get(name, heads, causal)
 
     def step():
         q.grad = k.grad = v.grad = None
@@ -313,7 +322,7 @@ def time_attention(methods: Methods, name: str, length: int, heads: int, head_di
         return timed(step, steps, device)
 
 
-def time_one_gpu(length: int, heads: int, head_dim: int, steps, device, dtype) -> list[float]:
+def time_one_gpu(length: int, heads: int, head_dim: int, steps, device, dtype, causal: bool = False) -> list[float]:
     """The whole sequence on this GPU alone, SDPA's cuDNN kernel (SDPA's own choice on the CPU)."""
     q, k, v, grad = _inputs(11, length, heads, head_dim, device, dtype)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -323,7 +332,7 @@ def time_one_gpu(length: int, heads: int, head_dim: int, steps, device, dtype) -
 
     def step():
         q.grad = k.grad = v.grad = None
-        _sdpa(q, k, v).backward(grad)
+        _sdpa(q, k, v, causal).backward(grad)
 
     with scope:
         warmup, count = steps
@@ -454,21 +463,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default=None, help="file name suffix; default n<world>")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
-    parser.add_argument("--sections", default="check,attention,vit")
+    parser.add_argument("--sections", default="check,attention,causal,vit")
     parser.add_argument("--methods", default=None, help="comma list of method names to run (default: all)")
     parser.add_argument("--attention", default=None, help="comma list of L:H:d shapes, e.g. 65536:16:64,262144:8:128")
+    parser.add_argument("--causal", default=None, help="comma list of L:H:d shapes of the causal section")
     parser.add_argument("--vit-lengths", default=None, help="comma list of ViT sequence lengths")
     parser.add_argument("--checkpoint-above", type=int, default=256 * K, help="recompute ViT blocks above this many tokens per GPU")
     args = parser.parse_args(argv)
     sizes = Sizes.smoke() if args.smoke else Sizes()
     if args.attention:
         sizes.attention = tuple(tuple(int(x) for x in s.split(":")) for s in args.attention.split(","))
+    if args.causal:
+        sizes.causal = tuple(tuple(int(x) for x in s.split(":")) for s in args.causal.split(","))
     if args.vit_lengths:
         sizes.vit_lengths = tuple(int(x) for x in args.vit_lengths.split(","))
     sections = args.sections.split(",")
-    unknown = set(sections) - {"check", "attention", "vit"}
+    unknown = set(sections) - {"check", "attention", "causal", "vit"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from check, attention, vit")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from check, attention, causal, vit")
     use_cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -501,18 +513,21 @@ def main(argv: list[str] | None = None) -> None:
             if wanted(name):
                 record(run_row(Row("check", name, family, world, L, H, d),
                                lambda: check_method(methods, name, L, H, d, device, dtype), None, device))
-    if "attention" in sections:
-        for L, H, d in sizes.attention:
-            flops = attention_flops(L, H, d)
-            row = Row("attention", "one_gpu_cudnn", "one-gpu", 1, L, H, d)
+    for section, causal in (("attention", False), ("causal", True)):
+        if section not in sections:
+            continue
+        for L, H, d in sizes.causal if causal else sizes.attention:
+            flops = attention_flops(L, H, d) / (2 if causal else 1)  # causal: half the score matrix
+            steps = sizes.attention_steps if L > 128 * K else (2, 10)
+            row = Row(section, "one_gpu_cudnn", "one-gpu", 1, L, H, d)
             if wanted(row.method):
                 # Rank 0 alone; the others wait at the row's closing all-reduce.
-                fn = (lambda: time_one_gpu(L, H, d, sizes.attention_steps, device, dtype)) if rank == 0 else (lambda: [0.0])
+                fn = (lambda: time_one_gpu(L, H, d, steps, device, dtype, causal)) if rank == 0 else (lambda: [0.0])
                 record(run_row(row, fn, flops, device))
-            for name, family in methods.names(H):
-                if wanted(name):
-                    record(run_row(Row("attention", name, family, world, L, H, d),
-                                   lambda: time_attention(methods, name, L, H, d, sizes.attention_steps, device, dtype),
+            for name, family in methods.names(H, causal):
+                if wanted(name) and not (causal and name.startswith("torch_cp_flash")):
+                    record(run_row(Row(section, name, family, world, L, H, d),
+                                   lambda: time_attention(methods, name, L, H, d, steps, device, dtype, causal),
                                    flops / world, device))
     if "vit" in sections:
         for L in sizes.vit_lengths:
@@ -566,7 +581,9 @@ def markdown(payload: dict) -> str:
             e = r["errors"]
             lines.append(f"| {r['method']} | {r['status']} | " + " | ".join(_fmt(e.get(n), ".1e") for n in ("out", "dq", "dk", "dv"))
                          + f" | {r['note']} |")
-    for section, title in (("attention", "Attention forward + backward"), ("vit", "ViT training step (width 1024, depth 8)")):
+    for section, title in (("attention", "Attention forward + backward"),
+                           ("causal", "Causal attention forward + backward (half the FLOPs counted)"),
+                           ("vit", "ViT training step (width 1024, depth 8)")):
         rows = [r for r in payload["rows"] if r["section"] == section]
         if not rows:
             continue
