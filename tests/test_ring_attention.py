@@ -323,6 +323,43 @@ def test_argument_errors(fn_name):
             fn(x, x, x, backend="sdpa_cudnn")
 
 
+def test_cudnn_refusal_falls_back_per_block_with_one_warning(monkeypatch):
+    """Where cuDNN raises for a block, ``auto`` (fallback=True) computes it with the next kernel (math on the CPU),
+    forward and backward, warns once per shape, and a forced ``sdpa_cudnn`` (fallback=False) raises instead."""
+    from lightning_seqpar.attention import blocks
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN Frontend error: No valid engine configs")
+
+    monkeypatch.setattr(blocks, "cudnn_forward", refuse)
+    monkeypatch.setattr(blocks, "cudnn_backward", refuse)
+    monkeypatch.setattr(blocks, "_warned", set())
+    q, k, v, grad_out = _inputs("fallback", 2, 9, 2, 16)
+    expected = blocks.math_forward(q, k, v, 0.25, True)
+    with pytest.warns(RuntimeWarning, match=r"cuDNN attention refused a ring block \(forward; q \[2, 9, 2, 16\].*No valid engine.*math"):
+        got = blocks.block_forward("sdpa_cudnn", q, k, v, 0.25, True, fallback=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    out, lse = expected
+    with pytest.warns(RuntimeWarning, match="backward"):
+        grads = blocks.block_backward("sdpa_cudnn", q, k, v, grad_out, out, lse, 0.25, True, fallback=True)
+    torch.testing.assert_close(grads, blocks.math_backward(q, k, v, grad_out, out, lse, 0.25, True), rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape again: no second warning
+        blocks.block_forward("sdpa_cudnn", q, k, v, 0.25, True, fallback=True)
+    with pytest.raises(RuntimeError, match="No valid engine"):
+        blocks.block_forward("sdpa_cudnn", q, k, v, 0.25, True, fallback=False)
+
+
+def test_kernel_choice_on_cpu():
+    from lightning_seqpar.attention.ring import choose_kernel
+
+    x = torch.zeros(1, 4, 2, 8)
+    assert choose_kernel(x, "auto") == ("math", False)
+    assert choose_kernel(x, "math") == ("math", False)
+
+
 def test_single_rank_is_local_attention():
     from lightning_seqpar.attention import local_attention
     from lightning_seqpar.attention.ring import ring_attention
