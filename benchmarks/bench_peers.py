@@ -468,11 +468,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", default=None, help="comma list of L:H:d shapes, e.g. 65536:16:64,262144:8:128")
     parser.add_argument("--causal", default=None, help="comma list of L:H:d shapes of the causal section")
     parser.add_argument("--vit-lengths", default=None, help="comma list of ViT sequence lengths")
+    parser.add_argument("--attention-steps", default=None, help="warm-up,timed iterations of attention rows (default 1,3 above 128K tokens, 2,10 up to it)")
+    parser.add_argument("--vit-steps", default=None, help="warm-up,timed steps of the ViT rows (default 1,2)")
     parser.add_argument("--checkpoint-above", type=int, default=256 * K, help="recompute ViT blocks above this many tokens per GPU")
     args = parser.parse_args(argv)
     sizes = Sizes.smoke() if args.smoke else Sizes()
     if args.attention:
         sizes.attention = tuple(tuple(int(x) for x in s.split(":")) for s in args.attention.split(","))
+    forced_steps = tuple(int(x) for x in args.attention_steps.split(",")) if args.attention_steps else None
+    if args.vit_steps:
+        sizes.vit_steps = tuple(int(x) for x in args.vit_steps.split(","))
     if args.causal:
         sizes.causal = tuple(tuple(int(x) for x in s.split(":")) for s in args.causal.split(","))
     if args.vit_lengths:
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for L, H, d in sizes.causal if causal else sizes.attention:
             flops = attention_flops(L, H, d) / (2 if causal else 1)  # causal: half the score matrix
-            steps = sizes.attention_steps if L > 128 * K else (2, 10)
+            steps = forced_steps or (sizes.attention_steps if L > 128 * K else (2, 10))
             row = Row(section, "one_gpu_cudnn", "one-gpu", 1, L, H, d)
             if wanted(row.method):
                 # Rank 0 alone; the others wait at the row's closing all-reduce.
