@@ -33,6 +33,7 @@ HYBRID_CASES = [
     ("2x2_H3_L10", 2, 1, 10, 3, 32, True),
     ("4x1_causal_L13", 4, 2, 13, 4, 32, True),
     ("1x4_causal_L13", 1, 2, 13, 2, 32, True),
+    ("2x2_causal_L13_unbalanced", 2, 2, 13, 4, 32, "unbalanced"),  # load_balance=False: the ring in rank order
 ]
 
 
@@ -273,7 +274,7 @@ def test_hybrid_collectives(hybrid_results):
     a2a, p2p = "all_to_all_single", "batch_isend_irecv"
     for name, u, *_, causal in HYBRID_CASES:
         ring_world = 4 // u
-        z = [a2a] if causal and ring_world > 1 else []
+        z = [a2a] if causal is True and ring_world > 1 else []
         ulysses = [a2a] if u > 1 else []
         fwd = ulysses + z + [p2p] * (ring_world - 1) + z + ulysses
         bwd = ulysses + z + [p2p] * (2 * (ring_world - 1)) + z + ulysses

@@ -137,8 +137,13 @@ def cudnn_backward(
     return tuple(g.transpose(1, 2) for g in grads)  # [B, L, H, d] each
 
 
-_FORWARD = {"math": math_forward, "sdpa_flash": flash_forward, "sdpa_cudnn": cudnn_forward}
-_BACKWARD = {"math": math_backward, "sdpa_flash": flash_backward, "sdpa_cudnn": cudnn_backward}
+def _kernel(kernel: str, backward: bool):
+    """The function of ``kernel``, looked up at call time (so that a test can stand in for one)."""
+    if kernel not in BLOCK_KERNELS:
+        raise ValueError(f"unknown block kernel {kernel!r}; choose one of {', '.join(BLOCK_KERNELS)}.")
+    return globals()[{"math": "math", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}[kernel] + ("_backward" if backward else "_forward")]
+
+
 _warned: set[str] = set()
 
 
@@ -172,7 +177,7 @@ def block_forward(
         except RuntimeError as err:
             _warn_fallback(err, q, k, "forward")
             kernel = _fallback_kernel(q)
-    return _FORWARD[kernel](q, k, v, scale, diagonal)
+    return _kernel(kernel, backward=False)(q, k, v, scale, diagonal)
 
 
 def block_backward(
@@ -188,7 +193,7 @@ def block_backward(
         except RuntimeError as err:
             _warn_fallback(err, q, k, "backward")
             kernel = _fallback_kernel(q)
-    return _BACKWARD[kernel](q, k, v, grad_out, out, lse, scale, diagonal)
+    return _kernel(kernel, backward=True)(q, k, v, grad_out, out, lse, scale, diagonal)
 
 
 def merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:

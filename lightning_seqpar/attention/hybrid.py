@@ -124,6 +124,7 @@ def hybrid_attention(
     causal: bool = False,
     backend: AttentionBackend = "auto",
     sequence_lengths: Sequence[int] | None = None,
+    load_balance: bool = True,
 ) -> Tensor:
     """Exact full attention over a sequence split across u x r ranks: Ulysses within ``ulysses_group``, ring across ``ring_group``.
 
@@ -140,6 +141,8 @@ def hybrid_attention(
         backend: The ring's block kernel, see :func:`~lightning_seqpar.attention.ring.ring_attention`.
         sequence_lengths: Tokens held by each of the u x r SP ranks, in SP rank order (the strategy
             passes them); default: exchanged with two small all-gathers.
+        load_balance: With ``causal`` and r > 1, the ring runs in zigzag order so that every ring rank does the
+            same work (see :func:`~lightning_seqpar.attention.ring.ring_attention`).
 
     Returns:
         This rank's output tokens ``[B, L_r, H, d]``.
@@ -157,7 +160,10 @@ def hybrid_attention(
             f" {num_heads} (the ring part has no head limit)."
         )
     ulysses_layout, ring_layout = hybrid_layouts(q.shape[1], ulysses_group, ring_group, sequence_lengths)
-    ring_kwargs = dict(softmax_scale=softmax_scale, causal=causal, backend=backend, sequence_lengths=ring_layout.lengths)
+    ring_kwargs = dict(
+        softmax_scale=softmax_scale, causal=causal, backend=backend, sequence_lengths=ring_layout.lengths,
+        load_balance=load_balance,
+    )
     if group_size(ulysses_group) == 1:
         return ring_attention(q, k, v, ring_group, **ring_kwargs)
     qkv = torch.stack([q, k, v])  # [3, B, L_r, H, d]
@@ -182,6 +188,7 @@ class HybridAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        """``kwargs`` (``dropout_p``, ``softmax_scale``, ``causal``, ``sequence_lengths``) go to :func:`hybrid_attention`."""
+        """``kwargs`` (``dropout_p``, ``softmax_scale``, ``causal``, ``sequence_lengths``, ``load_balance``) go to
+        :func:`hybrid_attention`."""
         kwargs.setdefault("backend", self.backend)
         return hybrid_attention(q, k, v, self.ulysses_group, self.ring_group, **kwargs)
