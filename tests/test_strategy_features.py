@@ -162,7 +162,7 @@ def test_strategy_argument_errors():
     with pytest.raises(ValueError, match="attention must be 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
         SeqParStrategy(attention="star")
     with pytest.raises(ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"):
-        SeqParStrategy(attention="ring", attention_backend="sdpa_cudnn")
+        SeqParStrategy(attention="ring", attention_backend="sdpa_efficient")
     with pytest.raises(ValueError, match="activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload', got 'some'"):
         SeqParStrategy(activation_checkpointing="some")
     with pytest.raises(ValueError, match="ulysses_degree=2 is only for attention='hybrid'"):
