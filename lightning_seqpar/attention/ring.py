@@ -361,7 +361,7 @@ def ring_attention(
     Communication per rank: forward P-1 exchanges with the ring neighbours of ``2 B L_max H d`` elements,
     each overlapped with the attention of the block already here; backward the same P-1 exchanges plus
     P-1 of the dK/dV accumulators (same size, compute dtype). Balanced causal adds one all-to-all of q, k, v
-    (about half of this rank's tokens move) and one of the output, each way. No head limit; memory holds two
+    (half of this rank's tokens move on 2 ranks, up to all of them on more) and one of the output, each way. No head limit; memory holds two
     blocks of keys and values (current and incoming) and, with the math kernel, one ``[B, H, L_r, L_max]`` score
     block at a time.
     """
