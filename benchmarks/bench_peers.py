@@ -140,7 +140,7 @@ class Methods:
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh("cuda", (world,))
-        self.deepspeed_error = self._init_deepspeed()
+        self.deepspeed_error: str | None = None  # set by the first DeepSpeed row (its import takes seconds)
 
     def _init_deepspeed(self) -> str:
         if importlib.util.find_spec("deepspeed") is None:
@@ -172,6 +172,8 @@ class Methods:
             ulysses_group, ring_group = self.hybrid_groups[u]
             return (lambda q, k, v: self._hybrid(q, k, v, ulysses_group, ring_group, causal=causal)), contextlib.nullcontext
         if name == "deepspeed_ulysses":
+            if self.deepspeed_error is None:
+                self.deepspeed_error = self._init_deepspeed()
             if self.deepspeed_error:
                 raise Unavailable(self.deepspeed_error)
             from deepspeed.sequence.layer import DistributedAttention
