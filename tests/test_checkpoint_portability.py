@@ -179,3 +179,93 @@ def test_checkpoint_from_an_unimported_module_is_refused():
 
     with pytest.raises(ValueError, match="module 'evil_package', which is not imported"):
         build_model({"class_path": "evil_package.Net", "init_args": {}})
+
+
+# --- the bundled recipe, and a ZeRO checkpoint directory, loaded in a fresh Python process ---------------------
+
+RECIPE = REPO_ROOT / "recipes" / "quickstart.yaml"
+# The quickstart on a smaller store and for 2 steps; everything the CLI links from the data stays as in the recipe.
+RECIPE_OVERRIDES = [
+    "--synthetic_data.grid", "[16, 32]", "--synthetic_data.years", "[2000, 2001]", "--synthetic_data.step_hours", "24",
+    "--data.lead_time_hours", "24", "--data.train_years", "2000", "--data.val_years", "2001", "--data.test_years", "2001",
+    "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+    "--trainer.limit_val_batches", "1", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+]
+# ForecastModule validation under DeepSpeed with precision 32-true fails on its own (module.to(float32) converts the
+# float64 metric states): the ZeRO run trains only.
+ZERO_OVERRIDES = [
+    "--trainer.limit_val_batches", "0", "--trainer.strategy", "seqpar_zero1",
+]
+
+
+def fresh_process_check(file_checkpoint: str, zero_directory: str, store: str) -> dict:
+    """Run in a new interpreter: load both checkpoints with one call each, as a user would, and forecast."""
+    import shlex
+
+    from lightning_seqpar.forecast import ForecastModule as Module
+    from lightning_seqpar.forecast_checkpoint import ShardedCheckpointError as Sharded
+    from lightning_seqpar.models import ClimaX
+
+    def forecast_error(path: str) -> float:
+        """|module.forecast - the same forecast built by hand from the checkpoint's parts|, physical units."""
+        module = Module.load_from_checkpoint(path)
+        checkpoint = torch.load(path, weights_only=True)
+        data, config = checkpoint["forecast_data"], checkpoint["hyper_parameters"]["model"]
+        net = ClimaX(**config["init_args"])
+        net.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
+        dm = ERA5DataModule(store, variables=data["variables"], out_variables=data["out_variables"], lead_time_hours=24)
+        fields = torch.from_numpy(dm.store.read(data["variables"], np.array([3, 40])))  # [2, V, H, W], physical
+        mean = torch.tensor([data["mean"][f] for f in data["variables"]]).view(-1, 1, 1)
+        std = torch.tensor([data["std"][f] for f in data["variables"]]).view(-1, 1, 1)
+        x = (fields - mean) / std
+        out = [data["variables"].index(f) for f in data["out_variables"]]
+        with torch.no_grad():
+            pred = net(x, torch.full((2,), 24.0), data["variables"], data["out_variables"]) + x[:, out]  # residual recipe
+        by_hand = pred * std[out] + mean[out]
+        return float((module.forecast(fields, 24.0) - by_hand).abs().max() / by_hand.abs().max())
+
+    result = {"file_error": forecast_error(file_checkpoint)}
+    try:
+        Module.load_from_checkpoint(zero_directory)
+        result["directory_error"] = None
+    except Sharded as e:
+        result["directory_error"] = str(e)
+        command = next(line.strip() for line in str(e).splitlines() if line.strip().startswith("python -m "))
+        argv = shlex.split(command)
+        subprocess.run([sys.executable, *argv[1:]], check=True, capture_output=True)
+        result["consolidated_error"] = forecast_error(argv[-1])
+    return result
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
+    from lightning_seqpar.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["seqpar"])
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve here
+    main(["fit", "--config", str(RECIPE), *RECIPE_OVERRIDES, "--trainer.strategy", "auto"])
+    file_checkpoint = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
+    store = tmp_path / "data/synthetic-era5.zarr"
+    # The ZeRO path (a directory of shards), in its own process and folder; the store is the one written above.
+    zero_root = tmp_path / "zero"
+    zero_root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_seqpar.cli", "fit", "--config", str(RECIPE), *RECIPE_OVERRIDES,
+         *ZERO_OVERRIDES, "--data.path", str(store)],
+        cwd=zero_root, env=env, capture_output=True, text=True, timeout=500,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    zero_directory = zero_root / "runs/quickstart/checkpoints/last.ckpt"
+    assert zero_directory.is_dir()
+
+    code = ("import json, sys; from tests.test_checkpoint_portability import fresh_process_check;"
+            " print(json.dumps(fresh_process_check(*sys.argv[1:])))")
+    check = subprocess.run([sys.executable, "-c", code, str(file_checkpoint), str(zero_directory), str(store)],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    assert result["file_error"] < 1e-5
+    assert "is a directory: a sharded checkpoint written by SeqParStrategy with DeepSpeed" in result["directory_error"]
+    assert result["consolidated_error"] < 1e-5
