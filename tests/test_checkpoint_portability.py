@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +268,11 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
     assert result["file_error"] < 1e-5
     assert "is a directory: a sharded checkpoint written by SeqParStrategy with DeepSpeed" in result["directory_error"]
     assert result["consolidated_error"] < 1e-5
+
+
+def test_a_checkpoint_directory_names_the_consolidation_command(tmp_path):
+    directory = tmp_path / "epoch=0-step=2.ckpt"
+    directory.mkdir()
+    with pytest.raises(ShardedCheckpointError, match=r"a sharded checkpoint written by SeqParStrategy with DeepSpeed .*\n"
+                       r"    python -m lightning_seqpar.consolidate '.*/epoch=0-step=2.ckpt' '.*/epoch=0-step=2-consolidated.ckpt'"):
+        ForecastModule.load_from_checkpoint(directory)

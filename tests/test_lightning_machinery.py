@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.dist_utils import run_distributed
 
@@ -27,16 +28,16 @@ GRID_STEPS = 3
 _WORLD = int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _data(batch_size: int, sampler_world: int | None = None):
-    """Train and validation loaders over fixed samples. With ``sampler_world`` (the single-device reference) the train
-    loader draws the permutation Lightning's DistributedSampler draws, so that its batch k is the union of the
-    data-parallel ranks' batches k."""
+def _data(batch_size: int, reference: bool = False):
+    """Train and validation loaders over fixed samples. For the single-device ``reference`` the train loader draws the
+    permutation Lightning's DistributedSampler draws, so that its batch k is the union of the data-parallel ranks'
+    batches k."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     from tests.models import RandomTokens
 
     train, val = Subset(RandomTokens(), range(SAMPLES)), Subset(RandomTokens(seed=1), range(VAL_SAMPLES))
-    sampler = None if sampler_world is None else DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=SEED)
+    sampler = None if not reference else DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=SEED)
     return DataLoader(train, batch_size=batch_size, sampler=sampler), DataLoader(val, batch_size=batch_size)
 
 
@@ -47,28 +48,21 @@ def _trainer(root: str, strategy, devices: int, **kwargs):
                    enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
-class ValLossRecorder:
+class ValLossRecorder(Callback):
     """Records ``val_loss`` after every validation (not the sanity check)."""
 
-    def __new__(cls):
-        from lightning.pytorch import Callback
+    def __init__(self) -> None:
+        self.losses: list[float] = []
 
-        class _Recorder(Callback):
-            def __init__(self) -> None:
-                self.losses: list[float] = []
-
-            def on_validation_end(self, trainer, pl_module) -> None:
-                if not trainer.sanity_checking:
-                    self.losses.append(float(trainer.callback_metrics["val_loss"]))
-
-        return _Recorder()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.losses.append(float(trainer.callback_metrics["val_loss"]))
 
 
 def _decision_runs(root: str, strategy_factory, devices: int, batch_size: int, reference: bool) -> dict:
     """The callbacks under test, each in the run that exercises it; returns what each decided."""
     from lightning.pytorch import seed_everything
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.tuner import Tuner
 
     from tests.models import RegressionModule
 
@@ -80,7 +74,7 @@ def _decision_runs(root: str, strategy_factory, devices: int, batch_size: int, r
         worst = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", mode="max", save_top_k=2, filename="max-{step}")
         module, record = RegressionModule(lr=LR), ValLossRecorder()
         trainer = _trainer(root, strategy_factory(), devices, max_steps=8, val_check_interval=2, callbacks=[best, worst, record])
-        trainer.fit(module, *_data(batch_size, 1 if reference else None))
+        trainer.fit(module, *_data(batch_size, reference))
         out[run] = {
             "seen": module.seen,
             "best_path": os.path.basename(best.best_model_path),
@@ -98,7 +92,7 @@ def _decision_runs(root: str, strategy_factory, devices: int, batch_size: int, r
     module = RegressionModule(lr=LR)
     trainer = _trainer(root, strategy_factory(), devices, max_steps=16, val_check_interval=2, check_val_every_n_epoch=None,
                        callbacks=[stop], enable_checkpointing=False)
-    trainer.fit(module, *_data(batch_size, 1 if reference else None))
+    trainer.fit(module, *_data(batch_size, reference))
     out["early_stopping"] = {"global_step": trainer.global_step, "stopped_epoch": stop.stopped_epoch,
                              "best_score": float(stop.best_score), "wait_count": stop.wait_count}
 
@@ -120,7 +114,7 @@ def _lr_find(root, strategy_factory, devices, batch_size, reference):
     module = RegressionModule(lr=LR)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(root, strategy_factory(), devices, max_steps=8, enable_checkpointing=False)
-    finder = Tuner(trainer).lr_find(module, train_dataloaders=_data(batch_size, 1 if reference else None)[0],
+    finder = Tuner(trainer).lr_find(module, train_dataloaders=_data(batch_size, reference)[0],
                                     min_lr=1e-3, max_lr=1.0, num_training=6, early_stop_threshold=None, update_attr=False)
     return {"lr": list(finder.results["lr"]), "loss": list(finder.results["loss"]),
             "restored": all(torch.equal(before[k], v) for k, v in module.state_dict().items())}
