@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_seqpar.consolidate",
         description="Merge the ZeRO shards of a checkpoint written by SeqParStrategy(zero_stage>0) into one fp32"
-        " file {'state_dict': ...} that LightningModule.load_state_dict reads. Runs in one process, on CPU.",
+        " Lightning checkpoint file (state_dict, hyper_parameters and the rest Lightning saved, without optimizer"
+        " states) that LightningModule.load_from_checkpoint reads. Runs in one process, on CPU.",
     )
     parser.add_argument("checkpoint_dir", help="the checkpoint directory Lightning wrote (holds checkpoint/)")
     parser.add_argument("output_file", help="where to write the consolidated state dict")

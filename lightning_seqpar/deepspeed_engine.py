@@ -212,13 +212,38 @@ def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] |
         )
 
 
+# What DeepSpeed itself writes into a rank's model-states file; everything else there is Lightning's checkpoint
+# (hyperparameters, loops, callbacks, the layout, a LightningModule's own keys), passed as client_state.
+_DEEPSPEED_STATE_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps", "global_steps",
+    "global_samples", "dp_world_size", "mp_world_size", "checkpoint_parallel_dimensions", "ds_config", "ds_version",
+    "csr_tensor_module_names",
+})
+
+
+def _lightning_state(checkpoint_dir: Path, tag: str | None) -> dict[str, Any]:
+    """The Lightning part of rank 0's model-states file (``{}`` if there is none)."""
+    if tag is None:
+        latest = checkpoint_dir / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else CHECKPOINT_TAG
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
+        path = checkpoint_dir / tag / name
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            return {k: v for k, v in state.items() if k not in _DEEPSPEED_STATE_KEYS}
+    return {}
+
+
 def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike | None = None, tag: str | None = None) -> dict[str, torch.Tensor]:
     """Rebuild the full fp32 ``state_dict`` of the LightningModule from a sharded DeepSpeed checkpoint (one process).
 
     Args:
         checkpoint_dir: The directory Lightning wrote (``.../epoch=0-step=4.ckpt/``), holding ``checkpoint/``.
-        output_file: If given, save ``{"state_dict": ...}`` there: a file ``LightningModule.load_state_dict`` (and
-            ``Trainer(ckpt_path=...)`` with the DDP path, weights only) can read.
+        output_file: If given, save one Lightning checkpoint file there: the full ``state_dict`` with the rest of
+            what Lightning saved (``hyper_parameters``, epoch and step, callbacks, a module's own keys), so that
+            ``LightningModule.load_from_checkpoint(output_file)``, ``load_state_dict`` and ``Trainer.test(ckpt_path=...)``
+            read it. Optimizer states stay in the shards.
         tag: The tag sub-directory; default: DeepSpeed's ``latest`` file, else ``checkpoint``.
 
     Returns:
@@ -231,5 +256,5 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output_file: str |
         tag = CHECKPOINT_TAG
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     if output_file is not None:
-        torch.save({"state_dict": state_dict}, output_file)
+        torch.save({**_lightning_state(checkpoint_dir, tag), "state_dict": state_dict}, output_file)
     return state_dict

@@ -6,15 +6,25 @@ Letters in shape comments: B batch, V input fields, V_out output fields, H latit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_seqpar.forecast_checkpoint import (
+    DATA_KEY,
+    DataMapping,
+    TrainedData,
+    build_model,
+    check_single_file,
+    map_data,
+    model_config,
+)
 from lightning_seqpar.metrics import (
     LatitudeWeightedACC,
     LatitudeWeightedRMSE,
@@ -53,10 +63,17 @@ class ForecastModule(LightningModule):
     """Trains a forecaster `model(x, lead_time_hours, variables, out_variables)` on ERA5DataModule batches.
 
     The variables, latitudes, normalisation statistics, climatology and lead times are read from
-    `trainer.datamodule` in `setup()` (an `ERA5DataModule` or anything with the same attributes).
+    `trainer.datamodule` in `setup()` (an `ERA5DataModule` or anything with the same attributes). The first data a
+    module sees is what it is trained on: checkpoints carry it (`checkpoint["forecast_data"]`, see
+    `lightning_seqpar.forecast_checkpoint`) together with the network's configuration, so that
+    `ForecastModule.load_from_checkpoint(path)` returns a model ready to forecast (`forward`, `forecast`) without a
+    datamodule, and data given later is mapped onto the trained fields by name or refused with
+    `DataMismatchError` naming the difference.
 
     Args:
-        model: the network, e.g. `lightning_seqpar.models.ClimaX` (in YAML: `class_path` + `init_args`).
+        model: the network, e.g. `lightning_seqpar.models.ClimaX` (in YAML: `class_path` + `init_args`). A model with a
+            `config` mapping of its constructor arguments (ClimaX has one) is recorded in the hyperparameters; a
+            `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, not applied to embeddings, norms and biases.
         betas: AdamW betas.
@@ -93,8 +110,18 @@ class ForecastModule(LightningModule):
             raise ValueError(f"max_steps must be positive or None (the trainer's estimate), got {max_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if isinstance(model, Mapping):
+            model = build_model(model)
         self.save_hyperparameters(ignore=["model"])
+        # The network is rebuilt from its own configuration (not the CLI's instantiator), in plain Python as well.
+        self.hparams.pop("_instantiator", None)
+        config = model_config(model)
+        if config is not None:
+            self.hparams["model"] = config
         self.model = model
+        self.trained_data: TrainedData | None = None  # what the model is (being) trained on
+        self.data_in_use: TrainedData | None = None  # the data of the current run, mapped onto trained_data
+        self.data_mapping: DataMapping | None = None
         self.variables: list[str] = []
         self.out_variables: list[str] = []
         self.lead_times_hours: list[float] = []
@@ -105,7 +132,8 @@ class ForecastModule(LightningModule):
     # --- wiring to the data ---
 
     def setup(self, stage: str) -> None:
-        """Reads fields, grid, statistics and lead times from the datamodule and builds the skill metrics."""
+        """Reads fields, grid, statistics and lead times from the datamodule, maps them onto the trained ones and builds
+        the skill metrics."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = ("variables", "out_variables", "latitudes", "longitudes", "lead_times_hours", "climatology")
         missing = [name for name in needed if dm is None or not hasattr(dm, name)]
@@ -114,28 +142,55 @@ class ForecastModule(LightningModule):
                 f"ForecastModule reads {missing} from trainer.datamodule; pass an ERA5DataModule "
                 "(trainer.fit(module, datamodule=dm)) or a datamodule with the same attributes"
             )
-        self.variables, self.out_variables = list(dm.variables), list(dm.out_variables)
-        self.lead_times_hours = [float(h) for h in dm.lead_times_hours]
-        self.latitudes, self.longitudes = np.asarray(dm.latitudes), np.asarray(dm.longitudes)
+        data = TrainedData.from_datamodule(dm)
+        self._use_data(self.trained_data or data, data)
+        self._build_metrics_and_baselines(data)
+
+    def _use_data(self, trained: TrainedData, data: TrainedData) -> None:
+        """Batches of `data` feed the model trained on `trained`: fields mapped by name, units converted (buffers)."""
+        if self.hparams.residual:
+            absent = [f for f in trained.out_variables if f not in trained.variables]
+            if absent:
+                raise ValueError(
+                    f"residual=True forecasts input + change, but output fields {absent} are not inputs; "
+                    "add them to data.variables or set model.residual=false"
+                )
+        mapping = map_data(trained, data)
+        unseen = sorted(set(data.lead_times_hours) - set(trained.lead_times_hours))
+        if unseen:
+            rank_zero_warn(f"ForecastModule: lead times {unseen} h were not trained on (trained: {trained.lead_times_hours} h)")
+        self.trained_data, self.data_in_use, self.data_mapping = trained, data, mapping
+        persist = [trained.variables.index(f) for f in trained.out_variables] if self.hparams.residual else []
+        device = self.device
+        buffers = {
+            "in_index": torch.as_tensor(mapping.in_index, dtype=torch.long),  # [V] data channel of each trained input
+            "out_index": torch.as_tensor(mapping.out_index, dtype=torch.long),  # [V_out] trained output of each data one
+            "in_scale": mapping.in_scale.view(-1, 1, 1), "in_shift": mapping.in_shift.view(-1, 1, 1),  # [V, 1, 1]
+            "out_scale": mapping.out_scale.view(-1, 1, 1), "out_shift": mapping.out_shift.view(-1, 1, 1),
+            "trained_persist_pos": torch.as_tensor(persist, dtype=torch.long),  # input of each output, trained order
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(device), persistent=False)
+
+    def _build_metrics_and_baselines(self, data: TrainedData) -> None:
+        """Loss weights, de-normalisation, baselines and skill metrics, in the units and order of `data`."""
+        self.variables, self.out_variables = list(data.variables), list(data.out_variables)
+        self.lead_times_hours = list(data.lead_times_hours)
+        self.latitudes, self.longitudes = np.asarray(data.latitudes), np.asarray(data.longitudes)
         # Persistence forecasts the output fields by their input values, so it needs them among the inputs.
         self.has_persistence = set(self.out_variables) <= set(self.variables)
-        if self.hparams.residual and not self.has_persistence:
-            absent = [f for f in self.out_variables if f not in self.variables]
-            raise ValueError(
-                f"residual=True forecasts input + change, but output fields {absent} are not inputs; "
-                "add them to data.variables or set model.residual=false"
-            )
         unknown = sorted(set(self.hparams.loss_weights or {}) - set(self.out_variables))
         if unknown:
             raise ValueError(f"loss_weights names {unknown}, which are not output fields {self.out_variables}")
         field_weights = torch.tensor([(self.hparams.loss_weights or {}).get(f, 1.0) for f in self.out_variables])
         if (field_weights < 0).any() or field_weights.sum() <= 0:
             raise ValueError(f"loss_weights must be >= 0 and not all 0, got {self.hparams.loss_weights}")
-        normalized = bool(getattr(dm, "normalize", True))
-        n_out = len(self.out_variables)
-        out_mean = np.asarray(dm.out_mean if normalized else np.zeros(n_out), np.float32)
-        out_std = np.asarray(dm.out_std if normalized else np.ones(n_out), np.float32)
-        climatology = np.asarray(dm.climatology, np.float32)  # [V_out, H, W], physical
+        normalized = data.normalized
+        out_mean = np.asarray([data.mean[f] for f in self.out_variables] if normalized else np.zeros(len(self.out_variables)), np.float32)
+        out_std = np.asarray([data.std[f] for f in self.out_variables] if normalized else np.ones(len(self.out_variables)), np.float32)
+        if data.climatology is None:
+            raise RuntimeError("ForecastModule needs the climatology of the output fields (datamodule.climatology)")
+        climatology = np.asarray(data.climatology, np.float32)  # [V_out, H, W], physical
         persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
@@ -147,7 +202,7 @@ class ForecastModule(LightningModule):
             "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value, persistent=False)
+            self.register_buffer(name, value.to(self.device), persistent=False)
         common = {
             "lead_times_hours": self.lead_times_hours,
             "mean": out_mean if normalized else None,
@@ -181,12 +236,48 @@ class ForecastModule(LightningModule):
     # --- steps ---
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Normalised forecast [B, V_out, H, W] of one batch."""
-        pred = self.model(batch["input"], batch["lead_time_hours"], self.variables, self.out_variables)
+        """Normalised forecast [B, V_out, H, W] of one batch, in the fields and units of the data in use."""
+        if self.trained_data is None or self.data_mapping is None:
+            raise RuntimeError(
+                "ForecastModule does not know its fields yet: run it under a Trainer with a datamodule, or load it with"
+                " ForecastModule.load_from_checkpoint(path)"
+            )
+        x = batch["input"]  # [B, V, H, W], the data's order and units
+        if not self.data_mapping.identity:  # the trained order and units; exact, field by field
+            x = x[:, self.in_index] * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
+        trained = self.trained_data
+        pred = self.model(x, batch["lead_time_hours"], trained.variables, trained.out_variables)  # [B, V_out_trained, H, W]
         if self.hparams.residual:
             # The inputs are normalised with the same per-field statistics as the targets.
-            pred = pred + batch["input"][:, self.persist_pos].to(pred.dtype)
+            pred = pred + x[:, self.trained_persist_pos].to(pred.dtype)
+        if not self.data_mapping.identity:
+            pred = pred[:, self.out_index] * self.out_scale.to(pred.dtype) + self.out_shift.to(pred.dtype)
         return pred
+
+    @torch.no_grad()
+    def forecast(self, fields: Tensor, lead_time_hours: float | Tensor) -> Tensor:
+        """Forecast in physical units from fields in physical units, e.g. right after `load_from_checkpoint`.
+
+        Args:
+            fields: [B, V, H, W] input fields in the order of `self.variables`, physical units, on the module's grid.
+            lead_time_hours: one lead time for all samples or [B] lead times, hours.
+
+        Returns:
+            [B, V_out, H, W] forecast of `self.out_variables`, physical units.
+        """
+        data = self.data_in_use
+        if data is None:
+            raise RuntimeError("ForecastModule.forecast needs the module's fields: load it from a checkpoint or set it up first")
+        if fields.ndim != 4 or fields.shape[1] != len(data.variables):
+            raise ValueError(f"fields must be [B, {len(data.variables)}, H, W] ({data.variables}), got {tuple(fields.shape)}")
+        units = [data.units(f) for f in data.variables]
+        if None in units:
+            raise ValueError(f"the normalisation statistics of some of {data.variables} are unknown; cannot normalise")
+        mean = torch.tensor([u[0] for u in units], device=fields.device).view(-1, 1, 1)  # [V, 1, 1]
+        std = torch.tensor([u[1] for u in units], device=fields.device).view(-1, 1, 1)
+        lead = torch.as_tensor(lead_time_hours, dtype=torch.float32, device=fields.device).expand(fields.shape[0])
+        pred = self({"input": ((fields.float() - mean) / std).to(fields.device), "lead_time_hours": lead})
+        return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights)
@@ -268,6 +359,34 @@ class ForecastModule(LightningModule):
         logger = self.trainer.logger
         log_dir = getattr(logger, "log_dir", None) if logger is not None else None
         return Path(log_dir or self.trainer.default_root_dir)
+
+    # --- checkpoints ---
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Records the data the model was trained on (fields in order, statistics, grid, lead times)."""
+        if self.trained_data is not None:
+            checkpoint[DATA_KEY] = self.trained_data.to_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the trained data: a loaded module forecasts without a datamodule, and data set up before (resuming,
+        testing) is mapped onto the trained fields by name, or refused with `DataMismatchError`."""
+        record = checkpoint.get(DATA_KEY)
+        if record is None:
+            return
+        trained = TrainedData.from_checkpoint(record)
+        if self.data_in_use is None:  # loaded alone: the data in use is the trained data
+            self._use_data(trained, trained)
+            self._build_metrics_and_baselines(trained)
+        else:  # the datamodule set up its data first; its metrics stay (their process group is set)
+            self._use_data(trained, self.data_in_use)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ForecastModule:  # type: ignore[override]
+        """`LightningModule.load_from_checkpoint`, with the network rebuilt from the checkpoint's configuration and the
+        trained data restored. A sharded DeepSpeed checkpoint (a directory) raises `ShardedCheckpointError` with the
+        command that consolidates it into one file."""
+        check_single_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # --- optimisation ---
 

@@ -9,14 +9,15 @@ memory model (bytes per token per block) is in docs/performance.md.
   update is computed on fp32 master weights, as mixed-precision training does.
 - :func:`chunk_module` runs a token-local module (an MLP) on slices of the token dimension, each under
   activation checkpointing, so the 4x-wide hidden activations exist for one slice at a time.
-- :func:`offload_checkpoint` / :func:`checkpoint_module` recompute a block in backward like
-  ``torch.utils.checkpoint`` but keep the block's input in pinned host memory in between.
+- :func:`offload_checkpoint` / :func:`checkpoint_module` recompute a block in backward with
+  ``torch.utils.checkpoint`` and, for ``offload``, keep the block's input in pinned host memory in between.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,78 +143,52 @@ def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | No
     return wrap_forward(module, lambda inner: lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """forward: run ``fn`` without saving activations, copy its input to pinned host memory /
-    backward: copy the input back, recompute ``fn`` with autograd, back-propagate through it.
+def offload_checkpoint(fn: Callable[..., Tensor], x: Tensor, *args: Any, context_fn: Callable | None = None, **kwargs: Any) -> Tensor:
+    """``fn(x, *args, **kwargs)`` recomputed in backward, with ``x`` (and any tensor in ``args``) kept in host memory.
 
-    Parameter gradients are accumulated by the inner backward (as reentrant checkpointing does); the
-    parameters are passed as inputs only so that the output requires grad when ``x`` does not.
-    """
-
-    @staticmethod
-    def forward(ctx, fn: Callable[[Tensor], Tensor], x: Tensor, *params: Tensor) -> Tensor:
-        ctx.fn = fn
-        ctx.device = x.device
-        ctx.x_requires_grad = x.requires_grad
-        ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        ctx.rng_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        host.copy_(x.detach(), non_blocking=True)  # stream-ordered: x is not reused before the copy ends
-        ctx.host = host
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(ctx.x_requires_grad)
-        ctx.host = None
-        enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=[ctx.device] if x.is_cuda else []):
-            if x.is_cuda:
-                torch.cuda.set_rng_state(ctx.rng_state, ctx.device)
-            else:
-                torch.set_rng_state(ctx.rng_state)
-            with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled and x.is_cuda):
-                out = ctx.fn(x)
-        torch.autograd.backward(out, grad_out)
-        return (None, x.grad if ctx.x_requires_grad else None) + (None,) * len(ctx.needs_input_grad[2:])
-
-
-def offload_checkpoint(fn: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor] = ()) -> Tensor:
-    """``fn(x)`` recomputed in backward, with ``x`` kept in pinned host memory instead of on the device.
+    This is ``torch.utils.checkpoint.checkpoint(fn, x, ..., use_reentrant=False)`` inside
+    ``torch.autograd.graph.save_on_cpu(pin_memory=True)``: the non-reentrant checkpoint saves its inputs through
+    the ambient saved-tensor hooks, which copy them to pinned host memory (asynchronously, stream-ordered) and back
+    when backward recomputes the block, while the block's own intermediates are not saved at all (the
+    checkpoint's hooks are innermost). Because torch's checkpoint does the recomputation, gradients reach the
+    parameters through the outer backward exactly once, so DDP's reducer and DeepSpeed ZeRO's hooks see an
+    ordinary backward (a reentrant ``backward()`` inside backward breaks both).
 
     Args:
-        fn: The block, one tensor ``[B, L, D]`` in and one out.
+        fn: The block, e.g. ``[B, L, D] -> [B, L, D]``.
         x: Its input.
-        params: ``fn``'s parameters (so that gradients reach them when ``x`` does not require grad).
+        *args, **kwargs: Further inputs of ``fn``.
+        context_fn: Passed to ``torch.utils.checkpoint.checkpoint`` (e.g. :func:`save_attention_context`).
     """
     if not torch.is_grad_enabled():
-        return fn(x)
-    return _OffloadedCheckpoint.apply(fn, x, *[p for p in params if p.requires_grad])
+        return fn(x, *args, **kwargs)
+    pin = x.is_cuda  # pinned pages make the copies asynchronous; pinning needs a CUDA runtime
+    options = {} if context_fn is None else {"context_fn": context_fn}
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        return checkpoint(fn, x, *args, use_reentrant=False, **options, **kwargs)
 
 
 def checkpoint_module(module: nn.Module, offload: bool = False, save_attention: bool = False) -> Callable[[], None]:
     """Recompute ``module``'s activations in backward; returns undo.
 
     Args:
-        module: A block, one tensor in and one out.
-        offload: Keep the block's input in pinned host memory between forward and backward.
+        module: A block, one tensor in and one out (further positional and keyword inputs are passed through).
+        offload: Keep the block's input in pinned host memory between forward and backward
+            (:func:`offload_checkpoint`).
         save_attention: Keep the attention kernels' outputs instead of recomputing them
             (:func:`save_attention_context`); not combinable with ``offload``.
     """
     if offload and save_attention:
         raise ValueError("checkpoint_module: offload=True and save_attention=True cannot be combined; pick one.")
-    params = list(module.parameters())
-
-    def make(inner: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        def forward(x: Tensor) -> Tensor:
+    def make(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             if not torch.is_grad_enabled():
-                return inner(x)
+                return inner(x, *args, **kwargs)
             if offload:
-                return offload_checkpoint(inner, x, params)
+                return offload_checkpoint(inner, x, *args, **kwargs)
             if save_attention:
-                return checkpoint(inner, x, use_reentrant=False, context_fn=save_attention_context)
-            return checkpoint(inner, x, use_reentrant=False)
+                return checkpoint(inner, x, *args, use_reentrant=False, context_fn=save_attention_context, **kwargs)
+            return checkpoint(inner, x, *args, use_reentrant=False, **kwargs)
 
         return forward
 

@@ -235,6 +235,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         self._apply_plan(self.lightning_module)
         self._reduce_metrics_over_data_group(self.lightning_module)
         if self.uses_deepspeed:
+            _refuse_lr_finder(trainer, self.zero_stage, self.pipeline_stages)
             self._setup_deepspeed(trainer)
         else:
             super().setup(trainer)
@@ -378,6 +379,9 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         return checkpoint
 
     # --- collectives Lightning asks for -----------------------------------------------------------------
+    # Values (logged metrics, gathered outputs) reduce over the data-parallel group: the ranks of an SP group hold
+    # the same value. Decisions reduce over the world, and ``broadcast`` / ``barrier`` (DDPStrategy's) span the
+    # world with ``src`` a global rank, so every rank of every SP group, pipeline stage and replica acts alike.
 
     @override
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
@@ -385,6 +389,22 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         if group is None and self.topology is not None:
             group = self.topology.data_group
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """``all`` (or ``any``) of ``decision`` over every rank of the world: ModelCheckpoint's top-k and file checks,
+        EarlyStopping and others act on it on every rank, so every rank must get the same answer.
+
+        Lightning's version sums through :meth:`reduce` (here the data-parallel group, dp of the world's ranks) and
+        compares with the world size, which is never reached once ``sequence_parallel_size > 1``: "all ranks agree"
+        would always be False. The decision is counted over the group it is reduced over instead: the world, which
+        also covers pipeline stages and ranks outside this rank's data-parallel group.
+        """
+        if not dist.is_available() or not dist.is_initialized():
+            return bool(decision)
+        votes = torch.tensor(int(bool(decision)), device=self.root_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.SUM)  # the default group: the world
+        return bool(votes.item() == dist.get_world_size()) if all else bool(votes.item() > 0)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
@@ -435,6 +455,20 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             zero_stage=3,
             offload_optimizer=True,
             offload_parameters=True,
+        )
+
+
+def _refuse_lr_finder(trainer: Trainer, zero_stage: int, pipeline_stages: int) -> None:
+    """The learning-rate finder drives the optimizer with its own torch LR scheduler, which DeepSpeed's optimizer
+    (not a ``torch.optim.Optimizer``) cannot take: say so before the engine is built, instead of a TypeError inside it."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    if any(isinstance(callback, LearningRateFinder) for callback in trainer.callbacks):
+        raise ValueError(
+            f"SeqParStrategy(zero_stage={zero_stage}, pipeline_stages={pipeline_stages}): the learning-rate finder"
+            " (Tuner.lr_find or the LearningRateFinder callback) cannot drive DeepSpeed's optimizer. Run the finder with"
+            " SeqParStrategy(zero_stage=0, pipeline_stages=1) on the same model, data and sequence_parallel_size (ZeRO"
+            " does not change the losses it measures), then train with the learning rate it suggests."
         )
 
 

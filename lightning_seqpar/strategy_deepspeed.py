@@ -66,7 +66,7 @@ class DeepSpeedEngineMixin:
         self.accelerator.setup(trainer)
         if not isinstance(self.precision_plugin, DeepSpeedPrecision):
             self.precision_plugin = DeepSpeedPrecision(self.precision_plugin.precision)
-        self.model = self.precision_plugin.convert_module(self.model)
+        self.model = _convert_outside_metrics(self.precision_plugin, self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._initialize_engine(trainer)
@@ -214,3 +214,23 @@ class DeepSpeedEngineMixin:
         if client_state is None:
             raise ValueError(f"SeqParStrategy: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
         return client_state
+
+
+def _convert_outside_metrics(precision_plugin: Any, module: Any) -> Any:
+    """``precision_plugin.convert_module(module)`` with torchmetrics metrics left out.
+
+    DeepSpeed's "true" precisions call ``module.to(dtype)``, which torchmetrics applies to metric states as well
+    (it exempts ``.half()``/``.float()`` only): a float64 accumulator would become float32 and refuse the float64
+    updates of the metric's own ``update`` (and a 16-bit one would lose the sums). Metrics keep their dtypes.
+    """
+    from torchmetrics import Metric
+
+    parked = [(parent, name, child) for parent in module.modules() for name, child in parent._modules.items() if isinstance(child, Metric)]
+    for parent, name, _ in parked:
+        parent._modules[name] = None  # Module._apply skips empty slots
+    try:
+        return precision_plugin.convert_module(module)
+    finally:
+        for parent, name, child in parked:
+            parent._modules[name] = child
+

@@ -67,9 +67,35 @@ def test_checkpointed_chunks_passes_through_without_grad_or_with_one_chunk():
 def test_offload_checkpoint_reaches_parameters_when_input_needs_no_grad():
     layer = nn.Linear(WIDTH, WIDTH)
     x = torch.randn(3, WIDTH)
-    offload_checkpoint(layer, x, layer.parameters()).sum().backward()
+    offload_checkpoint(layer, x).sum().backward()
     assert layer.weight.grad is not None
     torch.testing.assert_close(layer.weight.grad, torch.ones(WIDTH, 1) * x.sum(0, keepdim=True))
+
+
+def test_offload_keeps_only_the_block_input_in_host_memory(monkeypatch):
+    """Through the offload hooks goes the block's input and nothing else (its intermediates are recomputed), and
+    every parameter's gradient is accumulated once."""
+    packed: list[torch.Tensor] = []
+    original = torch.autograd.graph.save_on_cpu
+
+    class Recording(original):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: (packed.append(t), pack(t))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    block = _stack()[0]
+    x = torch.randn(2, TOKENS, WIDTH, requires_grad=True)
+    accumulations = {name: 0 for name, _ in block.named_parameters()}
+    for name, p in block.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: accumulations.__setitem__(name, accumulations[name] + 1))
+    undo = checkpoint_module(block, offload=True)
+    out = block(x)
+    assert len(packed) == 1 and packed[0] is x
+    out.square().sum().backward()
+    assert set(accumulations.values()) == {1}
+    undo()
 
 
 def test_offload_and_save_attention_are_exclusive():

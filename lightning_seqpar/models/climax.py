@@ -177,6 +177,10 @@ class ClimaX(nn.Module):
         device: where the parameters are created (use "meta" to build without memory, then `to_empty` and
             `init_weights`).
         dtype: parameter dtype.
+
+    Attributes:
+        config: the constructor arguments above except ``device`` and ``dtype``, as plain lists and numbers;
+            ``ClimaX(**model.config)`` builds the same architecture (a ForecastModule checkpoint stores it).
     """
 
     def __init__(
@@ -196,6 +200,12 @@ class ClimaX(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.config = {  # the constructor's arguments (not device/dtype): what a checkpoint needs to rebuild the model
+            "default_variables": [str(v) for v in default_variables], "img_size": [int(img_size[0]), int(img_size[1])],
+            "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "decoder_depth": decoder_depth,
+            "num_heads": num_heads, "mlp_ratio": mlp_ratio, "drop_path": drop_path, "drop_rate": drop_rate,
+            "aggregation_chunk_tokens": aggregation_chunk_tokens,
+        }
         self.default_variables = list(default_variables)
         if not self.default_variables:
             raise ValueError("ClimaX needs at least one default variable")
