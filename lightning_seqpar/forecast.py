@@ -25,7 +25,8 @@ from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
 
-def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None) -> Tensor:
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
+                          valid_mask: Tensor | None = None) -> Tensor:
     """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
 
     Args:
@@ -33,8 +34,15 @@ def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_w
         target: [B, V_out, H, W].
         weights: [H] latitude weights with mean 1.
         field_weights: optional [V_out] weight of each field, used as given.
+        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
+            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
+            filled cells count zero and an all-ones mask gives the unmasked loss.
     """
-    error = (pred.float() - target.float()).square() * weights.float().view(-1, 1)  # [B, V_out, H, W]
+    cell = weights.float().view(-1, 1)  # [H, 1]
+    if valid_mask is not None:
+        cell = cell * valid_mask.float()  # [V_out, H, W]
+        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
+    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
     if field_weights is not None:
         error = error * field_weights.float().view(-1, 1, 1)
     return error.mean()
@@ -136,6 +144,8 @@ class ForecastModule(LightningModule):
         out_mean = np.asarray(dm.out_mean if normalized else np.zeros(n_out), np.float32)
         out_std = np.asarray(dm.out_std if normalized else np.ones(n_out), np.float32)
         climatology = np.asarray(dm.climatology, np.float32)  # [V_out, H, W], physical
+        # Cells of masked fields (sea-surface temperature over land) hold filled values: out of loss and metrics.
+        valid = getattr(dm, "out_valid_mask", None)  # [V_out, H, W] or None
         persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
@@ -145,6 +155,7 @@ class ForecastModule(LightningModule):
             "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
             # The climatology forecast in the units of the targets (normalised like them).
             "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
+            "valid_mask": None if valid is None else torch.as_tensor(np.asarray(valid, np.float32)),  # [V_out, H, W]
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
@@ -152,6 +163,7 @@ class ForecastModule(LightningModule):
             "lead_times_hours": self.lead_times_hours,
             "mean": out_mean if normalized else None,
             "std": out_std if normalized else None,
+            "valid_mask": valid,
         }
 
         def rmse(prefix: str) -> LatitudeWeightedRMSE:
@@ -189,7 +201,7 @@ class ForecastModule(LightningModule):
         return pred
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights)
+        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 
@@ -207,7 +219,7 @@ class ForecastModule(LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         pred = self(batch)  # [B, V_out, H, W], normalised
         target, lead = batch["target"], batch["lead_time_hours"]
-        loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights)
+        loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights, self.valid_mask)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
         forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
         if self.has_persistence:
