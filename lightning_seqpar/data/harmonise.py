@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
@@ -208,20 +207,23 @@ def year_in_name(path: str) -> int | None:
 
 
 def relabel_year(path: str, times: np.ndarray) -> np.ndarray:
-    """Moves ``times`` (all in one calendar year) to the year the file name gives, keeping month, day and hour.
+    """Moves ``times`` (all in one calendar year) by a whole number of days into the year the file name gives.
 
-    For yearly files whose time axis was relabelled (the shipped WeatherBench sample reads 2000 in all
-    three files named 1980, 1981 and 1982). Raises ``ValueError`` naming the file when its name holds no
-    year, its times span several years, or a 29 February has no place in the target year.
+    For yearly files whose time axis was relabelled (the shipped WeatherBench sample reads 2000 in all three
+    files named 1980, 1981 and 1982). The shift is the distance between the two 1 Januaries, so the spacing
+    of the times and their day of the year are kept. Raises ``ValueError`` naming the file when its name
+    holds no year, its times span several years, or the last day of a leap year has no place in the target year.
     """
     name_year = year_in_name(path)
     if name_year is None:
         raise ValueError(f"years_from_file_names is set but the name of {path!r} holds no year (e.g. t2m_1980_5.625deg.nc)")
-    index = pd.DatetimeIndex(times)
-    if len(set(index.year)) != 1:
-        raise ValueError(f"years_from_file_names is set but the times of {path!r} span years {sorted(set(index.year))}; "
+    years = set((times.astype("datetime64[Y]").astype(int) + 1970).tolist())
+    if len(years) != 1:
+        raise ValueError(f"years_from_file_names is set but the times of {path!r} span years {sorted(years)}; "
                          "it only relabels files of one year each")
-    moved = index + pd.DateOffset(years=name_year - int(index.year[0]))
-    if not moved.is_monotonic_increasing or moved.has_duplicates:
-        raise ValueError(f"cannot move the times of {path!r} to {name_year}: 29 February has no place in that year")
-    return moved.values.astype("datetime64[ns]")
+    offset = np.datetime64(f"{name_year}-01-01", "ns") - np.datetime64(f"{years.pop()}-01-01", "ns")
+    moved = times + offset
+    if int(moved[-1].astype("datetime64[Y]").astype(int)) + 1970 != name_year:
+        raise ValueError(f"cannot move the times of {path!r} to {name_year}: they run past its 31 December "
+                         "(a leap year's 366th day)")
+    return moved

@@ -245,15 +245,20 @@ class ERA5Store:
             pos = np.searchsorted(ix.times, common)
             ix.source_of, ix.local, ix.times = ix.source_of[pos], ix.local[pos], common
         self.times = common
+        # Within a file the steps must be multiples of one step (gaps allowed); between files anything goes
+        # (yearly files of weekly samples end on 30 December and start again on 1 January).
         steps = np.diff(self.times)
-        step = steps.min()
-        if np.any(steps % step):
-            odd = np.unique(steps[steps % step != 0])[:5].astype("timedelta64[m]")
+        first = self._index[keys[0]]
+        inside = first.source_of[1:] == first.source_of[:-1]
+        step = steps[inside].min() if inside.any() else steps.min()
+        if np.any(steps[inside] % step):
+            odd = np.unique(steps[inside][steps[inside] % step != 0])[:5].astype("timedelta64[m]")
             raise ValueError(f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
                              f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step")
-        if np.any(steps > step):
-            rank_zero_info(f"ERA5 store: the time axis of {self.path!r} has {int((steps > step).sum())} gaps (largest "
-                           f"{steps.max().astype('timedelta64[h]')}); samples whose input or target falls in a gap are skipped")
+        if np.any(steps != step):
+            rank_zero_info(f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
+                           f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
+                           "the store are skipped")
         self.step_hours = float(step / np.timedelta64(1, "h"))
         self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
 
