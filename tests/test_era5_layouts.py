@@ -78,6 +78,23 @@ def test_current_cds_single_and_pressure_level_files(tmp_path, caplog):
     torch.testing.assert_close(again.datasets["train"][3]["input"], sample["input"][:2])
 
 
+def test_current_cds_invariant_fields_as_static_channels(tmp_path):
+    cds_single_levels().to_netcdf(tmp_path / "t2m.nc")
+    invariant = cds_single_levels().isel(valid_time=[0]).drop_vars("t2m")  # the CDS gives them one time
+    invariant["lsm"] = (("valid_time", "latitude", "longitude"), (field(5, (1, 4, 8), 0) > 0).astype(np.float32))
+    invariant["z"] = (("valid_time", "latitude", "longitude"), field(6, (1, 4, 8), 3000.0))
+    invariant.to_netcdf(tmp_path / "invariant.nc")
+    dm = dm_for(tmp_path, tmp_path, ["t2m"], static_variables=["land_sea_mask", "geopotential_at_surface", "latitude"])
+    dm.setup("fit")
+    assert len(dm.store.times) == 8  # the one-time invariant file does not shrink the time axis
+    sample = dm.datasets["train"][0]["input"]  # [1 + 3, H, W], not normalised here
+    np.testing.assert_array_equal(sample[1].numpy(), invariant["lsm"].values[0, ::-1])
+    np.testing.assert_array_equal(sample[2].numpy(), invariant["z"].values[0, ::-1])
+    np.testing.assert_array_equal(sample[3].numpy()[:, 0], np.sort(LAT_DESC).astype(np.float32))
+    with pytest.raises(KeyError, match="'2m_temperature' varies in time in .* list it under variables"):
+        dm_for(tmp_path, tmp_path, ["t2m"], static_variables=["2m_temperature"]).variables
+
+
 def test_current_cds_zip_download_is_named(tmp_path):
     import zipfile
 

@@ -120,9 +120,12 @@ class ERA5Store:
         self._resolved: dict[str, FieldKey] = {}
         self._warned: set = set()
         files = self.opened
+        notes: dict[str, list[str]] = {}
         for hf in files:
-            if hf.notes:
-                rank_zero_info(f"ERA5 store: {hf.path}: " + "; ".join(hf.notes))
+            for note in hf.notes:
+                notes.setdefault(note, []).append(hf.path)
+        for note, paths in notes.items():  # one line per kind of change, not one per yearly file
+            rank_zero_info(f"ERA5 store: {note} in {len(paths)} of {len(files)} files ({paths[0]!r}, ...)")
         self.latitudes = files[0].ds["latitude"].values.astype(np.float64)
         self.longitudes = files[0].ds["longitude"].values.astype(np.float64)
         self._catalogue()
@@ -439,7 +442,11 @@ class ERA5Store:
             values = self.latitudes[:, None] if name == "latitude" else self.longitudes[None, :]
             return np.broadcast_to(values, grid).astype(np.float32)
         short = {long: s for s, long in STATIC_SHORT_NAMES.items()}
-        for candidate in dict.fromkeys([name, STATIC_SHORT_NAMES.get(name, name), short.get(name, name)]):
+        # A CDS download of an invariant field keeps a time axis of one time and its short name (`lsm`), or
+        # the name of the time-dependent field of the same code (`z` -> `geopotential`).
+        candidates = [name, STATIC_SHORT_NAMES.get(name, name), short.get(name, name)]
+        candidates.append(SHORT_VARIABLE_NAMES.get(candidates[-1], candidates[-1]))
+        for candidate in dict.fromkeys(candidates):
             if candidate in self._statics:
                 k, variable = self._statics[candidate]
                 return self.opened[k].ds[variable].transpose(*SPATIAL_DIMS).values.astype(np.float32)
