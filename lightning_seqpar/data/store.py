@@ -211,7 +211,10 @@ class ERA5Store:
 
     def _field_index(self, key: FieldKey) -> FieldIndex:
         """Concatenates the times of ``key`` over its files (sorted by first time), dropping or refusing duplicates."""
-        sources = sorted(self._sources[key], key=lambda s: self.file_times[s.file][0])
+        sources = sorted((s for s in self._sources[key] if len(self.file_times[s.file])),
+                         key=lambda s: self.file_times[s.file][0])
+        if not sources:
+            raise ValueError(f"{self._name(key)} has no times in {self.path!r} (its time axis is empty)")
         source_of, local, times, last = [], [], [], None
         for i, src in enumerate(sources):
             t = self.file_times[src.file]
