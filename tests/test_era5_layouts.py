@@ -204,6 +204,31 @@ def test_mask_is_left_out_of_loss_and_metrics():
     assert float(unmasked.compute()["rmse/b/6h"]) > 100  # without the mask the spoiled cells do count
 
 
+def test_forecast_module_takes_the_mask_from_the_datamodule(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_seqpar.forecast import ForecastModule
+    from lightning_seqpar.models import ClimaX
+
+    sst_dataset(LAND).to_netcdf(tmp_path / "sst.nc")
+    dm = dm_for(tmp_path / "sst.nc", tmp_path, ["t2m", "sst"], masked_variables=["sst"], normalize=True, val_years=[2024])
+    with pytest.warns(UserWarning, match="share years"):
+        dm.setup("fit")
+    model = ClimaX(dm.variables, dm.grid_shape, patch_size=2, embed_dim=16, depth=1, num_heads=2, decoder_depth=0)
+    module = ForecastModule(model, residual=True)
+    module.trainer = SimpleNamespace(datamodule=dm)
+    module.setup("fit")
+    torch.testing.assert_close(module.valid_mask, torch.from_numpy(dm.out_valid_mask))
+    module.log = lambda *args, **kwargs: None  # no Trainer to log to
+    batch = next(iter(dm.val_dataloader()))
+    loss = module.training_step(batch, 0)
+    spoiled = dict(batch, target=batch["target"].clone())
+    spoiled["target"][:, 1][:, torch.from_numpy(LAND[::-1].copy())] += 100.0  # land cells of sst
+    torch.testing.assert_close(module.training_step(spoiled, 0), loss)
+    module._evaluate(spoiled, "val")
+    assert float(module.skill["val"]["model_rmse"].compute()["val/rmse/sea_surface_temperature/24h"]) < 10.0
+
+
 # --- 4. WeatherBench v1: one folder per variable, yearly files, a constants file ---
 
 

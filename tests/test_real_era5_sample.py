@@ -116,3 +116,16 @@ def test_grib_ensemble(tmp_path):
     assert float(z500[-1].mean()) < float(z500[30].mean())  # lower heights at the north pole than at the equator
     assert 230 < float(sample["input"][1].mean()) < 290  # K
     assert sorted(os.listdir(GRIB.parent)) == before  # no cfgrib index file left next to the data
+
+
+def test_recipe_data_section_reads_the_sample(tmp_path):
+    """recipes/era5_sample_5.625deg.yaml's data section, as the README's `seqpar fit` command gives it."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "recipes" / "era5_sample_5.625deg.yaml").read_text())["data"]
+    data.update(path=str(repo / data["path"]), stats_path=str(tmp_path / "stats.nc"))
+    dm = ERA5DataModule(**data)
+    assert dm.variables == ["2m_temperature", "land_sea_mask", "orography", "lat2d"] and dm.out_variables == ["2m_temperature"]
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 52 and dm.datasets["test"][51]["input"].shape == (4, 32, 64)
