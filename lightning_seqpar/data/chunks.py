@@ -141,12 +141,14 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
     block = block_times or max([time_chunk_size(ds[v]) for v in ds.data_vars] + [time_chunk])
     encoding = {name: {"chunks": tuple(time_chunk if d == "time" else ds.sizes[d] for d in ds[name].dims)}
                 for name in ds.data_vars}
+    # The source's zarr format; consolidated metadata only where the format defines it (zarr 2).
+    version = {"zarr_format": 2, "consolidated": True} if os.path.exists(os.path.join(source, ".zgroup")) else {"zarr_format": 3}
     for start in range(0, ds.sizes["time"], block):
         part = ds.isel(time=slice(start, start + block)).load().drop_encoding()
         if start == 0:
-            part.to_zarr(target, mode="w-", encoding=encoding, consolidated=True)
+            part.to_zarr(target, mode="w-", encoding=encoding, **version)
         else:
-            part.to_zarr(target, append_dim="time", consolidated=True)
+            part.to_zarr(target, append_dim="time", **version)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
