@@ -35,7 +35,8 @@ from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
 
-def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None) -> Tensor:
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
+                          valid_mask: Tensor | None = None) -> Tensor:
     """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
 
     Args:
@@ -43,8 +44,15 @@ def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_w
         target: [B, V_out, H, W].
         weights: [H] latitude weights with mean 1.
         field_weights: optional [V_out] weight of each field, used as given.
+        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
+            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
+            filled cells count zero and an all-ones mask gives the unmasked loss.
     """
-    error = (pred.float() - target.float()).square() * weights.float().view(-1, 1)  # [B, V_out, H, W]
+    cell = weights.float().view(-1, 1)  # [H, 1]
+    if valid_mask is not None:
+        cell = cell * valid_mask.float()  # [V_out, H, W]
+        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
+    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
     if field_weights is not None:
         error = error * field_weights.float().view(-1, 1, 1)
     return error.mean()
@@ -144,7 +152,7 @@ class ForecastModule(LightningModule):
             )
         data = TrainedData.from_datamodule(dm)
         self._use_data(self.trained_data or data, data)
-        self._build_metrics_and_baselines(data)
+        self._build_metrics_and_baselines(data, getattr(dm, "out_valid_mask", None))
 
     def _use_data(self, trained: TrainedData, data: TrainedData) -> None:
         """Batches of `data` feed the model trained on `trained`: fields mapped by name, units converted (buffers)."""
@@ -172,8 +180,9 @@ class ForecastModule(LightningModule):
         for name, value in buffers.items():
             self.register_buffer(name, value.to(device), persistent=False)
 
-    def _build_metrics_and_baselines(self, data: TrainedData) -> None:
-        """Loss weights, de-normalisation, baselines and skill metrics, in the units and order of `data`."""
+    def _build_metrics_and_baselines(self, data: TrainedData, valid_mask: Any = None) -> None:
+        """Loss weights, de-normalisation, baselines and skill metrics, in the units and order of `data`;
+        `valid_mask` ([V_out, H, W], 1 where targets hold data) keeps filled cells of masked fields out of both."""
         self.variables, self.out_variables = list(data.variables), list(data.out_variables)
         self.lead_times_hours = list(data.lead_times_hours)
         self.latitudes, self.longitudes = np.asarray(data.latitudes), np.asarray(data.longitudes)
@@ -191,6 +200,8 @@ class ForecastModule(LightningModule):
         if data.climatology is None:
             raise RuntimeError("ForecastModule needs the climatology of the output fields (datamodule.climatology)")
         climatology = np.asarray(data.climatology, np.float32)  # [V_out, H, W], physical
+        # Cells of masked fields (sea-surface temperature over land) hold filled values: out of loss and metrics.
+        valid = valid_mask  # [V_out, H, W] or None
         persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
@@ -200,13 +211,15 @@ class ForecastModule(LightningModule):
             "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
             # The climatology forecast in the units of the targets (normalised like them).
             "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
+            "valid_mask": None if valid is None else torch.as_tensor(np.asarray(valid, np.float32)),  # [V_out, H, W]
         }
         for name, value in buffers.items():
-            self.register_buffer(name, value.to(self.device), persistent=False)
+            self.register_buffer(name, None if value is None else value.to(self.device), persistent=False)
         common = {
             "lead_times_hours": self.lead_times_hours,
             "mean": out_mean if normalized else None,
             "std": out_std if normalized else None,
+            "valid_mask": valid,
         }
 
         def rmse(prefix: str) -> LatitudeWeightedRMSE:
@@ -280,7 +293,7 @@ class ForecastModule(LightningModule):
         return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights)
+        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 
@@ -298,7 +311,7 @@ class ForecastModule(LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> None:
         pred = self(batch)  # [B, V_out, H, W], normalised
         target, lead = batch["target"], batch["lead_time_hours"]
-        loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights)
+        loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights, self.valid_mask)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
         forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
         if self.has_persistence:

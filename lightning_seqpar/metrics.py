@@ -59,6 +59,7 @@ class _LatitudeWeightedMetric(Metric):
         mean: Sequence[float] | np.ndarray | Tensor | None = None,
         std: Sequence[float] | np.ndarray | Tensor | None = None,
         prefix: str = "",
+        valid_mask: np.ndarray | Tensor | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -70,6 +71,10 @@ class _LatitudeWeightedMetric(Metric):
         self.variables, self.prefix = list(variables), prefix
         self.lead_times_hours = [float(h) for h in lead_times_hours]
         self.register_buffer("weights", latitude_weights(latitudes), persistent=False)  # [H]
+        mask = None if valid_mask is None else torch.as_tensor(np.asarray(valid_mask, dtype=np.float64))
+        if mask is not None and (mask.ndim != 3 or tuple(mask.shape[:2]) != (len(self.variables), self.weights.numel())):
+            raise ValueError(f"valid_mask must be [V={len(self.variables)}, H={self.weights.numel()}, W], got {tuple(mask.shape)}")
+        self.register_buffer("valid_mask", mask, persistent=False)  # [V, H, W] 1 data, 0 filled; or None
         self.register_buffer("leads", torch.tensor(self.lead_times_hours, dtype=torch.float64), persistent=False)
         self.register_buffer("mean", _as_vector(mean, len(self.variables), "mean"), persistent=False)  # [V] or None
         self.register_buffer("std", _as_vector(std, len(self.variables), "std"), persistent=False)
@@ -96,6 +101,15 @@ class _LatitudeWeightedMetric(Metric):
             raise ValueError(f"lead times {unknown} h are not among lead_times_hours {self.lead_times_hours}; "
                              "construct the metric with every lead time the loader yields")
         return match.to(torch.float64).argmax(dim=1)  # [B] lead bin of each sample
+
+    def _cell_weights(self, like: Tensor) -> Tensor:
+        """``[1, V or 1, H, W or 1]`` weight of each cell: latitude weight times the valid mask, normalised to mean 1
+        over the grid of each field (so masked cells count zero and the rest as many as without a mask)."""
+        w = self.weights.to(like)[None, None, :, None]  # [1, 1, H, 1]
+        if self.valid_mask is None:
+            return w
+        w = w * self.valid_mask.to(like)[None]  # [1, V, H, W]
+        return w / w.mean(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
     def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -134,13 +148,15 @@ class LatitudeWeightedRMSE(_LatitudeWeightedMetric):
         mean: ``[V]`` means to de-normalise with, or ``None`` when values are physical.
         std: ``[V]`` standard deviations, given with ``mean``.
         prefix: prepended to every result key, e.g. ``"val/"``.
+        valid_mask: ``[V, H, W]`` 1 where the field holds data, 0 on cells to leave out (a field's fixed NaN
+            mask, e.g. sea-surface temperature over land); ``None`` scores every cell.
         **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
     """
 
     name = "rmse"
 
     def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
-        weighted = self.weights.to(preds)[None, None, :, None] * (preds - target) ** 2  # [B, V, H, W]
+        weighted = self._cell_weights(preds) * (preds - target) ** 2  # [B, V, H, W]
         return weighted.mean(dim=(2, 3)).sqrt()  # [B, V]
 
 
@@ -155,6 +171,7 @@ class LatitudeWeightedACC(_LatitudeWeightedMetric):
         mean: ``[V]`` means to de-normalise with, or ``None`` when values are physical.
         std: ``[V]`` standard deviations, given with ``mean``.
         prefix: prepended to every result key, e.g. ``"val/"``.
+        valid_mask: ``[V, H, W]`` 1 where the field holds data, 0 on cells to leave out; ``None`` scores every cell.
         **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
     """
 
@@ -163,8 +180,9 @@ class LatitudeWeightedACC(_LatitudeWeightedMetric):
     def __init__(self, variables: Sequence[str], latitudes: Sequence[float] | np.ndarray | Tensor,
                  lead_times_hours: Sequence[float], climatology: np.ndarray | Tensor,
                  mean: Sequence[float] | np.ndarray | Tensor | None = None,
-                 std: Sequence[float] | np.ndarray | Tensor | None = None, prefix: str = "", **kwargs: Any):
-        super().__init__(variables, latitudes, lead_times_hours, mean, std, prefix, **kwargs)
+                 std: Sequence[float] | np.ndarray | Tensor | None = None, prefix: str = "",
+                 valid_mask: np.ndarray | Tensor | None = None, **kwargs: Any):
+        super().__init__(variables, latitudes, lead_times_hours, mean, std, prefix, valid_mask, **kwargs)
         clim = torch.as_tensor(np.asarray(climatology, dtype=np.float64))
         if clim.ndim != 3 or tuple(clim.shape[:2]) != (len(self.variables), self.weights.numel()):
             raise ValueError(f"climatology must be [V={len(self.variables)}, H={self.weights.numel()}, W] in physical "
@@ -172,7 +190,7 @@ class LatitudeWeightedACC(_LatitudeWeightedMetric):
         self.register_buffer("climatology", clim, persistent=False)
 
     def _per_sample(self, preds: Tensor, target: Tensor) -> Tensor:
-        w = self.weights.to(preds)[None, None, :, None]  # [1, 1, H, 1]
+        w = self._cell_weights(preds)  # [1, 1, H, 1], or [1, V, H, W] with a valid mask
         a = preds - self.climatology[None]  # [B, V, H, W]
         b = target - self.climatology[None]
         a = a - (w * a).mean(dim=(2, 3), keepdim=True)
@@ -231,13 +249,15 @@ def evaluate_baselines(
     clim = torch.as_tensor(dm.climatology)  # [V_out, H, W] physical
     clim_data_units = (clim - torch.as_tensor(mean)[:, None, None]) / torch.as_tensor(std)[:, None, None] if dm.normalize else clim
     kinds = ["climatology"] + (["persistence"] if set(dm.out_variables) <= set(dm.variables) else [])
+    valid = getattr(dm, "out_valid_mask", None)  # [V_out, H, W] or None: cells of masked fields left out
     metrics = {
-        kind: [LatitudeWeightedRMSE(dm.out_variables, dm.latitudes, dm.lead_times_hours, mean, std, prefix=f"{kind}/")]
+        kind: [LatitudeWeightedRMSE(dm.out_variables, dm.latitudes, dm.lead_times_hours, mean, std, prefix=f"{kind}/",
+                                    valid_mask=valid)]
         for kind in kinds
     }
     if "persistence" in metrics:  # the climatology forecast has no anomaly, so its ACC is 0 by definition
-        metrics["persistence"].append(
-            LatitudeWeightedACC(dm.out_variables, dm.latitudes, dm.lead_times_hours, clim, mean, std, prefix="persistence/"))
+        metrics["persistence"].append(LatitudeWeightedACC(dm.out_variables, dm.latitudes, dm.lead_times_hours, clim, mean,
+                                                          std, prefix="persistence/", valid_mask=valid))
     for n, batch in enumerate(loader):
         if max_batches is not None and n >= max_batches:
             break

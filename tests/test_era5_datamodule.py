@@ -291,8 +291,21 @@ def test_duplicate_times_across_files(tmp_path):
     assert len(dm.store.times) == 366
 
 
-def test_uneven_time_axis(tmp_path):
-    ds = next(iter_synthetic_years(years=[2000], step_hours=24, grid=GRID)).isel(time=[0, 1, 3, 4])
+def test_time_axis_with_a_gap_skips_the_pairs_that_straddle_it(tmp_path):
+    ds = next(iter_synthetic_years(years=[2000], step_hours=24, grid=GRID)).isel(time=[0, 1, 3, 4, 5])
     ds.to_netcdf(tmp_path / "gappy.nc")
-    with pytest.raises(ValueError, match="must be evenly spaced .* fill or drop the gaps"):
-        ERA5DataModule(str(tmp_path / "gappy.nc"), ["2m_temperature"]).grid_shape
+    dm = ERA5DataModule(str(tmp_path / "gappy.nc"), ["2m_temperature"], lead_time_hours=24, train_years=[2000],
+                        normalize=False, stats_path=str(tmp_path / "s.nc"))
+    dm.setup("fit")
+    assert dm.time_step_hours == 24
+    train = dm.datasets["train"]
+    assert train.init_indices.tolist() == [0, 2, 3]  # 01-02 -> 01-03 is missing: no pair from index 1
+    np.testing.assert_array_equal(train[1]["target"][0].numpy(), ds["2m_temperature"].values[3])
+
+
+def test_irregular_time_axis_is_an_error(tmp_path):
+    ds = next(iter_synthetic_years(years=[2000], step_hours=6, grid=GRID)).isel(time=[0, 4, 5, 9])
+    ds = ds.assign_coords(time=ds["time"].values + np.array([0, 0, 3, 0]).astype("timedelta64[h]"))  # a 9 h step
+    ds.to_netcdf(tmp_path / "irregular.nc")
+    with pytest.raises(ValueError, match=r"time axis of .* is irregular: steps .* not multiples of the smallest step .* resample"):
+        ERA5DataModule(str(tmp_path / "irregular.nc"), ["2m_temperature"]).grid_shape

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from lightning_seqpar.data import ERA5DataModule
 from lightning_seqpar.metrics import evaluate_baselines
@@ -58,11 +59,13 @@ def test_statistics_written_once(tmp_path):
 
 
 def test_shared_time_axis_across_files_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="53 times of .*1981_5.625deg.nc.* already in an earlier file .* duplicate_times='keep_first'"):
+    with pytest.raises(ValueError, match=r"53 times of .*1981_5.625deg.nc.* already in an earlier file .* duplicate_times="
+                       r"'keep_first'; the file names give years \[1980, 1981, 1982\] but their times fall in \[2000\]"):
         weekly_dm(T2M_DIR, tmp_path).grid_shape
     dm = weekly_dm(T2M_DIR, tmp_path, duplicate_times="keep_first")
     dm.setup("fit")
-    assert len(dm.store.times) == 53 and set(dm.store.file_of.tolist()) == {0}
+    assert len(dm.store.times) == 53
+    np.testing.assert_array_equal(dm.store.read(["t2m"], np.array([52]))[0, 0], xr.open_dataset(T2M_1980)["t2m"].values[52].astype(np.float32))
 
 
 def test_missing_variable_lists_what_exists(tmp_path):
@@ -76,8 +79,25 @@ def test_daily_lead_on_weekly_data_is_an_error(tmp_path):
 
 
 def test_constants_file_has_no_time(tmp_path):
-    with pytest.raises(ValueError, match="has no 'time' dimension .* expected WeatherBench2 dims"):
+    with pytest.raises(ValueError, match=r"has no time-dependent variable .* static fields \['land_sea_mask', 'lat2d', "
+                       r"'lon2d', 'orography', 'soil_type'\]: add the folders"):
         weekly_dm(CONSTANTS, tmp_path).grid_shape
+
+
+def test_weatherbench_root_with_constants_as_static_inputs(tmp_path):
+    """The layout of recipes/era5_sample_5.625deg.yaml: the root folder, years from the file names, static constants."""
+    dm = weekly_dm(T2M_DIR.parent, tmp_path, train_years="1980-1981", val_years=[1982], years_from_file_names=True,
+                   static_variables=["land_sea_mask", "orography", "lat2d"])
+    assert dm.variables == ["2m_temperature", "land_sea_mask", "orography", "lat2d"]
+    assert np.unique(dm.store.years).tolist() == [1980, 1981, 1982] and len(dm.store.times) == 159
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 104 and len(dm.datasets["val"]) == 52  # no pair across the year boundaries
+    sample = dm.datasets["val"][0]
+    assert sample["input"].shape == (4, 32, 64) and str(dm.store.times[int(sample["index"])])[:10] == "1982-01-01"
+    raw = xr.open_dataset(T2M_DIR / "2m_temperature_1982_5.625deg.nc")["t2m"].values[0]
+    np.testing.assert_allclose(sample["input"][0].numpy() * dm.std["2m_temperature"] + dm.mean["2m_temperature"], raw, rtol=1e-5)
+    lsm = xr.open_dataset(CONSTANTS)["lsm"].values.astype(np.float64)
+    np.testing.assert_allclose(sample["input"][1].numpy(), (lsm - lsm.mean()) / lsm.std(), atol=1e-5)
 
 
 def test_grib_ensemble(tmp_path):
@@ -96,3 +116,16 @@ def test_grib_ensemble(tmp_path):
     assert float(z500[-1].mean()) < float(z500[30].mean())  # lower heights at the north pole than at the equator
     assert 230 < float(sample["input"][1].mean()) < 290  # K
     assert sorted(os.listdir(GRIB.parent)) == before  # no cfgrib index file left next to the data
+
+
+def test_recipe_data_section_reads_the_sample(tmp_path):
+    """recipes/era5_sample_5.625deg.yaml's data section, as the README's `seqpar fit` command gives it."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "recipes" / "era5_sample_5.625deg.yaml").read_text())["data"]
+    data.update(path=str(repo / data["path"]), stats_path=str(tmp_path / "stats.nc"))
+    dm = ERA5DataModule(**data)
+    assert dm.variables == ["2m_temperature", "land_sea_mask", "orography", "lat2d"] and dm.out_variables == ["2m_temperature"]
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 52 and dm.datasets["test"][51]["input"].shape == (4, 32, 64)

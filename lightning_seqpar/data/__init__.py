@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning_seqpar.data.era5 import ERA5DataModule, ERA5ForecastDataset, parse_years
     from lightning_seqpar.data.stats import FieldStatistics, StatisticsCacheError
+    from lightning_seqpar.data.chunks import ChunkCache, rechunk_time
     from lightning_seqpar.data.store import ERA5Store, StoreReadError
     from lightning_seqpar.data.synthetic import write_synthetic_era5
 
 # Imported on first use, so that `python -m lightning_seqpar.data.synthetic` does not import the module twice.
 _EXPORTS = {
     "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "parse_years": "era5",
-    "ERA5Store": "store", "StoreReadError": "store",
+    "ERA5Store": "store", "StoreReadError": "store", "rechunk_time": "chunks", "ChunkCache": "chunks",
     "FieldStatistics": "stats", "StatisticsCacheError": "stats", "write_synthetic_era5": "synthetic",
 }
 __all__ = sorted(_EXPORTS)

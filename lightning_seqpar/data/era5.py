@@ -16,7 +16,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
+from lightning_seqpar.data.chunks import DEFAULT_CACHE_MB
+from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics, nan_message
 from lightning_seqpar.data.store import ERA5Store, StoreReadError
 
 __all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "StoreReadError", "parse_years"]
@@ -44,25 +45,32 @@ class ERA5ForecastDataset(Dataset):
 
     Args:
         store: the store to read (each worker process reopens it on first use).
-        variables: input field names ``V``.
+        variables: time-dependent input field names ``V_dyn``.
         out_variables: target field names ``V_out``.
         init_indices: ``[N]`` store time index of each sample's input.
-        lead_steps: lead times in store time steps.
+        target_indices: ``[N, K]`` store time index of each sample's target for each of the K lead times.
+        lead_steps: ``[K]`` lead times in store time steps.
         lead_index: ``[N]`` position in ``lead_steps`` of each sample's lead, or ``None`` to draw one
             uniformly per sample (training with several lead times).
         mean: ``{field: mean}`` to normalise with, or ``None`` for physical units.
         std: ``{field: std}``, given with ``mean``.
+        static: ``[S, H, W]`` time-invariant channels appended to every input (already normalised), or ``None``.
+        masks: ``{field: ([H, W] bool data cells, fill value in physical units)}`` of fields with a fixed NaN mask.
     """
 
     def __init__(self, store: ERA5Store, variables: Sequence[str], out_variables: Sequence[str], init_indices: np.ndarray,
-                 lead_steps: Sequence[int], lead_index: np.ndarray | None, mean: dict[str, float] | None = None,
-                 std: dict[str, float] | None = None):
-        self.store, self.init_indices, self.lead_steps, self.lead_index = store, init_indices, list(lead_steps), lead_index
+                 target_indices: np.ndarray, lead_steps: Sequence[int], lead_index: np.ndarray | None,
+                 mean: dict[str, float] | None = None, std: dict[str, float] | None = None,
+                 static: np.ndarray | None = None, masks: dict[str, tuple[np.ndarray, float]] | None = None):
+        self.store, self.init_indices, self.target_indices = store, init_indices, target_indices
+        self.lead_steps, self.lead_index = list(lead_steps), lead_index
         self.fields = list(dict.fromkeys([*variables, *out_variables]))  # union U, input fields first
         self.in_pos = [self.fields.index(f) for f in variables]
         self.out_pos = [self.fields.index(f) for f in out_variables]
         self.shift = None if mean is None else np.array([mean[f] for f in self.fields], np.float32)[:, None, None]
         self.scale = None if std is None else np.array([std[f] for f in self.fields], np.float32)[:, None, None]
+        self.static = None if static is None or not len(static) else np.ascontiguousarray(static, np.float32)
+        self.masks = [(self.fields.index(f), valid, fill) for f, (valid, fill) in (masks or {}).items() if f in self.fields]
 
     def __len__(self) -> int:
         return len(self.init_indices)
@@ -70,37 +78,51 @@ class ERA5ForecastDataset(Dataset):
     def __getitem__(self, n: int) -> dict[str, torch.Tensor]:
         init = int(self.init_indices[n])
         choice = int(torch.randint(len(self.lead_steps), ()).item()) if self.lead_index is None else int(self.lead_index[n])
-        steps = self.lead_steps[choice]
-        block = self.store.read(self.fields, np.array([init, init + steps]))  # [2, U, H, W]
+        target = int(self.target_indices[n, choice])
+        block = self.store.read(self.fields, np.array([init, target]))  # [2, U, H, W]
+        for u, valid, fill in self.masks:
+            leaked = ~np.isnan(block[:, u]) & ~valid  # [2, H, W]: data where the fixed mask says none
+            if leaked.any():
+                when = self.store.describe_time((init, target)[int(np.argwhere(leaked.any(axis=(1, 2)))[0, 0])])
+                raise ValueError(f"variable {self.fields[u]!r} has data at time {when} on cells that were NaN at the first "
+                                 "train time: its NaN mask is not fixed, so masked_variables cannot fill it")
+            block[:, u] = np.where(valid, block[:, u], fill)
         bad = np.isnan(block)
         if bad.any():
             row, field = np.argwhere(bad.any(axis=(2, 3)))[0]
-            raise ValueError(f"NaN in variable {self.fields[field]!r} at time {self.store.describe_time(init + row * steps)} "
-                             f"of {self.store.path!r}; fill or drop those times, or choose years without gaps")
+            when = f"{self.store.describe_time((init, target)[row])} of {self.store.path!r}"
+            raise ValueError(nan_message(self.fields[field], when, bad[:, field]))
         if self.shift is not None:
             block = (block - self.shift) / self.scale
+        inputs = block[0, self.in_pos]  # [V_dyn, H, W]
+        if self.static is not None:
+            inputs = np.concatenate([inputs, self.static])  # [V_dyn + S, H, W]
         return {
-            "input": torch.from_numpy(np.ascontiguousarray(block[0, self.in_pos])),  # [V, H, W]
+            "input": torch.from_numpy(np.ascontiguousarray(inputs)),  # [V, H, W]
             "target": torch.from_numpy(np.ascontiguousarray(block[1, self.out_pos])),  # [V_out, H, W]
-            "lead_time_hours": torch.tensor(steps * self.store.step_hours, dtype=torch.float32),
+            "lead_time_hours": torch.tensor(self.lead_steps[choice] * self.store.step_hours, dtype=torch.float32),
             "index": torch.tensor(init, dtype=torch.int64),
         }
 
 
 class ERA5DataModule(LightningDataModule):
-    """Forecasting pairs from a WeatherBench2-layout ERA5 store, split by years and normalised per field.
+    """Forecasting pairs from an ERA5 store, split by years and normalised per field, with optional static channels.
 
     Every batch is a dict: ``input`` float32 ``[B, V, H, W]``, ``target`` float32 ``[B, V_out, H, W]``,
     ``lead_time_hours`` float32 ``[B]`` and ``index`` int64 ``[B]`` (the store time index of the input).
-    Latitudes are always ascending (-90 to 90); a store in the other order is flipped on read. Data
-    parallelism needs nothing here: the train loader shuffles and Lightning (or the sequence-parallel
-    strategy) swaps in its ``DistributedSampler``.
+    The V input channels are, in order, :attr:`dynamic_variables` (fields at time t), :attr:`static_variables`
+    (time-invariant fields such as orography, as ClimaX uses them) and :attr:`mask_variables` (1 where a
+    masked field has data, 0 where it was filled); :attr:`variables` lists all of them. Latitudes are
+    always ascending (-90 to 90). Data parallelism needs nothing here: the train loader shuffles and
+    Lightning (or the sequence-parallel strategy) swaps in its ``DistributedSampler``. docs/data.md lists
+    the layouts read (WeatherBench2 zarr, WeatherBench v1 folders, current and older CDS NetCDF, GRIB).
 
     Args:
-        path: a WeatherBench2 zarr directory, a NetCDF/GRIB file, a directory of ``*.nc`` files, or a glob.
-        variables: input fields, e.g. ``["2m_temperature", "geopotential_500"]``; ``<variable>_<level>``
-            picks a pressure level in hPa. ERA5 short names (``t2m``, ``z_500``) are accepted and reported
-            by their WeatherBench2 names.
+        path: a zarr directory, a NetCDF/GRIB file, a directory of files (or of one folder per variable,
+            WeatherBench v1), or a glob.
+        variables: time-dependent input fields, e.g. ``["2m_temperature", "geopotential_500"]``;
+            ``<variable>_<level>`` picks a pressure level in hPa. ERA5 short names (``t2m``, ``z_500``)
+            are accepted and reported by their WeatherBench2 names.
         out_variables: target fields; ``None`` means the same as ``variables``.
         lead_time_hours: forecast lead time, a multiple of the store's time step. A list draws one lead
             uniformly per training sample; validation and test then hold every (input time, lead) pair.
@@ -113,11 +135,23 @@ class ERA5DataModule(LightningDataModule):
         stats_path: cache file of the train-split statistics; ``None`` means ``<store>.seqpar-stats.nc``
             next to the data (or the user cache dir if that directory is read-only). A file given here is
             computed into when missing, and must then be writable: there is no fallback place.
-        normalize: normalise every field with its train-split mean and std.
+        normalize: normalise every field with its train-split mean and std (static channels with their
+            mean and std over the grid).
         pin_memory: passed to the DataLoaders.
         persistent_workers: passed to the DataLoaders when ``num_workers > 0``.
         select_index: positions along extra dims, e.g. ``{"number": 0}`` for one ensemble member.
-        duplicate_times: ``"error"`` when two files share a time, or ``"keep_first"`` to keep the first copy.
+        duplicate_times: ``"error"`` when two files share a time of a field, or ``"keep_first"`` to keep the first copy.
+        static_variables: time-invariant input channels: variables without a time axis (``orography``,
+            ``land_sea_mask``/``lsm``, ``lat2d`` of a WeatherBench ``constants`` file) or ``latitude``/``longitude``
+            (degrees, from the grid). They are inputs only, never predicted.
+        masked_variables: fields that are NaN on a fixed set of cells (sea-surface temperature over land).
+            Those cells (NaN at the first train time) are filled with the field's train mean, a
+            ``<field>_mask`` input channel (1 data, 0 filled) is added, and the cells are left out of the
+            statistics, the loss and the metrics (:attr:`out_valid_mask`). NaN anywhere else is still an error.
+        years_from_file_names: take each file's year from its name (``t2m_1980_5.625deg.nc``), keeping month,
+            day and hour: for yearly files whose time axis was relabelled, as in the shipped WeatherBench sample.
+        chunk_cache_mb: MiB of decoded multi-time zarr chunks kept per process, so that samples sharing a
+            chunk decode it once; 0 turns the cache off (see :mod:`lightning_seqpar.data.chunks`).
     """
 
     def __init__(
@@ -137,6 +171,10 @@ class ERA5DataModule(LightningDataModule):
         persistent_workers: bool = False,
         select_index: dict[str, int] | None = None,
         duplicate_times: Literal["error", "keep_first"] = "error",
+        static_variables: list[str] | None = None,
+        masked_variables: list[str] | None = None,
+        years_from_file_names: bool = False,
+        chunk_cache_mb: float = DEFAULT_CACHE_MB,
     ):
         super().__init__()
         self.save_hyperparameters()  # recorded in checkpoints and by LightningCLI
@@ -144,6 +182,8 @@ class ERA5DataModule(LightningDataModule):
             raise ValueError("variables is empty; name at least one field, e.g. ['2m_temperature']")
         self.path, self.select_index, self.duplicate_times = str(path), select_index, duplicate_times
         self._variables, self._out_variables = list(variables), list(out_variables or variables)
+        self._static, self._masked = list(static_variables or []), list(masked_variables or [])
+        self.years_from_file_names, self.chunk_cache_mb = years_from_file_names, chunk_cache_mb
         leads = [lead_time_hours] if isinstance(lead_time_hours, int) else list(lead_time_hours)
         if not leads or any(int(h) <= 0 for h in leads):
             raise ValueError(f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them")
@@ -154,6 +194,10 @@ class ERA5DataModule(LightningDataModule):
         self.stats_path = stats_path
         self._store: ERA5Store | None = None
         self.statistics: FieldStatistics | None = None
+        self._masks: dict[str, np.ndarray] | None = None
+        self._static_inputs: np.ndarray | None = None
+        self.static_mean: dict[str, float] = {}
+        self.static_std: dict[str, float] = {}
         self.datasets: dict[str, ERA5ForecastDataset] = {}
 
     # --- metadata, available before setup() (opens the store's coordinates only) ---
@@ -162,25 +206,42 @@ class ERA5DataModule(LightningDataModule):
     def store(self) -> ERA5Store:
         """The opened store; fields are validated on first access."""
         if self._store is None:
-            store = ERA5Store(self.path, self.select_index, self.duplicate_times)
-            for field in self._variables + self._out_variables:
-                store.resolve(field)
+            store = ERA5Store(self.path, self.select_index, self.duplicate_times, fields=self._variables + self._out_variables,
+                              years_from_file_names=self.years_from_file_names, chunk_cache_mb=self.chunk_cache_mb)
+            dynamic = {store.canonical(f) for f in self._variables + self._out_variables}
+            unknown = [f for f in self._masked if store.canonical(f) not in dynamic]
+            if unknown:
+                raise ValueError(f"masked_variables {unknown} are not among variables or out_variables {sorted(dynamic)}")
+            for name in self._static:
+                store.read_static(name)  # fails early, listing the static fields the store has
             self._store = store
         return self._store
 
     @property
+    def dynamic_variables(self) -> list[str]:
+        """Time-dependent input field names, in WeatherBench2 spelling (``geopotential_500``)."""
+        return [self.store.canonical(f) for f in self._variables]
+
+    @property
+    def static_variables(self) -> list[str]:
+        """Time-invariant input channel names, as given (``orography``, ``land_sea_mask``, ``latitude``)."""
+        self.store
+        return list(self._static)
+
+    @property
+    def mask_variables(self) -> list[str]:
+        """Mask input channel names, ``<field>_mask`` for every field of ``masked_variables``."""
+        return [f"{self.store.canonical(f)}_mask" for f in self._masked]
+
+    @property
     def variables(self) -> list[str]:
-        """Input field names ``V``, in WeatherBench2 spelling (``geopotential_500``)."""
-        return [self._canonical(f) for f in self._variables]
+        """Names of the ``V`` input channels: dynamic fields, then static channels, then mask channels."""
+        return self.dynamic_variables + self.static_variables + self.mask_variables
 
     @property
     def out_variables(self) -> list[str]:
         """Target field names ``V_out``."""
-        return [self._canonical(f) for f in self._out_variables]
-
-    def _canonical(self, field: str) -> str:
-        variable, level = self.store.resolve(field)
-        return variable if level is None else f"{variable}_{level:g}"
+        return [self.store.canonical(f) for f in self._out_variables]
 
     @property
     def latitudes(self) -> np.ndarray:
@@ -202,7 +263,7 @@ class ERA5DataModule(LightningDataModule):
         """Hours between consecutive times of the store."""
         return self.store.step_hours
 
-    # --- statistics ---
+    # --- statistics, masks and static channels ---
 
     def _default_stats_path(self) -> Path:
         base = Path(os.path.dirname(self.path) if any(ch in self.path for ch in "*?[") else self.path.rstrip("/"))
@@ -234,15 +295,57 @@ class ERA5DataModule(LightningDataModule):
             steps.append(int(round(ratio)))
         return steps
 
+    @property
+    def field_masks(self) -> dict[str, np.ndarray]:
+        """``{field: [H, W] bool}`` cells holding data of each masked field (its non-NaN cells at the first train time)."""
+        if self._masks is None:
+            first = self.split_indices("train")[:1]
+            fields = [self.store.canonical(f) for f in self._masked]
+            values = self.store.read(fields, first)[0] if fields else []  # [M, H, W]
+            self._masks = {f: ~np.isnan(v) for f, v in zip(fields, values)}
+            for f, valid in self._masks.items():
+                if valid.all():
+                    rank_zero_warn(f"masked variable {f!r} has no NaN at {self.store.describe_time(int(first[0]))}; "
+                                   "its mask channel is all ones")
+                rank_zero_info(f"ERA5DataModule: {f} is NaN on {int((~valid).sum())} of {valid.size} cells; they are filled "
+                               "with its train mean and left out of the loss and metrics")
+        return self._masks
+
+    @property
+    def out_valid_mask(self) -> np.ndarray | None:
+        """``[V_out, H, W]`` float32, 1 where the target holds data and 0 where a masked field was filled;
+        ``None`` when no output field is masked. The loss and the metrics weigh each cell by it."""
+        masks = self.field_masks
+        if not any(f in masks for f in self.out_variables):
+            return None
+        return np.stack([masks.get(f, np.ones(self.grid_shape, bool)) for f in self.out_variables]).astype(np.float32)
+
     def _load_statistics(self) -> FieldStatistics:
         if self.statistics is None:
-            fields = list(dict.fromkeys(self.variables + self.out_variables))
+            fields = list(dict.fromkeys(self.dynamic_variables + self.out_variables))
             self.statistics, used = load_or_compute_statistics(
                 self.store.read, fields, self.split_indices("train"), self.split_years["train"], self.grid_shape,
                 Path(self.stats_path) if self.stats_path else self._default_stats_path(),
-                describe_time=self.store.describe_time, fallback_to_user_cache=not self.stats_path)
+                describe_time=self.store.describe_time, fallback_to_user_cache=not self.stats_path, valid=self.field_masks)
             rank_zero_info(f"ERA5DataModule: normalisation statistics of {len(fields)} fields from {used}")
         return self.statistics
+
+    @property
+    def static_inputs(self) -> np.ndarray:
+        """``[S + M, H, W]`` float32 static channels (normalised by their grid mean and std when ``normalize``),
+        then the mask channels (0/1), in the order of :attr:`static_variables` and :attr:`mask_variables`."""
+        if self._static_inputs is None:
+            channels = []
+            for name in self.static_variables:
+                field = self.store.read_static(name).astype(np.float64)  # [H, W]
+                if np.isnan(field).any():
+                    raise ValueError(f"static field {name!r} of {self.path!r} has NaN on {int(np.isnan(field).sum())} cells; "
+                                     "fill them in the constants file")
+                self.static_mean[name], self.static_std[name] = float(field.mean()), float(field.std() or 1.0)
+                channels.append((field - self.static_mean[name]) / self.static_std[name] if self.normalize else field)
+            channels += [self.field_masks[self.store.canonical(f)] for f in self._masked]
+            self._static_inputs = np.stack(channels).astype(np.float32) if channels else np.zeros((0, *self.grid_shape), np.float32)
+        return self._static_inputs
 
     @property
     def mean(self) -> dict[str, float]:
@@ -280,7 +383,7 @@ class ERA5DataModule(LightningDataModule):
         """Builds the datasets of the splits that ``stage`` needs (all of them for ``None``)."""
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage, ["train", "val", "test"])
         steps = self._lead_steps()
-        stats = self._load_statistics() if self.normalize else None
+        stats = self._load_statistics() if self.normalize or self._masked else None
         for split in wanted:
             if self.split_years[split] is None and split != "train":
                 continue
@@ -293,18 +396,26 @@ class ERA5DataModule(LightningDataModule):
     def _make_dataset(self, split: str, steps: list[int], stats: FieldStatistics | None) -> ERA5ForecastDataset:
         in_split = np.zeros(len(self.store.times), bool)
         in_split[self.split_indices(split)] = True
+        candidates = np.flatnonzero(in_split)
+        targets = np.stack([self.store.offset_index(candidates, k) for k in steps], axis=1)  # [N, K], -1: no such time
+        reachable = (targets >= 0) & in_split[np.maximum(targets, 0)]  # the target exists and is in the same split
         if split == "train":  # one list of inputs, valid for every lead; the lead is drawn per sample
-            inits = np.flatnonzero(in_split[: len(in_split) - max(steps)] & in_split[max(steps):])
+            keep = reachable.all(axis=1)
+            inits, targets = candidates[keep], targets[keep]
             lead_index = None if len(steps) > 1 else np.zeros(len(inits), np.int64)
         else:  # every (input, lead) pair, lead-major
-            per_lead = [np.flatnonzero(in_split[: len(in_split) - k] & in_split[k:]) for k in steps]
-            inits = np.concatenate(per_lead)
-            lead_index = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_lead)])
+            rows = [np.flatnonzero(reachable[:, k]) for k in range(len(steps))]
+            inits = np.concatenate([candidates[r] for r in rows])
+            targets = np.concatenate([targets[r] for r in rows])
+            lead_index = np.concatenate([np.full(len(r), k) for k, r in enumerate(rows)])
         if len(inits) == 0:
             raise ValueError(f"the {split} split (years {self.split_years[split]}) has no input whose target "
                              f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours")
-        mean, std = (stats.mean, stats.std) if stats is not None else (None, None)
-        return ERA5ForecastDataset(self.store, self.variables, self.out_variables, inits, steps, lead_index, mean, std)
+        normalise = stats is not None and self.normalize
+        mean, std = (stats.mean, stats.std) if normalise else (None, None)
+        masks = {f: (valid, stats.mean[f]) for f, valid in self.field_masks.items()}
+        return ERA5ForecastDataset(self.store, self.dynamic_variables, self.out_variables, inits, targets, steps, lead_index,
+                                   mean, std, self.static_inputs, masks)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self.datasets:
@@ -329,4 +440,3 @@ class ERA5DataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         """Forecasts for the test years, in time order (``seqpar predict``)."""
         return self._loader("test", shuffle=False)
-

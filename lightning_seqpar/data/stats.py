@@ -56,9 +56,23 @@ class FieldStatistics:
                                {f: self.climatology[f] for f in fields})
 
 
+def nan_message(field: str, when: str, nan_at_each_time: np.ndarray) -> str:
+    """What to do about NaN in ``field``: a NaN mask fixed over ``nan_at_each_time`` (``[T, H, W]`` bool, T >= 2)
+    points to ``masked_variables`` (a grid that is NaN everywhere is a gap, not a mask); anything else to filling or
+    dropping the times."""
+    first = nan_at_each_time[0]
+    if len(nan_at_each_time) > 1 and first.any() and not first.all() and (nan_at_each_time == first).all():
+        return (f"NaN in variable {field!r} at time {when}: it is NaN on the same {int(first.sum())} of {first.size} grid "
+                f"cells at every time read, as a field with a land or sea mask is (sea-surface temperature over land); "
+                f"pass masked_variables=[{field!r}] (data.masked_variables in YAML) to fill those cells, add a mask "
+                "input channel and leave them out of the loss and the metrics")
+    return (f"NaN in variable {field!r} at time {when}; fill or drop those times (interpolate the gaps in time, or "
+            "choose years without them)")
+
+
 def compute_statistics(
     read: FieldReader, fields: Sequence[str], time_indices: np.ndarray, chunk_size: int = 256,
-    describe_time: Callable[[int], str] = str,
+    describe_time: Callable[[int], str] = str, valid: dict[str, np.ndarray] | None = None,
 ) -> FieldStatistics:
     """Streams over ``time_indices`` in blocks of ``chunk_size`` and returns mean, std and climatology per field.
 
@@ -71,21 +85,35 @@ def compute_statistics(
         time_indices: ``[N]`` time indices of the train split.
         chunk_size: number of time steps read at once.
         describe_time: turns a time index into text for error messages.
+        valid: ``{field: [H, W] bool}`` cells that hold data for fields with a fixed NaN mask; their other
+            cells must be NaN at every time, are left out of mean and std, and get the mean as climatology.
+
+    Raises:
+        ValueError: NaN outside a field's mask (with advice on a fixed NaN mask), data inside it, or std = 0.
     """
     if len(time_indices) == 0:
         raise ValueError("cannot compute statistics of an empty train split; give train_years that exist in the store")
-    count, mean, m2, grid_sum = 0, None, None, None
+    valid = valid or {}
+    count, mean, m2, grid_sum = None, None, None, None
     for start in range(0, len(time_indices), chunk_size):
         block_idx = np.asarray(time_indices[start : start + chunk_size])
         block = read(fields, block_idx).astype(np.float64)  # [T, V, H, W]
-        bad = np.isnan(block)
-        if bad.any():
-            t, v = np.argwhere(bad.any(axis=(2, 3)))[0]
-            raise ValueError(f"NaN in variable {fields[v]!r} at time {describe_time(int(block_idx[t]))}; "
-                             "fill or drop those times (e.g. ds.ffill('time')) before training")
-        n_block = block.shape[0] * block.shape[2] * block.shape[3]
-        block_mean = block.mean(axis=(0, 2, 3))  # [V]
-        block_m2 = ((block - block_mean[None, :, None, None]) ** 2).sum(axis=(0, 2, 3))  # [V]
+        grid = block.shape[2:]
+        ok = np.stack([valid.get(f, np.ones(grid, bool)) for f in fields])  # [V, H, W]
+        nan = np.isnan(block)
+        for bad, what in ((nan & ok[None], "nan"), (~nan & ~ok[None], "data")):
+            if bad.any():
+                t, v = np.argwhere(bad.any(axis=(2, 3)))[0]
+                when = describe_time(int(block_idx[t]))
+                if what == "nan":
+                    raise ValueError(nan_message(fields[v], when, nan[:, v]))
+                raise ValueError(f"variable {fields[v]!r} has data at time {when} on cells that were NaN at the first "
+                                 "train time: its NaN mask is not fixed, so masked_variables cannot fill it; fill the "
+                                 "NaN cells in the data instead")
+        block = np.where(ok[None], block, 0.0)
+        n_block = block.shape[0] * ok.sum(axis=(1, 2)).astype(np.float64)  # [V] data points per field
+        block_mean = block.sum(axis=(0, 2, 3)) / n_block  # [V]
+        block_m2 = (((block - block_mean[None, :, None, None]) * ok[None]) ** 2).sum(axis=(0, 2, 3))  # [V]
         block_grid_sum = block.sum(axis=0)  # [V, H, W]
         if mean is None:
             count, mean, m2, grid_sum = n_block, block_mean, block_m2, block_grid_sum
@@ -98,6 +126,7 @@ def compute_statistics(
         count = total
     std = np.sqrt(m2 / count)
     climatology = grid_sum / len(time_indices)  # [V, H, W]
+    climatology = np.where(ok, climatology, mean[:, None, None])  # masked cells: the field mean, never NaN
     flat = [f for f, s in zip(fields, std) if s == 0]
     if flat:
         raise ValueError(f"fields {flat} are constant over the train split (std = 0) and cannot be normalised; "
@@ -193,6 +222,7 @@ def load_or_compute_statistics(
     read: FieldReader, fields: Sequence[str], time_indices: np.ndarray, train_years: Sequence[int],
     grid_shape: tuple[int, int], stats_path: Path, chunk_size: int = 256,
     describe_time: Callable[[int], str] = str, fallback_to_user_cache: bool = True,
+    valid: dict[str, np.ndarray] | None = None,
 ) -> tuple[FieldStatistics, Path]:
     """Returns the statistics of ``fields`` and the file they live in, computing and caching only what is missing.
 
@@ -208,6 +238,7 @@ def load_or_compute_statistics(
         fallback_to_user_cache: when ``stats_path`` cannot be written, write to the user cache dir with a
             warning (the default place); ``False`` for a place the user chose, which then raises
             :class:`StatisticsCacheError` before any statistics are computed.
+        valid: ``{field: [H, W] bool}`` data cells of fields with a fixed NaN mask (see :func:`compute_statistics`).
     """
     identity = _identity(train_years, len(time_indices), grid_shape)
     fallback = fallback_stats_path(stats_path)
@@ -222,7 +253,7 @@ def load_or_compute_statistics(
         return cached.subset(fields), stats_path
     if not fallback_to_user_cache and (err := _cannot_write(stats_path.parent)) is not None:
         raise _chosen_path_error(stats_path, missing, err)  # before hours of streaming, not after
-    fresh = compute_statistics(read, missing, time_indices, chunk_size, describe_time)
+    fresh = compute_statistics(read, missing, time_indices, chunk_size, describe_time, valid)
     if cached is not None:
         fresh = FieldStatistics({**cached.mean, **fresh.mean}, {**cached.std, **fresh.std},
                                 {**cached.climatology, **fresh.climatology})

@@ -1,65 +1,71 @@
-"""The ERA5 store reader: opens WeatherBench2-layout zarr, NetCDF or GRIB files lazily as one time axis and reads fields.
+"""The ERA5 store reader: opens zarr, NetCDF or GRIB files lazily as one catalogue of fields on one time axis and reads them.
 
-Letters in shape comments: T times, V fields, H latitudes, W longitudes. A *field* is one variable at one
-level: ``2m_temperature`` or ``geopotential_500``. A file that cannot be opened, or a chunk that cannot be
-decoded, raises :class:`StoreReadError` naming the file, the variable and the time.
+Letters in shape comments: T times, V fields, E ERA5 versions (``expver``), H latitudes, W longitudes.
+A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``. Every file is first
+brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.data.harmonise`); then each field
+is looked up in the files that hold it, so single-level and pressure-level files with the same times
+(current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike.
+Variables without a time axis (a ``constants`` file) are *static* fields, read with :meth:`ERA5Store.read_static`.
+A file that cannot be opened, or a chunk that cannot be decoded, raises :class:`StoreReadError` naming the
+file, the variable and the time.
 """
 
 from __future__ import annotations
 
 import glob
-import itertools
 import os
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
-import xarray as xr
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_seqpar.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache, rechunk_command, time_chunk_size
+from lightning_seqpar.data.harmonise import (
+    GRIB_SUFFIXES, NETCDF_SUFFIXES, SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
+    StoreReadError, first_line, harmonise, open_file, relabel_year, year_in_name,
+)
 from lightning_seqpar.data.stats import STATS_SUFFIX
 
+__all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
 
-class StoreReadError(OSError):
-    """A file of an ERA5 store cannot be opened, or a chunk of it cannot be decoded (truncated or corrupt data)."""
-
-
-# ERA5/CDS short names and CMIP/GRIB coordinate names, mapped to the WeatherBench2 names.
-SHORT_VARIABLE_NAMES = {
-    "t2m": "2m_temperature", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
-    "msl": "mean_sea_level_pressure", "sp": "surface_pressure", "tp": "total_precipitation",
-    "tisr": "toa_incident_solar_radiation", "z": "geopotential", "t": "temperature",
-    "u": "u_component_of_wind", "v": "v_component_of_wind", "q": "specific_humidity",
-    "r": "relative_humidity", "w": "vertical_velocity",
-}
-COORDINATE_ALIASES = {
-    "lat": "latitude", "lon": "longitude", "isobaricInhPa": "level", "plev": "level",
-    "pressure_level": "level", "valid_time": None,
-}
-SPATIAL_DIMS = ("latitude", "longitude")
+FieldKey = tuple[str, "float | None"]  # (variable, level in hPa or None)
+DERIVED_STATIC = ("latitude", "longitude")  # static channels computed from the grid (ClimaX's "lattitude")
 
 
-def _rename_to_weatherbench(ds: xr.Dataset) -> xr.Dataset:
-    """Canonical names and order: ``latitude``/``longitude``/``level`` (hPa), long variable names, latitude ascending."""
-    if "valid_time" in ds.coords and "time" in ds.dims:
-        ds = ds.drop_vars("valid_time")
-    renames = {old: new for old, new in COORDINATE_ALIASES.items() if new and old in ds.variables and new not in ds.variables}
-    renames.update({short: long for short, long in SHORT_VARIABLE_NAMES.items()
-                    if short in ds.data_vars and long not in ds.variables and "time" in ds[short].dims})
-    ds = ds.rename(renames)
-    if "level" in ds.coords and ds["level"].size and float(ds["level"].max()) > 2000:
-        ds = ds.assign_coords(level=ds["level"] / 100.0)  # CMIP `plev` is in Pa
-    if "latitude" in ds.coords and ds["latitude"].size > 1 and ds["latitude"].values[0] > ds["latitude"].values[-1]:
-        ds = ds.isel(latitude=slice(None, None, -1))
-    return ds
+@dataclass(frozen=True)
+class FieldSource:
+    """Where one file holds one field: file position, variable name in the harmonised dataset, level position."""
+
+    file: int
+    variable: str
+    level_pos: int | None
+
+
+@dataclass
+class FieldIndex:
+    """One field on the store's time axis: for every store time, which source holds it and at which local index."""
+
+    sources: list[FieldSource]
+    source_of: np.ndarray  # [T] position in `sources`
+    local: np.ndarray  # [T] time index inside that source's file
+    times: np.ndarray  # [T] datetime64[ns]
+
+
+def _data_files(folder: str) -> list[str]:
+    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and _is_zarr(f)))
 
 
 def list_store_files(path: str) -> list[str]:
-    """The files or zarr directory that ``path`` names: a zarr store, one NetCDF/GRIB file, a directory of them, or a glob."""
+    """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
+    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder)."""
     if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
         return [path]
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
     elif os.path.isdir(path) and not _is_zarr(path):
-        files = sorted(glob.glob(os.path.join(path, "*.nc")) + glob.glob(os.path.join(path, "*.grib")))
+        files = _data_files(path) or sorted(f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub))
     elif os.path.exists(path):
         files = [path]
     else:
@@ -67,7 +73,11 @@ def list_store_files(path: str) -> list[str]:
                                 "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
     files = [f for f in files if not f.endswith(STATS_SUFFIX)]
     if not files:
-        raise FileNotFoundError(f"{path!r} matches no NetCDF (*.nc), GRIB (*.grib) or zarr store")
+        held = sorted(os.listdir(path))[:10] if os.path.isdir(path) else []
+        raise FileNotFoundError(
+            f"{path!r} matches no NetCDF (*.nc, *.nc4), GRIB (*.grib, *.grb) or zarr store, neither directly nor one "
+            f"folder down (WeatherBench v1 layout: <root>/<variable>/*.nc); it holds {held}: point data.path at the "
+            "folder of the files, or give a glob such as '/data/era5/*/*.nc'")
     return files
 
 
@@ -76,236 +86,377 @@ def _is_zarr(path: str) -> bool:
         os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
 
 
-class _BloscFrameCheck:
-    """Finds truncated blosc chunks of a local zarr store before they are decoded.
-
-    c-blosc 1 trusts the compressed length in a chunk's 16-byte header, so a chunk file cut short is decoded
-    from whatever memory follows it, usually without an error. Comparing that length with the file's size,
-    once per chunk and process, catches it; other codecs (zstd, gzip) check their own frames.
-    """
-
-    def __init__(self, root: str):
-        import zarr
-
-        self.root, self.group = root, zarr.open_group(root, mode="r")
-        self.layouts: dict[str, tuple | None] = {}
-        self.checked: set[tuple[str, int]] = set()
-
-    def _layout(self, variable: str) -> tuple | None:
-        """``(array, time axis)`` of a blosc-compressed, unsharded array with a time dim; ``None`` for anything else."""
-        if variable not in self.layouts:
-            short = {long: short for short, long in SHORT_VARIABLE_NAMES.items()}.get(variable)
-            array = self.group[variable if variable in self.group else short]
-            dims = list(array.attrs.get("_ARRAY_DIMENSIONS") or getattr(array.metadata, "dimension_names", None) or [])
-            plain_blosc = array.shards is None and "blosc" in str(array.compressors).lower()
-            self.layouts[variable] = (array, dims.index("time")) if plain_blosc and "time" in dims else None
-        return self.layouts[variable]
-
-    def first_damaged(self, variable: str, local_times: np.ndarray) -> tuple[int, str] | None:
-        """``(position in local_times, what is wrong)`` of the first time in a truncated chunk, else ``None``."""
-        layout = self._layout(variable)
-        if layout is None:
-            return None
-        array, axis = layout
-        for position, t in enumerate(local_times):
-            time_chunk = int(t) // array.chunks[axis]
-            if (variable, time_chunk) in self.checked:
-                continue
-            grid = [range(n) if d != axis else [time_chunk] for d, n in enumerate(array.cdata_shape)]
-            for coords in itertools.product(*grid):
-                file = os.path.join(self.root, array.path, array.metadata.encode_chunk_key(coords))
-                if not os.path.exists(file):
-                    continue  # a missing chunk reads as the fill value
-                with open(file, "rb") as handle:
-                    header = handle.read(16)
-                size, expected = os.path.getsize(file), int.from_bytes(header[12:16], "little") if len(header) == 16 else 16
-                if size < expected:
-                    return position, f"chunk file {file!r} holds {size} bytes but its blosc header says {expected}"
-            self.checked.add((variable, time_chunk))
-        return None
-
-
-def _first_line(err: BaseException) -> str:
-    """``"TypeName: first line of the message"``: codec and backend errors can run to many lines of advice."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _open_one(path: str) -> xr.Dataset:
-    if os.path.isdir(path) or "://" in path:
-        return xr.open_zarr(path, chunks=None)  # lazy: each isel reads only the chunks it touches
-    if path.endswith((".grib", ".grib2", ".grb", ".grb2")):
-        return xr.open_dataset(path, engine="cfgrib", chunks=None, backend_kwargs={"indexpath": ""})
-    return xr.open_dataset(path, chunks=None)
-
-
 class ERA5Store:
-    """A lazily opened WeatherBench2-layout store (one zarr store or several files) seen as one time axis.
+    """A lazily opened ERA5 store (one zarr store or many files) seen as a catalogue of fields on one time axis.
 
     Args:
-        path: a zarr directory, a NetCDF or GRIB file, a directory of ``*.nc``/``*.grib`` files, or a glob.
+        path: a zarr directory, a NetCDF or GRIB file, a directory of them (or of one folder per variable,
+            WeatherBench v1), or a glob.
         select_index: integer positions to take along extra dims, e.g. ``{"number": 0}`` for the first
             ensemble member of an ensemble GRIB file.
-        duplicate_times: what to do when two files hold the same time: ``"error"``, or ``"keep_first"``
-            to keep the earliest-sorted file's copy and drop the others.
+        duplicate_times: what to do when two files hold the same time of one field: ``"error"``, or
+            ``"keep_first"`` to keep the earliest-sorted file's copy and drop the others.
+        fields: the time-dependent fields whose common times make the time axis; ``None`` means every field
+            with more than one time.
+        years_from_file_names: move each file's times to the year its name gives (yearly files whose time
+            axis was relabelled, as in the shipped WeatherBench sample); see :func:`relabel_year`.
+        chunk_cache_mb: bytes (MiB) of decoded multi-time chunks kept per process; 0 turns the cache off.
+
+    Attributes:
+        times: ``[T]`` datetime64[ns], increasing; gaps are allowed, steps are multiples of ``step_hours``.
+        latitudes: ``[H]`` degrees, ascending. longitudes: ``[W]`` degrees east, as in the first file.
     """
 
     def __init__(self, path: str, select_index: dict[str, int] | None = None,
-                 duplicate_times: Literal["error", "keep_first"] = "error"):
+                 duplicate_times: Literal["error", "keep_first"] = "error", fields: Sequence[str] | None = None,
+                 years_from_file_names: bool = False, chunk_cache_mb: float = DEFAULT_CACHE_MB):
         self.path, self.select_index, self.duplicate_times = str(path), dict(select_index or {}), duplicate_times
         if duplicate_times not in ("error", "keep_first"):
             raise ValueError(f"duplicate_times={duplicate_times!r}; use 'error' or 'keep_first'")
+        self.years_from_file_names, self.chunk_cache_mb = years_from_file_names, float(chunk_cache_mb)
         self.files = list_store_files(self.path)
-        self._datasets: list[xr.Dataset] | None = None
-        self._frame_checks: list[_BloscFrameCheck | None] = []
+        self._opened: list[HarmonisedFile] | None = None
         self._pid = None
-        self._resolved: dict[str, tuple[str, float | None]] = {}
-        datasets = self.datasets
-        ds0 = datasets[0]
-        for dim in ("time",) + SPATIAL_DIMS:
-            if dim not in ds0.dims:
-                raise ValueError(f"store {self.path!r} has no {dim!r} dimension (dims: {dict(ds0.sizes)}); expected "
-                                 "WeatherBench2 dims time, [level,] latitude, longitude (aliases lat, lon, plev, isobaricInhPa)")
-        self.latitudes = ds0["latitude"].values.astype(np.float64)
-        self.longitudes = ds0["longitude"].values.astype(np.float64)
-        self.levels = [float(v) for v in ds0["level"].values] if "level" in ds0.coords else []
-        self._build_time_index([ds["time"].values for ds in datasets])
+        self._resolved: dict[str, FieldKey] = {}
+        self._warned: set = set()
+        files = self.opened
+        notes: dict[str, list[str]] = {}
+        for hf in files:
+            for note in hf.notes:
+                notes.setdefault(note, []).append(hf.path)
+        for note, paths in notes.items():  # one line per kind of change, not one per yearly file
+            rank_zero_info(f"ERA5 store: {note} in {len(paths)} of {len(files)} files ({paths[0]!r}, ...)")
+        self.latitudes = files[0].ds["latitude"].values.astype(np.float64)
+        self.longitudes = files[0].ds["longitude"].values.astype(np.float64)
+        self._catalogue()
+        self.file_times = [self._file_times(k) for k in range(len(self.files))]
+        self.levels = sorted({lev for (_, lev) in self._sources if lev is not None})
+        if not self._sources:
+            odd = "; ".join(f"{name} has dims {dims}" for name, dims in self._odd_dims.items())
+            if odd and fields:
+                self.resolve(fields[0])  # the variable's own error, with the select_index advice
+            raise ValueError(f"store {self.path!r} has no time-dependent variable on (time, [level,] latitude, longitude)"
+                             + (f" ({odd}: pick one index along the extra dims with select_index)" if odd else "")
+                             + f"; it has static fields {sorted(self._statics)}: add the folders or files of the "
+                             "time-dependent variables, e.g. <root>/2m_temperature/*.nc next to <root>/constants/")
+        keys = [self.resolve(f) for f in fields] if fields else [
+            k for k in self._sources if sum(len(self.file_times[s.file]) for s in self._sources[k]) > 1] or list(self._sources)
+        self._build_time_axis(list(dict.fromkeys(keys)))
+
+    # --- opening and cataloguing ---
 
     @property
-    def datasets(self) -> list[xr.Dataset]:
-        """The opened datasets, reopened in every new process so that worker processes never share a file handle."""
-        if self._datasets is None or self._pid != os.getpid():
-            opened = [_rename_to_weatherbench(self._open_file(f)) for f in self.files]
-            self._datasets = [ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims}) for ds in opened]
-            self._frame_checks = [_BloscFrameCheck(f) if os.path.isdir(f) and _is_zarr(f) else None for f in self.files]
+    def opened(self) -> list[HarmonisedFile]:
+        """The harmonised files, reopened in every new process so that worker processes never share a file handle."""
+        if self._opened is None or self._pid != os.getpid():
+            opened: list[HarmonisedFile] = []
+            for f in self.files:
+                ds = open_file(f, self.path)
+                ds = ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims})
+                opened.append(harmonise(f, ds, opened[0] if opened else None, self.path))
+            self._opened = opened
+            self._checks = [BloscFrameCheck(f) if os.path.isdir(f) and _is_zarr(f) else None for f in self.files]
+            self._cache = ChunkCache(self.chunk_cache_mb * 2**20)
             self._pid = os.getpid()
-        return self._datasets
+        return self._opened
 
-    def _open_file(self, file: str) -> xr.Dataset:
-        try:
-            return _open_one(file)
-        except (OSError, ValueError) as err:  # netCDF4/HDF5 raise OSError, xarray's engine guess ValueError
-            raise StoreReadError(
-                f"cannot open {file!r} of ERA5 store {self.path!r} ({_first_line(err)}); the file is truncated, corrupt "
-                "or not NetCDF/zarr/GRIB (an interrupted download or copy?): download or regenerate it, or move it "
-                "out of the store") from err
+    @property
+    def chunk_cache(self) -> ChunkCache:
+        """This process's cache of decoded multi-time chunks."""
+        self.opened
+        return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_datasets": None, "_pid": None, "_frame_checks": []}
+        return {**self.__dict__, "_opened": None, "_pid": None, "_checks": [], "_cache": None}
 
-    def _build_time_index(self, file_times: list[np.ndarray]) -> None:
-        order = sorted(range(len(file_times)), key=lambda k: file_times[k][0] if len(file_times[k]) else np.datetime64("NaT"))
-        file_of, local, times, last = [], [], [], None
-        for k in order:
-            t = file_times[k].astype("datetime64[ns]")
+    def _catalogue(self) -> None:
+        """Finds every field (variable, level) and static field in every file."""
+        self._sources: dict[FieldKey, list[FieldSource]] = {}
+        self._statics: dict[str, tuple[int, str]] = {}
+        self._odd_dims: dict[str, tuple] = {}
+        for k, hf in enumerate(self.opened):
+            ds = hf.ds
+            for name in map(str, ds.data_vars):
+                dims = ds[name].dims
+                if "time" not in dims:
+                    if set(dims) == set(SPATIAL_DIMS):
+                        self._statics.setdefault(name, (k, name))
+                    continue
+                if not set(dims) <= {"time", "level", "expver", *SPATIAL_DIMS} or not set(SPATIAL_DIMS) <= set(dims):
+                    self._odd_dims.setdefault(name, dims)
+                    continue
+                if "level" in dims:
+                    entries = [(float(v), i) for i, v in enumerate(ds["level"].values)]
+                else:
+                    entries = [(hf.scalar_levels.get(name), None)]
+                for level, pos in entries:
+                    self._sources.setdefault((name, level), []).append(FieldSource(k, name, pos))
+                if "expver" in dims:
+                    rank_zero_info(f"ERA5 store: {name} of {hf.path} holds the ERA5 versions expver="
+                                   f"{[str(v) for v in ds['expver'].values]}; they are merged per time, preferring final "
+                                   "ERA5 (expver 1) and taking ERA5T (expver 5) where ERA5 has no data, as ECMWF advises")
+            if "expver" in ds.coords and ds["expver"].dims == ("time",):  # current CDS: one version per time, merged
+                late = np.array([int(str(v)) != 1 for v in ds["expver"].values])
+                if late.any():
+                    rank_zero_info(f"ERA5 store: {int(late.sum())} of {late.size} times of {hf.path} are ERA5T "
+                                   f"(expver {sorted({str(v) for v in ds['expver'].values[late]})}), preliminary data "
+                                   "that ECMWF may still revise")
+
+    def _file_times(self, k: int) -> np.ndarray:
+        ds = self.opened[k].ds
+        if "time" not in ds.coords:
+            return np.zeros(0, "datetime64[ns]")
+        times = np.atleast_1d(ds["time"].values).astype("datetime64[ns]")
+        return relabel_year(self.files[k], times) if self.years_from_file_names and times.size else times
+
+    def _field_index(self, key: FieldKey) -> FieldIndex:
+        """Concatenates the times of ``key`` over its files (sorted by first time), dropping or refusing duplicates."""
+        sources = sorted((s for s in self._sources[key] if len(self.file_times[s.file])),
+                         key=lambda s: self.file_times[s.file][0])
+        if not sources:
+            raise ValueError(f"{self._name(key)} has no times in {self.path!r} (its time axis is empty)")
+        source_of, local, times, last = [], [], [], None
+        for i, src in enumerate(sources):
+            t = self.file_times[src.file]
             keep = np.ones(len(t), bool) if last is None else t > last
             if not keep.all() and self.duplicate_times == "error":
-                clash = t[~keep]
-                raise ValueError(
-                    f"{(~keep).sum()} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
-                    f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
-            file_of.append(np.full(keep.sum(), k)), local.append(np.flatnonzero(keep)), times.append(t[keep])
+                raise ValueError(self._duplicate_message(src.file, t[~keep], sources))
+            source_of.append(np.full(keep.sum(), i)), local.append(np.flatnonzero(keep)), times.append(t[keep])
             last = t[keep][-1] if keep.any() else last
-        self.file_of, self.local_index = np.concatenate(file_of), np.concatenate(local)
-        self.times = np.concatenate(times)
-        steps = np.unique(np.diff(self.times)) if len(self.times) > 1 else np.array([])
-        if len(steps) != 1:
-            raise ValueError(f"time axis of {self.path!r} must be evenly spaced with at least two times; found "
-                             f"{len(self.times)} times with steps {[str(s.astype('timedelta64[h]')) for s in steps[:5]]}; "
-                             "fill or drop the gaps")
-        self.step_hours = float(steps[0] / np.timedelta64(1, "h"))
+        return FieldIndex(sources, np.concatenate(source_of), np.concatenate(local), np.concatenate(times))
+
+    def _duplicate_message(self, k: int, clash: np.ndarray, sources: list[FieldSource]) -> str:
+        text = (f"{len(clash)} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
+                f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
+        named = sorted({year_in_name(self.files[s.file]) for s in sources} - {None})
+        held = sorted({int(y) for s in sources for y in self.file_times[s.file].astype("datetime64[Y]").astype(int) + 1970})
+        if len(named) == len(sources) > 1 and named != held and not self.years_from_file_names:
+            text += (f"; the file names give years {named} but their times fall in {held}: if the times were relabelled, "
+                     "pass years_from_file_names=True to take each file's year from its name")
+        return text
+
+    def _build_time_axis(self, keys: list[FieldKey]) -> None:
+        self._index = {key: self._field_index(key) for key in keys}
+        common = self._index[keys[0]].times
+        for key in keys[1:]:
+            common = np.intersect1d(common, self._index[key].times)
+        if len(common) < 2:
+            spans = {self._name(k): f"{ix.times[0]} .. {ix.times[-1]} ({len(ix.times)})" for k, ix in self._index.items()}
+            raise ValueError(f"the fields of {self.path!r} share {len(common)} times; a forecast needs at least two. "
+                             f"Their times: {spans}")
+        for key, ix in self._index.items():
+            if len(ix.times) > len(common):
+                rank_zero_info(f"ERA5 store: {len(ix.times) - len(common)} times of {self._name(key)} are not held by "
+                               "every field and are left out")
+            pos = np.searchsorted(ix.times, common)
+            ix.source_of, ix.local, ix.times = ix.source_of[pos], ix.local[pos], common
+        self.times = common
+        # Within a file the steps must be multiples of one step (gaps allowed); between files anything goes
+        # (yearly files of weekly samples end on 30 December and start again on 1 January).
+        steps = np.diff(self.times)
+        first = self._index[keys[0]]
+        inside = first.source_of[1:] == first.source_of[:-1]
+        step = steps[inside].min() if inside.any() else steps.min()
+        if np.any(steps[inside] % step):
+            odd = np.unique(steps[inside][steps[inside] % step != 0])[:5].astype("timedelta64[m]")
+            raise ValueError(f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
+                             f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step")
+        if np.any(steps != step):
+            rank_zero_info(f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
+                           f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
+                           "the store are skipped")
+        self.step_hours = float(step / np.timedelta64(1, "h"))
         self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
+
+    def offset_index(self, indices: np.ndarray, steps: int) -> np.ndarray:
+        """``[N]`` store index of the time ``steps`` time steps after each of ``indices``; -1 where the store lacks it."""
+        wanted = self.times[indices] + np.timedelta64(int(round(steps * self.step_hours * 3600)), "s")
+        pos = np.minimum(np.searchsorted(self.times, wanted), len(self.times) - 1)
+        return np.where(self.times[pos] == wanted, pos, -1)
 
     def describe_time(self, index: int) -> str:
         """The time stamp of ``index`` as ISO text, for messages."""
         return str(self.times[index].astype("datetime64[m]"))
 
-    def resolve(self, field: str) -> tuple[str, float | None]:
+    # --- field names ---
+
+    @staticmethod
+    def _name(key: FieldKey) -> str:
+        return key[0] if key[1] is None else f"{key[0]}_{key[1]:g}"
+
+    def resolve(self, field: str) -> FieldKey:
         """Splits a field name into ``(variable, level)``: ``"geopotential_500"`` -> ``("geopotential", 500.0)``."""
         if field not in self._resolved:
             self._resolved[field] = self._resolve(field)
         return self._resolved[field]
 
-    def _resolve(self, field: str) -> tuple[str, float | None]:
-        ds = self.datasets[0]
+    def _resolve(self, field: str) -> FieldKey:
+        variables = {var: sorted({lev for v, lev in self._sources if v == var and lev is not None}) for var, _ in self._sources}
         name = SHORT_VARIABLE_NAMES.get(field, field)
         variable, level = name, None
-        if name not in ds.data_vars and "_" in name and name.rsplit("_", 1)[1].isdigit():
+        if name not in variables and name not in self._odd_dims and "_" in name and name.rsplit("_", 1)[1].isdigit():
             base, lev = name.rsplit("_", 1)
             variable, level = SHORT_VARIABLE_NAMES.get(base, base), float(lev)
-        if variable not in ds.data_vars:
-            raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}")
-        dims = ds[variable].dims
-        expected = {"time", *SPATIAL_DIMS} | ({"level"} if "level" in dims else set())
-        if set(dims) != expected:
-            extra, lacking = sorted(set(dims) - expected), sorted(expected - set(dims))
+        if variable in self._odd_dims and variable not in variables:
+            dims = self._odd_dims[variable]
+            extra = sorted(set(dims) - {"time", "level", "expver", *SPATIAL_DIMS})
+            lacking = sorted(set(SPATIAL_DIMS) - set(dims))
             fix = (f"pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra
                    else f"it lacks {lacking}; choose a gridded variable")
             raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}")
-        if "level" in dims:
-            levels = [float(v) for v in ds["level"].values]
-            if level is None or not np.isclose(levels, level).any():
-                asked = "no level" if level is None else f"level {level:g}"
-                raise KeyError(f"{field!r} asks for {asked} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
+        if variable not in variables:
+            statics = f"; static fields (for static_variables): {sorted(self._statics)}" if self._statics else ""
+            raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}{statics}")
+        levels = variables[variable]
+        if level is None and (variable, None) not in self._sources:
+            raise KeyError(f"{field!r} asks for no level but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
+                           f"ask for e.g. '{variable}_{levels[0]:g}'")
+        if level is not None and not levels:
+            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
+        if level is not None:
+            if not np.isclose(levels, level).any():
+                raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
                                f"ask for e.g. '{variable}_{levels[0]:g}'")
             level = levels[int(np.argmin(np.abs(np.asarray(levels) - level)))]
-        elif level is not None:
-            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
         return variable, level
 
+    def canonical(self, field: str) -> str:
+        """The WeatherBench2 spelling of ``field``: ``"z_500"`` -> ``"geopotential_500"``."""
+        return self._name(self.resolve(field))
+
     def available_fields(self) -> list[str]:
-        """Every field the store offers, with levels spelled out (``geopotential_500``)."""
-        ds, names = self.datasets[0], []
-        for var in ds.data_vars:
-            if "time" not in ds[var].dims:
-                continue
-            levels = ds["level"].values if "level" in ds[var].dims else [None]
-            names += [str(var) if lev is None else f"{var}_{float(lev):g}" for lev in levels]
-        return names
+        """Every time-dependent field the store offers, with levels spelled out (``geopotential_500``)."""
+        return [self._name(key) for key in self._sources]
+
+    # --- reading ---
 
     def read(self, fields: Sequence[str], time_indices: np.ndarray) -> np.ndarray:
-        """``[T, V, H, W]`` float32 physical values of ``fields`` at the global ``time_indices``."""
+        """``[T, V, H, W]`` float32 physical values of ``fields`` at the store's ``time_indices``."""
         time_indices = np.asarray(time_indices)
         out = np.empty((len(time_indices), len(fields), len(self.latitudes), len(self.longitudes)), np.float32)
-        resolved = [self.resolve(f) for f in fields]
-        for k in np.unique(self.file_of[time_indices]):
-            rows = np.flatnonzero(self.file_of[time_indices] == k)
-            ds = self.datasets[k].isel(time=self.local_index[time_indices[rows]])
-            check = self._frame_checks[k]
-            for v, (variable, level) in enumerate(resolved):
-                damaged = check.first_damaged(variable, self.local_index[time_indices[rows]]) if check else None
-                if damaged is not None:
-                    raise self._read_error(k, variable, level, int(time_indices[rows][damaged[0]]), damaged[1])
-                da = ds[variable] if level is None else ds[variable].isel(level=self.levels.index(level))
-                if da.dims != ("time", *SPATIAL_DIMS):
-                    da = da.transpose("time", *SPATIAL_DIMS)
-                try:
-                    out[rows, v] = da.values  # [T_k, H, W]
-                except MemoryError:
-                    raise
-                except Exception as err:  # codecs raise what they like: RuntimeError (blosc), zlib.error, ValueError
-                    raise self._decode_error(k, variable, level, time_indices[rows], err) from err
+        for v, field in enumerate(fields):
+            key = self.resolve(field)
+            if key not in self._index:
+                raise KeyError(f"field {field!r} is not on the time axis of this store; list it in the store's fields")
+            ix = self._index[key]
+            for s in np.unique(ix.source_of[time_indices]):
+                rows = np.flatnonzero(ix.source_of[time_indices] == s)
+                out[rows, v] = self._read_source(key, ix.sources[s], ix.local[time_indices[rows]], time_indices[rows])
         return out
 
-    def _decode_error(self, k: int, variable: str, level: float | None, times: np.ndarray, err: Exception) -> StoreReadError:
-        """The error of a failed read, narrowed down to the first time of ``times`` whose data cannot be decoded."""
-        full = self.datasets[k][variable]
-        da = full if level is None else full.isel(level=self.levels.index(level))
-        bad = int(times[0])
-        for t in times:
-            try:
-                da.isel(time=int(self.local_index[t])).values
-            except Exception as single:  # the same broad net as the read that failed
-                bad, err = int(t), single
-                break
-        chunks = full.encoding.get("chunks")  # zarr and NetCDF-4 record their chunk shape per dim
-        hint = f"time chunk {int(self.local_index[bad]) // chunks[full.dims.index('time')]}: " if chunks else ""
-        return self._read_error(k, variable, level, bad, hint + _first_line(err))
+    def _read_source(self, key: FieldKey, src: FieldSource, local: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """``[t, H, W]`` values of one field from one file at its ``local`` times."""
+        hf = self.opened[src.file]
+        check = self._checks[src.file]
+        damaged = check.first_damaged(hf.original_names[src.variable], local) if check else None
+        if damaged is not None:
+            raise self._read_error(src.file, key, int(indices[damaged[0]]), damaged[1])
+        try:
+            values = self._load(src, local)  # [t, E, H, W] or [t, H, W]
+        except MemoryError:
+            raise
+        except Exception as err:  # codecs raise what they like: RuntimeError (blosc), zlib.error, ValueError
+            raise self._decode_error(src, key, local, indices, err) from err
+        if values.ndim == 4:
+            values = self._merge_versions(hf, values)
+        return values
 
-    def _read_error(self, k: int, variable: str, level: float | None, index: int, detail: str) -> StoreReadError:
-        field = variable if level is None else f"{variable}_{level:g}"
+    def _array(self, src: FieldSource):
+        da = self.opened[src.file].ds[src.variable]
+        order = ["time"] + [d for d in ("expver", "level") if d in da.dims] + list(SPATIAL_DIMS)
+        return da if list(da.dims) == order else da.transpose(*order)
+
+    def _load(self, src: FieldSource, local: np.ndarray) -> np.ndarray:
+        da = self._array(src)
+        level = {} if src.level_pos is None else {"level": src.level_pos}
+        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
+        if per_chunk <= 1 or self.chunk_cache_mb <= 0:
+            return da.isel(time=local, **level).values
+        block_bytes = per_chunk * da.dtype.itemsize * int(np.prod([n for d, n in da.sizes.items() if d != "time"]))
+        if not self.chunk_cache.fits(block_bytes):
+            self._warn_chunks(src, per_chunk, block_bytes)
+            return da.isel(time=local, **level).values
+        out = np.empty((len(local), *[n for d, n in da.sizes.items() if d not in ("time", "level")]), da.dtype)
+        for chunk in np.unique(local // per_chunk):  # every level of the chunk: zarr decodes them all anyway
+            key = (src.file, src.variable, int(chunk))
+            block = self._cache.get(key, lambda: da.isel(time=slice(chunk * per_chunk, (chunk + 1) * per_chunk)).values)
+            rows = np.flatnonzero(local // per_chunk == chunk)
+            picked = block[local[rows] - chunk * per_chunk]  # [t, (E), (L), H, W]
+            out[rows] = picked if src.level_pos is None else picked[..., src.level_pos, :, :]
+        return out
+
+    def _warn_chunks(self, src: FieldSource, per_chunk: int, block_bytes: int) -> None:
+        if (src.file, src.variable) in self._warned:
+            return
+        self._warned.add((src.file, src.variable))
+        rank_zero_warn(
+            f"{src.variable} in {self.files[src.file]!r} is stored in chunks of {per_chunk} times "
+            f"({block_bytes / 2**20:.0f} MiB decoded, more than half of chunk_cache_mb={self.chunk_cache_mb:g}): every "
+            f"sample decodes a whole chunk, so an epoch in random order reads the data about {per_chunk} times over. "
+            f"Rechunk it to one time per chunk: {rechunk_command(self.files[src.file])} (or raise chunk_cache_mb)")
+
+    def _merge_versions(self, hf: HarmonisedFile, values: np.ndarray) -> np.ndarray:
+        """``[t, E, H, W]`` -> ``[t, H, W]``: the first version with data at each point, final ERA5 (expver 1) first."""
+        order = np.argsort([int(str(v)) for v in hf.ds["expver"].values], kind="stable")
+        merged = values[:, order[0]].copy()
+        for e in order[1:]:
+            merged = np.where(np.isnan(merged), values[:, e], merged)
+        return merged
+
+    def _decode_error(self, src: FieldSource, key: FieldKey, local: np.ndarray, indices: np.ndarray,
+                      err: Exception) -> StoreReadError:
+        """The error of a failed read, narrowed down to the first time whose data cannot be decoded."""
+        da = self._array(src)
+        level = {} if src.level_pos is None else {"level": src.level_pos}
+        bad, bad_local = int(indices[0]), int(local[0])
+        for t, lt in zip(indices, local):
+            try:
+                da.isel(time=int(lt), **level).values
+            except Exception as single:  # the same broad net as the read that failed
+                bad, bad_local, err = int(t), int(lt), single
+                break
+        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
+        chunked = bool(self.opened[src.file].ds[src.variable].encoding.get("chunks"))
+        hint = f"time chunk {bad_local // per_chunk}: " if chunked else ""
+        return self._read_error(src.file, key, bad, hint + first_line(err))
+
+    def _read_error(self, k: int, key: FieldKey, index: int, detail: str) -> StoreReadError:
         where = f"ERA5 store {self.path!r}" + (f" (file {self.files[k]!r})" if len(self.files) > 1 else "")
         return StoreReadError(
-            f"cannot read variable {field!r} at time index {index} ({self.describe_time(index)}) of {where}: {detail}; "
-            "the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or regenerate the "
-            "store again, or choose years that avoid that time")
+            f"cannot read variable {self._name(key)!r} at time index {index} ({self.describe_time(index)}) of {where}: "
+            f"{detail}; the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or regenerate "
+            "the store again, or choose years that avoid that time")
+
+    # --- static fields ---
+
+    def static_fields(self) -> list[str]:
+        """Names of the time-invariant fields of the store, and the derived ``latitude`` and ``longitude``."""
+        return sorted(self._statics) + list(DERIVED_STATIC)
+
+    def read_static(self, name: str) -> np.ndarray:
+        """``[H, W]`` float32 time-invariant field ``name``, on the store's grid.
+
+        ``name`` is a variable without a time axis (``orography``, ``land_sea_mask`` or its short name ``lsm``,
+        ``lat2d``), a variable with a single time in the whole store (a CDS download of an invariant field), or
+        ``latitude``/``longitude`` (degrees, from the grid). Raises ``KeyError`` listing what the store has.
+        """
+        grid = (len(self.latitudes), len(self.longitudes))
+        if name in DERIVED_STATIC:
+            values = self.latitudes[:, None] if name == "latitude" else self.longitudes[None, :]
+            return np.broadcast_to(values, grid).astype(np.float32)
+        short = {long: s for s, long in STATIC_SHORT_NAMES.items()}
+        # A CDS download of an invariant field keeps a time axis of one time and its short name (`lsm`), or
+        # the name of the time-dependent field of the same code (`z` -> `geopotential`).
+        candidates = [name, STATIC_SHORT_NAMES.get(name, name), short.get(name, name)]
+        candidates.append(SHORT_VARIABLE_NAMES.get(candidates[-1], candidates[-1]))
+        for candidate in dict.fromkeys(candidates):
+            if candidate in self._statics:
+                k, variable = self._statics[candidate]
+                return self.opened[k].ds[variable].transpose(*SPATIAL_DIMS).values.astype(np.float32)
+            single = [src for (v, lev), srcs in self._sources.items() if v == candidate and lev is None for src in srcs]
+            if single:
+                if sum(len(self.file_times[s.file]) for s in single) != 1:
+                    raise KeyError(f"{name!r} varies in time in {self.path!r}; list it under variables, not static_variables")
+                return self._read_source((candidate, None), single[0], np.array([0]), np.array([0]))[0]
+        raise KeyError(f"static field {name!r} not in {self.path!r}; it has {self.static_fields()} (a constants file "
+                       "with variables on (latitude, longitude) and no time axis provides them)")
