@@ -18,7 +18,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 TINY = {
     "seed_everything": 0,
-    "synthetic_data": {"grid": [8, 16], "years": [2000, 2001], "step_hours": 24},
+    "synthetic_data": {"path": "data/tiny.zarr", "grid": [8, 16], "years": [2000, 2001], "step_hours": 24},
     "trainer": {
         "accelerator": "cpu",
         "devices": 1,
@@ -84,7 +84,8 @@ def test_fit_writes_store_then_test_writes_figures(tmp_path, monkeypatch, capsys
 
 def test_links_give_the_model_the_data_fields_and_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = dict(TINY, data=dict(TINY["data"], out_variables=["t2m", "10m_u_component_of_wind"]))
+    config = dict(TINY, data=dict(TINY["data"], out_variables=["t2m", "10m_u_component_of_wind"]),
+                  model=dict(TINY["model"], residual=False))  # an output that is not an input: no residual
     cli = SeqParCLI(ForecastModule, ERA5DataModule, subclass_mode_model=False, run=False,
                     args=["--config", str(write_config(tmp_path, config))])
     model = cli.model.model
