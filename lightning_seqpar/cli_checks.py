@@ -243,14 +243,18 @@ def _run_dirs(root: Path) -> list[Path]:
 
 
 def _last_in(directory: Path) -> Path | None:
-    candidates = sorted(directory.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    """The run's ``last.ckpt`` (``save_last``), else its newest checkpoint, else ``None``."""
+    for pattern in ("last*.ckpt", "*.ckpt"):
+        candidates = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            return candidates[-1]
+    return None
 
 
 def resolve_checkpoint(which: str, root: str | Path) -> Path:
     """The file that ``--ckpt_path last`` or ``best`` means: of the latest run under ``root`` that saved one.
 
-    ``last`` is that run's ``last.ckpt``; ``best`` is the best model path its ModelCheckpoint recorded in
+    ``last`` is that run's ``last.ckpt`` (its newest checkpoint without ``save_last``); ``best`` is the best model path its ModelCheckpoint recorded in
     ``last.ckpt``. Runs are Lightning's versions, ``<root>/<logger name>/version_N/checkpoints``, latest = largest N.
 
     Raises:
@@ -259,7 +263,7 @@ def resolve_checkpoint(which: str, root: str | Path) -> Path:
     root = Path(root)
     runs = [d for d in _run_dirs(root) if _last_in(d) is not None]
     if not runs:
-        raise ConfigError(f"--ckpt_path {which}: no run under {str(root)!r} (trainer.default_root_dir) saved a last.ckpt "
+        raise ConfigError(f"--ckpt_path {which}: no run under {str(root)!r} (trainer.default_root_dir) saved a checkpoint "
                           f"(looked in {root}/*/version_N/checkpoints); train first with `seqpar fit`, or pass the "
                           "checkpoint file itself: --ckpt_path PATH")
     last = _last_in(runs[-1])

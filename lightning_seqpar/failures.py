@@ -141,7 +141,8 @@ def report_failure(error: BaseException, trainer=None) -> int:
         traceback.format_exception(type(error), error, error.__traceback__))}
     shutil.rmtree(directory, ignore_errors=True)
     if first["rank"] != 0:
-        print(f"[rank 0] stopped after rank {first['rank']} failed: {type(error).__name__}", file=sys.stderr)
+        mine = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        print(f"[rank 0] stopped after rank {first['rank']} failed: {type(error).__name__}: {mine}", file=sys.stderr)
     others = "" if not children else f" (of {len(children) + 1} ranks)"
     print(f"\nseqpar: rank {first['rank']} failed first{others}; its error:\n", file=sys.stderr)
     print(first["traceback"].rstrip(), file=sys.stderr, flush=True)

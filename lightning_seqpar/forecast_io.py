@@ -198,7 +198,7 @@ class ForecastWriter(BasePredictionWriter):
         path = out_dir / self.filename
         _write_netcdf(ds, path)
         rank_zero_info(
-            f"ForecastWriter: wrote {len(inits)} initial times x {len(leads)} lead times ({', '.join(f'{h:g} h' for h in leads)})"
+            f"ForecastWriter: wrote {len(inits)} initial times x {len(leads)} lead time{'s' if len(leads) > 1 else ''} ({', '.join(f'{h:g} h' for h in leads)})"
             f" of {', '.join(fields)} to {path}"
         )
         return path
