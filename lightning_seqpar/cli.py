@@ -53,7 +53,7 @@ subcommands:
 
 recipes (YAML under recipes/, any key can be overridden on the command line):
   quickstart.yaml        2 CPU processes on a synthetic store it writes itself; a few minutes
-  your_data.yaml         the quickstart's model on your store: --data.path PATH --data.variables [t2m,z_500]
+  your_data.yaml         the quickstart's model on your store: --data.path PATH --data.variables "[t2m,z_500]"
   climax_5.625deg.yaml   ClimaX at 5.625 deg (WeatherBench2 ERA5), data parallel on GPUs
   climax_1.40625deg.yaml, longseq_0.25deg.yaml   sequence parallel on GPU nodes
 

@@ -266,3 +266,20 @@ def test_failure_records_pick_the_first_rank(tmp_path, monkeypatch, capsys):
     # rank 1 lost its peer after rank 0 failed: one line, not a second traceback
     assert failures.report_failure(RuntimeError("Connection closed by peer")) == 1
     assert capsys.readouterr().err == "[rank 1] stopped after rank 0 failed: RuntimeError: Connection closed by peer\n"
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    readme = (RECIPES.parent / "README.md").read_text()
+    ci = (RECIPES.parent / ".ci" / "run").read_text()
+    tests = readme.split("## Tests (install and run the test suite)")[1].split("```bash\n")[1].split("\n```")[0]
+    assert tests.strip() in ci.splitlines()
+    assert "`.ci/run` runs exactly this line" in readme
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/recipes.md"])
+def test_docs_name_every_registered_strategy(page):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    text = (RECIPES.parent / page).read_text()
+    missing = [n for n in StrategyRegistry.available_strategies() if n.startswith("seqpar") and f"`{n}`" not in text]
+    assert not missing, f"{page} does not name {missing}"
