@@ -111,7 +111,7 @@ def forecast_map_figure(
         rmse = float(np.sqrt(np.mean(error**2 * np.cos(np.deg2rad(latitudes))[:, None]) / np.mean(np.cos(np.deg2rad(latitudes)))))
         panels = [(truth[v], f"{name}: truth", _colormap(field), lo, hi),
                   (forecast[v], f"{name}: forecast", _colormap(field), lo, hi),
-                  (error, f"forecast - truth (RMSE {rmse:.3g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max)]
+                  (error, f"forecast - truth (RMSE {rmse:,.4g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max)]
         images = []
         for ax, (values, panel_title, cmap, vmin, vmax) in zip(axes[v], panels, strict=True):
             images.append(ax.pcolormesh(lon_edges, lat_edges, values, cmap=cmap, vmin=vmin, vmax=vmax, shading="flat"))
