@@ -246,11 +246,17 @@ class SeqParCLI(LightningCLI):
             table = skill_table(self.trainer.callback_metrics, "val")
             if table:
                 print(table, flush=True)
-            print(f"seqpar: run written to {self.trainer.log_dir}", flush=True)
+            print(f"seqpar: run written to {_run_dir(self.trainer)}", flush=True)
 
     def after_test(self) -> None:
         if self.trainer.is_global_zero:
-            print(f"seqpar: metrics and figures in {self.trainer.log_dir}", flush=True)
+            print(f"seqpar: metrics and figures in {_run_dir(self.trainer)}", flush=True)
+
+
+def _run_dir(trainer) -> str:
+    """The run's directory without a collective (``Trainer.log_dir`` broadcasts; the other ranks may have left)."""
+    logger = trainer.logger
+    return str(getattr(logger, "log_dir", None) or trainer.default_root_dir)
 
 
 def skill_table(metrics: dict, stage: str) -> str:

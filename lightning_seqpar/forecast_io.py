@@ -148,7 +148,7 @@ class ForecastWriter(BasePredictionWriter):
     whole result passes through rank 0's memory: predict a few years at a time on large grids.
 
     Args:
-        output_dir: the directory of the file; ``None`` means the run's log directory (``trainer.log_dir``).
+        output_dir: the directory of the file; ``None`` means the run's log directory (``version_N``).
         filename: the file's name.
     """
 
@@ -193,7 +193,9 @@ class ForecastWriter(BasePredictionWriter):
         source = f"ForecastModule, checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else "ForecastModule"
         ds = forecasts_dataset(grid, dm.store.times[inits], leads, fields, dm.latitudes, dm.longitudes,
                                {f: field_units(dm, f) for f in fields}, source)
-        out_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        # The logger's directory, not Trainer.log_dir: that broadcasts, and only rank 0 is here.
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        out_dir = Path(self.output_dir or log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename
         _write_netcdf(ds, path)

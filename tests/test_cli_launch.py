@@ -1,5 +1,6 @@
 """`seqpar fit` on 2 CPU processes that Lightning launches itself: when a rank fails after the process group is up,
-the last thing printed is the error of the rank that failed first, not another rank's `Connection closed by peer`."""
+the last thing printed is the error of the rank that failed first, not another rank's `Connection closed by peer`;
+`seqpar predict` writes one forecast file from the ranks' forecasts."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import xarray as xr
 import yaml
 from lightning.pytorch.callbacks import Callback
 
 from tests.dist_utils import REPO_ROOT, free_port
-from tests.test_cli import TINY
+from lightning_seqpar.cli import main
+from tests.test_cli import TINY, plain_argv, write_config  # noqa: F401  plain_argv: an autouse fixture
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
@@ -29,18 +33,23 @@ class FailOnRank(Callback):
             raise RuntimeError(f"injected failure on rank {self.rank}")
 
 
-def _fit_two_ranks(tmp_path: Path, failing_rank: int) -> subprocess.CompletedProcess:
-    trainer = dict(TINY["trainer"], devices=2, max_steps=2, val_check_interval=2, num_sanity_val_steps=0,
-                   strategy={"class_path": "lightning_seqpar.SeqParStrategy", "init_args": {"timeout": 120}},
-                   callbacks=[{"class_path": "tests.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}])
-    config = tmp_path / f"fail{failing_rank}.yaml"
+def _seqpar_two_ranks(tmp_path: Path, subcommand: str, *args: str, **trainer_options) -> subprocess.CompletedProcess:
+    """`seqpar SUBCOMMAND` on TINY with 2 processes (Ulysses over 2 ranks) that Lightning starts itself."""
+    trainer = dict(TINY["trainer"], devices=2, strategy={"class_path": "lightning_seqpar.SeqParStrategy",
+                                                         "init_args": {"timeout": 120}}, **trainer_options)
+    config = tmp_path / f"{subcommand}.yaml"
     config.write_text(yaml.safe_dump(dict(TINY, trainer=trainer)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "SEQPAR_FAILURE_DIR"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "lightning_seqpar.cli", "fit", "--config", str(config)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "lightning_seqpar.cli", subcommand, "--config", str(config), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _fit_two_ranks(tmp_path: Path, failing_rank: int) -> subprocess.CompletedProcess:
+    return _seqpar_two_ranks(tmp_path, "fit", max_steps=2, val_check_interval=2, num_sanity_val_steps=0,
+                             callbacks=[{"class_path": "tests.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}])
 
 
 def test_first_failing_rank_is_printed_last(tmp_path):
@@ -53,3 +62,16 @@ def test_first_failing_rank_is_printed_last(tmp_path):
     assert tail == f"RuntimeError: injected failure on rank {failing_rank}", proc.stderr[-3000:]
     assert "seqpar: rank 0 failed first (of 2 ranks); its error:" in proc.stderr
     assert "Connection closed by peer" not in proc.stderr.split("its error:")[-1]
+
+
+def test_predict_on_two_ranks_writes_one_forecast_file(tmp_path, monkeypatch):
+    """Both ranks of the sequence-parallel group forecast the same samples; rank 0 gathers and writes them once."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(write_config(tmp_path, TINY)), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
+    proc = _seqpar_two_ranks(tmp_path, "predict", "--ckpt_path", "last", limit_predict_batches=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "seqpar: --ckpt_path last -> runs/lightning_logs/version_0/checkpoints/" in proc.stderr
+    forecasts = xr.open_dataset(tmp_path / "runs/lightning_logs/version_1/forecasts.nc")
+    assert forecasts["2m_temperature"].shape == (12, 1, 8, 16)  # 3 batches of 4 initial times, once each
+    assert np.isfinite(forecasts["geopotential_500"].values).all()
+    assert (np.diff(forecasts["time"].values) == np.timedelta64(24, "h")).all()
