@@ -232,6 +232,26 @@ def test_ckpt_path_last_is_the_latest_run_that_saved_one(tmp_path):
         resolve_checkpoint("last", tmp_path / "elsewhere")
 
 
+def test_ckpt_path_best_is_what_the_latest_runs_model_checkpoint_recorded(tmp_path):
+    directory = tmp_path / "lightning_logs/version_0/checkpoints"
+    directory.mkdir(parents=True)
+    best = directory / "epoch=3-step=40.ckpt"
+    best.write_bytes(b"")
+    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_path": str(best)}}}, directory / "last.ckpt")
+    assert resolve_checkpoint("best", tmp_path) == best
+    best.unlink()
+    with pytest.raises(ConfigError, match=r"--ckpt_path best: .*last.ckpt records no best checkpoint that still exists"):
+        resolve_checkpoint("best", tmp_path)
+
+
+def test_more_cpu_processes_than_cores_is_a_warning():
+    from lightning_seqpar.cli_checks import check_strategy
+
+    [note] = check_strategy({"accelerator": "cpu", "devices": 512, "strategy": "ddp"}, {})
+    assert re.match(r"--trainer.devices 512 starts 512 processes on \d+ CPU cores: .* --trainer.devices \d+ or fewer", note)
+    assert check_strategy({"accelerator": "cpu", "devices": 1, "strategy": "auto"}, {}) == []
+
+
 def test_recipes_give_each_run_its_own_directory():
     for recipe in RECIPES.glob("*.yaml"):
         text = recipe.read_text()
