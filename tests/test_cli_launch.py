@@ -16,8 +16,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from tests.dist_utils import REPO_ROOT, free_port
-from lightning_seqpar.cli import main
-from tests.test_cli import TINY, plain_argv, write_config  # noqa: F401  plain_argv: an autouse fixture
+from tests.test_cli import TINY
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
@@ -64,10 +63,12 @@ def test_first_failing_rank_is_printed_last(tmp_path):
     assert "Connection closed by peer" not in proc.stderr.split("its error:")[-1]
 
 
-def test_predict_on_two_ranks_writes_one_forecast_file(tmp_path, monkeypatch):
-    """Both ranks of the sequence-parallel group forecast the same samples; rank 0 gathers and writes them once."""
-    monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(write_config(tmp_path, TINY)), "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
+def test_fit_then_predict_on_two_ranks_writes_one_forecast_file(tmp_path):
+    """fit ends on rank 0 alone (no collective after the other rank has left); both ranks of the sequence-parallel
+    group forecast the same samples, and rank 0 gathers and writes them once."""
+    fit = _seqpar_two_ranks(tmp_path, "fit", max_steps=1, val_check_interval=1)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "seqpar: run written to runs/lightning_logs/version_0" in fit.stdout
     proc = _seqpar_two_ranks(tmp_path, "predict", "--ckpt_path", "last", limit_predict_batches=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seqpar: --ckpt_path last -> runs/lightning_logs/version_0/checkpoints/" in proc.stderr
