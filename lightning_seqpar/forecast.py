@@ -30,6 +30,7 @@ from lightning_seqpar.metrics import (
     LatitudeWeightedRMSE,
     latitude_weights,
 )
+from lightning_seqpar.forecast_io import field_units, land_sea_mask
 from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
@@ -95,7 +96,7 @@ class ForecastModule(LightningModule):
         loss_weights: weight of each output field in the loss, by name (others weigh 1); the weights are
             rescaled to mean 1 over the output fields. Use it to up-weight fields whose change over one lead
             time is small next to their variability (normalised MSE then undervalues them).
-        plot_variable: field drawn in the forecast map written after testing; None means the first output field.
+        plot_variable: the one field drawn in the forecast map written after testing; None means every output field.
     """
 
     def __init__(
@@ -320,7 +321,8 @@ class ForecastModule(LightningModule):
             metric.update(forecasts[key.split("_")[0]], target, lead)  # the metrics de-normalise
         if stage == "test" and self._plot_sample is None:
             physical = [x[0].float() * self.out_std + self.out_mean for x in (pred, target)]  # [V_out, H, W]
-            self._plot_sample = {"forecast": physical[0].cpu(), "truth": physical[1].cpu(), "lead": float(lead[0])}
+            self._plot_sample = {"forecast": physical[0].cpu(), "truth": physical[1].cpu(), "lead": float(lead[0]),
+                                 "index": int(batch["index"][0]) if "index" in batch else None}
 
     def _log_skill(self, stage: str) -> dict[str, float]:
         """Computes (synced over the data-parallel ranks), logs and resets the metrics of `stage`."""
@@ -351,18 +353,29 @@ class ForecastModule(LightningModule):
             self._write_figures(table)
 
     def _write_figures(self, table: dict[str, dict[str, dict[float, float]]]) -> None:
+        """``rmse_by_lead_time.png`` and ``forecast_map.png`` (every output field of the first test sample, with
+        units, initial and valid time, and coastlines) in :meth:`figure_dir`."""
+        dm = self.trainer.datamodule
+        units = {f: field_units(dm, f) for f in self.out_variables}
         out_dir = self.figure_dir()
-        paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png")]
+        paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png", units)]
         sample = self._plot_sample
         if sample is not None:
-            variable = self.hparams.plot_variable or self.out_variables[0]
-            if variable not in self.out_variables:
-                raise ValueError(f"plot_variable={variable!r} is not an output field; choose from {self.out_variables}")
-            v = self.out_variables.index(variable)
+            fields = list(self.out_variables)
+            if self.hparams.plot_variable is not None:
+                if self.hparams.plot_variable not in fields:
+                    raise ValueError(f"plot_variable={self.hparams.plot_variable!r} is not an output field; choose from {fields}")
+                fields = [self.hparams.plot_variable]
+            rows = [self.out_variables.index(f) for f in fields]
+            store = getattr(dm, "store", None)
+            init = (str(store.times[sample["index"]].astype("datetime64[m]")) if store is not None and sample["index"] is not None
+                    else "1970-01-01T00:00")
+            land, _ = land_sea_mask(dm, self.latitudes, self.longitudes)
             paths.append(
                 plot_forecast_map(
-                    sample["forecast"][v].numpy(), sample["truth"][v].numpy(), self.latitudes, self.longitudes,
-                    variable, sample["lead"], out_dir / "forecast_map.png",
+                    sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), self.latitudes, self.longitudes,
+                    fields, [units[f] for f in fields], init, sample["lead"], out_dir / "forecast_map.png", land=land,
+                    title=f"{type(self.model).__name__} forecast",
                 )
             )
         rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))

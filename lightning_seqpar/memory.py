@@ -127,7 +127,9 @@ def wrap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Cal
     """
     had_own = "forward" in module.__dict__
     inner = module.forward
-    module.forward = functools.wraps(inner)(make(inner))
+    wrapped = make(inner)
+    # torch.compile hands the function back unchanged under TORCHDYNAMO_DISABLE=1; a bound method takes no wraps().
+    module.forward = wrapped if wrapped is inner else functools.wraps(inner)(wrapped)
 
     def undo() -> None:
         if had_own:

@@ -11,46 +11,52 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import REPO_ROOT, free_port
+from tests.dist_utils import REPO_ROOT
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.multiprocess]
+
+# The smoke runs must pass on a loaded 2-core CI machine (a load of 8 makes them ~4x slower than idle): no
+# torch.compile (a first compile takes minutes there, and a run killed mid-compile leaves a half-filled cache
+# that breaks the next one), no wall-clock budget that skips rows, and limits far above the idle times.
+SUBPROCESS_LIMIT_S = 1500
+SMOKE_ENV = {"OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": str(REPO_ROOT)}
+NO_BUDGET = ("--budget-s", "100000")
 
 
-def _bench(out, nproc, tag, sections, attention=("ulysses", "lss"), extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(REPO_ROOT / "benchmarks" / "bench_multi_gpu.py"), "--smoke", "--out", str(out), "--tag", tag,
-           "--sections", sections, "--attention", *attention, *extra]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The smoke environment, with an inductor cache of this test's own (never a shared, half-written one)."""
+    return {**os.environ, **SMOKE_ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache"), **extra}
+
+
+@pytest.mark.timeout(2 * SUBPROCESS_LIMIT_S)
+def test_run_multi_gpu_script_end_to_end(tmp_path):
+    """The documented launcher: the 1-process baseline, 2 processes (weak + strong, profiled), the longest-sequence
+    ladders of the ViT and ClimaX, and the report merging the three files."""
+    out = tmp_path / "out"
+    env = _env(tmp_path, SEQPAR_BENCH_OUT=str(out),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "run_multi_gpu.sh"), "2", "--smoke", "--attention", "ulysses",
+                           "--climax-attention", "lss", *NO_BUDGET], env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads((out / f"multi_gpu_{tag}.json").read_text())
-
-
-def test_multi_gpu_benchmark_smoke_and_report(tmp_path):
-    """1-GPU baseline, 2 processes (weak + strong, profiled), the longest-sequence ladders of the ViT and ClimaX, and
-    the report merging the three files."""
-    single = _bench(tmp_path, 1, "n1", "weak,strong", attention=("ulysses",))
-    multi = _bench(tmp_path, 2, "n2", "weak,strong")
-    longest = _bench(tmp_path, 2, "n2_longest", "longest", attention=("ulysses",), extra=("--climax-attention", "lss"))
+    names = {p.name for p in out.iterdir()}
+    assert {"multi_gpu_n1.json", "multi_gpu_n2.json", "multi_gpu_n2_longest.json", "multi_gpu_n2_report.md",
+            "multi_gpu_n2_report.png"} <= names
+    single, multi, longest = (json.loads((out / f"multi_gpu_{t}.json").read_text()) for t in ("n1", "n2", "n2_longest"))
     assert single["results"][0]["world"] == 1 and [r["section"] for r in single["results"]] == ["weak", "strong"]
-    assert [r["status"] for r in multi["results"]] == ["ok"] * 4
-    weak = [r for r in multi["results"] if r["section"] == "weak"]
-    assert {(r["attention"], r["sp"], r["dp"], r["length"]) for r in weak} == {("ulysses", 2, 1, 32), ("lss", 2, 1, 32)}
-    assert all(r["tokens_per_s"] > 0 and len(r["step_ms_all"]) == 2 for r in weak)
-    assert all(r["comm_ms"] > 0 for r in weak)  # the profiled step saw the gloo collectives
+    assert [r["status"] for r in multi["results"]] == ["ok"] * 2
+    [weak] = [r for r in multi["results"] if r["section"] == "weak"]
+    assert (weak["attention"], weak["sp"], weak["dp"], weak["length"]) == ("ulysses", 2, 1, 32)
+    assert weak["tokens_per_s"] > 0 and len(weak["step_ms_all"]) == 2
+    assert weak["comm_ms"] > 0  # the profiled step saw the gloo collectives
     assert all(r["note"].startswith("loss ") for r in multi["results"])  # each configuration trained
     rows = [(r["model"], r["attention"], r["length"], r["status"], len(r["step_ms_all"])) for r in longest["results"]]
     assert rows == [("vit", "ulysses", 32, "ok", 1), ("vit", "ulysses", 64, "ok", 1),
                     ("climax", "lss", 16, "ok", 1), ("climax", "lss", 32, "ok", 1)]
-    report = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "scaling_report.py"),
-                             *(str(tmp_path / f"multi_gpu_{t}.json") for t in ("n1", "n2", "n2_longest"))],
-                            capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
+    report = (out / "multi_gpu_n2_report.md").read_text()
     for heading in ("## Weak scaling", "## Strong scaling", "## Communication against attention", "## Longest sequence"):
-        assert heading in report.stdout
-    assert "| ulysses | 2 | 2 x 1 | 32 |" in report.stdout and "| lss | 2 | 2 x 1 | 32 |" in report.stdout
-    assert "| climax | lss | 2 | 32 | ok |" in report.stdout
-    assert (tmp_path / "multi_gpu_n2_report.md").exists() and (tmp_path / "multi_gpu_n2_report.png").exists()
+        assert heading in report
+    assert "| ulysses | 2 | 2 x 1 | 32 |" in report and "| climax | lss | 2 | 32 | ok |" in report
 
 
 def test_scaling_report_merges_files_later_rows_win(tmp_path):
@@ -82,21 +88,6 @@ def test_scaling_report_merges_files_later_rows_win(tmp_path):
     assert "| ulysses | 2 | 2 x 1 | 200 | 80 | 9.6 | 40.0% | 41.7% | 96.0% |" in text
 
 
-def test_run_multi_gpu_script_end_to_end(tmp_path):
-    """The documented launcher: 1-process baseline, 2 processes, the longest ladders, the report."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQPAR_BENCH_OUT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "run_multi_gpu.sh"), "2", "--smoke", "--attention", "ulysses"],
-                          env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    names = {p.name for p in tmp_path.iterdir()}
-    assert {"multi_gpu_n1.json", "multi_gpu_n2.json", "multi_gpu_n2_longest.json", "multi_gpu_n2_report.md",
-            "multi_gpu_n2_report.png"} <= names
-    longest = json.loads((tmp_path / "multi_gpu_n2_longest.json").read_text())["results"]
-    assert {r["model"] for r in longest} == {"vit", "climax"} and all(r["status"] == "ok" for r in longest)
-    assert "| ulysses | 2 | 2 x 1 | 32 |" in (tmp_path / "multi_gpu_n2_report.md").read_text()
-
-
 def test_longest_ladder_skips_what_it_predicts_will_not_fit():
     """The longest-sequence ladder stops before a length predicted past the memory or the time left, saying why."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -116,13 +107,14 @@ def test_longest_ladder_skips_what_it_predicts_will_not_fit():
         skip_reason(rows[:1], 2048, 80.0, 1e9)
 
 
+@pytest.mark.timeout(2 * SUBPROCESS_LIMIT_S)
 def test_single_gpu_benchmark_smoke(tmp_path):
     """The single-GPU benchmark's smoke mode runs on the CPU: plain and strategy paths (several Trainer fits in one
-    process), the distributed attention kinds and the memory ladder, and renders its tables and plot."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    process), the distributed attention kinds and the memory ladder, and renders its tables and plot. The
+    "+compile" trials run eagerly here (TORCHDYNAMO_DISABLE); compiled blocks are tested in tests/test_compile.py."""
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_single_gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--sections", "speed,attention-kinds,ladder"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+           "--sections", "speed,attention-kinds,ladder", *NO_BUDGET]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "single_gpu.json").read_text())
     trials = results["trials"]
@@ -138,7 +130,8 @@ def test_single_gpu_benchmark_smoke(tmp_path):
     assert (tmp_path / "single_gpu.png").stat().st_size > 0
 
 
-def test_strategy_trials_leave_no_process_group():
+@pytest.mark.timeout(2 * SUBPROCESS_LIMIT_S)
+def test_strategy_trials_leave_no_process_group(tmp_path):
     """Each strategy trial tears its process group down (the NCCL group would keep DDP's gradient buckets alive into
     the next trial's peak memory) and restores the exception hook that init_process_group wraps."""
     script = (
@@ -154,6 +147,6 @@ def test_strategy_trials_leave_no_process_group():
         "    assert sys.excepthook is hook\n"
         "print('clean')\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "benchmarks")])}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    env = _env(tmp_path, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -126,6 +126,7 @@ class ERA5DataModule(LightningDataModule):
         out_variables: target fields; ``None`` means the same as ``variables``.
         lead_time_hours: forecast lead time, a multiple of the store's time step. A list draws one lead
             uniformly per training sample; validation and test then hold every (input time, lead) pair.
+            ``None`` means one time step of the store.
         train_years: years of the train split, as a list, ``"2000-2002"`` or ``"2000,2002"``; ``None``
             means every year of the store not in ``val_years`` or ``test_years``.
         val_years: years of the validation split; ``None`` means no validation loader.
@@ -159,7 +160,7 @@ class ERA5DataModule(LightningDataModule):
         path: str,
         variables: list[str],
         out_variables: list[str] | None = None,
-        lead_time_hours: int | list[int] = 6,
+        lead_time_hours: int | list[int] | None = 6,
         train_years: list[int] | str | None = None,
         val_years: list[int] | str | None = None,
         test_years: list[int] | str | None = None,
@@ -184,6 +185,10 @@ class ERA5DataModule(LightningDataModule):
         self._variables, self._out_variables = list(variables), list(out_variables or variables)
         self._static, self._masked = list(static_variables or []), list(masked_variables or [])
         self.years_from_file_names, self.chunk_cache_mb = years_from_file_names, chunk_cache_mb
+        if lead_time_hours is None:  # one time step of the store
+            store = ERA5Store(self.path, select_index, duplicate_times, fields=self._variables + self._out_variables,
+                              years_from_file_names=years_from_file_names, chunk_cache_mb=chunk_cache_mb)
+            lead_time_hours = int(round(store.step_hours))
         leads = [lead_time_hours] if isinstance(lead_time_hours, int) else list(lead_time_hours)
         if not leads or any(int(h) <= 0 for h in leads):
             raise ValueError(f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them")
