@@ -36,7 +36,7 @@ from lightning_seqpar.attention.hybrid import build_hybrid_groups
 from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
 from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline, pipeline_auto
+from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.resumable import make_resumable
@@ -173,7 +173,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         self.applied_plan: AppliedPlan | None = None
         self._data_seed: int | None = None
         self._hybrid_groups = None
-        self._pipeline: pipeline_auto.PipelineStages | None = None
+        self._pipeline: pipeline_stages.PipelineStages | None = None
         self._init_deepspeed_settings(zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config)
 
     # --- process groups ------------------------------------------------------------------------------

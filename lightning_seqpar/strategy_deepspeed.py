@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline, pipeline_auto
+from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.reliability import nonfinite_step_guard
 
 
@@ -74,8 +74,9 @@ class DeepSpeedEngineMixin:
             # Evaluation runs the module's own steps through the stages; after a fit, each stage keeps the blocks it trained.
             assert self.applied_plan is not None and self.topology is not None
             bounds = getattr(self, "_pipeline_bounds", None)
-            self._pipeline = pipeline_auto.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.end_region, bounds)
+            self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.end_region, bounds)
             self.applied_plan._undo.append(self._pipeline.remove)
+            self._pipeline.check_weights()
         elif ds.is_zero3_partitioned(self.lightning_module):
             raise ValueError(
                 f"SeqParStrategy: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier fit."
@@ -129,7 +130,7 @@ class DeepSpeedEngineMixin:
             optimizer = optimizers[0]
         if self.pipeline_stages > 1:
             assert self.applied_plan is not None
-            net, self._pipeline = pipeline_auto.build_training_stages(module, self.topology, self.applied_plan)
+            net, self._pipeline = pipeline_stages.build_training_stages(module, self.topology, self.applied_plan)
             self._pipeline_bounds = self._pipeline.bounds
             # The names (in the LightningModule) of what this rank's stage trains: full_state_dict merges by them.
             local = {id(t) for t in [*net.parameters(), *net.buffers()]}

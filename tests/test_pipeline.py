@@ -260,10 +260,15 @@ def _reference_model(name: str, global_batches, make_module=None):
     return module.model.eval(), module.state_dict()
 
 
+def _global_batches(seen: list[list[int]]) -> list[list[int]]:
+    """training_step records each micro-batch: MICRO consecutive records make one optimizer step's batch."""
+    return [[i for part in seen[s : s + MICRO] for i in part] for s in range(0, len(seen), MICRO)]
+
+
 def _check_training(result: dict, name: str, label: str) -> nn.Module:
     seen = result[0]["seen"]
     assert all(r["seen"] == seen for r in result), f"{label}: every stage and SP rank must see the same samples"
-    model, reference = _reference_model(name, [sum(seen[i : i + MICRO], []) for i in range(0, len(seen), MICRO)])
+    model, reference = _reference_model(name, _global_batches(seen))
     keys = [k for k in reference if k.startswith("model.")]
     for rank, r in enumerate(result):
         err, key = _max_rel_error({k: r["full"][k] for k in keys}, {k: reference[k] for k in keys})
@@ -329,7 +334,7 @@ def test_pipeline_with_data_parallel(runs):
     # dp 2: ranks (0, 2) and (1, 3) are the two stages of one replica each; the global batch is both replicas' samples.
     seen = [a + b for a, b in zip(result[0]["seen"], result[1]["seen"])]
     assert result[2]["seen"] == result[0]["seen"] and result[3]["seen"] == result[1]["seen"]
-    model, reference = _reference_model("timm_vit", [sum(seen[i : i + MICRO], []) for i in range(0, len(seen), MICRO)])
+    model, reference = _reference_model("timm_vit", _global_batches(seen))
     keys = [k for k in reference if k.startswith("model.")]
     for rank, r in enumerate(result):
         err, key = _max_rel_error({k: r["full"][k] for k in keys}, {k: reference[k] for k in keys})
