@@ -13,9 +13,10 @@ stages; every stage calls the module's own ``training_step`` / ``validation_step
   stage runs the rest of the step: the layers after the stack, the loss, metrics, ``self.log``.
 
 Training goes through DeepSpeed's ``PipelineEngine`` (1F1B schedule, ZeRO-1, clipping, checkpoints) with one
-:class:`StageLayer` per stage (:mod:`lightning_seqpar.pipeline_stages` runs the schedule), which holds exactly the parameters the stage trains: blocks by the split, the
+:class:`StageLayer` per stage, which holds exactly the parameters the stage trains: blocks by the split, the
 LightningModule's other parameters by where they are registered (before the stack: first stage, after it: last
-stage; a module's own parameters come before its submodules'). Before the first optimizer step every stage checks
+stage; a module's own parameters come before its submodules'). :mod:`lightning_seqpar.pipeline_stages` runs the
+schedules. Before the first optimizer step every stage checks
 that no parameter it does not own received a gradient (a tensor computed before the stack and used after it, e.g.
 a skip connection around the blocks), and stops with an error that names them. Evaluation and prediction run
 forward only (micro-batched, point-to-point), the same for modules with or without the explicit contract of
@@ -65,6 +66,12 @@ def block_stack(module: nn.Module, stages: int) -> tuple[str, list[nn.Module]]:
         )
     path, stack = stacks[0]
     blocks = list(stack)
+    if isinstance(blocks[0], (nn.ModuleList, nn.ModuleDict)):
+        raise PipelineError(
+            f"the blocks of '{path}' in {type(module).__name__} are {type(blocks[0]).__name__} containers that their owner"
+            " loops over (with the residual additions in the owner's forward), so a stage cannot skip a block by"
+            " passing its input on. Write pipeline_layers() and pipeline_loss() (docs/sharding.md, 'Pipeline stages')."
+        )
     if len(blocks) < stages:
         raise PipelineError(f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one.")
     return path, blocks
@@ -114,7 +121,7 @@ class StageRunner:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 if not self.active:
                     return inner(*args, **kwargs)
-                self.calls.append(index)
+                self._called(index)
                 x, _ = _first_tensor(args, kwargs)
                 if x is None:
                     raise PipelineError(f"{self.path}.{index} was called without a tensor argument; pipeline stages pass the first tensor argument of each block on.")
@@ -128,7 +135,7 @@ class StageRunner:
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if not self.active:
                 return None
-            self.calls.append(index)
+            self._called(index)
             if index != self.start or self.stage == 0:
                 return None
             local, rebuild = _first_tensor(args, kwargs)
@@ -143,6 +150,12 @@ class StageRunner:
             return rebuild(received.to(local.dtype))
 
         return hook
+
+    def _called(self, index: int) -> None:
+        """Record a block call; a second call in one step (the model run twice) cannot be split into stages."""
+        if index in self.calls:
+            raise PipelineError(f"{self.module_name}'s step called {self.path}.{index} twice (blocks so far: {self.calls}). {self._chain_help()}")
+        self.calls.append(index)
 
     def _leave(self, block: nn.Module, args: tuple, output: Any) -> None:
         if not self.active:

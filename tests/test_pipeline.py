@@ -153,6 +153,35 @@ def test_stage_parameters_cover_every_parameter_once():
     assert even_split(5, 2) == [0, 3, 5] and even_split(4, 4) == [0, 1, 2, 3, 4]
 
 
+def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
+    from lightning_seqpar.pipeline import PipelineError
+    from lightning_seqpar.pipeline_auto import StageRunner, block_stack
+    from tests.models import VitPytorchStyleViT
+
+    torch.manual_seed(0)
+    vit, x = TinyViT(depth=4), torch.randn(2, 13, 6)
+    path, blocks = block_stack(vit, 2)
+    expected = vit(x)
+    first = StageRunner(vit, path, blocks, [0, 2, 4], 0, lambda: None)
+    finished, activation = first.run(lambda: vit(x), None)
+    first.remove()
+    last = StageRunner(vit, path, blocks, [0, 2, 4], 1, lambda: None)
+    # stage 1 computes the embedding itself, skips blocks 0-1 and continues from the received activation
+    finished_last, output = last.run(lambda: vit(x), activation)
+    assert not finished and finished_last and first.calls == [0, 1] and last.calls == [0, 1, 2, 3]
+    torch.testing.assert_close(output, expected)
+    assert torch.equal(vit(x), expected)  # outside run() the hooks do nothing
+    with pytest.raises(PipelineError, match=r"called blocks\.0 twice"):
+        last.run(lambda: (vit(x), vit(x)), activation)
+    with pytest.raises(PipelineError, match=r"received an activation of shape \(2, 5, 32\) for blocks\.2"):
+        last.run(lambda: vit(x), activation[:, :5])
+    with pytest.raises(PipelineError, match=r"in the order \[0, 1, 2\]; expected \[0, 1, 2, 3\]"):
+        last.run(lambda: blocks[2](blocks[1](blocks[0](vit.patch_embed(x) + vit.pos_embed))), activation)
+    last.remove()
+    with pytest.raises(PipelineError, match="are ModuleList containers that their owner loops over"):
+        block_stack(VitPytorchStyleViT(), 2)
+
+
 def test_micro_batches_split_any_batch_and_combine_outputs():
     from lightning_seqpar.pipeline import PipelineError
     from lightning_seqpar.pipeline_auto import combine_outputs, split_micro_batches
@@ -354,3 +383,25 @@ def test_errors_before_the_first_step(runs):
     assert errors["leaky"].startswith("PipelineError") and "model.patch_embed.weight" in errors["leaky"] and "model.pos_embed" in errors["leaky"]
     assert errors["skip"].startswith("PipelineError") and "skip connection" in errors["skip"], errors["skip"]
     assert "model.patch_embed.weight" in errors["skip"] and "stage 1" in errors["skip"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(400)
+def test_pipeline_benchmark_smoke(tmp_path):
+    """benchmarks/bench_pipeline.py (2 stages against ZeRO-3) runs end to end on 2 CPU processes; in fp32 the two
+    train to the same losses."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO_ROOT, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **DS_ENV}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO_ROOT / "benchmarks" / "bench_pipeline.py"), "--smoke", "--out", str(tmp_path), "--tag", "smoke"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["config"]: r for r in json.loads((tmp_path / "pipeline_smoke.json").read_text())["results"]}
+    assert set(rows) == {"pipeline", "zero3"} and all(r["step_ms"] > 0 for r in rows.values())
+    torch.testing.assert_close(torch.tensor(rows["pipeline"]["losses"]), torch.tensor(rows["zero3"]["losses"]), rtol=1e-5, atol=0)
+    assert "| pipeline |" in (tmp_path / "pipeline_smoke.md").read_text()
