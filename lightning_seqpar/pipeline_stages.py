@@ -170,21 +170,43 @@ class PipelineStages:
         self.is_last = self.next is None
         self.runner = StageRunner(module, path, blocks, bounds, self.stage, runtime_end)
         self.mirror = LastStageMirror(module, dist.get_global_rank(group, self.stages - 1), group, self.is_last)
-        self.owned: list[tuple[str, nn.Parameter]] = stage_parameters(module, blocks, bounds)[self.stage]
+        every_stage = stage_parameters(module, blocks, bounds)
+        self.owned: list[tuple[str, nn.Parameter]] = every_stage[self.stage]
+        self.owner: dict[int, int] = {id(p): s for s, pairs in enumerate(every_stage) for _, p in pairs}  # which stage trains each
+        self._released: dict[int, torch.Size] = {}
         self._queue: Iterator[tuple[int, Any]] = iter(())
         self._step: Callable[[Any], Any] = lambda micro: None
         self._context: Callable[[], Any] = contextlib.nullcontext
 
     def release_other_blocks(self) -> None:
         """Free the parameters of the blocks other stages train: this rank never runs them, so a model too large for
-        one device fits across the stages. ``full_state_dict()`` gathers them from their stages."""
+        one device fits across the stages. :meth:`restore_full_weights` brings them back at the end of the fit."""
         prefix = f"{self.path}."
         shared = {id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)}
         for i, block in enumerate(self.blocks):
             if not self.runner.start <= i < self.runner.stop:
                 for p in block.parameters():
                     if id(p) not in shared:
+                        self._released[id(p)] = p.shape
                         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore_full_weights(self) -> None:
+        """After a fit: every rank receives the parameters the other stages trained (one broadcast per parameter over
+        the pipeline group, in fp32), so the module holds the whole trained model again, as after a fit without
+        pipeline stages, and can be evaluated or saved in any configuration."""
+        group, device = self.topology.pipeline_group, self.device
+        for p in self.module.parameters():
+            owner = self.owner.get(id(p))
+            if owner is None:  # in no stage's layers (frozen): never changed
+                continue
+            if owner == self.stage:
+                buffer = p.detach().float().contiguous()
+            else:
+                buffer = torch.empty(self._released.get(id(p), p.shape), dtype=torch.float32, device=device)
+            dist.broadcast(buffer, src=dist.get_global_rank(group, owner), group=group)
+            if owner != self.stage:
+                p.data = buffer.to(p.dtype)
+        self._released.clear()
 
     def check_weights(self) -> None:
         """Raise if a block this stage runs has released parameters (it was trained on another stage)."""
@@ -338,6 +360,8 @@ def build_training_stages(module: nn.Module, topology: Any, applied: Any) -> tup
         first = next(i for i, layer in enumerate(net._layer_specs) if layer is blocks[0])
         inner = [min(max(int(p) - first, 0), len(blocks)) for p in net.parts[1:-1]]
         stages = PipelineStages(module, topology, applied.runtime.end_region, path, blocks, [0, *inner, len(blocks)], explicit=True)
+        parts = [int(p) for p in net.parts]  # layer i trains on the stage s with parts[s] <= i < parts[s + 1]
+        stages.owner = {id(p): s for s in range(topology.pp) for layer in net._layer_specs[parts[s] : parts[s + 1]] for p in layer.parameters()}
     else:
         stages = PipelineStages.automatic(module, topology, applied.runtime.end_region)
         net = stages.build_pipeline_module(pipeline.pipeline_grid(topology))

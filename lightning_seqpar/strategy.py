@@ -329,6 +329,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             return self._pipeline.train(self.model, batch, batch_idx, self.micro_batches or 1, self.precision_plugin.train_step_context)
         return super().training_step(*args, **kwargs)
 
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._pipeline is not None and self.deepspeed_engine is not None:
+            self._pipeline.restore_full_weights()  # each rank trained one stage: bring the others' weights back
+
     def _pipeline_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
         """An evaluation step through the pipeline stages, forward only (see lightning_seqpar.pipeline_auto)."""
         return self._pipeline.evaluate(hook, args[0], args[1:], kwargs, self.micro_batches or 1, context)

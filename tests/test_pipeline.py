@@ -224,11 +224,15 @@ def _fit_and_evaluate(make_module, dataset_name: str, tmp: str, sp: int, *, eval
     trainer = _trainer(strategy, tmp, max_steps=STEPS, **fit_kwargs)
     trainer.fit(module, DataLoader(data, batch_size=BATCH), DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH))
     out = {"seen": module.seen, "full": trainer.strategy.full_state_dict(), "fit_metrics": _metrics(trainer)}
+    # at the end of the fit every rank holds the whole trained model again
+    out["module_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if evaluate:
         val = DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH)
         out["validate"] = trainer.validate(module, val, verbose=False)[0]
         out["test"] = trainer.test(module, val, verbose=False)[0]
         out["predict"] = torch.cat(trainer.predict(module, DataLoader(Subset(data, range(6)), batch_size=3)))
+        fresh = _trainer(SeqParStrategy(sequence_parallel_size=_WORLD, timeout=60), tmp)  # no pipeline stages
+        out["validate_without_stages"] = fresh.validate(module, val, verbose=False)[0]
     return out
 
 
@@ -300,8 +304,9 @@ def _check_training(result: dict, name: str, label: str) -> nn.Module:
     model, reference = _reference_model(name, _global_batches(seen))
     keys = [k for k in reference if k.startswith("model.")]
     for rank, r in enumerate(result):
-        err, key = _max_rel_error({k: r["full"][k] for k in keys}, {k: reference[k] for k in keys})
-        assert err < REL_TOL, f"{label} rank {rank}: {key} off by relative error {err:.2e}"
+        for what in ("full", "module_state"):
+            err, key = _max_rel_error({k: r[what][k] for k in keys}, {k: reference[k] for k in keys})
+            assert err < REL_TOL, f"{label} rank {rank}, {what}: {key} off by relative error {err:.2e}"
     return model
 
 
@@ -329,6 +334,7 @@ def test_evaluation_through_the_stages_equals_one_process(runs):
         for key in ("val_loss", "val_mse"):
             assert r["validate"][key] == pytest.approx(mse, rel=1e-5), f"rank {rank}: {key}"
         assert r["test"]["test_loss"] == pytest.approx(mse, rel=1e-5)
+        assert r["validate_without_stages"]["val_loss"] == pytest.approx(mse, rel=1e-5)  # after the fit, any layout
         torch.testing.assert_close(r["predict"], predictions, rtol=1e-5, atol=1e-6)
         # validation during fit (sanity check off, one run after the last step) logged the same on every rank
         assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5)
@@ -348,8 +354,9 @@ def test_explicit_contract_trains_and_validates(runs):
     with torch.no_grad():
         mse = F.mse_loss(model(data.x[:VAL_SAMPLES]), data.y[:VAL_SAMPLES]).item()
     for rank, r in enumerate(result):
-        err, key = _max_rel_error({k: r["full"][k] for k in keys}, {k: reference[k] for k in keys})
-        assert err < REL_TOL, f"explicit contract rank {rank}: {key} off by relative error {err:.2e}"
+        for what in ("full", "module_state"):
+            err, key = _max_rel_error({k: r[what][k] for k in keys}, {k: reference[k] for k in keys})
+            assert err < REL_TOL, f"explicit contract rank {rank}, {what}: {key} off by relative error {err:.2e}"
         # the module's own validation_step ran through the stages (sanity check, then after the last step)
         assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5)
 
