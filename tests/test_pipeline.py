@@ -236,6 +236,32 @@ def _fit_and_evaluate(make_module, dataset_name: str, tmp: str, sp: int, *, eval
     return out
 
 
+def _save_and_resume(tmp: str) -> dict:
+    """2 stages x sp 2 without pipeline methods: 2 steps with a checkpoint, then a fresh module resumes for a third."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from lightning_seqpar import SeqParStrategy
+
+    data = build_dataset("timm_vit")
+    strategy = lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=MICRO, timeout=60)  # noqa: E731
+    seed_everything(SEED)
+    first = EvalRegression()
+    checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "resume"), save_last=True, every_n_train_steps=1)
+    from lightning.pytorch import Trainer
+
+    Trainer(accelerator="cpu", devices=_WORLD, strategy=strategy(), default_root_dir=tmp, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, max_steps=2, limit_val_batches=0, callbacks=[checkpoint]).fit(first, DataLoader(data, batch_size=BATCH))
+    seed_everything(SEED)
+    torch.manual_seed(99)  # a different initialisation: the checkpoint must carry the weights
+    second = EvalRegression()
+    trainer = _trainer(strategy(), tmp, max_steps=STEPS, limit_val_batches=0)
+    trainer.fit(second, DataLoader(data, batch_size=BATCH), ckpt_path=checkpoint.last_model_path)
+    return {"seen": first.seen + second.seen, "full": trainer.strategy.full_state_dict(),
+            "module_state": {k: v.detach().clone() for k, v in second.state_dict().items()}}
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -259,6 +285,10 @@ def pipeline_worker(tmp: str) -> dict:
     start = time.perf_counter()
     out["dp"] = _fit_and_evaluate(lambda: EvalRegression("timm_vit"), "timm_vit", tmp, 1, evaluate=False, val_check_interval=STEPS, num_sanity_val_steps=0)
     out["times"]["dp"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    out["resume"] = _save_and_resume(tmp)
+    out["times"]["resume"] = time.perf_counter() - start
 
     def skip_connection():
         module = EvalRegression()
@@ -338,6 +368,14 @@ def test_evaluation_through_the_stages_equals_one_process(runs):
         torch.testing.assert_close(r["predict"], predictions, rtol=1e-5, atol=1e-6)
         # validation during fit (sanity check off, one run after the last step) logged the same on every rank
         assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_checkpoint_resume_without_pipeline_methods(runs):
+    result = [r["resume"] for r in runs]
+    assert len(result[0]["seen"]) == STEPS * MICRO
+    _check_training(result, "timm_vit", "resumed 2 stages x sp 2")
 
 
 @pytest.mark.multiprocess
