@@ -66,7 +66,8 @@ class DeepSpeedEngineMixin:
         self.accelerator.setup(trainer)
         if not isinstance(self.precision_plugin, DeepSpeedPrecision):
             self.precision_plugin = DeepSpeedPrecision(self.precision_plugin.precision)
-        self.model = self.precision_plugin.convert_module(self.model)
+        if self.precision_plugin.precision != "32-true":  # module.to(float32) would also cast float64 metric buffers
+            self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._initialize_engine(trainer)
