@@ -240,7 +240,7 @@ def _save_and_resume(tmp: str) -> dict:
     """2 stages x sp 2 without pipeline methods: 2 steps with a checkpoint, then a fresh module resumes for a third."""
     from lightning.pytorch import seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from lightning_seqpar import SeqParStrategy
 
@@ -258,8 +258,15 @@ def _save_and_resume(tmp: str) -> dict:
     second = EvalRegression()
     trainer = _trainer(strategy(), tmp, max_steps=STEPS, limit_val_batches=0)
     trainer.fit(second, DataLoader(data, batch_size=BATCH), ckpt_path=checkpoint.last_model_path)
-    return {"seen": first.seen + second.seen, "full": trainer.strategy.full_state_dict(),
-            "module_state": {k: v.detach().clone() for k, v in second.state_dict().items()}}
+    out = {"seen": first.seen + second.seen, "full": trainer.strategy.full_state_dict(),
+           "module_state": {k: v.detach().clone() for k, v in second.state_dict().items()}}
+    # evaluation from the checkpoint (written after 2 steps) in a fresh module and Trainer, through the stages
+    torch.manual_seed(7)
+    third = EvalRegression()
+    val = DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH)
+    out["validate_from_checkpoint"] = _trainer(strategy(), tmp).validate(third, val, ckpt_path=checkpoint.last_model_path, verbose=False)[0]
+    out["first_seen"] = first.seen
+    return out
 
 
 def _error(fn) -> str | None:
@@ -373,9 +380,17 @@ def test_evaluation_through_the_stages_equals_one_process(runs):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_checkpoint_resume_without_pipeline_methods(runs):
+    from tests.models import RandomTokens
+
     result = [r["resume"] for r in runs]
     assert len(result[0]["seen"]) == STEPS * MICRO
     _check_training(result, "timm_vit", "resumed 2 stages x sp 2")
+    model, _ = _reference_model("timm_vit", _global_batches(result[0]["first_seen"]))  # the checkpointed weights
+    data = RandomTokens()
+    with torch.no_grad():
+        mse = F.mse_loss(model(data.x[:VAL_SAMPLES]), data.y[:VAL_SAMPLES]).item()
+    for rank, r in enumerate(result):
+        assert r["validate_from_checkpoint"]["val_loss"] == pytest.approx(mse, rel=1e-5), f"rank {rank}"
 
 
 @pytest.mark.multiprocess
