@@ -182,6 +182,37 @@ def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
         block_stack(VitPytorchStyleViT(), 2)
 
 
+def test_pipeline_checkpoint_layer_files_load_by_name(tmp_path):
+    """The layer files DeepSpeed writes per stage map back to the module's names: the explicit chain's layers, and
+    the StageLayers of automatic stages (here written by hand, as PipelineModule.save_state_dict does)."""
+    from lightning_seqpar.pipeline import PipelineError
+    from lightning_seqpar.pipeline_auto import StageLayer, block_stack, even_split, stage_parameters
+    from lightning_seqpar.pipeline_stages import load_pipeline_checkpoint
+
+    for make in (ContractRegression, EvalRegression):
+        torch.manual_seed(0)
+        trained = make()
+        folder = tmp_path / make.__name__ / "checkpoint"
+        folder.mkdir(parents=True)
+        if make is ContractRegression:
+            layers = trained.pipeline_layers()
+        else:
+            _, blocks = block_stack(trained, 2)
+            layers = [StageLayer([p for _, p in stage], lambda x: x) for stage in stage_parameters(trained, blocks, even_split(len(blocks), 2))]
+        for i, layer in enumerate(layers):
+            torch.save(layer.state_dict(), folder / f"layer_{i:02d}-model_states.pt")
+        torch.save({"module": None, "optimizer": None, "global_step": 6, "loops": {}}, folder / "mp_rank_00_model_states.pt")
+        torch.manual_seed(1)
+        fresh = make()
+        client = load_pipeline_checkpoint(fresh, tmp_path / make.__name__, "checkpoint")
+        assert client == {"global_step": 6, "loops": {}}
+        for name, value in trained.state_dict().items():
+            assert torch.equal(fresh.state_dict()[name], value), f"{make.__name__}: {name}"
+    (folder / "layer_01-model_states.pt").unlink()
+    with pytest.raises(PipelineError, match=r"lacks model\.blocks\.1\.norm1\.weight"):
+        load_pipeline_checkpoint(EvalRegression(), tmp_path / "EvalRegression", "checkpoint")
+
+
 def test_micro_batches_split_any_batch_and_combine_outputs():
     from lightning_seqpar.pipeline import PipelineError
     from lightning_seqpar.pipeline_auto import combine_outputs, split_micro_batches
