@@ -155,7 +155,8 @@ class PipelineStages:
         module: The LightningModule (sequence-parallel plan already applied).
         topology: The process groups; ``topology.pp_rank`` is this rank's stage.
         runtime_end: Ends the sequence-parallel region (a non-last stage leaves it without the gather).
-        path, blocks: The block stack.
+        path: Where the block stack is in ``module``.
+        blocks: The blocks of the stack.
         bounds: Block boundaries of the stages, ``bounds[s]:bounds[s+1]`` on stage ``s``.
         explicit: True when the module trains through its own ``pipeline_layers()`` chain.
     """
