@@ -64,7 +64,9 @@ def run(config: str, args: argparse.Namespace, device: torch.device, world: int)
         def training_step(self, batch, batch_idx):  # batch: sample indices [B] (a micro-batch of them with pipelines)
             pairs = [sample(i, args.tokens, args.width, self.device) for i in batch.tolist()]
             x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B, L, D], [B, L, OUT]
-            return F.mse_loss(self.model(x), y)
+            if device.type == "cuda":  # DeepSpeed's bf16 weights; Lightning converts DataLoader batches, not these
+                x = x.to(torch.bfloat16)
+            return F.mse_loss(self.model(x).float(), y)
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-4)

@@ -209,6 +209,15 @@ class PipelineStages:
                 p.data = buffer.to(p.dtype)
         self._released.clear()
 
+    def match_engine_dtype(self, net: nn.Module) -> None:
+        """Give the parameters outside this stage's engine the dtype DeepSpeed gave its own (bf16 / fp16): the layers
+        before the stack run on every stage, on the batch Lightning converted to that dtype."""
+        engine_dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+        mine = {id(p) for p in net.parameters()}
+        for p in self.module.parameters():
+            if engine_dtype is not None and id(p) not in mine and p.is_floating_point() and p.dtype != engine_dtype:
+                p.data = p.data.to(engine_dtype)
+
     def check_weights(self) -> None:
         """Raise if a block this stage runs has released parameters (it was trained on another stage)."""
         released = [f"{self.path}.{i}" for i in range(self.runner.start, self.runner.stop) if any(p.numel() == 0 for p in self.blocks[i].parameters())]

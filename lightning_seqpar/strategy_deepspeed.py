@@ -139,6 +139,7 @@ class DeepSpeedEngineMixin:
             if optimizer is not None:
                 ds.restrict_optimizer(optimizer, net.parameters())
             engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
+            self._pipeline.match_engine_dtype(net)
             if not self._pipeline.explicit:
                 self._pipeline.guard_first_step(engine)
         else:
