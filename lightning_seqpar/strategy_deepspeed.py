@@ -72,7 +72,7 @@ class DeepSpeedEngineMixin:
         if trainer.state.fn == TrainerFn.FITTING:
             self._initialize_engine(trainer)
         elif self.pipeline_stages > 1:
-            # Evaluation runs the module's own steps through the stages; after a fit, each stage keeps the blocks it trained.
+            # Evaluation runs the module's own steps through the stages, split as the fit split them (if any).
             assert self.applied_plan is not None and self.topology is not None
             bounds = getattr(self, "_pipeline_bounds", None)
             self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.end_region, bounds)
