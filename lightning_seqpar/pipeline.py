@@ -30,11 +30,15 @@ stage 0, each SP rank sends its shard ``[B, L_r, D]`` to the same SP rank of the
 re-enters the region from the shard it receives (one all-gather of the ``P`` shard lengths). Rank layout:
 DeepSpeed's ``PipeDataParallelTopology(num_pp=pp, num_dp=dp*sp)`` numbers ranks exactly as
 :class:`~lightning_seqpar.topology.Topology` does, so its data-parallel groups are our sequence-data groups.
+
+Checkpoints of pipeline stages hold one file per layer; :func:`load_pipeline_checkpoint` loads them into the
+module by name for evaluation (``trainer.validate(module, ckpt_path=...)`` with ``pipeline_stages > 1``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,3 +220,42 @@ def train_batch(engine: Any, module: nn.Module, batch: Any, micro_batches: int) 
     micro_targets = split_batch(targets, micro_batches)
     loss = engine.train_batch(data_iter=iter(list(zip(micro_inputs, micro_targets))))
     return loss.detach().float() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+
+
+def load_pipeline_checkpoint(module: nn.Module, directory: Any, tag: str) -> dict[str, Any]:
+    """Load the weights of a DeepSpeed pipeline checkpoint (the layer files of every stage) into ``module`` and return
+    the checkpoint's client state (loops, callbacks, hyperparameters), for evaluating without the training engine.
+
+    Layer ``i`` is the module's ``pipeline_layers()[i]``, or, for stages built from the module's own steps, the
+    parameters of stage ``i`` in the order :func:`~lightning_seqpar.pipeline_auto.stage_parameters` gives them.
+    """
+    from lightning_seqpar.pipeline_auto import block_stack, even_split, stage_parameters
+
+    folder = Path(directory) / tag
+    files = sorted(folder.glob("layer_*-model_states.pt"))
+    if not files:
+        raise PipelineError(f"{folder} holds no pipeline layer files (layer_XX-model_states.pt): not a checkpoint of pipeline stages.")
+    name_of = {id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    if has_contract(module):
+        layers = declared_layers(module)
+        keys = [{key: name_of.get(id(t)) for key, t in layer.state_dict(keep_vars=True).items()} for layer in layers]
+    else:
+        _, blocks = block_stack(module, len(files))
+        owned = stage_parameters(module, blocks, even_split(len(blocks), len(files)))
+        keys = [{f"stage_parameters.{j}": name for j, (name, _) in enumerate(stage)} for stage in owned]
+    targets = dict([*module.named_parameters(), *module.named_buffers()])
+    loaded = set()
+    for file in files:
+        index = int(file.name.split("-")[0].removeprefix("layer_"))
+        for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
+            name = keys[index].get(key) if index < len(keys) else None
+            if name is None:
+                raise PipelineError(f"{file.name} holds {key!r}, which matches no parameter of {type(module).__name__}: the checkpoint was written by another model or stage layout.")
+            target = targets[name]
+            target.data = value.to(device=target.device, dtype=target.dtype)
+            loaded.add(name)
+    missing = [name for name, p in module.named_parameters() if name not in loaded]
+    if missing:
+        raise PipelineError(f"the pipeline checkpoint {folder} lacks {', '.join(missing)}.")
+    client = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v for k, v in client.items() if k not in ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes")}

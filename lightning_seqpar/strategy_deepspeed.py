@@ -203,7 +203,7 @@ class DeepSpeedEngineMixin:
 
     def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
         if self.deepspeed_engine is None and self.pipeline_stages > 1:  # evaluation: the weights of every stage
-            return pipeline_stages.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
+            return pipeline.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
         if self.deepspeed_engine is None:
             raise ValueError(
                 f"SeqParStrategy: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to validate,"

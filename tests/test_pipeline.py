@@ -185,9 +185,8 @@ def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
 def test_pipeline_checkpoint_layer_files_load_by_name(tmp_path):
     """The layer files DeepSpeed writes per stage map back to the module's names: the explicit chain's layers, and
     the StageLayers of automatic stages (here written by hand, as PipelineModule.save_state_dict does)."""
-    from lightning_seqpar.pipeline import PipelineError
+    from lightning_seqpar.pipeline import PipelineError, load_pipeline_checkpoint
     from lightning_seqpar.pipeline_auto import StageLayer, block_stack, even_split, stage_parameters
-    from lightning_seqpar.pipeline_stages import load_pipeline_checkpoint
 
     for make in (ContractRegression, EvalRegression):
         torch.manual_seed(0)
