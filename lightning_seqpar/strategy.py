@@ -36,7 +36,7 @@ from lightning_seqpar.attention.hybrid import build_hybrid_groups
 from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
 from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline
+from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar.resumable import make_resumable
@@ -87,9 +87,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         offload_optimizer: Keep optimizer state and fp32 master weights in host memory (ZeRO >= 1); needs a
             DeepSpeed CPU optimizer (``DeepSpeedCPUAdam`` in ``configure_optimizers``, or an ``"optimizer"`` section).
         offload_parameters: Keep parameters in host memory between uses (ZeRO-3).
-        pipeline_stages: DeepSpeed pipeline stages the block stack is cut into (1 means disabled); needs the
-            pipeline contract on the LightningModule (:mod:`lightning_seqpar.pipeline`) and ZeRO 0 or 1.
-        micro_batches: With pipelines: micro-batches each DataLoader batch is cut into (default 1).
+        pipeline_stages: DeepSpeed pipeline stages the block stack is cut into (1 means disabled), with ZeRO 0 or 1.
+            Stages run the module's own steps with the blocks they do not own skipped
+            (:mod:`lightning_seqpar.pipeline_auto`), or its ``pipeline_layers()`` chain when it defines one
+            (:mod:`lightning_seqpar.pipeline`); validation, test and predict run through the stages too.
+        micro_batches: With pipelines: micro-batches each DataLoader batch is cut into (default 1), in training
+            and evaluation.
         deepspeed_config: A DeepSpeed config (dict or JSON path) whose keys override the ones derived from the
             Trainer; it may not set ``train_batch_size``.
         **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
@@ -170,6 +173,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         self.applied_plan: AppliedPlan | None = None
         self._data_seed: int | None = None
         self._hybrid_groups = None
+        self._pipeline: pipeline_stages.PipelineStages | None = None
         self._init_deepspeed_settings(zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config)
 
     # --- process groups ------------------------------------------------------------------------------
@@ -318,9 +322,41 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.uses_deepspeed and self.pipeline_stages > 1:
-            # train_batch runs forward, backward and the step of all micro-batches; the module's training_step is not used.
-            return pipeline.train_batch(self.model, self.lightning_module, args[0], self.micro_batches or 1)
+            # train_batch runs forward, backward and the step of all micro-batches: through the module's
+            # pipeline_layers() chain, or through its own training_step on every stage (lightning_seqpar.pipeline_auto).
+            if self._pipeline.explicit:
+                return pipeline.train_batch(self.model, self.lightning_module, args[0], self.micro_batches or 1)
+            batch, batch_idx = args[0], (args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
+            return self._pipeline.train(self.model, batch, batch_idx, self.micro_batches or 1, self.precision_plugin.train_step_context)
         return super().training_step(*args, **kwargs)
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._pipeline is not None and self.deepspeed_engine is not None:
+            self._pipeline.restore_full_weights()  # each rank trained one stage: bring the others' weights back
+
+    def _pipeline_step(self, hook: str, context: Any, args: tuple, kwargs: dict) -> Any:
+        """An evaluation step through the pipeline stages, forward only (see lightning_seqpar.pipeline_auto)."""
+        return self._pipeline.evaluate(hook, args[0], args[1:], kwargs, self.micro_batches or 1, context)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline_stages > 1:
+            return self._pipeline_step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
+        return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline_stages > 1:
+            return self._pipeline_step("test_step", self.precision_plugin.test_step_context, args, kwargs)
+        return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline_stages > 1:
+            return self._pipeline_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+        return super().predict_step(*args, **kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline
+from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.reliability import nonfinite_step_guard
 
 
@@ -71,10 +71,12 @@ class DeepSpeedEngineMixin:
         if trainer.state.fn == TrainerFn.FITTING:
             self._initialize_engine(trainer)
         elif self.pipeline_stages > 1:
-            raise pipeline.PipelineError(
-                "SeqParStrategy(pipeline_stages>1) trains only: validate, test or predict with pipeline_stages=1 from the"
-                " consolidated checkpoint (python -m lightning_seqpar.consolidate DIR OUT.pt)."
-            )
+            # Evaluation runs the module's own steps through the stages, split as the fit split them (if any).
+            assert self.applied_plan is not None and self.topology is not None
+            bounds = getattr(self, "_pipeline_bounds", None)
+            self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.end_region, bounds)
+            self.applied_plan._undo.append(self._pipeline.remove)
+            self._pipeline.check_weights()
         elif ds.is_zero3_partitioned(self.lightning_module):
             raise ValueError(
                 f"SeqParStrategy: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier fit."
@@ -128,14 +130,17 @@ class DeepSpeedEngineMixin:
             optimizer = optimizers[0]
         if self.pipeline_stages > 1:
             assert self.applied_plan is not None
-            net, blocks = pipeline.build_pipeline_module(module, self.topology)
-            pipeline.enter_stage_regions(self.applied_plan, net, blocks)
+            net, self._pipeline = pipeline_stages.build_training_stages(module, self.topology, self.applied_plan)
+            self._pipeline_bounds = self._pipeline.bounds
             # The names (in the LightningModule) of what this rank's stage trains: full_state_dict merges by them.
             local = {id(t) for t in [*net.parameters(), *net.buffers()]}
             self._stage_state_names = [name for name, t in module.state_dict(keep_vars=True).items() if id(t) in local]
             if optimizer is not None:
                 ds.restrict_optimizer(optimizer, net.parameters())
             engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
+            self._pipeline.match_engine_dtype(net)
+            if not self._pipeline.explicit:
+                self._pipeline.guard_first_step(engine)
         else:
             engine, engine_optimizer = ds.initialize_engine(self.model, optimizer, config, self.topology.mpu)
         if engine.lr_scheduler is not None:  # a "scheduler" section: Lightning steps it, per optimizer step
@@ -196,6 +201,8 @@ class DeepSpeedEngineMixin:
         self.barrier()
 
     def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
+        if self.deepspeed_engine is None and self.pipeline_stages > 1:  # evaluation: the weights of every stage
+            return pipeline.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
         if self.deepspeed_engine is None:
             raise ValueError(
                 f"SeqParStrategy: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to validate,"

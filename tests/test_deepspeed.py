@@ -366,7 +366,6 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
     cases = {
         "accumulate": (lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=60), PipelineRegression,
                        {"accumulate_grad_batches": 2}, None),
-        "no_contract": (lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=60), RegressionModule, {}, None),
         "other_sp": (lambda: SeqParStrategy(sequence_parallel_size=4, zero_stage=3, timeout=60), RegressionModule, {}, zero3_checkpoint),
     }
     for name, (make_strategy, make_module, kwargs, ckpt_path) in cases.items():
@@ -420,6 +419,5 @@ def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_r
 def test_trainer_level_errors(pipeline_runs):
     errors = pipeline_runs[0]["errors"]
     assert errors["accumulate"].startswith("PipelineError") and "SeqParStrategy(micro_batches=2)" in errors["accumulate"]
-    assert errors["no_contract"].startswith("PipelineError") and "pipeline_layers()" in errors["no_contract"]
     assert errors["other_sp"].startswith("DeepSpeedConfigError"), errors["other_sp"]
     assert "ds_to_universal --inject_missing_state" in errors["other_sp"] and "load_universal" in errors["other_sp"]

@@ -1,0 +1,168 @@
+"""Pipeline stages against ZeRO-3 on the same GPUs: step time, peak memory, and the losses of both side by side.
+
+Run one process per GPU (2 GPUs: 2 stages x sp 1 against ZeRO-3 over sp 2)::
+
+    torchrun --nproc_per_node 2 benchmarks/bench_pipeline.py --out benchmarks/results --tag n2
+
+Both configurations train the same generic ViT (``--width``, ``--depth``, ``--heads``; about ``12 x depth x
+width^2`` parameters, 4.8e9 by default, which does not fit one H200 with AdamW in DDP: 16 bytes per parameter)
+through Lightning's Trainer and the module's own ``training_step`` (no pipeline methods), on the same global batch
+of ``--batch`` samples of ``--tokens`` tokens, bf16-mixed, AdamW:
+
+- ``pipeline``: ``SeqParStrategy(pipeline_stages=2, micro_batches=M, zero_stage=1)``, the rest of the world in sp;
+- ``zero3``: ``SeqParStrategy(zero_stage=3, sequence_parallel_size=world)``.
+
+Timed with CUDA events around each training step (median of ``--steps`` after ``--warmup``); peak memory is the
+largest ``max_memory_allocated`` over the ranks. The loss of every step of both is recorded: same data, same
+initial weights, so they agree to bf16 rounding. Writes ``pipeline_<tag>.json`` and ``.md`` under ``--out``.
+
+``--smoke`` runs tiny sizes on the CPU over gloo (``torchrun --nproc_per_node 2 ... --smoke``; fp32), which the
+test suite does to keep this script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_single_gpu import OUT_DIM, GenericViT, StepClock  # noqa: E402
+
+GIB = 2**30
+
+
+def sample(index: int, tokens: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sample ``index``: tokens [L, D] and targets [L, OUT_DIM], the same in every configuration."""
+    g = torch.Generator(device=device).manual_seed(int(index))
+    return torch.randn(tokens, width, generator=g, device=device), torch.randn(tokens, OUT_DIM, generator=g, device=device)
+
+
+def run(config: str, args: argparse.Namespace, device: torch.device, world: int) -> dict:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_seqpar import SeqParStrategy
+
+    torch.manual_seed(0)
+    model = GenericViT(args.width, args.depth, args.heads)  # on the CPU: the strategy moves it
+    clock = StepClock(device)
+    losses: list[float] = []
+    total = args.warmup + args.steps
+
+    class Module(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):  # batch: sample indices [B] (a micro-batch of them with pipelines)
+            pairs = [sample(i, args.tokens, args.width, self.device) for i in batch.tolist()]
+            x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B, L, D], [B, L, OUT]
+            if device.type == "cuda":  # DeepSpeed's bf16 weights; Lightning converts DataLoader batches, not these
+                x = x.to(torch.bfloat16)
+            return F.mse_loss(self.model(x).float(), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+    class Timer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx >= args.warmup:
+                clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx >= args.warmup:
+                clock.stop()
+            losses.append(float(outputs["loss"]))
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if config == "pipeline":
+        strategy = SeqParStrategy(sequence_parallel_size=world // 2, pipeline_stages=2, micro_batches=args.micro_batches,
+                                  zero_stage=1, process_group_backend=backend, timeout=600)
+    else:
+        strategy = SeqParStrategy(sequence_parallel_size=world, zero_stage=3, process_group_backend=backend, timeout=600)
+    trainer = Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=world, strategy=strategy,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=total, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=[Timer()],
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # Lightning's sampler shuffles with the same seed in both runs; batch = args.batch sample indices.
+    trainer.fit(Module(), DataLoader(list(range(total * args.batch)), batch_size=args.batch))
+    times = clock.times_ms()
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0], device=device)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {
+        "config": config, "step_ms": statistics.median(times), "step_ms_all": [round(t, 3) for t in times],
+        "peak_gib": float(peak) if device.type == "cuda" else None, "losses": losses,
+        "tokens_per_s": args.batch * args.tokens / (statistics.median(times) / 1e3),
+    }
+
+
+def markdown(payload: dict) -> str:
+    rows = {r["config"]: r for r in payload["results"]}
+    a = payload["args"]
+    lines = [
+        f"# Pipeline stages against ZeRO-3 ({payload['world']} x {payload['device']})", "",
+        f"Generic ViT, width {a['width']}, depth {a['depth']} ({payload['parameters'] / 1e9:.2f}e9 parameters), batch {a['batch']}"
+        f" x {a['tokens']} tokens, {a['micro_batches']} micro-batches; median of {a['steps']} steps after {a['warmup']}.", "",
+        "| configuration | step (ms) | tokens/s | peak memory (GiB) |", "|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} |")
+    if {"pipeline", "zero3"} <= rows.keys():
+        p, z = rows["pipeline"]["losses"], rows["zero3"]["losses"]
+        diff = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(p, z))
+        lines += ["", f"Largest relative difference of the per-step losses, pipeline against ZeRO-3: {diff:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", default="n2")
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--depth", type=int, default=24)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--configs", default="pipeline,zero3")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.width, args.depth, args.heads, args.tokens, args.batch, args.micro_batches, args.warmup, args.steps = 32, 4, 4, 13, 2, 2, 1, 2
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % 2:
+        raise SystemExit(f"bench_pipeline.py needs an even number of processes (2 stages), got WORLD_SIZE={world}.")
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    payload = {
+        "world": world, "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "args": vars(args) | {"out": str(args.out)},
+        "parameters": sum(p.numel() for p in GenericViT(args.width, args.depth, args.heads, device="meta").parameters()), "results": [],
+    }
+    for config in args.configs.split(","):
+        payload["results"].append(run(config, args, device, world))
+        if int(os.environ.get("RANK", 0)) == 0:  # after every configuration: a run cut short keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"pipeline_{args.tag}.json").write_text(json.dumps(payload, indent=1))
+            (args.out / f"pipeline_{args.tag}.md").write_text(markdown(payload))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
