@@ -121,7 +121,7 @@ def check_model(model: dict[str, Any], dm) -> None:
     canonical = {}
     for name in (model.get("loss_weights") or {}):
         try:
-            canonical[name] = dm._canonical(name)
+            canonical[name] = dm.store.canonical(name)
         except (KeyError, ValueError):
             canonical[name] = name
     unknown = sorted(n for n, c in canonical.items() if c not in out_variables)

@@ -43,7 +43,7 @@ def field_units(datamodule, field: str) -> str:
     if store is not None:
         try:
             variable, _ = store.resolve(field)
-            units = store.datasets[0][variable].attrs.get("units")
+            units = store.field_attrs(field).get("units")
             if units:
                 return str(units)
         except (KeyError, ValueError, OSError):
@@ -72,13 +72,13 @@ def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> 
     a 1 deg grid over the same longitudes (see :mod:`lightning_seqpar.landmask`)."""
     store = _store(datamodule)
     if store is not None:
-        ds = store.datasets[0]
-        for name in MASK_NAMES:
-            if name in ds.data_vars and {"latitude", "longitude"} <= set(ds[name].dims) and "time" not in ds[name].dims:
-                mask = ds[name]
-                mask = mask.isel({d: 0 for d in mask.dims if d not in ("latitude", "longitude")})
-                values = np.asarray(mask.transpose("latitude", "longitude").values, np.float32)
-                return (values, np.asarray(ds["latitude"].values), np.asarray(ds["longitude"].values)), f"the store's {name!r}"
+        present = [n for n in MASK_NAMES if n in store.static_fields()]
+        for name in present + [n for n in MASK_NAMES if n not in present]:
+            try:
+                values = store.read_static(name)  # [H, W] on the store's grid
+            except (KeyError, ValueError):
+                continue
+            return (values, np.asarray(store.latitudes), np.asarray(store.longitudes)), f"the store's {name!r}"
     lat = np.arange(-89.5, 90.0, 1.0)  # [180]
     half = float(np.median(np.diff(longitudes))) / 2 if len(longitudes) > 1 else 0.5
     lon = np.arange(float(np.min(longitudes)) - half, float(np.max(longitudes)) + half + 1e-9, 0.5)  # to the cell edges

@@ -241,7 +241,7 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["seqpar"])
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve here
     main(["fit", "--config", str(RECIPE), *RECIPE_OVERRIDES, "--trainer.strategy", "auto"])
-    file_checkpoint = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
+    file_checkpoint = tmp_path / "runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt"  # each run its own version_N
     store = tmp_path / "data/synthetic-era5.zarr"
     # The ZeRO path (a directory of shards), in its own process and folder; the store is the one written above.
     zero_root = tmp_path / "zero"
@@ -253,7 +253,7 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
         cwd=zero_root, env=env, capture_output=True, text=True, timeout=500,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    zero_directory = zero_root / "runs/quickstart/checkpoints/last.ckpt"
+    zero_directory = zero_root / "runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt"
     assert zero_directory.is_dir()
 
     code = ("import json, sys; from tests.test_checkpoint_portability import fresh_process_check;"

@@ -126,8 +126,9 @@ def test_units_come_from_the_store_else_from_era5(tmp_path):
     assert field_units(dm, "u_component_of_wind") == "knots"  # the store's own
     assert field_units(None, "geopotential_500") == "m**2 s**-2" and display_units("m s**-1") == "m s⁻¹"
     assert field_long_name("10m_u_component_of_wind") == "10m u component of wind"
+    # the store harmonises ERA5's short name lsm to WeatherBench2's land_sea_mask
     (mask, lat, lon), source = land_sea_mask(dm, LAT, LON)
-    assert source == "the store's 'lsm'" and mask.shape == (32, 64)
+    assert source == "the store's 'land_sea_mask'" and mask.shape == (32, 64)
     _, source = land_sea_mask(None, LAT, LON)
     assert source == "ERA5's 5.625 deg mask (bundled)"
 

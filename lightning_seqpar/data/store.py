@@ -324,6 +324,11 @@ class ERA5Store:
         """The WeatherBench2 spelling of ``field``: ``"z_500"`` -> ``"geopotential_500"``."""
         return self._name(self.resolve(field))
 
+    def field_attrs(self, field: str) -> dict:
+        """The attributes of ``field`` (``units``, ``long_name``, ...) as its first file gives them."""
+        src = self._sources[self.resolve(field)][0]
+        return dict(self.opened[src.file].ds[src.variable].attrs)
+
     def available_fields(self) -> list[str]:
         """Every time-dependent field the store offers, with levels spelled out (``geopotential_500``)."""
         return [self._name(key) for key in self._sources]
