@@ -4,7 +4,7 @@ A plan is a mapping from a dotted path in the model (``fnmatch`` globs allowed) 
 
     {
         "blocks.0": "shard_input:1",          # split the first input of blocks.0 along dim 1
-        "blocks.*.attn": "attention",         # swap each block's attention for the distributed one
+        "blocks.*.attn": "attention",         # make each block's attention core distributed
         "blocks.11": "gather_output:1",       # all-gather the output of the last block along dim 1
     }
 
@@ -15,11 +15,17 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
 ``gather_input:DIM`` / ``gather_output:DIM``
     All-gather the tokens of the module's first input / its output.
 ``attention``
-    A known attention module (``torch.nn.MultiheadAttention``, timm-style ``Attention`` with a fused
-    ``qkv`` Linear, or a class given to :func:`register_attention`) is made distributed.
+    This module attends across tokens and is made distributed: its own forward runs, and only its attention core
+    is replaced (every ``scaled_dot_product_attention`` call, a hand-written ``softmax(Q K^T) V``, torch's
+    multi-head attention; see :mod:`lightning_seqpar.adapters`), or the forward given to
+    :func:`register_attention` for its class runs instead.
 ``sdpa``
-    Every ``torch.nn.functional.scaled_dot_product_attention`` call made while this module runs is made
-    distributed (how Hugging Face and most modern attention code is handled without an adapter).
+    The same interception for every attention core that runs while this module runs (a whole block whose
+    attention submodule has no recognisable name).
+``shard_arguments``
+    Tensors this module receives besides its tokens that are indexed by token (rotary tables passed as
+    ``rope=``, per-token biases) are sliced to this rank's tokens; masks over token pairs, and tables that skip
+    the prefix tokens, are refused with an error that names the argument.
 ``sequence_parameter:DIM``
     A parameter (path names the parameter) indexed by token position along ``DIM``, such as a position
     embedding used after the shard: it is sliced to this rank's tokens while its owner module runs.
@@ -50,7 +56,7 @@ from typing import Any, Literal, Union, get_args
 from torch import nn
 
 RoleKind = Literal[
-    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter",
+    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "shard_arguments", "sequence_parameter",
     "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
@@ -183,13 +189,28 @@ def register_attention(cls: type, distributed_forward: Callable[..., Any]) -> No
 
 
 def attention_adapter(module: nn.Module) -> Callable[..., Any] | None:
-    """The distributed forward that handles ``module``, or None."""
-    from lightning_seqpar import adapters
-
+    """The forward registered for ``module``'s class with :func:`register_attention`, or None (then the module's
+    own forward runs with its attention core intercepted)."""
     for cls, fn in _ATTENTION_ADAPTERS.items():
         if isinstance(module, cls):
             return fn
-    return adapters.builtin_adapter(module)
+    return None
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """Whether ``module`` looks like the attention of a transformer block: a registered class,
+    ``nn.MultiheadAttention``, or a class whose name contains "Attention" (timm ``Attention``/``EvaAttention``,
+    Hugging Face ``ViTAttention``/``Dinov2Attention``, vit-pytorch ``Attention``)."""
+    return attention_adapter(module) is not None or isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _outermost_attentions(block: nn.Module) -> list[str]:
+    """Paths (relative to ``block``) of its attention modules, skipping those nested in another one."""
+    found: list[str] = []
+    for path, module in block.named_modules():
+        if path and is_attention_module(module) and not any(path.startswith(f"{p}.") for p in found):
+            found.append(path)
+    return found
 
 
 def find_block_stacks(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -214,8 +235,9 @@ def _declared_plan(root: nn.Module) -> SequenceParallelPlan | None:
 
 def infer_plan(root: nn.Module) -> SequenceParallelPlan:
     """Build the plan for ``root``: the model's own ``sequence_parallel_plan()`` if it has one, else the largest
-    stack of repeated blocks, sharded on entry and gathered on exit, with every known attention inside swapped
-    and SDPA intercepted in blocks that have none.
+    stack of repeated blocks, sharded on entry and gathered on exit, per-token arguments of every block sharded
+    with the tokens, and the attention core of each block's attention module (or of the whole block, where no
+    submodule is recognisably its attention) made distributed.
 
     Raises:
         PlanError: No block stack was found.
@@ -247,7 +269,9 @@ def infer_plan(root: nn.Module) -> SequenceParallelPlan:
     entries: dict[str, list[str]] = {entry: ["shard_input:1"]}
     for i, block in enumerate(stack):
         block_path = f"{prefix}{i}"
-        attentions = [f"{block_path}.{p}" if p else block_path for p, m in block.named_modules() if attention_adapter(m)]
+        if not containers:  # rotary tables and other per-token tensors handed to every block
+            entries.setdefault(block_path, []).append("shard_arguments")
+        attentions = [f"{block_path}.{p}" for p in _outermost_attentions(block)]
         for attention_path in attentions:
             entries.setdefault(attention_path, []).append("attention")
         if not attentions:
