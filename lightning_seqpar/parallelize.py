@@ -251,18 +251,20 @@ def apply_shard_arguments(applied: AppliedPlan, module: nn.Module, path: str) ->
         skip = None if first is not None else next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
         tokens = args[0] if first is not None else kwargs.get(skip)
         batch = tokens.shape[0] if isinstance(tokens, Tensor) else None
-        new_args = tuple(a if i == first else _map_tensors(a, f"{path} argument {i}", runtime, batch) for i, a in enumerate(args))
-        new_kwargs = {k: v if k == skip else _map_tensors(v, f"{path} argument {k!r}", runtime, batch) for k, v in kwargs.items()}
+        # torch's convention: with is_causal=True a mask is only a hint of causality (torch asks for one and drops it).
+        hint = kwargs.get("is_causal") is True
+        new_args = tuple(a if i == first else _map_tensors(a, f"{path} argument {i}", runtime, batch, hint) for i, a in enumerate(args))
+        new_kwargs = {k: v if k == skip else _map_tensors(v, f"{path} argument {k!r}", runtime, batch, hint) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
     applied._undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
 
 
-def _map_tensors(value: Any, name: str, runtime: SequenceParallelRuntime, batch: int | None) -> Any:
+def _map_tensors(value: Any, name: str, runtime: SequenceParallelRuntime, batch: int | None, causal_hint: bool) -> Any:
     if isinstance(value, Tensor):
-        return shard_token_argument(value, name, runtime, batch)
+        return shard_token_argument(value, name, runtime, batch, causal_hint)
     if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
-        return type(value)(_map_tensors(v, f"{name}[{i}]", runtime, batch) for i, v in enumerate(value))
+        return type(value)(_map_tensors(v, f"{name}[{i}]", runtime, batch, causal_hint) for i, v in enumerate(value))
     return value
 
 
@@ -271,7 +273,8 @@ def _map_tensors(value: Any, name: str, runtime: SequenceParallelRuntime, batch:
 _PREFIX_TOKENS_LIMIT = 16
 
 
-def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime, batch: int | None) -> Tensor:
+def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime, batch: int | None,
+                         causal_hint: bool = False) -> Tensor:
     """This rank's part of a tensor a block receives besides its ``[B, L_r, D]`` tokens.
 
     - One dimension of the full length L (rotary tables ``[L, d]`` or ``[H, L, d]``, per-token biases ``[B, L, D]``):
@@ -280,6 +283,9 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
       tokens k (a table that skips the class/register tokens, which the module applies to "all but its first k
       tokens", wrong on every rank but the first): :class:`UnsupportedAttentionError` naming the argument.
     - None: passed unchanged (not per-token, e.g. a ``[B, D]`` conditioning vector).
+
+    A mask over token pairs passed with ``is_causal=True`` is passed unchanged: torch's modules take it as a hint of
+    causality only (``nn.TransformerEncoderLayer``), and the SDPA interception refuses it where it would be used.
     """
     assert runtime.layout is not None
     total, lengths = runtime.layout.total, runtime.layout.lengths
@@ -288,6 +294,8 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
         dims = dims[1:]  # the batch dimension happens to equal L
     if len(dims) == 1:
         return shard_sequence(t, runtime.group, dims[0], runtime.layout)
+    if len(dims) > 1 and causal_hint:
+        return t
     if len(dims) > 1:
         raise UnsupportedAttentionError(
             f"{name} has shape {list(t.shape)} with {len(dims)} dimensions of the sequence length {total}: a mask or"
