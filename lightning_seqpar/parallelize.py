@@ -292,8 +292,6 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
     dims = [i for i, n in enumerate(t.shape) if n == total]
     if len(dims) > 1 and batch == total and t.dim() > 2 and t.shape[0] == batch:
         dims = dims[1:]  # the batch dimension happens to equal L
-    if len(dims) == 1:
-        return shard_sequence(t, runtime.group, dims[0], runtime.layout)
     if len(dims) > 1 and causal_hint:
         return t
     if len(dims) > 1:
@@ -302,15 +300,19 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
             " bias over token pairs cannot follow the token sharding (the distributed attention takes no mask)."
             " Drop it (use is_causal=True for causal masking) or leave these blocks out of the plan."
         )
-    offsets = [total - n for n in t.shape if max(lengths) < n < total and total - n <= _PREFIX_TOKENS_LIMIT]
-    if offsets and len(lengths) > 1:
+    # A dimension a few rows short of L (and longer than any rank's slice): a table that skips the prefix tokens.
+    # Checked before an exact match, since such a table can also have a feature dimension that happens to equal L.
+    near = [n for n in t.shape if max(lengths) < n < total and total - n <= _PREFIX_TOKENS_LIMIT]
+    if near and len(lengths) > 1:
         raise UnsupportedAttentionError(
-            f"{name} has shape {list(t.shape)}: a per-token tensor of {total - offsets[0]} rows for a sequence of"
-            f" {total} tokens, i.e. one that skips {offsets[0]} prefix (class/register) token(s). The module applies"
-            " it to all but the first tokens it holds, which is right only on the rank that holds the prefix tokens."
-            " Use a model without prefix tokens here (e.g. timm class_token=False, reg_tokens=0, global_pool='avg'),"
-            " or pass a table with one row per token."
+            f"{name} has shape {list(t.shape)}: a per-token tensor of {near[0]} rows for a sequence of {total} tokens,"
+            f" i.e. one that skips {total - near[0]} prefix (class/register) token(s). The module applies it to all"
+            " but the first tokens it holds, which is right only on the rank that holds the prefix tokens, so it"
+            " cannot follow the token sharding. Use a model without prefix tokens here (e.g. timm class_token=False,"
+            " num_reg_tokens=0, global_pool='avg'), or pass a table with one row per token."
         )
+    if dims:
+        return shard_sequence(t, runtime.group, dims[0], runtime.layout)
     return t
 
 

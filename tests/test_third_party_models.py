@@ -51,7 +51,7 @@ class TorchCausalEncoder(nn.Module):
         self.head = nn.Linear(24, 3)
 
     def forward(self, x):  # [B, 17, 6] -> [B, 17, 3]
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
         return self.head(self.encoder(self.embed(x), mask=mask, is_causal=True))
 
 
@@ -80,12 +80,12 @@ class RopeModel(nn.Module):
         super().__init__()
         self.embed, self.blocks, self.head = nn.Linear(6, 32), nn.ModuleList(RopeBlock() for _ in range(2)), nn.Linear(32, 3)
 
-    def rope_table(self, n: int) -> torch.Tensor:  # [n, 2 d]: sin and cos of 4 frequencies, duplicated
-        angles = torch.arange(n, dtype=torch.float32)[:, None] * torch.logspace(0, -2, 4)[None]
+    def rope_table(self, n: int, device=None) -> torch.Tensor:  # [n, 2 d]: sin and cos of 4 frequencies, duplicated
+        angles = torch.arange(n, dtype=torch.float32, device=device)[:, None] * torch.logspace(0, -2, 4, device=device)[None]
         return torch.cat([angles.sin().repeat(1, 2), angles.cos().repeat(1, 2)], dim=-1)
 
     def forward(self, x, rope=None):  # [B, 23, 6] -> [B, 23, 3]
-        rope = self.rope_table(x.shape[1]) if rope is None else rope
+        rope = self.rope_table(x.shape[1], x.device) if rope is None else rope
         x = self.embed(x)
         for block in self.blocks:
             x = block(x, rope=rope)
@@ -93,7 +93,14 @@ class RopeModel(nn.Module):
 
 
 def build(name: str) -> nn.Module:
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
+    from transformers import (
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        ViTConfig,
+        ViTMAEConfig,
+        ViTMAEForPreTraining,
+        ViTModel,
+    )
 
     quiet = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if name == "hf_vit_3heads":  # 20 x 24 image, patch 4: 30 patches + CLS = 31 tokens
@@ -136,7 +143,7 @@ def model_loss(name: str, model: nn.Module, x: torch.Tensor, noise: torch.Tensor
         return out.loss, out.ids_restore
     if name.startswith("hf_"):
         hidden = model(pixel_values=x).last_hidden_state  # [B, L, D]
-        return (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum(-1).square().mean(), None
+        return (hidden * torch.linspace(-1, 1, hidden.shape[-1], device=hidden.device)).sum(-1).square().mean(), None
     return model(x).square().mean(), None
 
 
