@@ -143,7 +143,7 @@ def worker(configs: list) -> dict:
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[tokens])
         trainer.fit(module, DataLoader(Data(name), batch_size=BATCH))
         results[(name, attention)] = {
-            "final": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, "seen": module.seen,
+            "final": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}, "seen": module.seen,
             "perms": module.perms, "losses": module.losses, "tokens": sorted(tokens.seen), "chosen": trainer.strategy.attention,
         }
     # A rotary table that skips the class token cannot follow the shards: refused by name, never run wrong.
