@@ -349,3 +349,63 @@ def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
     applied.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "heads,sp,backend,expected",
+    [([6], 2, "auto", ("ulysses", None)), ([3], 4, "auto", ("hybrid", 2)), ([12, 3], 8, "auto", ("hybrid", 2)),
+     ([2], 3, "auto", ("ring", None)), ([3], 4, "sdpa", ("lss", None)), ([], 4, "auto", ("lss", None)), ([1], 1, "auto", ("ulysses", None))],
+)
+def test_auto_attention_choice(heads, sp, backend, expected):
+    from lightning_seqpar.parallelize import choose_attention
+
+    kind, degree, reason = choose_attention(heads, sp, backend)
+    assert (kind, degree) == expected and reason
+
+
+def test_head_counts_are_read_from_the_attention_modules():
+    from lightning_seqpar.parallelize import attention_head_counts
+    from tests.models import build_model
+
+    for name, heads in (("timm_vit", 4), ("torch_encoder", 4), ("hf_vit", 4), ("container_vit", 4)):
+        model = build_model(name)
+        counts = attention_head_counts(model, infer_plan(model).resolve(model))
+        assert counts and set(counts) == {heads}, (name, counts)
+
+
+class _SDPAWith(nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options, self.qkv = options, nn.Linear(8, 24)
+
+    def forward(self, x):  # [B, L, 8], 2 heads of 4
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, **self.options).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("options", [{"is_causal": False, "attn_mask": None}, {"is_causal": True}, {"scale": 0.3},
+                                     {"dropout_p": 0.0, "enable_gqa": False}])
+def test_sdpa_keywords_are_honoured(group, options):
+    """What a new release passes (timm's is_causal=False, an explicit scale) is honoured, never refused."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([_SDPAWith(**options), _SDPAWith(**options)])
+    x = torch.randn(2, 5, 8)
+    expected = model.blocks[0](x)
+    applied = apply_sequence_parallel(model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    torch.testing.assert_close(model.blocks[0](x), expected)
+    assert applied.runtime.attention_calls == 1
+    applied.remove()
+
+
+def test_unknown_sdpa_keyword_is_refused_by_name(group):
+    """An option a future torch adds to SDPA reaches the interception as a keyword: refused by name when it would
+    change the result, passed when it is a no-op value (today's torch rejects unknown keywords itself, so the
+    interception is called directly)."""
+    from lightning_seqpar.adapters import DistributedSDPA
+
+    q = torch.randn(1, 2, 5, 4)
+    mode = DistributedSDPA(lambda q, k, v, **kw: q)  # the attend of a runtime: [B, L_r, H, d] in and out
+    with pytest.raises(UnsupportedAttentionError, match=r"called with \['future_option'\] inside the sequence-parallel region"):
+        mode._sdpa(q, q, q, future_option=True)
+    torch.testing.assert_close(mode._sdpa(q, q, q, future_option=None), q)
