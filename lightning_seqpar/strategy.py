@@ -424,7 +424,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
-            "seqpar", cls, description="Sequence parallelism (Ulysses) across the devices of each node"
+            "seqpar", cls, description="Sequence parallelism across the devices of each node (attention chosen from the model's heads)"
         )
         strategy_registry.register(
             "seqpar_ulysses", cls, description="Sequence parallelism with DeepSpeed-Ulysses attention", attention="ulysses"
