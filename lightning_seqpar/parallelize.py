@@ -401,6 +401,9 @@ def apply_sequence_parallel(
 
     Returns:
         The applied plan; call ``.remove()`` to restore the plain model.
+
+    A collective: every rank of ``group`` must call it (the group takes its first rank's random state, see
+    :func:`sync_rng_state`).
     """
     if attention not in _KERNELS:
         raise PlanError(f"unknown sequence-parallel attention {attention!r}; choose one of {', '.join(_KERNELS)}.")
@@ -450,61 +453,3 @@ def sync_rng_state(group: ProcessGroup) -> None:
     torch.set_rng_state(states[0])
     if cuda:
         torch.cuda.set_rng_state(states[1], device)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# attention="auto": the distributed kernel chosen from the model's head counts.
-# ---------------------------------------------------------------------------------------------------------
-
-_HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "heads", "n_heads", "n_head")
-
-
-def attention_head_counts(root: nn.Module, resolved: list[tuple[str, Role]]) -> list[int]:
-    """The head counts of the attention modules the plan makes distributed (attributes ``num_heads`` (timm, torch),
-    ``num_attention_heads`` (Hugging Face), ``heads`` (vit-pytorch), ``n_heads``/``n_head``)."""
-    counts = []
-    for path, role in resolved:
-        if role.kind not in ("attention", "sdpa"):
-            continue
-        for sub in root.get_submodule(path).modules():
-            for name in _HEAD_ATTRIBUTES:
-                value = getattr(sub, name, None)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    counts.append(value)
-                    break
-    return counts
-
-
-def choose_attention(heads: list[int], sequence_parallel_size: int, backend: str = "auto") -> tuple[str, int | None, str]:
-    """``attention="auto"``: ``(kind, ulysses_degree, reason)`` for a model with these head counts.
-
-    Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509) when every attention has at least ``sequence_parallel_size``
-    heads; otherwise hybrid Ulysses x ring (USP, arXiv 2405.07719) with the largest Ulysses degree that divides
-    ``sequence_parallel_size`` and is at most the fewest heads (ring alone when that is 1); LSS (arXiv 2311.02382,
-    no head limit) when the local kernel cannot run a ring or no head count is known.
-    """
-    from lightning_seqpar.attention.ring import RING_BACKENDS
-
-    sp = sequence_parallel_size
-    if sp == 1:
-        return "ulysses", None, "one rank per sequence: no communication"
-    if not heads:
-        return "lss", None, (
-            "no head count found on the attention modules (attributes num_heads / num_attention_heads / heads);"
-            " LSS has no head limit"
-        )
-    fewest = min(heads)
-    if fewest >= sp:
-        return "ulysses", None, f"every attention has >= {sp} heads (fewest: {fewest}), one all-to-all each way"
-    if backend not in RING_BACKENDS:
-        return "lss", None, (
-            f"{fewest} heads < sequence_parallel_size={sp} rules out Ulysses, and attention_backend={backend!r}"
-            " cannot run a ring; LSS has no head limit"
-        )
-    degree = max(d for d in range(1, fewest + 1) if sp % d == 0)
-    if degree == 1:
-        return "ring", None, f"{fewest} head(s) < sequence_parallel_size={sp} and no Ulysses degree > 1 divides {sp}"
-    return "hybrid", degree, (
-        f"{fewest} heads < sequence_parallel_size={sp}: Ulysses inside groups of {degree} ranks, ring across"
-        f" {sp // degree} groups"
-    )

@@ -37,8 +37,8 @@ from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, Backend
 from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline
-from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel, attention_head_counts, choose_attention
-from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
+from lightning_seqpar.plan import PlanError, SequenceParallelPlan, attention_head_counts, block_paths, choose_attention, infer_plan
 from lightning_seqpar.resumable import make_resumable
 from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard

@@ -357,14 +357,14 @@ def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
      ([2], 3, "auto", ("ring", None)), ([3], 4, "sdpa", ("lss", None)), ([], 4, "auto", ("lss", None)), ([1], 1, "auto", ("ulysses", None))],
 )
 def test_auto_attention_choice(heads, sp, backend, expected):
-    from lightning_seqpar.parallelize import choose_attention
+    from lightning_seqpar.plan import choose_attention
 
     kind, degree, reason = choose_attention(heads, sp, backend)
     assert (kind, degree) == expected and reason
 
 
 def test_head_counts_are_read_from_the_attention_modules():
-    from lightning_seqpar.parallelize import attention_head_counts
+    from lightning_seqpar.plan import attention_head_counts
     from tests.models import build_model
 
     for name, heads in (("timm_vit", 4), ("torch_encoder", 4), ("hf_vit", 4), ("container_vit", 4)):
