@@ -268,8 +268,9 @@ def _map_tensors(value: Any, name: str, runtime: SequenceParallelRuntime, batch:
     return value
 
 
-# A tensor with a dimension this much shorter than the sequence (and longer than any rank's slice) looks like a
-# per-token tensor that skips the class/register tokens (timm's rotary embeddings with num_prefix_tokens > 0).
+# A tensor with a dimension this much shorter than the sequence (at most L / 8 shorter, and longer than any rank's
+# slice) looks like a per-token tensor that skips the class/register tokens (timm's rotary tables with
+# num_prefix_tokens > 0; timm has 1 class token and up to 16 register tokens).
 _PREFIX_TOKENS_LIMIT = 16
 
 
@@ -302,7 +303,8 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
         )
     # A dimension a few rows short of L (and longer than any rank's slice): a table that skips the prefix tokens.
     # Checked before an exact match, since such a table can also have a feature dimension that happens to equal L.
-    near = [n for n in t.shape if max(lengths) < n < total and total - n <= _PREFIX_TOKENS_LIMIT]
+    skip_limit = min(_PREFIX_TOKENS_LIMIT, total // 8)  # a few prefix tokens, few next to the sequence
+    near = [n for n in t.shape if max(lengths) < n < total and total - n <= skip_limit]
     if near and len(lengths) > 1:
         raise UnsupportedAttentionError(
             f"{name} has shape {list(t.shape)}: a per-token tensor of {near[0]} rows for a sequence of {total} tokens,"
