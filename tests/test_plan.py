@@ -409,3 +409,16 @@ def test_unknown_sdpa_keyword_is_refused_by_name(group):
     with pytest.raises(UnsupportedAttentionError, match=r"called with \['future_option'\] inside the sequence-parallel region"):
         mode._sdpa(q, q, q, future_option=True)
     torch.testing.assert_close(mode._sdpa(q, q, q, future_option=None), q)
+
+
+def test_auto_runs_dropout_calls_as_lss_when_it_chose_a_ring(group):
+    """The ring kernels have no dropout: a kind that "auto" chose falls back to LSS for such calls, an explicit
+    choice keeps refusing them."""
+    from lightning_seqpar.parallelize import SequenceParallelRuntime
+
+    q = torch.randn(1, 6, 2, 4)
+    chosen = SequenceParallelRuntime(group, "ring", "math", active=True, dropout_fallback=True)
+    assert chosen.attend(q, q, q, dropout_p=0.1).shape == q.shape
+    explicit = SequenceParallelRuntime(group, "ring", "math", active=True)
+    with pytest.raises(NotImplementedError, match="does not implement attention dropout"):
+        explicit.attend(q, q, q, dropout_p=0.1)
