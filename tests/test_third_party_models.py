@@ -1,10 +1,10 @@
-"""Real third-party ViTs under SeqParStrategy on the CPU (gloo): Hugging Face transformers ViT, ViTMAE and Dinov2 with
-register tokens, and torch.nn.TransformerEncoder (causal), each trained with the default attention="auto" on
+"""Real third-party ViTs under SeqParStrategy on the CPU (gloo): Hugging Face transformers ViT, ViTMAE, Dinov2 and Dinov2
+with register tokens, torch.nn.TransformerEncoder (causal), each trained with the default attention="auto" on
 sequence_parallel_size=4 and compared with single-process training (parameters after 3 SGD-with-momentum steps within
 relative error 1e-5, fp32), with a check that each rank's attention saw only its share of the tokens.
 
-Held-out shapes on purpose: 31, 19, 21 and 17 tokens (none divisible by 4), class and register tokens, 3 and 5 heads
-(3 < 4 makes "auto" choose hybrid Ulysses x ring, 5 gives uneven Ulysses head shards). The real timm is tested on
+Held-out shapes on purpose: 31, 19, 21, 17 and 23 tokens (none divisible by 4), class and register tokens, 2, 3 and 5
+heads (2 and 3 < 4 make "auto" choose hybrid Ulysses x ring, 5 gives uneven Ulysses head shards). The real timm is tested on
 the GPU machine (tests/gpu/test_gpu_third_party.py): PyPI's torchvision does not load with the CPU torch here.
 """
 
@@ -29,6 +29,7 @@ MODELS = {
     "hf_vit_3heads": (31, "hybrid"),
     "hf_vitmae": (19, "ulysses"),
     "hf_dinov2_registers_5heads": (21, "ulysses"),
+    "hf_dinov2_2heads": (17, "hybrid"),
     "torch_encoder_causal_3heads": (17, "hybrid"),
     "rope_blocks": (23, "ulysses"),
 }
@@ -94,6 +95,8 @@ class RopeModel(nn.Module):
 
 def build(name: str) -> nn.Module:
     from transformers import (
+        Dinov2Config,
+        Dinov2Model,
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
         ViTConfig,
@@ -117,6 +120,11 @@ def build(name: str) -> nn.Module:
             num_register_tokens=4, layerscale_value=0.5, **quiet))
         model.embeddings.mask_token.requires_grad_(False)  # used only with bool_masked_pos; DDP wants every parameter used
         return model
+    if name == "hf_dinov2_2heads":  # 28 x 28, patch 7: 16 patches + CLS = 17 tokens; 2 heads < 4 ranks
+        model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                         image_size=28, patch_size=7, layerscale_value=0.5, **quiet))
+        model.embeddings.mask_token.requires_grad_(False)
+        return model
     if name == "torch_encoder_causal_3heads":
         return TorchCausalEncoder()
     return RopeModel()
@@ -126,6 +134,7 @@ class Samples(Dataset):
     def __init__(self, name: str, size: int = 32) -> None:
         g = torch.Generator().manual_seed(0)
         shape = {"hf_vit_3heads": (3, 20, 24), "hf_vitmae": (3, 24, 24), "hf_dinov2_registers_5heads": (3, 28, 28),
+                 "hf_dinov2_2heads": (3, 28, 28),
                  "torch_encoder_causal_3heads": (17, 6), "rope_blocks": (23, 6)}[name]
         self.x = torch.randn(size, *shape, generator=g)
 
