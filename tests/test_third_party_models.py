@@ -30,6 +30,7 @@ MODELS = {
     "hf_vitmae": (19, "ulysses"),
     "hf_dinov2_registers_5heads": (21, "ulysses"),
     "hf_dinov2_2heads": (17, "hybrid"),
+    "hf_vit_eager": (31, "ulysses"),
     "torch_encoder_causal_3heads": (17, "hybrid"),
     "rope_blocks": (23, "ulysses"),
 }
@@ -109,6 +110,11 @@ def build(name: str) -> nn.Module:
     if name == "hf_vit_3heads":  # 20 x 24 image, patch 4: 30 patches + CLS = 31 tokens
         return ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=48,
                                   image_size=(20, 24), patch_size=4, **quiet), add_pooling_layer=False)
+    if name == "hf_vit_eager":  # attn_implementation="eager": softmax(Q K^T) V written by hand, no SDPA call
+        config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                           image_size=(20, 24), patch_size=4, **quiet)
+        config._attn_implementation = "eager"
+        return ViTModel(config, add_pooling_layer=False)
     if name == "hf_vitmae":  # 24 x 24, patch 4: 36 patches, half masked at random, + CLS = 19 tokens
         return ViTMAEForPreTraining(ViTMAEConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=24, patch_size=4,
@@ -133,7 +139,7 @@ def build(name: str) -> nn.Module:
 class Samples(Dataset):
     def __init__(self, name: str, size: int = 32) -> None:
         g = torch.Generator().manual_seed(0)
-        shape = {"hf_vit_3heads": (3, 20, 24), "hf_vitmae": (3, 24, 24), "hf_dinov2_registers_5heads": (3, 28, 28),
+        shape = {"hf_vit_3heads": (3, 20, 24), "hf_vit_eager": (3, 20, 24), "hf_vitmae": (3, 24, 24), "hf_dinov2_registers_5heads": (3, 28, 28),
                  "hf_dinov2_2heads": (3, 28, 28),
                  "torch_encoder_causal_3heads": (17, 6), "rope_blocks": (23, 6)}[name]
         self.x = torch.randn(size, *shape, generator=g)
