@@ -1,25 +1,51 @@
-"""Distributed forwards for attention modules the strategy knows (torch MultiheadAttention, timm, vit-pytorch), and the interception of SDPA calls for those it does not.
+"""Interception of a module's attention core, so that its own forward runs on token-sharded inputs with a distributed core.
 
-Each adapter is ``fn(module, attend, *args, **kwargs)`` that reproduces the module's forward on token-sharded
-inputs ``[B, L_r, D]`` using the module's own parameters, with ``attend(q, k, v, ...)`` (layout
-``[B, L_r, H, d]``) in place of the attention core. Options the distributed version cannot honour
-(masks, cross-attention, sequence-first layouts) raise :class:`UnsupportedAttentionError` naming the option.
+Intercept, don't imitate: the strategy never re-implements a third-party attention forward. While a module marked
+``attention`` (or ``sdpa``) runs inside the sequence-parallel region, :class:`DistributedSDPA` (a
+``TorchFunctionMode``, the mechanism of PyTorch's own ``context_parallel``) replaces only
+
+- every ``torch.nn.functional.scaled_dot_product_attention`` call (timm with ``fused_attn``, Hugging Face with
+  ``attn_implementation="sdpa"``, most modern code) by the distributed attention of the plan;
+- the ``softmax(Q K^T) V`` core of attention written by hand (timm without ``fused_attn``, Hugging Face ``eager``,
+  vit-pytorch): the batched ``Q K^T`` product gathers the keys of the whole sequence and the following
+  ``P V`` product the values (LSS at the level of the two products, arXiv 2311.02382), so the module's own scale,
+  masks, softmax and dropout run unchanged on scores ``[B, H, L_r, L]``;
+- ``torch.nn.functional.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``):
+  torch's own function runs with ``need_weights=False`` and its SDPA call made distributed.
+
+Every keyword these calls receive is honoured (``is_causal``, ``scale``, ``dropout_p``, ``enable_gqa``) or refused
+with :class:`UnsupportedAttentionError` naming it and saying what to do; values that change nothing
+(``attn_mask=None``, ``is_causal=False``) pass. Letters: B batch, H heads, L tokens, L_r this rank's tokens, d head dim.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-Attend = Callable[..., Tensor]
+log = logging.getLogger(__name__)
 
 
 class UnsupportedAttentionError(ValueError):
     """Raised when an attention call uses an option its distributed version does not support."""
+
+
+class AttentionRuntime(Protocol):
+    """What the interception needs from the applied plan (:class:`~lightning_seqpar.parallelize.SequenceParallelRuntime`)."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0,
+               softmax_scale: float | None = None) -> Tensor: ...
+
+    def token_lengths(self) -> tuple[int, int] | None: ...
+
+    def gather_tokens(self, x: Tensor, dim: int, *, count: bool) -> Tensor: ...
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -30,164 +56,155 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _mha_forward(
-    module: nn.MultiheadAttention,
-    attend: Attend,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_padding_mask: Tensor | None = None,
-    need_weights: bool = True,
-    attn_mask: Tensor | None = None,
-    average_attn_weights: bool = True,
-    is_causal: bool = False,
-) -> tuple[Tensor, None]:
-    """``torch.nn.MultiheadAttention`` self-attention on ``[B, L_r, D]``; returns ``(output, None)``."""
-    name = f"{type(module).__name__}"
-    if not module.batch_first:
-        raise UnsupportedAttentionError(
-            f"{name}(batch_first=False) is not supported under sequence parallelism: build it with batch_first=True"
-            " so tokens are dimension 1."
-        )
-    if key_padding_mask is not None or attn_mask is not None:
-        raise UnsupportedAttentionError(
-            f"{name} was called with key_padding_mask/attn_mask; masks are not supported by the distributed"
-            " attention (use is_causal=True for causal masking, or no mask)."
-        )
-    if not (_same_tensor(query, key) and _same_tensor(key, value)):
-        raise UnsupportedAttentionError(
-            f"{name} was called as cross-attention (query, key, value differ); only self-attention over the"
-            " sharded tokens can be made distributed. Leave this module out of the plan."
-        )
-    if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
-        raise UnsupportedAttentionError(f"{name} with add_bias_kv, add_zero_attn or kdim/vdim != embed_dim is not supported.")
-    B, L_r, D = query.shape
-    H = module.num_heads
-    qkv = F.linear(query, module.in_proj_weight, module.in_proj_bias)  # [B, L_r, 3D]
-    q, k, v = qkv.view(B, L_r, 3, H, D // H).unbind(2)  # [B, L_r, H, d] each
-    dropout = module.dropout if module.training else 0.0
-    out = attend(q, k, v, causal=is_causal, dropout_p=dropout)  # [B, L_r, H, d]
-    out = module.out_proj(out.reshape(B, L_r, D))
-    return out, None
-
-
-def _is_timm_style(module: nn.Module) -> bool:
-    return (
-        isinstance(getattr(module, "qkv", None), nn.Linear)
-        and isinstance(getattr(module, "num_heads", None), int)
-        and isinstance(getattr(module, "proj", None), nn.Module)
-    )
-
-
-def _timm_forward(module: nn.Module, attend: Attend, x: Tensor, attn_mask: Tensor | None = None, **kwargs) -> Tensor:
-    """timm-style ``Attention`` (fused ``qkv`` Linear, ``q_norm``/``k_norm``, ``proj``) on ``[B, L_r, D]``."""
-    if attn_mask is not None or any(v is not None for v in kwargs.values()):
-        raise UnsupportedAttentionError(
-            f"{type(module).__name__} was called with {'attn_mask' if attn_mask is not None else sorted(kwargs)}:"
-            " masks are not supported by the distributed attention."
-        )
-    B, L_r, _ = x.shape
-    H = module.num_heads
-    qkv = module.qkv(x)  # [B, L_r, 3 * H * d]
-    q, k, v = qkv.view(B, L_r, 3, H, -1).unbind(2)  # [B, L_r, H, d] each
-    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    attn_drop = getattr(module, "attn_drop", None)
-    dropout = attn_drop.p if module.training and isinstance(attn_drop, nn.Dropout) else 0.0
-    out = attend(q, k, v, dropout_p=dropout, softmax_scale=getattr(module, "scale", None))  # [B, L_r, H, d]
-    out = out.reshape(B, L_r, -1)
-    norm = getattr(module, "norm", None)
-    if isinstance(norm, nn.Module):
-        out = norm(out)
-    out = module.proj(out)
-    proj_drop = getattr(module, "proj_drop", None)
-    return proj_drop(out) if isinstance(proj_drop, nn.Module) else out
-
-
-def _is_vit_pytorch_style(module: nn.Module) -> bool:
-    return (
-        isinstance(getattr(module, "to_qkv", None), nn.Linear)
-        and isinstance(getattr(module, "heads", None), int)
-        and isinstance(getattr(module, "attend", None), nn.Softmax)
-        and isinstance(getattr(module, "to_out", None), nn.Module)
-    )
-
-
-def _vit_pytorch_forward(module: nn.Module, attend: Attend, x: Tensor) -> Tensor:
-    """lucidrains' vit-pytorch ``Attention`` (pre-norm, ``to_qkv`` without bias, softmax by hand) on ``[B, L_r, D]``."""
-    norm = getattr(module, "norm", None)
-    if isinstance(norm, nn.Module):
-        x = norm(x)
-    B, L_r, _ = x.shape
-    q, k, v = (t.view(B, L_r, module.heads, -1) for t in module.to_qkv(x).chunk(3, dim=-1))  # [B, L_r, H, d]
-    dropout = getattr(module, "dropout", None)
-    p = dropout.p if module.training and isinstance(dropout, nn.Dropout) else 0.0
-    out = attend(q, k, v, dropout_p=p, softmax_scale=getattr(module, "scale", None))  # [B, L_r, H, d]
-    return module.to_out(out.reshape(B, L_r, -1))
-
-
-def builtin_adapter(module: nn.Module):
-    """The built-in distributed forward for ``module``, or None if it is not an attention we know."""
-    if isinstance(module, nn.MultiheadAttention):
-        return _mha_forward
-    if _is_timm_style(module):
-        return _timm_forward
-    if _is_vit_pytorch_style(module):
-        return _vit_pytorch_forward
-    return None
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
+_SDPA_PARAMETERS = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                     enable_gqa=False: None).parameters
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_warned_need_weights = False
 
 
 class DistributedSDPA(TorchFunctionMode):
-    """While active, ``torch.nn.functional.scaled_dot_product_attention`` on ``[B, H, L_r, d]`` runs distributed.
+    """While active, the attention core of the running module is made distributed (see the module docstring).
 
-    PyTorch's own ``context_parallel`` intercepts SDPA the same way. Other torch functions pass through.
+    Args:
+        runtime: The applied plan's runtime: its ``attend`` (``[B, L_r, H, d]`` q, k, v -> out), the token lengths
+            ``(L_r, L)`` of the current region and an autograd-aware token gather. An object with only ``attend``
+            (older callers) intercepts SDPA alone.
+
+    Other torch functions pass through unchanged.
     """
 
-    def __init__(self, attend: Attend) -> None:
+    def __init__(self, runtime: AttentionRuntime | Callable[..., Tensor]) -> None:
         super().__init__()
-        self.attend = attend
+        self.runtime = runtime
+        self.attend = runtime if callable(runtime) and not hasattr(runtime, "attend") else runtime.attend
+        self._pending_scores: list[tuple[torch.Size, int]] = []  # batch shape and L of gathered Q K^T products
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        return self._sdpa(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._multi_head_attention(func, args, kwargs)
+        if func in _MATMULS and len(args) == 2 and not kwargs:
+            return self._matmul(func, *args)
+        return func(*args, **kwargs)
 
-    def _sdpa(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attn_mask: Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> Tensor:
+    # --- SDPA ---------------------------------------------------------------------------------------------
+
+    def _sdpa(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        options = dict(zip(list(_SDPA_PARAMETERS)[3:], args)) | kwargs
+        unknown = sorted(set(options) - set(_SDPA_PARAMETERS))
+        if unknown:
+            changing = [name for name in unknown if options[name] not in (None, False, 0, 0.0)]
+            if changing:
+                raise UnsupportedAttentionError(
+                    f"scaled_dot_product_attention was called with {changing} inside the sequence-parallel region; the"
+                    " distributed attention does not implement these options. Call it without them, or leave this"
+                    " module out of the plan."
+                )
+        attn_mask = options.get("attn_mask")
         if attn_mask is not None:
             raise UnsupportedAttentionError(
-                "scaled_dot_product_attention was called with attn_mask inside the sequence-parallel region;"
-                " masks are not supported by the distributed attention (is_causal=True is)."
+                "scaled_dot_product_attention was called with attn_mask inside the sequence-parallel region; masks"
+                " are not supported by the distributed attention (a mask over all L x L token pairs is not sharded"
+                " with the tokens). Use is_causal=True for causal masking, or no mask."
             )
         if query.dim() != 4:
             raise UnsupportedAttentionError(f"expected SDPA inputs [B, H, L, d], got {list(query.shape)}")
+        if key.shape[-2] != query.shape[-2] or value.shape[-2] != key.shape[-2]:
+            raise UnsupportedAttentionError(
+                f"scaled_dot_product_attention got {query.shape[-2]} query and {key.shape[-2]} key tokens inside the"
+                " sequence-parallel region: cross-attention (keys from another sequence, a cache or extra key"
+                " tokens) cannot follow the token sharding. Leave this module out of the plan."
+            )
         if key.shape[1] != query.shape[1]:
-            if not enable_gqa:
+            if not options.get("enable_gqa", False):
                 raise UnsupportedAttentionError("SDPA with fewer key/value heads than query heads needs enable_gqa=True")
             repeat = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)  # [B, H, L_r, d]
         out = self.attend(
-            query.transpose(1, 2),  # [B, L_r, H, d]
+            query.transpose(1, 2),  # [B, H, L_r, d] -> [B, L_r, H, d]
             key.transpose(1, 2),
             value.transpose(1, 2),
-            causal=is_causal,
-            dropout_p=dropout_p,
-            softmax_scale=scale,
+            causal=bool(options.get("is_causal", False)),
+            dropout_p=float(options.get("dropout_p", 0.0)),
+            softmax_scale=options.get("scale"),
         )
         return out.transpose(1, 2)  # [B, H, L_r, d]
+
+    # --- torch.nn.MultiheadAttention ------------------------------------------------------------------------
+
+    def _multi_head_attention(self, func, args: tuple, kwargs: dict):
+        """Run torch's own ``multi_head_attention_forward`` with its SDPA call made distributed."""
+        global _warned_need_weights
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        # With is_causal=True (and no padding mask) torch treats attn_mask as a hint only and drops it.
+        if a["key_padding_mask"] is not None or (a["attn_mask"] is not None and not a["is_causal"]):
+            raise UnsupportedAttentionError(
+                "nn.MultiheadAttention was called with key_padding_mask/attn_mask; masks are not supported by the"
+                " distributed attention (a mask over all L x L token pairs is not sharded with the tokens). Use"
+                " is_causal=True for causal masking, or no mask."
+            )
+        if not (_same_tensor(a["query"], a["key"]) and _same_tensor(a["key"], a["value"])):
+            raise UnsupportedAttentionError(
+                "nn.MultiheadAttention was called as cross-attention (query, key, value differ); only self-attention"
+                " over the sharded tokens can be made distributed. Leave this module out of the plan."
+            )
+        if a["bias_k"] is not None or a["add_zero_attn"] or a["use_separate_proj_weight"]:
+            raise UnsupportedAttentionError(
+                "nn.MultiheadAttention with add_bias_kv, add_zero_attn or kdim/vdim != embed_dim is not supported under"
+                " sequence parallelism (they add key tokens or projections that are not sharded with the tokens)."
+            )
+        if a["need_weights"]:
+            if not _warned_need_weights:
+                log.warning(
+                    "nn.MultiheadAttention(need_weights=True) under sequence parallelism: the [B, L, L] attention"
+                    " weights are never built, the weights returned are None. Pass need_weights=False to silence this."
+                )
+                _warned_need_weights = True
+            a["need_weights"] = False
+        # Under a TorchFunctionMode torch runs multi_head_attention_forward with the mode switched off, so its SDPA
+        # call is reached through the module-level name it looks up when it runs, for the length of this call only
+        # (and restored while the distributed attention runs, whose local kernel calls the real SDPA).
+        original = F.scaled_dot_product_attention
+
+        def distributed_sdpa(*sdpa_args, **sdpa_kwargs):
+            F.scaled_dot_product_attention = original
+            try:
+                return self._sdpa(*sdpa_args, **sdpa_kwargs)
+            finally:
+                F.scaled_dot_product_attention = distributed_sdpa
+
+        F.scaled_dot_product_attention = distributed_sdpa
+        try:
+            out, _ = func(*bound.args, **bound.kwargs)
+        finally:
+            F.scaled_dot_product_attention = original
+        return out, None
+
+    # --- softmax(Q K^T) V written by hand -----------------------------------------------------------------
+
+    def _matmul(self, func, a: Tensor, b: Tensor):
+        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        if lengths is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.dim() < 3 or a.dim() != b.dim():
+            return func(a, b)
+        local, total = lengths
+        batch = a.shape[:-2]
+        if b.shape[:-2] != batch:
+            return func(a, b)
+        if self._pending_scores and self._pending_scores[-1] == (batch, total) and a.shape[-1] == total and b.shape[-2] == local:
+            # P V: probabilities [*, L_r, L] times this rank's values [*, L_r, d] -> gather the values to [*, L, d].
+            self._pending_scores.pop()
+            return func(a, self.runtime.gather_tokens(b, -2, count=False))
+        if a.shape[-2] == local and b.shape[-1] == local and a.shape[-1] == b.shape[-2]:
+            # Q K^T: queries [*, L_r, d] times this rank's keys [*, d, L_r] -> gather the keys to [*, d, L]:
+            # the scores [*, L_r, L] hold every key, so the module's softmax over the last dimension is exact.
+            self._pending_scores.append((batch, total))
+            return func(a, self.runtime.gather_tokens(b, -1, count=True))
+        return func(a, b)
 
 
 def disable_mha_fastpath() -> Callable[[], None]:

@@ -4,7 +4,7 @@ A plan is a mapping from a dotted path in the model (``fnmatch`` globs allowed) 
 
     {
         "blocks.0": "shard_input:1",          # split the first input of blocks.0 along dim 1
-        "blocks.*.attn": "attention",         # swap each block's attention for the distributed one
+        "blocks.*.attn": "attention",         # make each block's attention core distributed
         "blocks.11": "gather_output:1",       # all-gather the output of the last block along dim 1
     }
 
@@ -15,11 +15,17 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
 ``gather_input:DIM`` / ``gather_output:DIM``
     All-gather the tokens of the module's first input / its output.
 ``attention``
-    A known attention module (``torch.nn.MultiheadAttention``, timm-style ``Attention`` with a fused
-    ``qkv`` Linear, or a class given to :func:`register_attention`) is made distributed.
+    This module attends across tokens and is made distributed: its own forward runs, and only its attention core
+    is replaced (every ``scaled_dot_product_attention`` call, a hand-written ``softmax(Q K^T) V``, torch's
+    multi-head attention; see :mod:`lightning_seqpar.adapters`), or the forward given to
+    :func:`register_attention` for its class runs instead.
 ``sdpa``
-    Every ``torch.nn.functional.scaled_dot_product_attention`` call made while this module runs is made
-    distributed (how Hugging Face and most modern attention code is handled without an adapter).
+    The same interception for every attention core that runs while this module runs (a whole block whose
+    attention submodule has no recognisable name).
+``shard_arguments``
+    Tensors this module receives besides its tokens that are indexed by token (rotary tables passed as
+    ``rope=``, per-token biases) are sliced to this rank's tokens; masks over token pairs, and tables that skip
+    the prefix tokens, are refused with an error that names the argument.
 ``sequence_parameter:DIM``
     A parameter (path names the parameter) indexed by token position along ``DIM``, such as a position
     embedding used after the shard: it is sliced to this rank's tokens while its owner module runs.
@@ -50,7 +56,7 @@ from typing import Any, Literal, Union, get_args
 from torch import nn
 
 RoleKind = Literal[
-    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "sequence_parameter",
+    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "shard_arguments", "sequence_parameter",
     "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
@@ -183,13 +189,28 @@ def register_attention(cls: type, distributed_forward: Callable[..., Any]) -> No
 
 
 def attention_adapter(module: nn.Module) -> Callable[..., Any] | None:
-    """The distributed forward that handles ``module``, or None."""
-    from lightning_seqpar import adapters
-
+    """The forward registered for ``module``'s class with :func:`register_attention`, or None (then the module's
+    own forward runs with its attention core intercepted)."""
     for cls, fn in _ATTENTION_ADAPTERS.items():
         if isinstance(module, cls):
             return fn
-    return adapters.builtin_adapter(module)
+    return None
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """Whether ``module`` looks like the attention of a transformer block: a registered class,
+    ``nn.MultiheadAttention``, or a class whose name contains "Attention" (timm ``Attention``/``EvaAttention``,
+    Hugging Face ``ViTAttention``/``Dinov2Attention``, vit-pytorch ``Attention``)."""
+    return attention_adapter(module) is not None or isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _outermost_attentions(block: nn.Module) -> list[str]:
+    """Paths (relative to ``block``) of its attention modules, skipping those nested in another one."""
+    found: list[str] = []
+    for path, module in block.named_modules():
+        if path and is_attention_module(module) and not any(path.startswith(f"{p}.") for p in found):
+            found.append(path)
+    return found
 
 
 def find_block_stacks(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -214,8 +235,9 @@ def _declared_plan(root: nn.Module) -> SequenceParallelPlan | None:
 
 def infer_plan(root: nn.Module) -> SequenceParallelPlan:
     """Build the plan for ``root``: the model's own ``sequence_parallel_plan()`` if it has one, else the largest
-    stack of repeated blocks, sharded on entry and gathered on exit, with every known attention inside swapped
-    and SDPA intercepted in blocks that have none.
+    stack of repeated blocks, sharded on entry and gathered on exit, per-token arguments of every block sharded
+    with the tokens, and the attention core of each block's attention module (or of the whole block, where no
+    submodule is recognisably its attention) made distributed.
 
     Raises:
         PlanError: No block stack was found.
@@ -247,7 +269,9 @@ def infer_plan(root: nn.Module) -> SequenceParallelPlan:
     entries: dict[str, list[str]] = {entry: ["shard_input:1"]}
     for i, block in enumerate(stack):
         block_path = f"{prefix}{i}"
-        attentions = [f"{block_path}.{p}" if p else block_path for p, m in block.named_modules() if attention_adapter(m)]
+        if not containers:  # rotary tables and other per-token tensors handed to every block
+            entries.setdefault(block_path, []).append("shard_arguments")
+        attentions = [f"{block_path}.{p}" for p in _outermost_attentions(block)]
         for attention_path in attentions:
             entries.setdefault(attention_path, []).append("attention")
         if not attentions:
@@ -264,3 +288,61 @@ def block_paths(root: nn.Module) -> list[str]:
     path, stack = stacks[0]
     prefix = f"{path}." if path else ""
     return [f"{prefix}{i}" for i in range(len(stack))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention="auto": the distributed kernel chosen from the model's head counts.
+# ---------------------------------------------------------------------------------------------------------
+
+_HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "heads", "n_heads", "n_head")
+
+
+def attention_head_counts(root: nn.Module, resolved: list[tuple[str, Role]]) -> list[int]:
+    """The head counts of the attention modules the plan makes distributed (attributes ``num_heads`` (timm, torch),
+    ``num_attention_heads`` (Hugging Face), ``heads`` (vit-pytorch), ``n_heads``/``n_head``)."""
+    counts = []
+    for path, role in resolved:
+        if role.kind not in ("attention", "sdpa"):
+            continue
+        for sub in root.get_submodule(path).modules():
+            for name in _HEAD_ATTRIBUTES:
+                value = getattr(sub, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    counts.append(value)
+                    break
+    return counts
+
+
+def choose_attention(heads: list[int], sequence_parallel_size: int, backend: str = "auto") -> tuple[str, int | None, str]:
+    """``attention="auto"``: ``(kind, ulysses_degree, reason)`` for a model with these head counts.
+
+    Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509) when every attention has at least ``sequence_parallel_size``
+    heads; otherwise hybrid Ulysses x ring (USP, arXiv 2405.07719) with the largest Ulysses degree that divides
+    ``sequence_parallel_size`` and is at most the fewest heads (ring alone when that is 1); LSS (arXiv 2311.02382,
+    no head limit) when the local kernel cannot run a ring or no head count is known.
+    """
+    from lightning_seqpar.attention.ring import RING_BACKENDS
+
+    sp = sequence_parallel_size
+    if sp == 1:
+        return "ulysses", None, "one rank per sequence: no communication"
+    if not heads:
+        return "lss", None, (
+            "no head count found on the attention modules (attributes num_heads / num_attention_heads / heads);"
+            " LSS has no head limit"
+        )
+    fewest = min(heads)
+    if fewest >= sp:
+        return "ulysses", None, f"every attention has >= {sp} heads (fewest: {fewest}), one all-to-all each way"
+    if backend not in RING_BACKENDS:
+        return "lss", None, (
+            f"{fewest} heads < sequence_parallel_size={sp} rules out Ulysses, and attention_backend={backend!r}"
+            " cannot run a ring; LSS has no head limit"
+        )
+    degree = max(d for d in range(1, fewest + 1) if sp % d == 0)
+    if degree == 1:
+        return "ring", None, f"{fewest} head(s) < sequence_parallel_size={sp} and no Ulysses degree > 1 divides {sp}"
+    return "hybrid", degree, (
+        f"{fewest} heads < sequence_parallel_size={sp}: Ulysses inside groups of {degree} ranks, ring across"
+        f" {sp // degree} groups"
+    )

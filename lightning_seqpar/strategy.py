@@ -38,7 +38,7 @@ from lightning_seqpar.attention.ring import RING_BACKENDS
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
-from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
+from lightning_seqpar.plan import PlanError, SequenceParallelPlan, attention_head_counts, block_paths, choose_attention, infer_plan
 from lightning_seqpar.resumable import make_resumable
 from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
@@ -46,7 +46,7 @@ from lightning_seqpar.topology import ParallelDims, Topology
 
 log = logging.getLogger(__name__)
 
-SequenceParallelAttention = Literal["ulysses", "lss", "ring", "hybrid"]
+SequenceParallelAttention = Literal["auto", "ulysses", "lss", "ring", "hybrid"]
 
 
 class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
@@ -56,10 +56,15 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         sequence_parallel_size: Ranks that share one sample's tokens; default: the devices of one node, so the
             all-to-all stays on the fast intra-node links. ``world_size`` must be a multiple of it; the
             remaining factor is data parallelism.
-        attention: Distributed attention: ``"ulysses"`` (all-to-all between token and head shards; needs
-            at least ``sequence_parallel_size`` heads), ``"lss"`` (local queries, gathered keys and values),
-            ``"ring"`` (key/value blocks passed around the group, overlapped with compute) or ``"hybrid"``
-            (Ulysses inside groups of ``ulysses_degree`` ranks, ring across them).
+        attention: Distributed attention: ``"auto"`` (default: chosen at setup from the model's head counts,
+            logged with the reason on rank 0: Ulysses when every attention has at least ``sequence_parallel_size``
+            heads, else hybrid with the largest Ulysses degree that divides ``sequence_parallel_size`` and is at
+            most the fewest heads (ring alone when that is 1), LSS when the backend cannot run a ring or no head
+            count is found; calls with attention dropout then use LSS, as the ring has no dropout), ``"ulysses"``
+            (all-to-all between token and head shards; needs at least ``sequence_parallel_size`` heads), ``"lss"``
+            (local queries, gathered keys and values), ``"ring"`` (key/value blocks passed around the group,
+            overlapped with compute) or ``"hybrid"`` (Ulysses inside groups of ``ulysses_degree`` ranks, ring across
+            them). See docs/choosing-attention.md.
         ulysses_degree: For ``attention="hybrid"``: ranks per Ulysses group (must divide
             ``sequence_parallel_size``); default: the devices of one node, so the all-to-all stays intra-node
             and the ring crosses nodes.
@@ -103,7 +108,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def __init__(
         self,
         sequence_parallel_size: int | None = None,
-        attention: SequenceParallelAttention = "ulysses",
+        attention: SequenceParallelAttention = "auto",
         ulysses_degree: int | None = None,
         attention_backend: AttentionBackend = "auto",
         plan: dict[str, str | list[str]] | None = None,
@@ -139,8 +144,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         )
         if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
             raise ValueError(f"SeqParStrategy: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
-        if attention not in ("ulysses", "lss", "ring", "hybrid"):
-            raise ValueError(f"SeqParStrategy: attention must be 'ulysses', 'lss', 'ring' or 'hybrid', got {attention!r}.")
+        if attention not in ("auto", "ulysses", "lss", "ring", "hybrid"):
+            raise ValueError(f"SeqParStrategy: attention must be 'auto', 'ulysses', 'lss', 'ring' or 'hybrid', got {attention!r}.")
         if attention_backend not in BACKENDS:
             raise ValueError(f"SeqParStrategy: attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}.")
         if attention in ("ring", "hybrid") and attention_backend not in RING_BACKENDS:
@@ -250,6 +255,14 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         assert self.topology is not None
         self._check_backend()
         plan = self._plan if self._plan is not None else infer_plan(module)
+        auto = self.attention == "auto"
+        if auto:
+            kind, degree, reason = choose_attention(
+                attention_head_counts(module, plan.resolve(module)), self.topology.sp, self.attention_backend
+            )
+            rank_zero_info(f"SeqParStrategy: attention='auto' chose {kind!r}: {reason}")
+            self.attention, self.ulysses_degree = kind, degree
+            self._hybrid_groups = self._build_hybrid_groups() if kind == "hybrid" else None
         if self.activation_checkpointing:
             plan = _with_checkpoints(plan, module, self.activation_checkpointing)
         if self.compile_blocks:
@@ -259,6 +272,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             hybrid_groups=self._hybrid_groups,
             compile_options=self.compile_blocks if isinstance(self.compile_blocks, dict) else None,
         )
+        self.applied_plan.runtime.dropout_fallback = auto
         rank_zero_info(f"SeqParStrategy: sequence-parallel plan of {type(module).__name__}:\n{plan}")
 
     def _check_backend(self) -> None:
@@ -466,7 +480,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
-            "seqpar", cls, description="Sequence parallelism (Ulysses) across the devices of each node"
+            "seqpar", cls, description="Sequence parallelism across the devices of each node (attention chosen from the model's heads)"
         )
         strategy_registry.register(
             "seqpar_ulysses", cls, description="Sequence parallelism with DeepSpeed-Ulysses attention", attention="ulysses"

@@ -1,5 +1,8 @@
-"""Small models and a LightningModule used by the strategy tests: a timm-style ViT, torch.nn.TransformerEncoder,
-an attention the strategy does not know that calls SDPA, and one that computes softmax by hand."""
+"""Small models and a LightningModule used by the strategy tests: the project's own attentions (fused qkv + SDPA,
+separate projections + SDPA, softmax written by hand), torch.nn.TransformerEncoder and Hugging Face's ViT.
+
+None of these imitates a third-party library: the real timm, Hugging Face and torch models are tested in
+tests/test_third_party_models.py (CPU) and tests/gpu/test_gpu_third_party.py (GPU, with timm)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from torch.utils.data import Dataset
 TOKENS, IN_DIM, WIDTH, HEADS, OUT_DIM = 13, 6, 32, 4, 3
 
 
-class TimmStyleAttention(nn.Module):
-    """The shape of timm's Attention: fused qkv, q/k norms, proj."""
+class FusedQKVAttention(nn.Module):
+    """One fused qkv Linear, a LayerNorm on the queries, SDPA, an output projection (the project's own test
+    attention; the model key "timm_vit" is a historic name, the real timm is tested in tests/gpu)."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -49,7 +53,7 @@ class SeparateProjectionAttention(nn.Module):
 
 
 class ManualSoftmaxAttention(SeparateProjectionAttention):
-    """Computes softmax(QK^T)V by hand: nothing for the strategy to intercept."""
+    """Computes softmax(QK^T)V by hand with matmul: the strategy intercepts the two products."""
 
     def forward(self, x):
         B, N, C = x.shape
@@ -72,7 +76,7 @@ class Block(nn.Module):
 class TinyViT(nn.Module):
     """Patch embedding and position embedding before the blocks, a norm and head after them."""
 
-    def __init__(self, attention: type[nn.Module] = TimmStyleAttention, depth: int = 2) -> None:
+    def __init__(self, attention: type[nn.Module] = FusedQKVAttention, depth: int = 2) -> None:
         super().__init__()
         self.patch_embed = nn.Linear(IN_DIM, WIDTH)
         self.pos_embed = nn.Parameter(torch.randn(1, TOKENS, WIDTH) * 0.1)
@@ -114,8 +118,8 @@ class HuggingFaceViT(nn.Module):
         return self.head(self.vit(pixel_values=x).last_hidden_state)
 
 
-class VitPytorchStyleAttention(nn.Module):
-    """The shape of lucidrains' vit-pytorch Attention: pre-norm, bias-free to_qkv, softmax by hand, to_out."""
+class HandWrittenAttention(nn.Module):
+    """Pre-norm, bias-free fused projection, softmax(Q K^T) V written by hand (no SDPA call to intercept)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -132,13 +136,13 @@ class VitPytorchStyleAttention(nn.Module):
         return self.to_out((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
-class VitPytorchStyleTransformer(nn.Module):
-    """vit-pytorch's layout: blocks are ModuleList([attention, feed-forward]) pairs the owner loops over."""
+class ContainerBlocksTransformer(nn.Module):
+    """Blocks that are ModuleList([attention, feed-forward]) pairs the owner loops over (never called themselves)."""
 
     def __init__(self, dim: int, depth: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([VitPytorchStyleAttention(dim, HEADS), nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))])
+            nn.ModuleList([HandWrittenAttention(dim, HEADS), nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))])
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -150,7 +154,7 @@ class VitPytorchStyleTransformer(nn.Module):
         return self.norm(x)
 
 
-class VitPytorchStyleViT(nn.Module):
+class ContainerBlocksViT(nn.Module):
     """Patches + CLS token -> the transformer -> mean pool -> head, on 24x24 images (10 tokens)."""
 
     def __init__(self) -> None:
@@ -158,7 +162,7 @@ class VitPytorchStyleViT(nn.Module):
         self.to_patch = nn.Linear(3 * 8 * 8, WIDTH)
         self.cls_token = nn.Parameter(torch.randn(1, 1, WIDTH))
         self.pos_embedding = nn.Parameter(torch.randn(1, 10, WIDTH))
-        self.transformer = VitPytorchStyleTransformer(WIDTH, depth=2)
+        self.transformer = ContainerBlocksTransformer(WIDTH, depth=2)
         self.head = nn.Linear(WIDTH, OUT_DIM)
 
     def forward(self, img):  # [B, 3, 24, 24] -> [B, OUT_DIM]
@@ -188,12 +192,12 @@ class SmallClimaX(nn.Module):
 
 def build_model(name: str) -> nn.Module:
     return {
-        "timm_vit": lambda: TinyViT(TimmStyleAttention),
+        "timm_vit": lambda: TinyViT(FusedQKVAttention),  # historic name: the project's own fused-qkv attention
         "torch_encoder": TorchEncoderModel,
         "sdpa_vit": lambda: TinyViT(SeparateProjectionAttention),
         "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
         "hf_vit": HuggingFaceViT,
-        "vit_pytorch": VitPytorchStyleViT,
+        "container_vit": ContainerBlocksViT,
         "climax": SmallClimaX,
     }[name]()
 
@@ -202,7 +206,7 @@ def build_dataset(name: str) -> Dataset:
     """Images for the third-party ViTs, tokens for the others."""
     if name == "hf_vit":
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(10, OUT_DIM))
-    if name == "vit_pytorch":
+    if name == "container_vit":
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(OUT_DIM,))
     if name == "climax":
         return RandomTokens(x_shape=(3, 12, 20), y_shape=(3, 12, 20))

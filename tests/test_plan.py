@@ -57,29 +57,32 @@ def test_bad_roles(role, message):
 def test_infer_timm_style():
     plan = infer_plan(TinyViT())
     assert plan.to_dict() == {
-        "blocks.0": "shard_input:1",
+        "blocks.0": "shard_input:1, shard_arguments",
         "blocks.0.attn": "attention",
+        "blocks.1": "shard_arguments, gather_output:1",
         "blocks.1.attn": "attention",
-        "blocks.1": "gather_output:1",
     }
 
 
 def test_infer_torch_encoder():
     plan = infer_plan(TorchEncoderModel()).to_dict()
-    assert plan["encoder.layers.0"] == "shard_input:1" and plan["encoder.layers.1.self_attn"] == "attention"
+    assert plan["encoder.layers.0"] == "shard_input:1, shard_arguments" and plan["encoder.layers.1.self_attn"] == "attention"
 
 
 def test_infer_unknown_attention_intercepts_sdpa():
     from tests.models import SeparateProjectionAttention
 
-    plan = infer_plan(TinyViT(SeparateProjectionAttention)).to_dict()
-    assert plan["blocks.0"] == "shard_input:1, sdpa" and plan["blocks.1"] == "sdpa, gather_output:1"
+    class Mixer(SeparateProjectionAttention):  # a class name that does not say "attention"
+        pass
+
+    plan = infer_plan(TinyViT(Mixer)).to_dict()
+    assert plan["blocks.0"] == "shard_input:1, shard_arguments, sdpa" and plan["blocks.1"] == "shard_arguments, sdpa, gather_output:1"
 
 
 def test_infer_container_blocks_shard_at_their_owner():
     from tests.models import build_model
 
-    plan = infer_plan(build_model("vit_pytorch")).to_dict()
+    plan = infer_plan(build_model("container_vit")).to_dict()
     assert plan == {
         "transformer": "shard_input:1, gather_output:1",
         "transformer.layers.0.0": "attention",
@@ -92,7 +95,7 @@ def test_shard_on_a_container_is_refused(group):
 
     plan = SequenceParallelPlan({"transformer.layers.0": "shard_input", "transformer": "gather_output", "transformer.layers.*.0": "attention"})
     with pytest.raises(PlanError, match="'transformer.layers.0' .* is a ModuleList, which is never called"):
-        apply_sequence_parallel(build_model("vit_pytorch"), plan, group)
+        apply_sequence_parallel(build_model("container_vit"), plan, group)
 
 
 def test_attention_outside_the_region_is_refused(group):
@@ -128,14 +131,14 @@ def test_unknown_kernel(group):
         apply_sequence_parallel(TinyViT(), infer_plan(TinyViT()), group, attention="ring-x")
 
 
-@pytest.mark.parametrize("name", ["timm_vit", "torch_encoder", "sdpa_vit", "vit_pytorch", "hf_vit"])
+@pytest.mark.parametrize("name", ["timm_vit", "torch_encoder", "sdpa_vit", "container_vit", "hf_vit"])
 @pytest.mark.parametrize("attention", ["ulysses", "lss"])
 def test_applied_at_p1_matches_plain_and_removes_cleanly(group, name, attention):
     from tests.models import build_model
 
     torch.manual_seed(0)
     model = build_model(name).eval()
-    x = torch.randn(2, 3, 24, 24) if name in ("vit_pytorch", "hf_vit") else torch.randn(2, 13, 6)
+    x = torch.randn(2, 3, 24, 24) if name in ("container_vit", "hf_vit") else torch.randn(2, 13, 6)
     keys = list(model.state_dict())
     expected = model(x)
     applied = apply_sequence_parallel(model, infer_plan(model), group, attention=attention)
@@ -148,8 +151,32 @@ def test_applied_at_p1_matches_plain_and_removes_cleanly(group, name, attention)
     torch.testing.assert_close(model(x), expected)
 
 
-def test_manual_softmax_attention_is_refused(group):
+def test_hand_written_softmax_core_is_intercepted(group):
+    """softmax(Q K^T) V written by hand (no SDPA call) runs distributed through its two products."""
+    torch.manual_seed(0)
     model = TinyViT(ManualSoftmaxAttention)
+    x = torch.randn(2, 13, 6)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    applied = apply_sequence_parallel(model, infer_plan(model), group)
+    model(x).square().mean().backward()
+    assert applied.runtime.attention_calls == 2
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+    applied.remove()
+
+
+class _EinsumAttention(ManualSoftmaxAttention):
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).view(B, N, self.h, C // self.h) for f in (self.to_q, self.to_k, self.to_v))
+        attn = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        return self.out(torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, N, C))
+
+
+def test_attention_core_not_found_is_refused(group):
+    model = TinyViT(_EinsumAttention)
     applied = apply_sequence_parallel(model, infer_plan(model), group)
     with pytest.raises(NoDistributedAttentionError, match="no attention in it was made distributed.*register_attention"):
         model(torch.randn(1, 13, 6))
@@ -206,13 +233,10 @@ def test_unsupported_options_are_named(group):
         mha(x, x.clone(), x)  # equal values in other memory: genuinely another tensor
     applied.remove()
 
-    seq_first = nn.MultiheadAttention(8, 2)
     holder = nn.Module()
-    holder.blocks = nn.ModuleList([seq_first, nn.MultiheadAttention(8, 2)])
-    applied = apply_sequence_parallel(holder, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
-    with pytest.raises(UnsupportedAttentionError, match="batch_first=False"):
-        seq_first(x, x, x)
-    applied.remove()
+    holder.blocks = nn.ModuleList([nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)])
+    with pytest.raises(UnsupportedAttentionError, match=r"blocks.0 is nn.MultiheadAttention\(batch_first=False\)"):
+        apply_sequence_parallel(holder, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
 
     masked = nn.Module()
     masked.blocks = nn.ModuleList([_MaskedSDPA(), _MaskedSDPA()])
@@ -251,7 +275,7 @@ def test_activation_checkpointing_matches(group):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     plan = _with_checkpoints(infer_plan(model), model)
-    assert plan.to_dict()["blocks.0"] == "shard_input:1, checkpoint"
+    assert plan.to_dict()["blocks.0"] == "shard_input:1, shard_arguments, checkpoint"
     applied = apply_sequence_parallel(model, plan, group)
     model(x).square().mean().backward()
     for name, p in model.named_parameters():
@@ -319,9 +343,82 @@ def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
     x = torch.randn(2, 13, 6)
     expected = model(x)
     plan = _with_block_role(infer_plan(model), model, "compile")
-    assert plan.to_dict()["blocks.1"] == "gather_output:1, compile"
+    assert plan.to_dict()["blocks.1"] == "shard_arguments, gather_output:1, compile"
     applied = apply_sequence_parallel(model, plan, group)
     assert all("forward" in block.__dict__ for block in model.blocks)  # the compiled forward sits on each block
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
     applied.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "heads,sp,backend,expected",
+    [([6], 2, "auto", ("ulysses", None)), ([3], 4, "auto", ("hybrid", 2)), ([12, 3], 8, "auto", ("hybrid", 2)),
+     ([2], 3, "auto", ("ring", None)), ([3], 4, "sdpa", ("lss", None)), ([], 4, "auto", ("lss", None)), ([1], 1, "auto", ("ulysses", None))],
+)
+def test_auto_attention_choice(heads, sp, backend, expected):
+    from lightning_seqpar.plan import choose_attention
+
+    kind, degree, reason = choose_attention(heads, sp, backend)
+    assert (kind, degree) == expected and reason
+
+
+def test_head_counts_are_read_from_the_attention_modules():
+    from lightning_seqpar.plan import attention_head_counts
+    from tests.models import build_model
+
+    for name, heads in (("timm_vit", 4), ("torch_encoder", 4), ("hf_vit", 4), ("container_vit", 4)):
+        model = build_model(name)
+        counts = attention_head_counts(model, infer_plan(model).resolve(model))
+        assert counts and set(counts) == {heads}, (name, counts)
+
+
+class _SDPAWith(nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options, self.qkv = options, nn.Linear(8, 24)
+
+    def forward(self, x):  # [B, L, 8], 2 heads of 4
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, **self.options).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("options", [{"is_causal": False, "attn_mask": None}, {"is_causal": True}, {"scale": 0.3},
+                                     {"dropout_p": 0.0, "enable_gqa": False}])
+def test_sdpa_keywords_are_honoured(group, options):
+    """What a new release passes (timm's is_causal=False, an explicit scale) is honoured, never refused."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([_SDPAWith(**options), _SDPAWith(**options)])
+    x = torch.randn(2, 5, 8)
+    expected = model.blocks[0](x)
+    applied = apply_sequence_parallel(model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    torch.testing.assert_close(model.blocks[0](x), expected)
+    assert applied.runtime.attention_calls == 1
+    applied.remove()
+
+
+def test_unknown_sdpa_keyword_is_refused_by_name(group):
+    """An option a future torch adds to SDPA reaches the interception as a keyword: refused by name when it would
+    change the result, passed when it is a no-op value (today's torch rejects unknown keywords itself, so the
+    interception is called directly)."""
+    from lightning_seqpar.adapters import DistributedSDPA
+
+    q = torch.randn(1, 2, 5, 4)
+    mode = DistributedSDPA(lambda q, k, v, **kw: q)  # the attend of a runtime: [B, L_r, H, d] in and out
+    with pytest.raises(UnsupportedAttentionError, match=r"called with \['future_option'\] inside the sequence-parallel region"):
+        mode._sdpa(q, q, q, future_option=True)
+    torch.testing.assert_close(mode._sdpa(q, q, q, future_option=None), q)
+
+
+def test_auto_runs_dropout_calls_as_lss_when_it_chose_a_ring(group):
+    """The ring kernels have no dropout: a kind that "auto" chose falls back to LSS for such calls, an explicit
+    choice keeps refusing them."""
+    from lightning_seqpar.parallelize import SequenceParallelRuntime
+
+    q = torch.randn(1, 6, 2, 4)
+    chosen = SequenceParallelRuntime(group, "ring", "math", active=True, dropout_fallback=True)
+    assert chosen.attend(q, q, q, dropout_p=0.1).shape == q.shape
+    explicit = SequenceParallelRuntime(group, "ring", "math", active=True)
+    with pytest.raises(NotImplementedError, match="does not implement attention dropout"):
+        explicit.attend(q, q, q, dropout_p=0.1)

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
 SEED, STEPS, BATCH = 1234, 3, 2
 CONFIGS = [("timm_vit", "ulysses"), ("timm_vit", "lss"), ("torch_encoder", "ulysses"), ("sdpa_vit", "lss")]
 # Hugging Face transformers' ViT (SDPA interception) and a vit-pytorch-shaped ViT (built-in adapter, container blocks).
-THIRD_PARTY = [("hf_vit", "ulysses"), ("vit_pytorch", "lss")]
+THIRD_PARTY = [("hf_vit", "ulysses"), ("container_vit", "lss")]
 # The bundled ClimaX through its own plan (tokens sharded after patchify, position embedding sliced per rank).
 CLIMAX = [("climax", "ulysses"), ("climax", "lss")]
 # Ring, and hybrid as 2 (Ulysses) x 2 (ring) on sp = 4.

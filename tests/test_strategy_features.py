@@ -159,7 +159,7 @@ def test_trainer_level_errors(features):
 def test_strategy_argument_errors():
     from lightning_seqpar import SeqParStrategy
 
-    with pytest.raises(ValueError, match="attention must be 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
+    with pytest.raises(ValueError, match="attention must be 'auto', 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
         SeqParStrategy(attention="star")
     with pytest.raises(ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"):
         SeqParStrategy(attention="ring", attention_backend="sdpa_efficient")
