@@ -287,7 +287,11 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @property
     @override
     def handles_gradient_accumulation(self) -> bool:
-        return self.uses_deepspeed
+        # Lightning owns the accumulation schedule on every path but the pipeline's (where one DataLoader batch is one
+        # step of micro-batches): it divides the loss by accumulate_grad_batches once, and steps on the last batch of
+        # an epoch too, as single-process training does. The DeepSpeed engine is told each boundary (see
+        # DeepSpeedEngineMixin._deepspeed_backward).
+        return self.uses_deepspeed and self.pipeline_stages > 1
 
     @property
     @override
@@ -325,6 +329,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self.uses_deepspeed and self.pipeline_stages > 1:
             return closure_loss  # done inside train_batch
+        if self.uses_deepspeed:
+            kwargs = self._deepspeed_backward_kwargs(kwargs)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # --- steps and checkpoints ----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ hooks themselves stay in strategy.py, so the DDP path reads in one place. See do
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -163,6 +165,31 @@ class DeepSpeedEngineMixin:
             for stage_state in stages:  # each stage's own layers replace this rank's untrained copies
                 state.update(stage_state or {})
         return state
+
+    def _deepspeed_backward_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Before ``engine.backward``: tell the engine whether this micro-batch ends the optimizer step, and keep it
+        from dividing the loss by the accumulation count a second time.
+
+        Lightning's closure has already divided the loss by ``accumulate_grad_batches``; DeepSpeed's ``backward``
+        divides by ``gradient_accumulation_steps`` again unless ``scale_wrt_gas=False`` (which would halve the update
+        at 2 accumulation steps). The boundary follows Lightning's schedule (it also steps on an epoch's last batch),
+        so ZeRO reduces, clips and steps the gradient accumulated over the whole step, as single-process training does.
+        """
+        trainer = self.lightning_module.trainer
+        engine = self.deepspeed_engine
+        if engine is not None and trainer is not None and trainer.training:
+            engine.set_gradient_accumulation_boundary(not trainer.fit_loop._should_accumulate())
+        return {**kwargs, "scale_wrt_gas": False}
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning's no-sync context for accumulating micro-batches. With DeepSpeed the engine is told the boundary
+        instead (ZeRO-2/3 refuse ``no_sync``; ZeRO-1 and 0 reduce only at the boundary)."""
+        if self.uses_deepspeed:
+            yield
+        else:
+            with super().block_backward_sync():  # type: ignore[misc]
+                yield
 
     def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
         model = model or self.lightning_module
