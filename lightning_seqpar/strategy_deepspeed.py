@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline
+from lightning_seqpar import pipeline, relayout
 from lightning_seqpar.reliability import nonfinite_step_guard
 
 
@@ -218,8 +219,8 @@ class DeepSpeedEngineMixin:
         filepath = self.broadcast(filepath)
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=ds.CHECKPOINT_TAG)
-        if self.is_global_zero:
-            ds.write_layout(filepath, checkpoint["seqpar"])
+        if self.is_global_zero:  # the client keys let a resume on another layout read Lightning's state back
+            ds.write_layout(filepath, {**checkpoint["seqpar"], "client_keys": sorted(client_state)})
         self.barrier()
 
     def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
@@ -229,8 +230,25 @@ class DeepSpeedEngineMixin:
                 " test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
             )
         checkpoint_path = self.broadcast(checkpoint_path)
+        if Path(checkpoint_path).is_file():
+            raise ds.DeepSpeedConfigError(
+                f"{checkpoint_path} is a single-file checkpoint of the DDP path (zero_stage=0); DeepSpeed resumes from its own"
+                " shard directories. Resume it with SeqParStrategy(zero_stage=0), or start from its weights (the optimizer"
+                f" state restarts): module.load_state_dict(torch.load({str(checkpoint_path)!r})['state_dict']) and fit"
+                " without ckpt_path."
+            )
         load_universal = bool(self.deepspeed_engine.config.get("checkpoint", {}).get("load_universal", False))
-        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=load_universal)
+        layout = ds.read_layout(checkpoint_path)
+        if ds.check_resume_layout(checkpoint_path, layout, self.parallel_settings(), load_universal=load_universal):
+            assert layout is not None
+            shards = Path(checkpoint_path) / ds.CHECKPOINT_TAG
+            rank_zero_info(
+                f"SeqParStrategy: re-laying out {checkpoint_path} (ZeRO-{layout.get('zero_stage')} over"
+                f" {layout.get('sequence_data_parallel_size')} ranks) for ZeRO-{self.zero_stage} over"
+                f" {self.parallel_settings()['sequence_data_parallel_size']} ranks"
+            )
+            relayout.load_full_state(self.deepspeed_engine, relayout.read_full_state(shards))
+            return relayout.checkpoint_client_state(shards, layout.get("client_keys", []))
         _, client_state = self.deepspeed_engine.load_checkpoint(
             checkpoint_path,
             tag=ds.CHECKPOINT_TAG,
