@@ -96,39 +96,62 @@ def load_full_state(engine: Any, state: FullState) -> None:
     if missing:
         raise ValueError(f"the checkpoint has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
     base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    _ensure_optimizer_state(engine, base, state)
+    _create_optimizer_state(engine, base, state)
     with deepspeed.zero.GatheredParameters(list(parameters.values()), modifier_rank=0, enabled=_zero3(module)):
         with torch.no_grad():
             for name, p in parameters.items():
                 p.data.copy_(state.weights[name].to(p.dtype).view_as(p.data))
     for name, p in parameters.items():
+        if hasattr(p, "ds_id"):
+            _set_zero3_partition(p, state.weights[name], None)
+            for key, values in state.optimizer.items():
+                _set_zero3_partition(p, values[name], key)
+            continue
         safe_set_full_fp32_param(p, state.weights[name].to(p.device))
         for key, values in state.optimizer.items():
             safe_set_full_optimizer_state(p, values[name].to(p.device), key)
     buffers = {name: t for name, t in state.weights.items() if name not in parameters}
     module.load_state_dict(buffers, strict=False)
-    for partition_state in base.state.values():
-        for key, value in state.scalars.items():
-            partition_state[key] = value.clone() if isinstance(value, Tensor) else value
     for group, saved in zip(base.param_groups, state.param_groups):
         group.update({k: v for k, v in saved.items() if k in group})
     for key, value in state.engine_counters.items():
         setattr(engine, key, value)
 
 
+def _set_zero3_partition(param: Tensor, value: Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` into ZeRO-3's fp32 partition (``key=None``) or optimizer state of ``param``.
+
+    DeepSpeed 0.19.8's ``set_full_hp_param`` reads past the end of ``value`` on the ranks whose partition is
+    padding (a parameter with fewer elements than ranks); the slice is cut here, the padding left at zero.
+    """
+    optimizer = param._z3_optimizer  # type: ignore[attr-defined]
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = partition.numel() * optimizer._get_param_partition_rank(param)
+    piece = value.detach().flatten()[start:start + partition.numel()].to(partition)
+    partition.data.zero_()
+    partition.data[: piece.numel()].copy_(piece)
+
+
 def _zero3(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _ensure_optimizer_state(engine: Any, base: torch.optim.Optimizer, state: FullState) -> None:
-    """Check that the new engine's optimizer holds the states the checkpoint has (DeepSpeed creates them at init)."""
-    have = {key for partition_state in base.state.values() for key in partition_state}
-    absent = sorted(set(state.optimizer) - have)
-    if absent:
-        raise ValueError(
-            f"the checkpoint's optimizer has states {absent} that this run's {type(base).__name__} does not create;"
-            " resume with the optimizer that wrote the checkpoint."
-        )
+def _create_optimizer_state(engine: Any, base: torch.optim.Optimizer, state: FullState) -> None:
+    """Give every flat fp32 partition of the new engine the checkpoint's optimizer states (zeros, filled per
+    parameter afterwards) and scalars: torch optimizers create their state at the first step, DeepSpeed links
+    its per-parameter views of it after that step, so neither exists yet on a fresh engine."""
+    # ZeRO-3 keeps its flat partitions out of the optimizer's groups between steps.
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+    for flat in flats:
+        partition_state = base.state[flat]
+        for key in state.optimizer:
+            if key not in partition_state:
+                partition_state[key] = torch.zeros_like(flat)
+        for key, value in state.scalars.items():
+            partition_state[key] = value.clone() if isinstance(value, Tensor) else value
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the views now
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def checkpoint_client_state(ds_dir: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
