@@ -83,13 +83,20 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self):
         self._consumed = 0
+        self._delivered: int | None = None
         self._start = self.batch_sampler.skip  # type: ignore[union-attr]
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
 
+    def mark_delivered(self) -> None:
+        """Count one batch that reached the training step. Lightning's fetcher draws one batch ahead (to know the
+        last one), so batches drawn overcount by one mid-epoch; the strategy calls this from ``batch_to_device``."""
+        self._delivered = (self._delivered or 0) + 1
+
     def _position(self) -> int:
-        return getattr(self, "_start", 0) + getattr(self, "_consumed", 0)
+        delivered = getattr(self, "_delivered", None)
+        return getattr(self, "_start", 0) + (delivered if delivered is not None else getattr(self, "_consumed", 0))
 
 
 def make_resumable(loader: DataLoader) -> DataLoader:

@@ -41,7 +41,7 @@ from lightning_seqpar import pipeline
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths, infer_plan
 from lightning_seqpar import checks, sampling
-from lightning_seqpar.resumable import make_resumable
+from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
 from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
 from lightning_seqpar.topology import ParallelDims, Topology
@@ -455,7 +455,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or self.topology is None:
             return batch
-        if trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
+        if trainer.state.stage == RunningStage.TRAINING:
+            combined = getattr(trainer.fit_loop, "_combined_loader", None)
+            for loader in combined.flattened if combined is not None else []:
+                if isinstance(loader, ResumableDataLoader):
+                    loader.mark_delivered()  # the epoch position a checkpoint records (see resumable.py)
+        elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
             loader = _evaluation_loader(trainer, dataloader_idx)
             padding = isinstance(loader, sampling.EvalShardDataLoader) and loader.next_is_padding()
             if padding and self._padding_steps is None:
