@@ -221,6 +221,13 @@ def rekey_sampler(loader: DataLoader, num_replicas: int, rank: int) -> DataLoade
 _LOG_SIGNATURE = None
 
 
+def _skip_in_batch_hooks(module: Any, update: Any) -> Any:
+    def update_outside_padding(*args: Any, **kwargs: Any) -> Any:
+        return None if _in_batch_hook(module) else update(*args, **kwargs)
+
+    return update_outside_padding
+
+
 def _neutral_log(log: Any) -> Any:
     """``LightningModule.log`` that keeps the value out of epoch sums and means but still takes part in every
     reduction (``sync_dist`` needs all ranks); ``max``/``min`` are unchanged by a repeated sample."""
@@ -231,6 +238,8 @@ def _neutral_log(log: Any) -> Any:
         _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 
     def log_without_weight(name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _in_batch_hook(log.__self__):
+            return log(name, value, *args, **kwargs)  # epoch-end values count on every rank
         bound = _LOG_SIGNATURE.bind(None, name, value, *args, **kwargs)
         arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
         reduce_fx = arguments.get("reduce_fx", "mean")
@@ -244,6 +253,13 @@ def _neutral_log(log: Any) -> Any:
     return log_without_weight
 
 
+def _in_batch_hook(module: Any) -> bool:
+    """True while Lightning runs a per-batch hook of ``module`` (``validation_step``, ``on_test_batch_end``, ...):
+    padding neutralises those, not the epoch-end hooks that follow the last (padding) batch."""
+    name = getattr(module, "_current_fx_name", None) or ""
+    return name.endswith("_step") or "_batch_" in name
+
+
 @contextlib.contextmanager
 def padding_step(module: nn.Module) -> Iterator[None]:
     """While active: ``module.log`` adds nothing to sums and means, and every ``torchmetrics.Metric`` in
@@ -254,8 +270,8 @@ def padding_step(module: nn.Module) -> Iterator[None]:
     updates = [m.__dict__.get("update") for m in metrics]  # torchmetrics keeps a wrapped update on the instance
     module.log = _neutral_log(module.log)  # type: ignore[method-assign]
     try:
-        for metric in metrics:
-            metric.update = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        for metric, update in zip(metrics, updates):
+            metric.update = _skip_in_batch_hooks(module, update or metric.update)  # type: ignore[method-assign]
         yield
     finally:
         del module.log

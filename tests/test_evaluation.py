@@ -53,6 +53,8 @@ class EvalModule(RegressionModule):
     def _finish(self, stage):
         values = {"mse": self.mse.compute(), "count": self.count.compute(), **self.rmse.compute(), **self.acc.compute()}
         self.results = {k: float(v) for k, v in values.items()}
+        # An epoch-end value each rank contributes (after a padding step on some ranks): must not be neutralised.
+        self.log(f"{stage}_epoch_sum", values["count"] / self.trainer.strategy.topology.dp, reduce_fx="sum", sync_dist=True)
         for metric in (self.mse, self.count, self.rmse, self.acc):
             metric.reset()
 
@@ -81,7 +83,7 @@ def single_process_values(state: dict, n: int) -> dict:
     module.acc.update(pred[:, None], data.y[:, None], lead)
     per_sample = ((pred - data.y) ** 2).mean(dim=(1, 2))
     return {
-        "loss": per_sample.mean().item(), "samples": float(n), "mse": F.mse_loss(pred, data.y).item(), "count": float(n),
+        "loss": per_sample.mean().item(), "samples": float(n), "epoch_sum": float(n), "mse": F.mse_loss(pred, data.y).item(), "count": float(n),
         **{k: float(v) for k, v in {**module.rmse.compute(), **module.acc.compute()}.items()}, "predictions": pred,
     }
 
@@ -127,7 +129,7 @@ def test_validation_and_test_count_every_sample_once(evaluation_runs, n, batch_s
     for rank, r in enumerate(evaluation_runs):
         got = r[(n, stage)]
         assert got["samples"] == expected["samples"] and got["count"] == expected["count"], (rank, got)
-        for key in ("loss", "mse", "rmse/f/6h", "acc/f/6h"):
+        for key in ("loss", "epoch_sum", "mse", "rmse/f/6h", "acc/f/6h"):
             assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), (rank, key, got[key], expected[key])
 
 
