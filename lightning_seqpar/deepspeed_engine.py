@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -188,28 +189,33 @@ def read_layout(directory: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, load_universal: bool) -> None:
-    """Raise a :class:`DeepSpeedConfigError` that says what to do when the ZeRO shards cannot be loaded as they are."""
-    if not saved:
-        return
-    if saved.get("pipeline_parallel_size") != current.get("pipeline_parallel_size") or saved.get("zero_stage") != current.get("zero_stage"):
+def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, load_universal: bool) -> bool:
+    """Whether the ZeRO shards under ``directory`` must be re-laid out for this run (:mod:`lightning_seqpar.relayout`).
+
+    Returns False when the shards load as they are (same ``dp * sp`` and ZeRO stage, or ``load_universal``) and
+    True when they were written for another ``dp * sp`` or another ZeRO stage >= 1 (merged and re-sharded at load).
+
+    Raises:
+        DeepSpeedConfigError: for a layout that cannot be converted (pipeline stages changed or used on either side,
+            or ZeRO stage 0 on either side), with the command that turns the checkpoint into fp32 weights to start from.
+    """
+    if not saved or load_universal:
+        return False
+    keys = ("pipeline_parallel_size", "zero_stage", "sequence_data_parallel_size")
+    if all(saved.get(k) == current.get(k) for k in keys):
+        return False
+    pipelines = saved.get("pipeline_parallel_size", 1) != 1 or current.get("pipeline_parallel_size", 1) != 1
+    if pipelines or not saved.get("zero_stage") or not current.get("zero_stage"):
+        written = ", ".join(f"{k}={saved.get(k)}" for k in keys)
+        now = ", ".join(f"{k}={current.get(k)}" for k in keys)
         raise DeepSpeedConfigError(
-            f"checkpoint {str(directory)!r} was written with pipeline_parallel_size={saved.get('pipeline_parallel_size')},"
-            f" zero_stage={saved.get('zero_stage')}; this run has pipeline_parallel_size={current.get('pipeline_parallel_size')},"
-            f" zero_stage={current.get('zero_stage')}. Resume with the same settings, or consolidate the checkpoint"
-            " (python -m lightning_seqpar.consolidate DIR OUT.pt) and start from the fp32 weights."
+            f"checkpoint {str(directory)!r} was written with {written}; this run has {now}. Optimizer state moves between"
+            " ZeRO layouts (any data x sequence size, ZeRO stage 1-3) but not into or out of pipeline stages or ZeRO-0."
+            " Resume with the same settings, or start from its fp32 weights (the optimizer state restarts):"
+            f" python -m lightning_seqpar.consolidate {shlex.quote(str(directory))} weights.pt"
+            " then module.load_state_dict(torch.load('weights.pt')['state_dict']) and fit without ckpt_path."
         )
-    before, now = saved.get("sequence_data_parallel_size"), current.get("sequence_data_parallel_size")
-    if current.get("zero_stage", 0) >= 1 and before != now and not load_universal:
-        tag_dir = Path(directory) / CHECKPOINT_TAG
-        raise DeepSpeedConfigError(
-            f"checkpoint {str(directory)!r} holds ZeRO shards for data_parallel_size x sequence_parallel_size ="
-            f" {saved.get('data_parallel_size')} x {saved.get('sequence_parallel_size')} = {before} ranks, but this run"
-            f" has {current.get('data_parallel_size')} x {current.get('sequence_parallel_size')} = {now}. Convert it once:"
-            f" python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder {tag_dir}"
-            f" --output_folder UNIVERSAL_DIR/{CHECKPOINT_TAG}, then resume from UNIVERSAL_DIR with"
-            " SeqParStrategy(deepspeed_config={'checkpoint': {'load_universal': True}})."
-        )
+    return True
 
 
 # What DeepSpeed itself writes into a rank's model-states file; everything else there is Lightning's checkpoint

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 
 class SkippableBatchSampler(Sampler[list[int]]):
@@ -49,20 +49,54 @@ class ResumableDataLoader(DataLoader):
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_served": self._position()}
+        return {"batches_served": self._position(), "samples_per_batch": self._samples_per_batch()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_sampler.skip = int(state.get("batches_served", 0))  # type: ignore[union-attr]
+        """Skip what the checkpoint's run consumed. Written on another layout (another data-parallel size or batch
+        size), the position is carried over in samples: ``batches_served * samples_per_batch`` samples of the epoch's
+        order, i.e. that many batches of this layout (the global order of ``DistributedSampler`` does not depend on
+        the number of replicas, and it interleaves them, so the first k global batches cover the first samples).
+
+        Raises:
+            ValueError: when those samples are not a whole number of this layout's global batches.
+        """
+        served = int(state.get("batches_served", 0))
+        before, now = state.get("samples_per_batch"), self._samples_per_batch()
+        if before is not None and now is not None and before != now:
+            samples = served * int(before)
+            if samples % now:
+                raise ValueError(
+                    f"the checkpoint stopped after {samples} samples of the epoch ({served} batches of {before} samples over"
+                    f" all data-parallel ranks), which is not a whole number of this run's batches of {now}; resume with a"
+                    " global batch size that divides it, or at an epoch boundary."
+                )
+            served = samples // now
+        self.batch_sampler.skip = served  # type: ignore[union-attr]
+
+    def _samples_per_batch(self) -> int | None:
+        """Samples one batch of this loader stands for over all data-parallel ranks (None if unknown)."""
+        batch_size = getattr(self.batch_sampler, "batch_size", None)
+        if batch_size is None:
+            return None
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        return int(batch_size) * int(getattr(sampler, "num_replicas", 1) if isinstance(sampler, DistributedSampler) else 1)
 
     def __iter__(self):
         self._consumed = 0
+        self._delivered: int | None = None
         self._start = self.batch_sampler.skip  # type: ignore[union-attr]
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
 
+    def mark_delivered(self) -> None:
+        """Count one batch that reached the training step. Lightning's fetcher draws one batch ahead (to know the
+        last one), so batches drawn overcount by one mid-epoch; the strategy calls this from ``batch_to_device``."""
+        self._delivered = (self._delivered or 0) + 1
+
     def _position(self) -> int:
-        return getattr(self, "_start", 0) + getattr(self, "_consumed", 0)
+        delivered = getattr(self, "_delivered", None)
+        return getattr(self, "_start", 0) + (delivered if delivered is not None else getattr(self, "_consumed", 0))
 
 
 def make_resumable(loader: DataLoader) -> DataLoader:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -39,7 +40,8 @@ from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import PlanError, SequenceParallelPlan, attention_head_counts, block_paths, choose_attention, infer_plan
-from lightning_seqpar.resumable import make_resumable
+from lightning_seqpar import checks, sampling
+from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
 from lightning_seqpar.strategy_deepspeed import DeepSpeedEngineMixin
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, check_topology, nonfinite_step_guard
 from lightning_seqpar.topology import ParallelDims, Topology
@@ -179,6 +181,9 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         self._data_seed: int | None = None
         self._hybrid_groups = None
         self._pipeline: pipeline_stages.PipelineStages | None = None
+        self._padding_steps: Any = None  # the padding_step context while an evaluation shard pads
+        self._checked_batches: set[tuple] = set()
+        self._zero_length_setting: bool | None = None
         self._init_deepspeed_settings(zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config)
 
     # --- process groups ------------------------------------------------------------------------------
@@ -235,6 +240,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         assert self.topology is not None, "distributed_sampler_kwargs needs setup_distributed() first"
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.stage not in (None, RunningStage.TRAINING):
+            # Evaluation: Lightning's sampler only gives the order; process_dataloader cuts it into one contiguous,
+            # non-overlapping shard per data-parallel rank (Lightning's own would repeat samples, or fail with fewer
+            # samples than ranks).
+            return {"num_replicas": 1, "rank": 0}
         return {"num_replicas": self.topology.dp, "rank": self.topology.dp_rank}
 
     # --- the model -------------------------------------------------------------------------------------
@@ -243,6 +254,12 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def setup(self, trainer: Trainer) -> None:
         self._apply_plan(self.lightning_module)
         self._reduce_metrics_over_data_group(self.lightning_module)
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            # Fewer samples than data-parallel ranks leave a prediction shard empty; prediction needs no step on every
+            # rank, so that rank predicts nothing (Lightning refuses empty loaders unless told; restored at the end).
+            module = self.lightning_module
+            self._zero_length_setting = module.allow_zero_length_dataloader_with_multiple_devices
+            module.allow_zero_length_dataloader_with_multiple_devices = True
         if self.uses_deepspeed:
             _refuse_lr_finder(trainer, self.zero_stage, self.pipeline_stages)
             self._setup_deepspeed(trainer)
@@ -298,6 +315,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._end_padding_steps()  # an evaluation that failed in a padding step leaves module.log wrapped
         if self.applied_plan is not None:
             self.applied_plan.remove()
             self.applied_plan = None
@@ -306,7 +324,11 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     @property
     @override
     def handles_gradient_accumulation(self) -> bool:
-        return self.uses_deepspeed
+        # Lightning owns the accumulation schedule on every path but the pipeline's (where one DataLoader batch is one
+        # step of micro-batches): it divides the loss by accumulate_grad_batches once, and steps on the last batch of
+        # an epoch too, as single-process training does. The DeepSpeed engine is told each boundary (see
+        # DeepSpeedEngineMixin._deepspeed_backward).
+        return self.uses_deepspeed and self.pipeline_stages > 1
 
     @property
     @override
@@ -376,6 +398,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         if self.uses_deepspeed and self.pipeline_stages > 1:
             return closure_loss  # done inside train_batch
+        if self.uses_deepspeed:
+            kwargs = self._deepspeed_backward_kwargs(kwargs)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     # --- steps and checkpoints ----------------------------------------------------------------------------
@@ -422,6 +446,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if self.uses_deepspeed:
             return self._load_deepspeed_checkpoint(checkpoint_path)
+        # A directory of ZeRO shards cannot feed the DDP path's optimizer: this raises with the command that can.
+        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=False)
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         for difference in check_topology(checkpoint.get("seqpar"), self.parallel_settings()):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
@@ -438,6 +464,10 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         """Reduce over the data-parallel group by default: the ranks of an SP group hold the same value."""
         if group is None and self.topology is not None:
             group = self.topology.data_group
+        if isinstance(tensor, Tensor) and not tensor.is_floating_point() and str(reduce_op).lower() in ("mean", "avg", "reduceop.avg"):
+            # An integer mean floors: Lightning's epoch mean divides the mean of the summed values by the mean of the
+            # (integer) batch counts, which is off when the ranks ran different numbers of samples (evaluation shards).
+            tensor = tensor.double()
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
     @override
@@ -465,16 +495,86 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Seed data-loader workers per data-parallel rank, identically on every rank of an SP group, and make
-        map-style loaders resumable mid-epoch (see :mod:`lightning_seqpar.resumable`)."""
+        """Key every loader to the data-parallel rank (:mod:`lightning_seqpar.sampling`): a user's training sampler
+        keyed to the global rank is re-keyed, evaluation loaders get contiguous non-overlapping shards (every sample
+        counted once); seed data-loader workers per data-parallel rank, identically on every rank of an SP group;
+        make map-style training loaders resumable mid-epoch (see :mod:`lightning_seqpar.resumable`). Then check that
+        the ranks of each SP group (and pipeline) have loaders of the same length."""
         if isinstance(dataloader, DataLoader) and self.topology is not None and self._data_seed is not None:
             replica = self.topology.dp_rank  # the same on every SP rank and pipeline stage of a replica
+            stage = self.lightning_module.trainer.state.stage if self.lightning_module is not None else None
+            if stage is None or stage == RunningStage.TRAINING:
+                dataloader = sampling.rekey_sampler(dataloader, self.topology.dp, replica)
+            else:
+                dataloader = sampling.shard_for_evaluation(dataloader, self.topology.dp, replica, pad=stage != RunningStage.PREDICTING)
             dataloader.generator = torch.Generator().manual_seed(self._data_seed + replica)
             init_fn = dataloader.worker_init_fn
             if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
                 dataloader.worker_init_fn = partial(pl_worker_init_function, rank=replica)
-            dataloader = make_resumable(dataloader)
+            if stage is None or stage == RunningStage.TRAINING:
+                dataloader = make_resumable(dataloader)
+        if self.topology is not None:
+            checks.check_loader_lengths(dataloader, self.topology, self.root_device)
         return dataloader
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """Move the batch; on an evaluation shard's padding batch, keep the step out of logged sums and metrics
+        (:func:`~lightning_seqpar.sampling.padding_step`); check the first batch of each loader across the SP group."""
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or self.topology is None:
+            return batch
+        if trainer.state.stage == RunningStage.TRAINING:
+            combined = getattr(trainer.fit_loop, "_combined_loader", None)
+            for loader in combined.flattened if combined is not None else []:
+                if isinstance(loader, ResumableDataLoader):
+                    loader.mark_delivered()  # the epoch position a checkpoint records (see resumable.py)
+        elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
+            loader = _evaluation_loader(trainer, dataloader_idx)
+            padding = isinstance(loader, sampling.EvalShardDataLoader) and loader.next_is_padding()
+            if padding and self._padding_steps is None:
+                self._padding_steps = sampling.padding_step(self.lightning_module)
+                self._padding_steps.__enter__()
+            elif not padding:
+                self._end_padding_steps()
+        key = (str(trainer.state.stage), dataloader_idx, trainer.current_epoch)
+        if key not in self._checked_batches:
+            self._checked_batches.add(key)
+            checks.check_same_batch(batch, self.topology, f"{trainer.state.stage} dataloader {dataloader_idx}", self.root_device)
+        return batch
+
+    def _end_padding_steps(self) -> None:
+        if self._padding_steps is not None:
+            self._padding_steps.__exit__(None, None, None)
+            self._padding_steps = None
+
+    @override
+    def on_validation_end(self) -> None:
+        self._end_padding_steps()
+        super().on_validation_end()
+
+    @override
+    def on_test_end(self) -> None:
+        self._end_padding_steps()
+        super().on_test_end()
+
+    @override
+    def on_predict_end(self) -> None:
+        if self._zero_length_setting is not None and self.lightning_module is not None:
+            self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = self._zero_length_setting
+            self._zero_length_setting = None
+        super().on_predict_end()
+
+    def gather_predictions(self, predictions: list[Any]) -> list[Any]:
+        """All data-parallel ranks' ``trainer.predict`` outputs, in dataset order, on every rank (collective over the
+        data-parallel group; call on every rank). Each rank predicts a contiguous shard and the shards follow the
+        rank order, so the batches of rank 0, then rank 1, ... are the samples in order (batch boundaries may differ
+        from one process; concatenate along the batch dimension to compare)."""
+        assert self.topology is not None
+        shards: list[Any] = [None] * self.topology.dp
+        dist.all_gather_object(shards, list(predictions or []), group=self.topology.data_group)
+        return [batch for shard in shards for batch in shard]
 
     @classmethod
     @override
@@ -520,6 +620,13 @@ def _refuse_lr_finder(trainer: Trainer, zero_stage: int, pipeline_stages: int) -
             " SeqParStrategy(zero_stage=0, pipeline_stages=1) on the same model, data and sequence_parallel_size (ZeRO"
             " does not change the losses it measures), then train with the learning rate it suggests."
         )
+
+
+def _evaluation_loader(trainer: Trainer, dataloader_idx: int) -> Any:
+    """The processed loader the running validation or test loop is drawing from."""
+    combined = getattr(trainer._evaluation_loop, "_combined_loader", None)
+    loaders = combined.flattened if combined is not None else []
+    return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
 
 
 def _with_checkpoints(plan: SequenceParallelPlan, module: torch.nn.Module, mode: bool | str = True) -> SequenceParallelPlan:

@@ -7,6 +7,9 @@ hooks themselves stay in strategy.py, so the DDP path reads in one place. See do
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -18,7 +21,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline, pipeline_stages
+from lightning_seqpar import pipeline, pipeline_stages, relayout
 from lightning_seqpar.reliability import nonfinite_step_guard
 
 
@@ -169,6 +172,31 @@ class DeepSpeedEngineMixin:
                 state.update(stage_state or {})
         return state
 
+    def _deepspeed_backward_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Before ``engine.backward``: tell the engine whether this micro-batch ends the optimizer step, and keep it
+        from dividing the loss by the accumulation count a second time.
+
+        Lightning's closure has already divided the loss by ``accumulate_grad_batches``; DeepSpeed's ``backward``
+        divides by ``gradient_accumulation_steps`` again unless ``scale_wrt_gas=False`` (which would halve the update
+        at 2 accumulation steps). The boundary follows Lightning's schedule (it also steps on an epoch's last batch),
+        so ZeRO reduces, clips and steps the gradient accumulated over the whole step, as single-process training does.
+        """
+        trainer = self.lightning_module.trainer
+        engine = self.deepspeed_engine
+        if engine is not None and trainer is not None and trainer.training:
+            engine.set_gradient_accumulation_boundary(not trainer.fit_loop._should_accumulate())
+        return {**kwargs, "scale_wrt_gas": False}
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning's no-sync context for accumulating micro-batches. With DeepSpeed the engine is told the boundary
+        instead (ZeRO-2/3 refuse ``no_sync``; ZeRO-1 and 0 reduce only at the boundary)."""
+        if self.uses_deepspeed:
+            yield
+        else:
+            with super().block_backward_sync():  # type: ignore[misc]
+                yield
+
     def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
         model = model or self.lightning_module
         if self.pipeline_stages > 1:
@@ -196,8 +224,8 @@ class DeepSpeedEngineMixin:
         filepath = self.broadcast(filepath)
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         self.deepspeed_engine.save_checkpoint(filepath, client_state=client_state, tag=ds.CHECKPOINT_TAG)
-        if self.is_global_zero:
-            ds.write_layout(filepath, checkpoint["seqpar"])
+        if self.is_global_zero:  # the client keys let a resume on another layout read Lightning's state back
+            ds.write_layout(filepath, {**checkpoint["seqpar"], "client_keys": sorted(client_state)})
         self.barrier()
 
     def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
@@ -209,8 +237,25 @@ class DeepSpeedEngineMixin:
                 " test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
             )
         checkpoint_path = self.broadcast(checkpoint_path)
+        if Path(checkpoint_path).is_file():
+            raise ds.DeepSpeedConfigError(
+                f"{checkpoint_path} is a single-file checkpoint of the DDP path (zero_stage=0); DeepSpeed resumes from its own"
+                " shard directories. Resume it with SeqParStrategy(zero_stage=0), or start from its weights (the optimizer"
+                f" state restarts): module.load_state_dict(torch.load({str(checkpoint_path)!r})['state_dict']) and fit"
+                " without ckpt_path."
+            )
         load_universal = bool(self.deepspeed_engine.config.get("checkpoint", {}).get("load_universal", False))
-        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=load_universal)
+        layout = ds.read_layout(checkpoint_path)
+        if ds.check_resume_layout(checkpoint_path, layout, self.parallel_settings(), load_universal=load_universal):
+            assert layout is not None
+            shards = Path(checkpoint_path) / ds.CHECKPOINT_TAG
+            rank_zero_info(
+                f"SeqParStrategy: re-laying out {checkpoint_path} (ZeRO-{layout.get('zero_stage')} over"
+                f" {layout.get('sequence_data_parallel_size')} ranks) for ZeRO-{self.zero_stage} over"
+                f" {self.parallel_settings()['sequence_data_parallel_size']} ranks"
+            )
+            relayout.load_full_state(self.deepspeed_engine, relayout.read_full_state(shards))
+            return relayout.checkpoint_client_state(shards, layout.get("client_keys", []))
         _, client_state = self.deepspeed_engine.load_checkpoint(
             checkpoint_path,
             tag=ds.CHECKPOINT_TAG,

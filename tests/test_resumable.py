@@ -34,7 +34,7 @@ def test_resume_continues_with_the_next_batch():
     it = iter(first)
     seen = [next(it)[0].tolist(), next(it)[0].tolist()]
     state = first.state_dict()
-    assert state == {"batches_served": 2}
+    assert state == {"batches_served": 2, "samples_per_batch": 6}
     second = make_resumable(_loader())
     second.load_state_dict(state)
     rest = _epoch(second, 1)
@@ -47,7 +47,7 @@ def test_position_counts_delivered_batches_with_workers():
     loader.batch_sampler.sampler.set_epoch(0)
     it = iter(loader)
     next(it)
-    assert loader.state_dict() == {"batches_served": 1}  # prefetched batches are not counted
+    assert loader.state_dict()["batches_served"] == 1  # prefetched batches are not counted
 
 
 class _Stream(IterableDataset):
@@ -58,3 +58,30 @@ class _Stream(IterableDataset):
 def test_loaders_that_cannot_be_rebuilt_are_left_alone():
     stream = DataLoader(_Stream(), batch_size=2)
     assert make_resumable(stream) is stream
+
+
+def _dp_loader(num_replicas, rank, batch_size):
+    data = TensorDataset(torch.arange(24))
+    sampler = DistributedSampler(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=4)
+    return make_resumable(DataLoader(data, batch_size=batch_size, sampler=sampler))
+
+
+def test_position_moves_in_samples_to_another_data_parallel_size():
+    import pytest
+
+    # 2 batches of 4 on one replica, then 2 replicas with 2 samples each: they continue after sample 8 of the order.
+    first = _dp_loader(1, 0, 4)
+    order = [i for b in _epoch(first, 0) for i in b]
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    assert state == {"batches_served": 2, "samples_per_batch": 4}
+    rest = []
+    for rank in range(2):
+        loader = _dp_loader(2, rank, 2)
+        loader.load_state_dict(state)
+        rest += [i for b in _epoch(loader, 0) for i in b]
+    assert sorted(rest) == sorted(order[8:])
+    odd = _dp_loader(1, 0, 3)
+    with pytest.raises(ValueError, match="after 8 samples of the epoch .* not a whole number of this run's batches of 3"):
+        odd.load_state_dict(state)
