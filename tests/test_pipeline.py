@@ -156,7 +156,7 @@ def test_stage_parameters_cover_every_parameter_once():
 def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
     from lightning_seqpar.pipeline import PipelineError
     from lightning_seqpar.pipeline_auto import StageRunner, block_stack
-    from tests.models import VitPytorchStyleViT
+    from tests.models import ContainerBlocksViT
 
     torch.manual_seed(0)
     vit, x = TinyViT(depth=4), torch.randn(2, 13, 6)
@@ -179,7 +179,7 @@ def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
         last.run(lambda: blocks[2](blocks[1](blocks[0](vit.patch_embed(x) + vit.pos_embed))), activation)
     last.remove()
     with pytest.raises(PipelineError, match="are ModuleList containers that their owner loops over"):
-        block_stack(VitPytorchStyleViT(), 2)
+        block_stack(ContainerBlocksViT(), 2)
 
 
 def test_pipeline_checkpoint_layer_files_load_by_name(tmp_path):
