@@ -163,7 +163,10 @@ class StageRunner:
         tensor = output if isinstance(output, Tensor) else (output[0] if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) else None)
         if tensor is None:
             raise PipelineError(f"{self.path}.{self.stop - 1} returned {type(output).__name__}; pipeline stages need blocks that return a tensor (or a tuple starting with one).")
-        raise _StageDone(tensor)
+        # Sent to the next stage by a point-to-point collective, which needs one contiguous buffer: gloo refuses a
+        # strided view and NCCL sends its storage as if it were contiguous (wrong values, no error). timm's
+        # VisionTransformer hands its blocks such views.
+        raise _StageDone(tensor.contiguous())
 
     def _chain_help(self) -> str:
         return (

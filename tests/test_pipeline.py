@@ -153,6 +153,33 @@ def test_stage_parameters_cover_every_parameter_once():
     assert even_split(5, 2) == [0, 3, 5] and even_split(4, 4) == [0, 1, 2, 3, 4]
 
 
+class _StridedOutput(nn.Module):
+    """A block whose output is a strided view in memory (element-wise work on a transposed tensor), as timm's
+    VisionTransformer blocks hand on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return (x.transpose(1, 2).contiguous() * self.scale).transpose(1, 2)  # [B, L, D] view of a [B, D, L] buffer
+
+
+def test_stage_runner_sends_one_contiguous_buffer():
+    """The activation handed to the point-to-point send is contiguous: gloo refuses a strided one and NCCL sends
+    its storage as if contiguous (the real timm ViT trained through 2 stages on 2 GPUs was wrong before this)."""
+    from lightning_seqpar.pipeline_auto import StageRunner
+
+    blocks = nn.Sequential(_StridedOutput(), _StridedOutput())
+    x = torch.randn(2, 5, 3)
+    assert not blocks[0](x).is_contiguous()
+    first = StageRunner(blocks, "", blocks, [0, 1, 2], 0, lambda: None)
+    finished, activation = first.run(lambda: blocks(x), None)
+    first.remove()
+    assert not finished and activation.is_contiguous()
+    torch.testing.assert_close(activation, blocks[0](x))
+
+
 def test_stage_runner_runs_a_chain_in_two_stages_and_refuses_what_is_not_one():
     from lightning_seqpar.pipeline import PipelineError
     from lightning_seqpar.pipeline_auto import StageRunner, block_stack

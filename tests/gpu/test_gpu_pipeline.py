@@ -78,8 +78,7 @@ def gpu_worker(tmp: str, names: list[str]) -> dict:
         data = build_dataset("timm_vit" if name == "real_timm" else name)
         strategy = SeqParStrategy(sequence_parallel_size=1, pipeline_stages=2, micro_batches=MICRO, process_group_backend="nccl", timeout=120)
         trainer = Trainer(accelerator="gpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False, default_root_dir=tmp,
-                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                          limit_val_batches=0)
+                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
         full = trainer.strategy.full_state_dict()
         val = trainer.validate(module, DataLoader(Subset(data, range(VAL)), batch_size=BATCH), verbose=False)[0]
