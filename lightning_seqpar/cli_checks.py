@@ -74,11 +74,11 @@ def _open_store(data: dict[str, Any]):
         raise ConfigError(f"--data.path: {_first_line(err)}") from None
 
 
-def check_data(data: dict[str, Any]):
+def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - imported inside, the data stack is heavy
     """Opens the store and checks the fields, split years and lead times the run will ask of it.
 
     Returns:
-        the ``ERA5DataModule`` built from ``data`` (nothing read but coordinates).
+        The ``ERA5DataModule`` built from ``data`` (nothing read but coordinates).
 
     Raises:
         ConfigError: naming ``--data.path``, ``--data.variables``, ``--data.out_variables``,

@@ -87,7 +87,7 @@ def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> 
 
 def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: np.ndarray, fields: list[str],
                       latitudes: np.ndarray, longitudes: np.ndarray, units: dict[str, str] | None = None,
-                      source: str = ""):
+                      source: str = "") -> "xr.Dataset":  # noqa: F821 - xarray is imported inside
     """An ``xarray.Dataset`` of forecasts following the CF conventions (1.8) and WeatherBench2's forecast layout.
 
     Args:
@@ -101,8 +101,8 @@ def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: 
 
     Returns:
         Variables ``<field>(time, prediction_timedelta, latitude, longitude)`` with ``units`` and ``long_name``;
-        ``time`` is the initial time (``standard_name: forecast_reference_time``), ``prediction_timedelta`` the
-        lead time (``forecast_period``), and ``valid_time(time, prediction_timedelta)`` = time + lead (``time``).
+            ``time`` is the initial time (``standard_name: forecast_reference_time``), ``prediction_timedelta`` the
+            lead time (``forecast_period``), and ``valid_time(time, prediction_timedelta)`` = time + lead (``time``).
     """
     import xarray as xr
 
