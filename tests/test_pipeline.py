@@ -20,6 +20,7 @@ from torch import nn
 
 from tests.dist_utils import run_distributed
 from tests.models import RegressionModule, TinyViT, build_dataset
+from tests.test_deepspeed import _Embed, _Head  # the explicit contract's first and last layers
 
 SEED, STEPS, BATCH, MICRO = 1234, 3, 4, 2
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -58,15 +59,6 @@ class EvalRegression(RegressionModule):
         self.log("test_loss", F.mse_loss(self.model(batch["x"]), batch["y"]), sync_dist=True)
 
 
-class _Embed(nn.Module):
-    def __init__(self, vit: TinyViT) -> None:
-        super().__init__()
-        self.patch_embed, self.pos_embed = vit.patch_embed, vit.pos_embed
-
-    def forward(self, x):  # [B, L, IN_DIM] -> [B, L, D]
-        return self.patch_embed(x) + self.pos_embed
-
-
 class _LeakyEmbed(nn.Module):
     """Computes embed(x) + pos from a model it keeps in a plain attribute: registers nothing."""
 
@@ -76,15 +68,6 @@ class _LeakyEmbed(nn.Module):
 
     def forward(self, x):
         return self.vit.patch_embed(x) + self.vit.pos_embed
-
-
-class _Head(nn.Module):
-    def __init__(self, vit: TinyViT) -> None:
-        super().__init__()
-        self.norm, self.head = vit.norm, vit.head
-
-    def forward(self, x):  # [B, L, D] -> [B, L, OUT_DIM]
-        return self.head(self.norm(x))
 
 
 class ContractRegression(EvalRegression):
