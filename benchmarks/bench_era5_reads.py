@@ -29,7 +29,7 @@ import xarray as xr
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightning_seqpar.data import ERA5DataModule  # noqa: E402
+from lightning_seqpar.weather.data import ERA5DataModule  # noqa: E402
 
 TIMES = 2920
 CHUNKS = (1, 16, 365, 2920)

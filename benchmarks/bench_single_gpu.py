@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lightning_seqpar.memory import MasterWeightAdamW, checkpoint_module, chunk_module  # noqa: E402
-from lightning_seqpar.models.layers import Block  # noqa: E402
+from lightning_seqpar.weather.models.layers import Block  # noqa: E402
 
 K = 1024
 OUT_DIM = 16  # regression target per token (a 4 x 4 patch), so input and target stay small next to [L, D]
@@ -127,7 +127,7 @@ def build(kind: str, sizes: Sizes, length: int, device: torch.device, dtype=None
         x = torch.randn(1, length, sizes.width, device=device, dtype=dtype or torch.float32)  # [B, L, D]
         y = torch.randn(1, length, OUT_DIM, device=device)
         return model, (x,), y
-    from lightning_seqpar.models.climax import ClimaX
+    from lightning_seqpar.weather.models.climax import ClimaX
 
     names = [f"var{i}" for i in range(sizes.variables)]
     h, w = climax_grid(length)

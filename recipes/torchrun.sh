@@ -27,7 +27,7 @@ exec torchrun \
   --rdzv-backend c10d \
   --rdzv-endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
   --rdzv-id "${RDZV_ID:-seqpar}" \
-  -m lightning_seqpar.cli "${SUBCOMMAND:-fit}" --config "$RECIPE" \
+  -m lightning_seqpar.weather.cli "${SUBCOMMAND:-fit}" --config "$RECIPE" \
     --trainer.num_nodes "$NNODES" \
     --trainer.devices "$NPROC_PER_NODE" \
     "$@"

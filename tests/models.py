@@ -180,7 +180,7 @@ class SmallClimaX(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from lightning_seqpar.models import ClimaX
+        from lightning_seqpar.weather.models import ClimaX
 
         self.climax = ClimaX(self.FIELDS, (12, 20), patch_size=4, embed_dim=WIDTH, depth=2, decoder_depth=1,
                              num_heads=HEADS, drop_path=0.0)

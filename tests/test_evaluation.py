@@ -31,7 +31,7 @@ class EvalModule(RegressionModule):
 
     def __init__(self) -> None:
         super().__init__()
-        from lightning_seqpar.metrics import LatitudeWeightedACC, LatitudeWeightedRMSE
+        from lightning_seqpar.weather.metrics import LatitudeWeightedACC, LatitudeWeightedRMSE
 
         self.mse, self.count = torchmetrics.MeanSquaredError(), torchmetrics.SumMetric()
         self.rmse = LatitudeWeightedRMSE(["f"], LATITUDES, [6.0])

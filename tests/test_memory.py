@@ -15,7 +15,7 @@ from lightning_seqpar.memory import (
     chunk_module,
     offload_checkpoint,
 )
-from lightning_seqpar.models.layers import Block
+from lightning_seqpar.weather.models.layers import Block
 
 WIDTH, HEADS, TOKENS = 32, 4, 37  # 37 tokens: chunks of unequal length
 
@@ -143,7 +143,7 @@ def test_master_weights_keep_fp32_state_for_a_bf16_model():
 def test_chunks_may_put_tokens_on_another_output_dimension():
     """ClimaX's variable aggregation takes [B, V, L, D] and returns [B, L, D]."""
     torch.manual_seed(0)
-    from lightning_seqpar.models.climax import VariableAggregation
+    from lightning_seqpar.weather.models.climax import VariableAggregation
 
     agg = VariableAggregation(WIDTH, HEADS)
     x = torch.randn(2, 3, TOKENS, WIDTH, requires_grad=True)

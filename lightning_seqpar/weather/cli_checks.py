@@ -59,7 +59,7 @@ def derive_data_options(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _open_store(data: dict[str, Any]):
-    from lightning_seqpar.data.store import ERA5Store
+    from lightning_seqpar.weather.data.store import ERA5Store
 
     try:
         return ERA5Store(str(data["path"]), data.get("select_index"), data.get("duplicate_times", "error"))
@@ -84,7 +84,7 @@ def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - import
         ConfigError: naming ``--data.path``, ``--data.variables``, ``--data.out_variables``,
             ``--data.<split>_years``, ``--data.lead_time_hours`` or ``--data.duplicate_times``.
     """
-    from lightning_seqpar.data.era5 import ERA5DataModule
+    from lightning_seqpar.weather.data.era5 import ERA5DataModule
 
     store = _open_store(data)
     for option in ("variables", "out_variables"):

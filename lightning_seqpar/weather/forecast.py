@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_seqpar.forecast_checkpoint import (
+from lightning_seqpar.weather.forecast_checkpoint import (
     DATA_KEY,
     DataMapping,
     TrainedData,
@@ -25,13 +25,13 @@ from lightning_seqpar.forecast_checkpoint import (
     map_data,
     model_config,
 )
-from lightning_seqpar.metrics import (
+from lightning_seqpar.weather.metrics import (
     LatitudeWeightedACC,
     LatitudeWeightedRMSE,
     latitude_weights,
 )
-from lightning_seqpar.forecast_io import field_units, land_sea_mask
-from lightning_seqpar.plots import plot_forecast_map, plot_rmse_by_lead_time
+from lightning_seqpar.weather.forecast_io import field_units, land_sea_mask
+from lightning_seqpar.weather.plots import plot_forecast_map, plot_rmse_by_lead_time
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
@@ -74,13 +74,13 @@ class ForecastModule(LightningModule):
     The variables, latitudes, normalisation statistics, climatology and lead times are read from
     `trainer.datamodule` in `setup()` (an `ERA5DataModule` or anything with the same attributes). The first data a
     module sees is what it is trained on: checkpoints carry it (`checkpoint["forecast_data"]`, see
-    `lightning_seqpar.forecast_checkpoint`) together with the network's configuration, so that
+    `lightning_seqpar.weather.forecast_checkpoint`) together with the network's configuration, so that
     `ForecastModule.load_from_checkpoint(path)` returns a model ready to forecast (`forward`, `forecast`) without a
     datamodule, and data given later is mapped onto the trained fields by name or refused with
     `DataMismatchError` naming the difference.
 
     Args:
-        model: the network, e.g. `lightning_seqpar.models.ClimaX` (in YAML: `class_path` + `init_args`). A model with a
+        model: the network, e.g. `lightning_seqpar.weather.models.ClimaX` (in YAML: `class_path` + `init_args`). A model with a
             `config` mapping of its constructor arguments (ClimaX has one) is recorded in the hyperparameters; a
             `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
         lr: peak learning rate of AdamW.

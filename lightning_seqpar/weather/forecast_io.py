@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_seqpar.landmask import bundled_land_sea_mask
+from lightning_seqpar.weather.landmask import bundled_land_sea_mask
 
 __all__ = ["ForecastWriter", "display_units", "field_long_name", "field_units", "forecasts_dataset", "land_sea_mask"]
 
@@ -69,7 +69,7 @@ def field_long_name(field: str) -> str:
 def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str]:
     """``((land fraction [h, w], latitudes [h], longitudes [w]), where it came from)`` for coastlines on a map of
     this grid: the store's ``land_sea_mask``/``lsm`` when it has one, else the bundled ERA5 mask interpolated to
-    a 1 deg grid over the same longitudes (see :mod:`lightning_seqpar.landmask`)."""
+    a 1 deg grid over the same longitudes (see :mod:`lightning_seqpar.weather.landmask`)."""
     store = _store(datamodule)
     if store is not None:
         present = [n for n in MASK_NAMES if n in store.static_fields()]

@@ -16,7 +16,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from tests.dist_utils import REPO_ROOT, free_port
-from tests.test_cli import TINY
+from tests.weather.test_cli import TINY
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
@@ -42,18 +42,18 @@ def _seqpar_two_ranks(tmp_path: Path, subcommand: str, *args: str, **trainer_opt
            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "SEQPAR_FAILURE_DIR"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "lightning_seqpar.cli", subcommand, "--config", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "lightning_seqpar.weather.cli", subcommand, "--config", str(config), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _fit_two_ranks(tmp_path: Path, failing_rank: int) -> subprocess.CompletedProcess:
     return _seqpar_two_ranks(tmp_path, "fit", max_steps=2, val_check_interval=2, num_sanity_val_steps=0,
-                             callbacks=[{"class_path": "tests.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}])
+                             callbacks=[{"class_path": "tests.weather.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}])
 
 
 def test_first_failing_rank_is_printed_last(tmp_path):
     """Rank 0 fails first; rank 1 would print gloo's `Connection closed by peer` after it. (Rank 1 failing first goes
-    through the same records: tests/test_cli.py::test_failure_records_pick_the_first_rank.)"""
+    through the same records: tests/weather/test_cli.py::test_failure_records_pick_the_first_rank.)"""
     failing_rank = 0
     proc = _fit_two_ranks(tmp_path, failing_rank)
     assert proc.returncode != 0

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_seqpar.data import ERA5DataModule, write_synthetic_era5
-from lightning_seqpar.metrics import (
+from lightning_seqpar.weather.data import ERA5DataModule, write_synthetic_era5
+from lightning_seqpar.weather.metrics import (
     LatitudeWeightedACC,
     LatitudeWeightedRMSE,
     climatology_forecast,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from lightning_seqpar.data.synthetic import (
+from lightning_seqpar.weather.data.synthetic import (
     DAMPING_DAYS,
     EARTH_RADIUS_M,
     eastward_shift,
@@ -131,9 +131,9 @@ def test_cli_writes_zarr_and_netcdf(tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # this test module imported it already
 def test_module_runs_with_help(monkeypatch, capsys):
-    """``python -m lightning_seqpar.data.synthetic --help``, run in this process to skip a second interpreter start."""
+    """``python -m lightning_seqpar.weather.data.synthetic --help``, run in this process to skip a second interpreter start."""
     monkeypatch.setattr(sys, "argv", ["synthetic", "--help"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("lightning_seqpar.data.synthetic", run_name="__main__")
+        runpy.run_module("lightning_seqpar.weather.data.synthetic", run_name="__main__")
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "WeatherBench2 layout" in out and "--step-hours" in out

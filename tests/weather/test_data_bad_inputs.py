@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from lightning_seqpar.data import ERA5DataModule, StatisticsCacheError, StoreReadError, write_synthetic_era5
-from lightning_seqpar.data import stats as stats_module
-from lightning_seqpar.data import synthetic as synthetic_module
+from lightning_seqpar.weather.data import ERA5DataModule, StatisticsCacheError, StoreReadError, write_synthetic_era5
+from lightning_seqpar.weather.data import stats as stats_module
+from lightning_seqpar.weather.data import synthetic as synthetic_module
 
 GRID = (8, 16)
 FIELDS = ["2m_temperature", "geopotential_500", "temperature_850"]
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # Two daily years of 8 x 16 points: 731 times in zarr chunks of 256 times, so chunk 1 holds times 256-511,
 # the end of 2000 (train) and the start of 2001 (val).
 
@@ -180,7 +180,7 @@ def test_synthetic_store_is_replaced_only_when_asked_and_only_when_whole(tmp_pat
 
 
 def test_recipe_with_a_misspelt_data_key_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from lightning_seqpar.cli import main
+    from lightning_seqpar.weather.cli import main
 
     monkeypatch.setattr(sys, "argv", ["seqpar"])  # LightningCLI warns about pytest's own arguments
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,6 @@
 """What a forecasting checkpoint carries besides weights, and how it is matched against the data it is used with.
 
-A :class:`~lightning_seqpar.forecast.ForecastModule` checkpoint records (1) how to build its network
+A :class:`~lightning_seqpar.weather.forecast.ForecastModule` checkpoint records (1) how to build its network
 (``hyper_parameters["model"]``: ``{"class_path", "init_args"}``, so ``ForecastModule.load_from_checkpoint(path)``
 needs nothing else) and (2) the data it was trained on (``checkpoint["forecast_data"]``): input and output field
 names in channel order, the normalisation statistics, the grid and the lead times. Used later with other data, the
@@ -59,7 +59,7 @@ def check_single_file(path: Any) -> None:
 
 def model_config(model: nn.Module) -> dict[str, Any] | None:
     """``{"class_path", "init_args"}`` of ``model`` when it reports its constructor arguments (a ``config`` mapping,
-    as :class:`~lightning_seqpar.models.ClimaX` has), else ``None``."""
+    as :class:`~lightning_seqpar.weather.models.ClimaX` has), else ``None``."""
     config = getattr(model, "config", None)
     if not isinstance(config, Mapping):
         return None
@@ -118,7 +118,7 @@ class TrainedData:
 
     @classmethod
     def from_datamodule(cls, dm: Any) -> TrainedData:
-        """Read an :class:`~lightning_seqpar.data.ERA5DataModule` (or anything with the same attributes)."""
+        """Read an :class:`~lightning_seqpar.weather.data.ERA5DataModule` (or anything with the same attributes)."""
         variables, out_variables = [str(v) for v in dm.variables], [str(v) for v in dm.out_variables]
         normalized = bool(getattr(dm, "normalize", True))
         mean, std = {}, {}

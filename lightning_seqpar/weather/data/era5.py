@@ -16,9 +16,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_seqpar.data.chunks import DEFAULT_CACHE_MB
-from lightning_seqpar.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics, nan_message
-from lightning_seqpar.data.store import ERA5Store, StoreReadError
+from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB
+from lightning_seqpar.weather.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics, nan_message
+from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
 
 __all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "StoreReadError", "parse_years"]
 
@@ -152,7 +152,7 @@ class ERA5DataModule(LightningDataModule):
         years_from_file_names: take each file's year from its name (``t2m_1980_5.625deg.nc``), keeping month,
             day and hour: for yearly files whose time axis was relabelled, as in the shipped WeatherBench sample.
         chunk_cache_mb: MiB of decoded multi-time zarr chunks kept per process, so that samples sharing a
-            chunk decode it once; 0 turns the cache off (see :mod:`lightning_seqpar.data.chunks`).
+            chunk decode it once; 0 turns the cache off (see :mod:`lightning_seqpar.weather.data.chunks`).
     """
 
     def __init__(

@@ -12,7 +12,7 @@ import pytest
 import torch
 import xarray as xr
 
-from lightning_seqpar.data import ERA5DataModule, ERA5Store, StoreReadError
+from lightning_seqpar.weather.data import ERA5DataModule, ERA5Store, StoreReadError
 
 LAT_DESC = np.array([67.5, 22.5, -22.5, -67.5])  # the CDS writes latitude north to south
 LON = np.arange(8) * 45.0
@@ -176,8 +176,8 @@ def test_nan_outside_the_mask_is_still_an_error(tmp_path):
 
 
 def test_mask_is_left_out_of_loss_and_metrics():
-    from lightning_seqpar.forecast import latitude_weighted_mse
-    from lightning_seqpar.metrics import LatitudeWeightedACC, LatitudeWeightedRMSE, latitude_weights
+    from lightning_seqpar.weather.forecast import latitude_weighted_mse
+    from lightning_seqpar.weather.metrics import LatitudeWeightedACC, LatitudeWeightedRMSE, latitude_weights
 
     lat = np.array([-67.5, -22.5, 22.5, 67.5])
     target = torch.randn(3, 2, 4, 8, dtype=torch.float64)
@@ -207,8 +207,8 @@ def test_mask_is_left_out_of_loss_and_metrics():
 def test_forecast_module_takes_the_mask_from_the_datamodule(tmp_path):
     from types import SimpleNamespace
 
-    from lightning_seqpar.forecast import ForecastModule
-    from lightning_seqpar.models import ClimaX
+    from lightning_seqpar.weather.forecast import ForecastModule
+    from lightning_seqpar.weather.models import ClimaX
 
     sst_dataset(LAND).to_netcdf(tmp_path / "sst.nc")
     dm = dm_for(tmp_path / "sst.nc", tmp_path, ["t2m", "sst"], masked_variables=["sst"], normalize=True, val_years=[2024])
@@ -395,12 +395,12 @@ def test_samples_sharing_a_time_chunk_decode_it_once(tmp_path, monkeypatch):
 
 
 def test_chunks_too_large_for_the_cache_warn_with_the_rechunk_command(tmp_path):
-    from lightning_seqpar.data import rechunk_time
+    from lightning_seqpar.weather.data import rechunk_time
 
     ds = write_chunked_zarr(tmp_path / "era5.zarr", time_chunk=64)
     dm = dm_for(tmp_path / "era5.zarr", tmp_path, ["t2m"], train_years=[2001], chunk_cache_mb=0.01)  # 10 KiB < 2 x 8 KiB
     with pytest.warns(UserWarning, match=r"2m_temperature in '.*era5.zarr' is stored in chunks of 64 times .* about 64 times "
-                      r"over. Rechunk it to one time per chunk: python -m lightning_seqpar.data.chunks .*era5.zarr .*era5-time1.zarr"):
+                      r"over. Rechunk it to one time per chunk: python -m lightning_seqpar.weather.data.chunks .*era5.zarr .*era5-time1.zarr"):
         dm.setup("fit")
         dm.datasets["train"][0]
     rechunk_time(str(tmp_path / "era5.zarr"), str(tmp_path / "era5-time1.zarr"))

@@ -13,13 +13,13 @@ import torch
 import xarray as xr
 import yaml
 
-from lightning_seqpar.cli import SeqParCLI, SyntheticData, main
-from lightning_seqpar.cli_checks import ConfigError, resolve_checkpoint
-from lightning_seqpar.data.synthetic import write_synthetic_era5
-from lightning_seqpar.data.era5 import ERA5DataModule
-from lightning_seqpar.forecast import ForecastModule
+from lightning_seqpar.weather.cli import SeqParCLI, SyntheticData, main
+from lightning_seqpar.weather.cli_checks import ConfigError, resolve_checkpoint
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
+from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.forecast import ForecastModule
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 TINY = {
     "seed_everything": 0,
@@ -36,7 +36,7 @@ TINY = {
     },
     "model": {
         "model": {
-            "class_path": "lightning_seqpar.models.ClimaX",
+            "class_path": "lightning_seqpar.weather.models.ClimaX",
             "init_args": {"patch_size": 2, "embed_dim": 32, "depth": 1, "decoder_depth": 1, "num_heads": 2},
         },
         "warmup_steps": 1,
@@ -141,7 +141,7 @@ def test_recipes_are_valid_configs(recipe, capsys):
         main(["fit", "--config", str(RECIPES / recipe), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["model"]["class_path"] == "lightning_seqpar.models.ClimaX"
+    assert printed["model"]["model"]["class_path"] == "lightning_seqpar.weather.models.ClimaX"
     assert not str(printed["data"]["path"]).startswith("/"), "recipes use relative paths"
 
 
@@ -245,7 +245,7 @@ def test_ckpt_path_best_is_what_the_latest_runs_model_checkpoint_recorded(tmp_pa
 
 
 def test_more_cpu_processes_than_cores_is_a_warning():
-    from lightning_seqpar.cli_checks import check_strategy
+    from lightning_seqpar.weather.cli_checks import check_strategy
 
     [note] = check_strategy({"accelerator": "cpu", "devices": 512, "strategy": "ddp"}, {})
     assert re.match(r"--trainer.devices 512 starts 512 processes on \d+ CPU cores: .* --trainer.devices \d+ or fewer", note)

@@ -6,7 +6,7 @@ decodes the store about 100 times over. :class:`ChunkCache` keeps the decoded ch
 first out, within a byte budget) so that the samples sharing a chunk decode it once; when one chunk is
 too large for the budget the store warns once, with the command that rechunks it::
 
-    python -m lightning_seqpar.data.chunks SRC.zarr DST.zarr     # one time per chunk, streamed, no dask
+    python -m lightning_seqpar.weather.data.chunks SRC.zarr DST.zarr     # one time per chunk, streamed, no dask
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def time_chunk_size(da: xr.DataArray) -> int:
 def rechunk_command(path: str) -> str:
     """The shell command that rewrites the zarr store ``path`` with one time per chunk."""
     target = path.rstrip("/").removesuffix(".zarr") + "-time1.zarr"
-    return f"python -m lightning_seqpar.data.chunks {path} {target}"
+    return f"python -m lightning_seqpar.weather.data.chunks {path} {target}"
 
 
 def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int | None = None) -> None:
@@ -153,7 +153,7 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_seqpar.data.chunks",
+        prog="python -m lightning_seqpar.weather.data.chunks",
         description="Rewrite a zarr store with one time (or --time-chunk times) per chunk, so that reading one "
         "sample decodes one time, not a whole multi-time chunk.")
     parser.add_argument("source", help="zarr store to read")

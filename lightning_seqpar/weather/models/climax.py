@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_seqpar.memory import checkpointed_chunks
-from lightning_seqpar.models.layers import Block, sincos_1d, sincos_2d, trunc_normal_init
+from lightning_seqpar.weather.models.layers import Block, sincos_1d, sincos_2d, trunc_normal_init
 
 __all__ = ["ClimaX", "Patchify", "VariableAggregation", "VariableTokenEmbed"]
 

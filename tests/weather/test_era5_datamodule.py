@@ -9,9 +9,9 @@ import torch
 import xarray as xr
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from lightning_seqpar.data import ERA5DataModule, parse_years, write_synthetic_era5
-from lightning_seqpar.data import stats as stats_module
-from lightning_seqpar.data.synthetic import iter_synthetic_years
+from lightning_seqpar.weather.data import ERA5DataModule, parse_years, write_synthetic_era5
+from lightning_seqpar.weather.data import stats as stats_module
+from lightning_seqpar.weather.data.synthetic import iter_synthetic_years
 
 GRID = (8, 16)
 FIELDS = ["2m_temperature", "geopotential_500", "temperature_850"]

@@ -12,10 +12,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_seqpar.data.era5 import ERA5DataModule
-from lightning_seqpar.data.synthetic import write_synthetic_era5
-from lightning_seqpar.forecast import ForecastModule, latitude_weighted_mse, warmup_cosine
-from lightning_seqpar.models import ClimaX
+from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
+from lightning_seqpar.weather.forecast import ForecastModule, latitude_weighted_mse, warmup_cosine
+from lightning_seqpar.weather.models import ClimaX
 
 FIELDS = ["2m_temperature", "geopotential_500", "temperature_850"]
 OUT_FIELDS = ["geopotential_500", "2m_temperature"]

@@ -15,10 +15,10 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from lightning_seqpar.data.era5 import ERA5DataModule
-from lightning_seqpar.data.synthetic import write_synthetic_era5
-from lightning_seqpar.forecast import ForecastModule
-from lightning_seqpar.forecast_checkpoint import DataMismatchError, ShardedCheckpointError
+from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
+from lightning_seqpar.weather.forecast import ForecastModule
+from lightning_seqpar.weather.forecast_checkpoint import DataMismatchError, ShardedCheckpointError
 from tests.dist_utils import REPO_ROOT
 
 FIELDS = ["2m_temperature", "geopotential_500", "temperature_850"]
@@ -174,7 +174,7 @@ def test_forward_before_the_fields_are_known_is_a_clear_error():
 
 
 def test_checkpoint_from_an_unimported_module_is_refused():
-    from lightning_seqpar.forecast_checkpoint import build_model
+    from lightning_seqpar.weather.forecast_checkpoint import build_model
 
     with pytest.raises(ValueError, match="module 'evil_package', which is not imported"):
         build_model({"class_path": "evil_package.Net", "init_args": {}})
@@ -198,9 +198,9 @@ def fresh_process_check(file_checkpoint: str, zero_directory: str, store: str) -
     """Run in a new interpreter: load both checkpoints with one call each, as a user would, and forecast."""
     import shlex
 
-    from lightning_seqpar.forecast import ForecastModule as Module
-    from lightning_seqpar.forecast_checkpoint import ShardedCheckpointError as Sharded
-    from lightning_seqpar.models import ClimaX
+    from lightning_seqpar.weather.forecast import ForecastModule as Module
+    from lightning_seqpar.weather.forecast_checkpoint import ShardedCheckpointError as Sharded
+    from lightning_seqpar.weather.models import ClimaX
 
     def forecast_error(path: str) -> float:
         """|module.forecast - the same forecast built by hand from the checkpoint's parts|, physical units."""
@@ -236,7 +236,7 @@ def fresh_process_check(file_checkpoint: str, zero_directory: str, store: str) -
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
-    from lightning_seqpar.cli import main
+    from lightning_seqpar.weather.cli import main
 
     monkeypatch.setattr(sys, "argv", ["seqpar"])
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve here
@@ -248,7 +248,7 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
     zero_root.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "lightning_seqpar.cli", "fit", "--config", str(RECIPE), *RECIPE_OVERRIDES,
+        [sys.executable, "-m", "lightning_seqpar.weather.cli", "fit", "--config", str(RECIPE), *RECIPE_OVERRIDES,
          *ZERO_OVERRIDES, "--data.path", str(store)],
         cwd=zero_root, env=env, capture_output=True, text=True, timeout=500,
     )
@@ -256,7 +256,7 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
     zero_directory = zero_root / "runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt"
     assert zero_directory.is_dir()
 
-    code = ("import json, sys; from tests.test_checkpoint_portability import fresh_process_check;"
+    code = ("import json, sys; from tests.weather.test_checkpoint_portability import fresh_process_check;"
             " print(json.dumps(fresh_process_check(*sys.argv[1:])))")
     check = subprocess.run([sys.executable, "-c", code, str(file_checkpoint), str(zero_directory), str(store)],
                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import xarray as xr
 
-from lightning_seqpar.data import ERA5DataModule
-from lightning_seqpar.metrics import evaluate_baselines
+from lightning_seqpar.weather.data import ERA5DataModule
+from lightning_seqpar.weather.metrics import evaluate_baselines
 
-SAMPLE = Path(__file__).parent / "data" / "era5-sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "era5-sample"
 T2M_DIR = SAMPLE / "weatherbench_5.625deg_wxbtool" / "2m_temperature"
 T2M_1980 = T2M_DIR / "2m_temperature_1980_5.625deg.nc"
 CONSTANTS = SAMPLE / "weatherbench_5.625deg_wxbtool" / "constants" / "constants_5.625deg.nc"
@@ -122,7 +122,7 @@ def test_recipe_data_section_reads_the_sample(tmp_path):
     """recipes/era5_sample_5.625deg.yaml's data section, as the README's `seqpar fit` command gives it."""
     import yaml
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((repo / "recipes" / "era5_sample_5.625deg.yaml").read_text())["data"]
     data.update(path=str(repo / data["path"]), stats_path=str(tmp_path / "stats.nc"))
     dm = ERA5DataModule(**data)

@@ -1,7 +1,7 @@
 """Writes a small ERA5-like store in WeatherBench2 layout whose weather is advected by a known zonal wind.
 
 The store has dims ``time, level, latitude, longitude`` and WeatherBench2 variable names, so the
-:class:`~lightning_seqpar.data.era5.ERA5DataModule` reads it exactly like a real WeatherBench2 store.
+:class:`~lightning_seqpar.weather.data.era5.ERA5DataModule` reads it exactly like a real WeatherBench2 store.
 
 Dynamics (all deterministic given ``seed``):
 

@@ -10,15 +10,15 @@ import pytest
 import xarray as xr
 from matplotlib.contour import ContourSet
 
-from lightning_seqpar.forecast_io import (
+from lightning_seqpar.weather.forecast_io import (
     _write_netcdf, display_units, field_long_name, field_units, forecasts_dataset, land_sea_mask,
 )
-from lightning_seqpar.landmask import bundled_land_sea_mask
-from lightning_seqpar.plots import forecast_map_figure, rmse_figure
+from lightning_seqpar.weather.landmask import bundled_land_sea_mask
+from lightning_seqpar.weather.plots import forecast_map_figure, rmse_figure
 
 LAT = -87.1875 + 5.625 * np.arange(32)  # WeatherBench 5.625 deg cell centres
 LON = 5.625 * np.arange(64)
-CONSTANTS = Path(__file__).parent / "data/era5-sample/weatherbench_5.625deg_wxbtool/constants/constants_5.625deg.nc"
+CONSTANTS = Path(__file__).resolve().parents[1] / "data/era5-sample/weatherbench_5.625deg_wxbtool/constants/constants_5.625deg.nc"
 
 
 def _map(fields=("2m_temperature", "geopotential_500"), units=("K", "m**2 s**-2")):
@@ -109,7 +109,7 @@ class _StoreModule:
     """What field_units and land_sea_mask read: a datamodule with a store."""
 
     def __init__(self, path):
-        from lightning_seqpar.data.store import ERA5Store
+        from lightning_seqpar.weather.data.store import ERA5Store
 
         self.store = ERA5Store(str(path))
 

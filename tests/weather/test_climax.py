@@ -7,8 +7,8 @@ import fnmatch
 import pytest
 import torch
 
-from lightning_seqpar.models import Attention, ClimaX
-from lightning_seqpar.models.climax import Patchify
+from lightning_seqpar.weather.models import Attention, ClimaX
+from lightning_seqpar.weather.models.climax import Patchify
 
 VARIABLES = ["t2m", "u10", "v10", "z_500", "t_850"]
 
@@ -148,7 +148,7 @@ def test_manual_plan_emulation_equals_forward(img_size, patch_size, parts):
 def test_variable_aggregation_in_slices_is_exact():
     """Long inputs are aggregated in token slices (recomputed in backward) and attended in row slices:
     same outputs and gradients as one call."""
-    from lightning_seqpar.models.climax import VariableAggregation
+    from lightning_seqpar.weather.models.climax import VariableAggregation
 
     torch.manual_seed(0)
     whole = VariableAggregation(16, 2, chunk_tokens=None)

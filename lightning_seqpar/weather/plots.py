@@ -85,7 +85,7 @@ def forecast_map_figure(
     Raises:
         ValueError: when the shapes disagree.
     """
-    from lightning_seqpar.forecast_io import display_units, field_long_name
+    from lightning_seqpar.weather.forecast_io import display_units, field_long_name
 
     forecast, truth = np.asarray(forecast, np.float64), np.asarray(truth, np.float64)
     if forecast.ndim == 2:
@@ -159,7 +159,7 @@ def rmse_figure(rmse: Mapping[str, Mapping[str, Mapping[float, float]]], units: 
     Raises:
         ValueError: when there are no values.
     """
-    from lightning_seqpar.forecast_io import display_units, field_long_name
+    from lightning_seqpar.weather.forecast_io import display_units, field_long_name
 
     if not rmse or not any(rmse.values()):
         raise ValueError("rmse_figure got no RMSE values")

@@ -2,7 +2,7 @@
 
 Letters in shape comments: T times, V fields, E ERA5 versions (``expver``), H latitudes, W longitudes.
 A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``. Every file is first
-brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.data.harmonise`); then each field
+brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.weather.data.harmonise`); then each field
 is looked up in the files that hold it, so single-level and pressure-level files with the same times
 (current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike.
 Variables without a time axis (a ``constants`` file) are *static* fields, read with :meth:`ERA5Store.read_static`.
@@ -20,12 +20,12 @@ from typing import Literal, Sequence
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_seqpar.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache, rechunk_command, time_chunk_size
-from lightning_seqpar.data.harmonise import (
+from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache, rechunk_command, time_chunk_size
+from lightning_seqpar.weather.data.harmonise import (
     GRIB_SUFFIXES, NETCDF_SUFFIXES, SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
     StoreReadError, first_line, harmonise, open_file, relabel_year, year_in_name,
 )
-from lightning_seqpar.data.stats import STATS_SUFFIX
+from lightning_seqpar.weather.data.stats import STATS_SUFFIX
 
 __all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
 

@@ -4,7 +4,7 @@
     seqpar test --config recipes/quickstart.yaml --ckpt_path last
 
 `seqpar` registers the strategy names by importing `lightning_seqpar`, links the fields and the grid of the
-data to the model, checks the configuration before it starts any process (:mod:`lightning_seqpar.cli_checks`),
+data to the model, checks the configuration before it starts any process (:mod:`lightning_seqpar.weather.cli_checks`),
 gives each run its own directory (``<default_root_dir>/lightning_logs/version_N``), resolves ``--ckpt_path
 last`` inside the latest run, writes the forecasts of ``seqpar predict`` to NetCDF, ends a failed
 multi-process run with the error of the rank that failed first, and writes the synthetic store of the
@@ -27,14 +27,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lightning_seqpar.cli_checks import (
+from lightning_seqpar.weather.cli_checks import (
     ConfigError, check_data, check_model, check_strategy, derive_data_options, resolve_checkpoint,
 )
-from lightning_seqpar.data.era5 import ERA5DataModule
-from lightning_seqpar.data.synthetic import write_synthetic_era5
+from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 from lightning_seqpar.failures import FAILURE_DIR_ENV, FailureRecorder, report_failure, start_failure_dir
-from lightning_seqpar.forecast import ForecastModule
-from lightning_seqpar.forecast_io import ForecastWriter
+from lightning_seqpar.weather.forecast import ForecastModule
+from lightning_seqpar.weather.forecast_io import ForecastWriter
 
 __all__ = ["SeqParCLI", "SyntheticData", "main"]
 

@@ -204,7 +204,7 @@ def persistence_forecast(batch: Mapping[str, Tensor], variables: Sequence[str], 
     """The input fields at ``t`` as the forecast for ``t + lead``: ``[B, V, H, W]`` -> ``[B, V_out, H, W]``.
 
     Args:
-        batch: a batch of :class:`~lightning_seqpar.data.era5.ERA5DataModule`.
+        batch: a batch of :class:`~lightning_seqpar.weather.data.era5.ERA5DataModule`.
         variables: names of the input channels.
         out_variables: names of the target channels; each must be an input channel.
     """
@@ -232,7 +232,7 @@ def evaluate_baselines(
     """Scores the persistence and climatology forecasts with the same metrics a model gets.
 
     Args:
-        datamodule: an :class:`~lightning_seqpar.data.era5.ERA5DataModule` after ``setup()``.
+        datamodule: an :class:`~lightning_seqpar.weather.data.era5.ERA5DataModule` after ``setup()``.
         split: which loader to score.
         max_batches: stop after this many batches (``None``: the whole split).
 

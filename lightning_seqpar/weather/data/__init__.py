@@ -1,0 +1,25 @@
+"""ERA5 data in WeatherBench2 layout: the forecasting DataModule, its store reader and a synthetic store writer."""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_seqpar.weather.data.era5 import ERA5DataModule, ERA5ForecastDataset, parse_years
+    from lightning_seqpar.weather.data.stats import FieldStatistics, StatisticsCacheError
+    from lightning_seqpar.weather.data.chunks import ChunkCache, rechunk_time
+    from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
+    from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
+
+# Imported on first use, so that `python -m lightning_seqpar.weather.data.synthetic` does not import the module twice.
+_EXPORTS = {
+    "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "parse_years": "era5",
+    "ERA5Store": "store", "StoreReadError": "store", "rechunk_time": "chunks", "ChunkCache": "chunks",
+    "FieldStatistics": "stats", "StatisticsCacheError": "stats", "write_synthetic_era5": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_seqpar.weather.data' has no attribute {name!r}")
+    return getattr(import_module(f"lightning_seqpar.weather.data.{_EXPORTS[name]}"), name)
