@@ -53,7 +53,7 @@ def test_strategy_imports_without_the_weather_dependencies():
 def test_weather_without_its_extra_names_the_missing_packages_and_the_install_command():
     code = _BLOCKER.format(blocked=["xarray", "pandas"]) + (
         "try:\n"
-        "    import lightning_seqpar.weather.forecast\n"
+        "    import lightning_seqpar.weather.data.era5\n"
         "except ImportError as error:\n"
         "    print('ERROR:', error)\n"
         "else:\n"
@@ -64,6 +64,19 @@ def test_weather_without_its_extra_names_the_missing_packages_and_the_install_co
     message = result.stdout
     assert "ERROR:" in message, message
     assert "pandas, xarray" in message and 'lightning-seqpar[weather]' in message, message
+
+
+@pytest.mark.timeout(900)
+def test_the_weather_model_needs_torch_alone():
+    # matplotlib is not blocked: deepspeed, a core dependency, imports it.
+    code = _BLOCKER.format(blocked=WEATHER_ONLY) + (
+        "from lightning_seqpar.weather.models import ClimaX\n"
+        "import torch\n"
+        "model = ClimaX(default_variables=['t2m', 'u10'], img_size=(8, 16), patch_size=4, embed_dim=32, depth=1, num_heads=2)\n"
+        "print('model ok', tuple(model(torch.randn(1, 2, 8, 16), torch.zeros(1), ['t2m', 'u10'], ['t2m']).shape))\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0 and "model ok" in result.stdout, result.stderr[-3000:]
 
 
 def _imports(path: Path) -> set[str]:

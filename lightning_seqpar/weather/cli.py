@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning_seqpar  # noqa: F401  registers the strategy names with Lightning
+from lightning_seqpar.weather import require_weather_extra
+
+require_weather_extra("the seqpar command (lightning_seqpar.weather.cli)")
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info

@@ -3,6 +3,10 @@
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from lightning_seqpar.weather import require_weather_extra
+
+require_weather_extra("lightning_seqpar.weather.data")
+
 if TYPE_CHECKING:
     from lightning_seqpar.weather.data.era5 import ERA5DataModule, ERA5ForecastDataset, parse_years
     from lightning_seqpar.weather.data.stats import FieldStatistics, StatisticsCacheError
