@@ -268,7 +268,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             )
             rank_zero_info(f"SeqParStrategy: attention='auto' chose {kind!r}: {reason}")
             self.attention, self.ulysses_degree = kind, degree
-            self._hybrid_groups = self._build_hybrid_groups() if kind == "hybrid" else None
+            self._hybrid_groups = self._build_hybrid_groups() if get_attention_kind(kind).uses_ulysses_degree else None
         if self.activation_checkpointing:
             plan = _with_checkpoints(plan, module, self.activation_checkpointing)
         if self.compile_blocks:
