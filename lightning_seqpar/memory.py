@@ -10,6 +10,7 @@ benchmarks/NOTES.md; the memory model (bytes per token per block) is in docs/per
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     Memory per parameter: model copy (2 bytes in bf16) + master (4) + two moments (8) + transient fp32 grad (4).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], **kwargs) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], **kwargs: Any) -> None:
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]

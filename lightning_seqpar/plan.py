@@ -42,6 +42,9 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
     collectives and the attention kernel are the ones an uncompiled run uses. Activation checkpointing of the
     same module wraps the compiled forward, so recomputation runs the compiled code too.
 
+What each role does to the model is one small class per role in :mod:`lightning_seqpar.parallelize.roles`
+(applied in the order given there by :func:`~lightning_seqpar.parallelize.apply_sequence_parallel`).
+
 A plan is printable (``print(plan)``) and YAML-friendly (roles are strings; several roles are separated by
 commas). :func:`infer_plan` builds one for a model that does not supply its own.
 """

@@ -106,7 +106,8 @@ def offload_checkpoint(fn: Callable[..., Tensor], x: Tensor, *args: Any, context
     Args:
         fn: The block, e.g. ``[B, L, D] -> [B, L, D]``.
         x: Its input.
-        *args, **kwargs: Further inputs of ``fn``.
+        *args: Further positional inputs of ``fn``.
+        **kwargs: Keyword inputs of ``fn``.
         context_fn: Passed to ``torch.utils.checkpoint.checkpoint`` (e.g. :func:`save_attention_context`).
     """
     if not torch.is_grad_enabled():

@@ -49,7 +49,7 @@ def backend_problems(backend: str, device_type: str, dtype: torch.dtype | None =
     problems = []
     if backend == "flash_attn":
         if not flash_attn_installed():
-            problems.append("the flash-attn package is not installed (pip install 'lightning-seqpar[flash]')")
+            problems.append("flash-attn is not installed (pip install 'lightning-seqpar[flash]')")
         if device_type != "cuda":
             problems.append(f"the inputs are on {device_type}, flash-attn needs CUDA")
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
@@ -67,8 +67,8 @@ def check_backend_available(backend: str, device_type: str, owner: str) -> None:
     problems = backend_problems(backend, device_type)
     if problems:
         raise BackendUnavailableError(
-            f"{owner}(attention_backend={backend!r}) cannot run here: {'; '.join(problems)}; use attention_backend='auto'"
-            " (or 'sdpa' / 'math' off CUDA)."
+            f"{owner}(attention_backend={backend!r}): {'; '.join(problems)}, or use attention_backend='auto'"
+            " ('sdpa' or 'math' also run off CUDA)."
         )
 
 
