@@ -39,7 +39,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightning_seqpar.memory import MasterWeightAdamW, checkpoint_module, chunk_module  # noqa: E402
+from lightning_seqpar.memory import MasterWeightAdamW  # noqa: E402
+from lightning_seqpar.wrapping import checkpoint_module, chunk_module  # noqa: E402
 from lightning_seqpar.weather.models.layers import Block  # noqa: E402
 
 K = 1024

@@ -177,13 +177,11 @@ def enter_stage_regions(applied: AppliedPlan, net: nn.Module, blocks: Sequence[n
         def enter(module: nn.Module, args: tuple) -> None:
             if runtime.active or not args or not isinstance(args[0], Tensor):
                 return
-            runtime.layout = resolve_layout(args[0].shape[1], runtime.group)  # [B, L_r, D]: the lengths of all L_r
-            runtime.attention_calls = 0
-            runtime.active = True
+            runtime.enter(resolve_layout(args[0].shape[1], runtime.group), args[0].device)  # [B, L_r, D]: all the L_r
 
-        applied._undo.append(local[0].register_forward_pre_hook(enter).remove)
+        applied.add_undo(local[0].register_forward_pre_hook(enter).remove)
     if local and local[-1] is not blocks[-1]:
-        applied._undo.append(local[-1].register_forward_hook(lambda module, args, output: runtime.end_region()).remove)
+        applied.add_undo(local[-1].register_forward_hook(lambda module, args, output: runtime.exit()).remove)
 
 
 def split_batch(batch: Any, micro_batches: int) -> list[Any]:

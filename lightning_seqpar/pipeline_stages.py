@@ -369,12 +369,12 @@ def build_training_stages(module: nn.Module, topology: Any, applied: Any) -> tup
         path, _ = find_block_stacks(module)[0]
         first = next(i for i, layer in enumerate(net._layer_specs) if layer is blocks[0])
         inner = [min(max(int(p) - first, 0), len(blocks)) for p in net.parts[1:-1]]
-        stages = PipelineStages(module, topology, applied.runtime.end_region, path, blocks, [0, *inner, len(blocks)], explicit=True)
+        stages = PipelineStages(module, topology, applied.runtime.exit, path, blocks, [0, *inner, len(blocks)], explicit=True)
         parts = [int(p) for p in net.parts]  # layer i trains on the stage s with parts[s] <= i < parts[s + 1]
         stages.owner = {id(p): s for s in range(topology.pp) for layer in net._layer_specs[parts[s] : parts[s + 1]] for p in layer.parameters()}
     else:
-        stages = PipelineStages.automatic(module, topology, applied.runtime.end_region)
+        stages = PipelineStages.automatic(module, topology, applied.runtime.exit)
         net = stages.build_pipeline_module(pipeline.pipeline_grid(topology))
-    applied._undo.append(stages.remove)
+    applied.add_undo(stages.remove)
     stages.release_other_blocks()
     return net, stages

@@ -42,6 +42,9 @@ Roles (``DIM`` defaults to 1, the token dimension of ``[B, L, D]``):
     collectives and the attention kernel are the ones an uncompiled run uses. Activation checkpointing of the
     same module wraps the compiled forward, so recomputation runs the compiled code too.
 
+What each role does to the model is one small class per role in :mod:`lightning_seqpar.parallelize.roles`
+(applied in the order given there by :func:`~lightning_seqpar.parallelize.apply_sequence_parallel`).
+
 A plan is printable (``print(plan)``) and YAML-friendly (roles are strings; several roles are separated by
 commas). :func:`infer_plan` builds one for a model that does not supply its own.
 """
@@ -55,12 +58,19 @@ from typing import Any, Literal, Union, get_args
 
 from torch import nn
 
+from lightning_seqpar.attention.registry import choose_attention
+
 RoleKind = Literal[
     "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "shard_arguments", "sequence_parameter",
     "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
 _DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter", "chunk"}
+
+__all__ = [
+    "ROLE_KINDS", "PlanError", "Role", "SequenceParallelPlan", "attention_adapter", "attention_head_counts", "block_paths",
+    "choose_attention", "find_block_stacks", "infer_plan", "is_attention_module", "register_attention",
+]
 
 PlanLike = Union["SequenceParallelPlan", Mapping[str, Union[str, Sequence[str]]]]
 
@@ -291,7 +301,7 @@ def block_paths(root: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# attention="auto": the distributed kernel chosen from the model's head counts.
+# attention="auto": the head counts the choice of attention kind reads (choose_attention, in the attention registry).
 # ---------------------------------------------------------------------------------------------------------
 
 _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "heads", "n_heads", "n_head")
@@ -311,38 +321,3 @@ def attention_head_counts(root: nn.Module, resolved: list[tuple[str, Role]]) -> 
                     counts.append(value)
                     break
     return counts
-
-
-def choose_attention(heads: list[int], sequence_parallel_size: int, backend: str = "auto") -> tuple[str, int | None, str]:
-    """``attention="auto"``: ``(kind, ulysses_degree, reason)`` for a model with these head counts.
-
-    Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509) when every attention has at least ``sequence_parallel_size``
-    heads; otherwise hybrid Ulysses x ring (USP, arXiv 2405.07719) with the largest Ulysses degree that divides
-    ``sequence_parallel_size`` and is at most the fewest heads (ring alone when that is 1); LSS (arXiv 2311.02382,
-    no head limit) when the local kernel cannot run a ring or no head count is known.
-    """
-    from lightning_seqpar.attention.ring import RING_BACKENDS
-
-    sp = sequence_parallel_size
-    if sp == 1:
-        return "ulysses", None, "one rank per sequence: no communication"
-    if not heads:
-        return "lss", None, (
-            "no head count found on the attention modules (attributes num_heads / num_attention_heads / heads);"
-            " LSS has no head limit"
-        )
-    fewest = min(heads)
-    if fewest >= sp:
-        return "ulysses", None, f"every attention has >= {sp} heads (fewest: {fewest}), one all-to-all each way"
-    if backend not in RING_BACKENDS:
-        return "lss", None, (
-            f"{fewest} heads < sequence_parallel_size={sp} rules out Ulysses, and attention_backend={backend!r}"
-            " cannot run a ring; LSS has no head limit"
-        )
-    degree = max(d for d in range(1, fewest + 1) if sp % d == 0)
-    if degree == 1:
-        return "ring", None, f"{fewest} head(s) < sequence_parallel_size={sp} and no Ulysses degree > 1 divides {sp}"
-    return "hybrid", degree, (
-        f"{fewest} heads < sequence_parallel_size={sp}: Ulysses inside groups of {degree} ranks, ring across"
-        f" {sp // degree} groups"
-    )

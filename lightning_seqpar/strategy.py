@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_seqpar.attention.hybrid import build_hybrid_groups
-from lightning_seqpar.attention.local import BACKENDS, AttentionBackend, BackendUnavailableError, flash_attn_installed
-from lightning_seqpar.attention.ring import RING_BACKENDS
+from lightning_seqpar.attention.local import AttentionBackend, check_backend_available
+from lightning_seqpar.attention.registry import check_attention_choice, get_attention_kind
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline, pipeline_stages
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
@@ -47,9 +47,6 @@ from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy, ch
 from lightning_seqpar.topology import ParallelDims, Topology
 
 log = logging.getLogger(__name__)
-
-SequenceParallelAttention = Literal["auto", "ulysses", "lss", "ring", "hybrid"]
-
 
 class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
@@ -66,7 +63,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             (all-to-all between token and head shards; needs at least ``sequence_parallel_size`` heads), ``"lss"``
             (local queries, gathered keys and values), ``"ring"`` (key/value blocks passed around the group,
             overlapped with compute) or ``"hybrid"`` (Ulysses inside groups of ``ulysses_degree`` ranks, ring across
-            them). See docs/choosing-attention.md.
+            them), or a kind added with :func:`~lightning_seqpar.attention.register_attention_kind`. See
+            docs/choosing-attention.md.
         ulysses_degree: For ``attention="hybrid"``: ranks per Ulysses group (must divide
             ``sequence_parallel_size``); default: the devices of one node, so the all-to-all stays intra-node
             and the ring crosses nodes.
@@ -110,7 +108,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
     def __init__(
         self,
         sequence_parallel_size: int | None = None,
-        attention: SequenceParallelAttention = "auto",
+        attention: str = "auto",
         ulysses_degree: int | None = None,
         attention_backend: AttentionBackend = "auto",
         plan: dict[str, str | list[str]] | None = None,
@@ -146,17 +144,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         )
         if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
             raise ValueError(f"SeqParStrategy: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
-        if attention not in ("auto", "ulysses", "lss", "ring", "hybrid"):
-            raise ValueError(f"SeqParStrategy: attention must be 'auto', 'ulysses', 'lss', 'ring' or 'hybrid', got {attention!r}.")
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"SeqParStrategy: attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}.")
-        if attention in ("ring", "hybrid") and attention_backend not in RING_BACKENDS:
-            raise ValueError(
-                f"SeqParStrategy: attention={attention!r} runs its own block kernels; attention_backend must be one of"
-                f" {', '.join(RING_BACKENDS)}, got {attention_backend!r}."
-            )
-        if ulysses_degree is not None and (attention != "hybrid" or not isinstance(ulysses_degree, int) or ulysses_degree < 1):
-            raise ValueError(f"SeqParStrategy: ulysses_degree={ulysses_degree!r} is only for attention='hybrid' and must be a positive integer.")
+        check_attention_choice(attention, attention_backend, ulysses_degree, owner="SeqParStrategy")
         self.ulysses_degree = ulysses_degree
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"SeqParStrategy: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
@@ -203,7 +191,8 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         )
         self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout)
         self._ddp_kwargs["process_group"] = self.topology.sequence_data_group
-        self._hybrid_groups = self._build_hybrid_groups() if self.attention == "hybrid" else None
+        uses_subgroups = self.attention != "auto" and get_attention_kind(self.attention).uses_ulysses_degree
+        self._hybrid_groups = self._build_hybrid_groups() if uses_subgroups else None
         self._data_seed = self._agree_on_data_seed()
         rank_zero_info(f"SeqParStrategy: {self.topology.describe()}, attention={self.attention}")
 
@@ -279,7 +268,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
             )
             rank_zero_info(f"SeqParStrategy: attention='auto' chose {kind!r}: {reason}")
             self.attention, self.ulysses_degree = kind, degree
-            self._hybrid_groups = self._build_hybrid_groups() if kind == "hybrid" else None
+            self._hybrid_groups = self._build_hybrid_groups() if get_attention_kind(kind).uses_ulysses_degree else None
         if self.activation_checkpointing:
             plan = _with_checkpoints(plan, module, self.activation_checkpointing)
         if self.compile_blocks:
@@ -293,16 +282,7 @@ class SeqParStrategy(DeepSpeedEngineMixin, DDPStrategy):
         rank_zero_info(f"SeqParStrategy: sequence-parallel plan of {type(module).__name__}:\n{plan}")
 
     def _check_backend(self) -> None:
-        if self.attention_backend == "flash_attn" and not flash_attn_installed():
-            raise BackendUnavailableError(
-                "SeqParStrategy(attention_backend='flash_attn'): flash-attn is not installed"
-                " (pip install 'lightning-seqpar[flash]'), or use attention_backend='auto'."
-            )
-        if (self.attention_backend == "flash_attn" or self.attention_backend.startswith("sdpa_")) and self.root_device.type != "cuda":
-            raise BackendUnavailableError(
-                f"SeqParStrategy(attention_backend={self.attention_backend!r}) needs CUDA, but this run is on"
-                f" {self.root_device.type}; use attention_backend='auto', 'sdpa' or 'math'."
-            )
+        check_backend_available(self.attention_backend, self.root_device.type, owner="SeqParStrategy")
 
     def _reduce_metrics_over_data_group(self, module: LightningModule) -> None:
         """torchmetrics sum their states over the world by default, which would count each sample once per SP rank."""

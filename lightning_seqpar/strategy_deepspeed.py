@@ -77,8 +77,8 @@ class DeepSpeedEngineMixin:
             # Evaluation runs the module's own steps through the stages, split as the fit split them (if any).
             assert self.applied_plan is not None and self.topology is not None
             bounds = getattr(self, "_pipeline_bounds", None)
-            self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.end_region, bounds)
-            self.applied_plan._undo.append(self._pipeline.remove)
+            self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.exit, bounds)
+            self.applied_plan.add_undo(self._pipeline.remove)
             self._pipeline.check_weights()
         elif ds.is_zero3_partitioned(self.lightning_module):
             raise ValueError(

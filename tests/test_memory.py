@@ -1,4 +1,4 @@
-"""Memory savers (lightning_seqpar.memory) compute the same function and gradients as the plain model, on CPU in fp32."""
+"""Memory savers (lightning_seqpar.memory, lightning_seqpar.wrapping) compute the same function and gradients as the plain model, on CPU in fp32."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_seqpar.memory import (
-    MasterWeightAdamW,
-    checkpoint_module,
-    checkpointed_chunks,
-    chunk_module,
-    offload_checkpoint,
-)
+from lightning_seqpar.memory import MasterWeightAdamW
+from lightning_seqpar.wrapping import checkpoint_module, checkpointed_chunks, chunk_module, offload_checkpoint
 from lightning_seqpar.weather.models.layers import Block
 
 WIDTH, HEADS, TOKENS = 32, 4, 37  # 37 tokens: chunks of unequal length

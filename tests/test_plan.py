@@ -254,15 +254,15 @@ def test_sequence_shorter_than_sp_is_refused():
         pass
 
     runtime = FakeGroupRuntime(group=None)
-    import lightning_seqpar.parallelize as parallelize
+    import lightning_seqpar.parallelize.runtime as runtime_module
 
-    original = parallelize.group_size
-    parallelize.group_size = lambda group: 4
+    original = runtime_module.group_size
+    runtime_module.group_size = lambda group: 4
     try:
         with pytest.raises(TopologyError, match="3 tokens cannot be split over sequence_parallel_size=4"):
             runtime.shard(torch.randn(1, 3, 8), 1)
     finally:
-        parallelize.group_size = original
+        runtime_module.group_size = original
 
 
 def test_activation_checkpointing_matches(group):
@@ -414,11 +414,14 @@ def test_unknown_sdpa_keyword_is_refused_by_name(group):
 def test_auto_runs_dropout_calls_as_lss_when_it_chose_a_ring(group):
     """The ring kernels have no dropout: a kind that "auto" chose falls back to LSS for such calls, an explicit
     choice keeps refusing them."""
+    from lightning_seqpar.comm import SequenceLayout
     from lightning_seqpar.parallelize import SequenceParallelRuntime
 
     q = torch.randn(1, 6, 2, 4)
-    chosen = SequenceParallelRuntime(group, "ring", "math", active=True, dropout_fallback=True)
-    assert chosen.attend(q, q, q, dropout_p=0.1).shape == q.shape
-    explicit = SequenceParallelRuntime(group, "ring", "math", active=True)
-    with pytest.raises(NotImplementedError, match="does not implement attention dropout"):
+    layout = SequenceLayout((6,))
+    chosen = SequenceParallelRuntime(group, "ring", "math", dropout_fallback=True)
+    with chosen.region(layout):
+        assert chosen.attend(q, q, q, dropout_p=0.1).shape == q.shape
+    explicit = SequenceParallelRuntime(group, "ring", "math")
+    with explicit.region(layout), pytest.raises(NotImplementedError, match="does not implement attention dropout"):
         explicit.attend(q, q, q, dropout_p=0.1)

@@ -237,7 +237,7 @@ def worker(names: list[str]) -> dict:
                     model(torch.randn(1, 23, 6), rope=rope)
                 except UnsupportedAttentionError as error:
                     errors.append(str(error))
-                applied.runtime.end_region()
+                applied.runtime.exit()
             applied.remove()
             results[name]["errors"] = errors
     return results

@@ -84,6 +84,16 @@ def build_hybrid_groups(
     return mine["ulysses"], mine["ring"]
 
 
+def check_hybrid_heads(num_heads: int, ulysses_degree: int) -> None:
+    """The Ulysses part gives each of its u ranks whole heads, so it needs ``H >= u`` (``ValueError`` if not)."""
+    if num_heads < ulysses_degree:
+        raise ValueError(
+            f"hybrid attention splits the {num_heads} heads over a Ulysses group of {ulysses_degree}"
+            " ranks, which needs at least one head per rank; build the groups with ulysses_degree <="
+            f" {num_heads} (the ring part has no head limit)."
+        )
+
+
 def hybrid_layouts(
     local_length: int,
     ulysses_group: ProcessGroup,
@@ -153,12 +163,7 @@ def hybrid_attention(
     """
     check_ring_arguments(q, k, v, dropout_p, backend, name="hybrid_attention")
     num_heads = q.shape[2]
-    if num_heads < group_size(ulysses_group):
-        raise ValueError(
-            f"hybrid attention splits the {num_heads} heads over a Ulysses group of {group_size(ulysses_group)}"
-            " ranks, which needs at least one head per rank; build the groups with ulysses_degree <="
-            f" {num_heads} (the ring part has no head limit)."
-        )
+    check_hybrid_heads(num_heads, group_size(ulysses_group))
     ulysses_layout, ring_layout = hybrid_layouts(q.shape[1], ulysses_group, ring_group, sequence_lengths)
     ring_kwargs = dict(
         softmax_scale=softmax_scale, causal=causal, backend=backend, sequence_lengths=ring_layout.lengths,

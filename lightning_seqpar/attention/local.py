@@ -43,8 +43,37 @@ def check_same_dtype_device(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def backend_problems(backend: str, device_type: str, dtype: torch.dtype | None = None, *, has_mask: bool = False) -> list[str]:
+    """Why the local kernel ``backend`` cannot run on inputs on ``device_type`` of ``dtype`` (None: not known yet,
+    e.g. when the strategy checks its arguments); empty when it can. The one list of these rules."""
+    problems = []
+    if backend == "flash_attn":
+        if not flash_attn_installed():
+            problems.append("flash-attn is not installed (pip install 'lightning-seqpar[flash]')")
+        if device_type != "cuda":
+            problems.append(f"the inputs are on {device_type}, flash-attn needs CUDA")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            problems.append(f"the inputs are {dtype}, flash-attn needs float16 or bfloat16")
+        if has_mask:
+            problems.append("an explicit attention mask is not supported by flash-attn")
+    elif backend.startswith("sdpa_") and device_type != "cuda":
+        problems.append(f"{backend!r} is a CUDA kernel but the inputs are on {device_type}")
+    return problems
+
+
+def check_backend_available(backend: str, device_type: str, owner: str) -> None:
+    """Raise :class:`BackendUnavailableError` (prefixed with ``owner``) when the forced local kernel ``backend``
+    cannot run on ``device_type`` (see :func:`backend_problems`); used before any tensor exists."""
+    problems = backend_problems(backend, device_type)
+    if problems:
+        raise BackendUnavailableError(
+            f"{owner}(attention_backend={backend!r}): {'; '.join(problems)}, or use attention_backend='auto'"
+            " ('sdpa' or 'math' also run off CUDA)."
+        )
+
+
 def resolve_backend(backend: str, q: Tensor, *, has_mask: bool = False) -> str:
-    """Return the concrete backend ``backend`` means for ``q``, or raise :class:`BackendUnavailableError`."""
+    """Return the concrete local kernel ``backend`` means for ``q``, or raise :class:`BackendUnavailableError`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -52,26 +81,14 @@ def resolve_backend(backend: str, q: Tensor, *, has_mask: bool = False) -> str:
         if flash_attn_installed() and q.is_cuda and half and not has_mask and q.shape[-1] <= 256:
             return "flash_attn"
         return "sdpa"
-    if backend == "flash_attn":
-        problems = []
-        if not flash_attn_installed():
-            problems.append("the flash-attn package is not installed (pip install 'lightning-seqpar[flash]')")
-        if not q.is_cuda:
-            problems.append(f"the inputs are on {q.device.type}, flash-attn needs CUDA")
-        if not half:
-            problems.append(f"the inputs are {q.dtype}, flash-attn needs float16 or bfloat16")
-        if has_mask:
-            problems.append("an explicit attention mask is not supported by flash-attn")
-        if problems:
-            raise BackendUnavailableError(
-                "attention backend 'flash_attn' cannot run here: " + "; ".join(problems)
-                + ". Use backend='auto' to fall back to torch SDPA."
-            )
-    if backend.startswith("sdpa_") and not q.is_cuda:
+    problems = backend_problems(backend, q.device.type, q.dtype, has_mask=has_mask)
+    if problems and backend == "flash_attn":
         raise BackendUnavailableError(
-            f"attention backend {backend!r} is a CUDA kernel but the inputs are on {q.device.type};"
-            " use backend='sdpa' or 'math' on this device."
+            "attention backend 'flash_attn' cannot run here: " + "; ".join(problems)
+            + ". Use backend='auto' to fall back to torch SDPA."
         )
+    if problems:
+        raise BackendUnavailableError(f"attention backend {'; '.join(problems)}; use backend='sdpa' or 'math' on this device.")
     return backend
 
 

@@ -25,9 +25,8 @@ from lightning_seqpar.comm import (
 )
 
 
-def check_heads(num_heads: int, group: ProcessGroup) -> None:
-    """Ulysses gives every rank whole heads, so it needs at least as many heads as ranks."""
-    world = group_size(group)
+def check_ulysses_heads(num_heads: int, world: int) -> None:
+    """Ulysses gives every rank whole heads, so it needs at least as many heads as ranks (``ValueError`` if not)."""
     if num_heads < world:
         raise ValueError(
             f"Ulysses attention splits heads across the sequence-parallel group, but {num_heads} heads cannot"
@@ -77,7 +76,7 @@ def ulysses_attention(
             f" {list(v.shape)} (grouped-query attention is not supported: repeat the key/value heads first)."
         )
     num_heads = q.shape[2]
-    check_heads(num_heads, group)
+    check_ulysses_heads(num_heads, group_size(group))
     layout = resolve_layout(q.shape[1], group, sequence_lengths)
     qkv = torch.stack([q, k, v])  # [3, B, L_r, H, d]
     qkv = sequence_to_head_shards(qkv, group, layout)  # [3, B, L, H_r, d]
@@ -106,7 +105,7 @@ class UlyssesAttention(nn.Module):
         if group_size(self.group) == 1:
             return self.local_attention_fn(q, k, v, **kwargs)
         num_heads = q.shape[2]
-        check_heads(num_heads, self.group)
+        check_ulysses_heads(num_heads, group_size(self.group))
         layout = resolve_layout(q.shape[1], self.group)
         if q.shape == k.shape == v.shape:
             q, k, v = sequence_to_head_shards(torch.stack([q, k, v]), self.group, layout)  # [B, L, H_r, d] each

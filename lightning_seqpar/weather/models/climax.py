@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_seqpar.memory import checkpointed_chunks
+from lightning_seqpar.wrapping import checkpointed_chunks
 from lightning_seqpar.weather.models.layers import Block, sincos_1d, sincos_2d, trunc_normal_init
 
 __all__ = ["ClimaX", "Patchify", "VariableAggregation", "VariableTokenEmbed"]
