@@ -25,13 +25,8 @@ from lightning_seqpar.weather.forecast_checkpoint import (
     map_data,
     model_config,
 )
-from lightning_seqpar.weather.metrics import (
-    LatitudeWeightedACC,
-    LatitudeWeightedRMSE,
-    latitude_weights,
-)
-from lightning_seqpar.weather.forecast_io import field_units, land_sea_mask
-from lightning_seqpar.weather.plots import plot_forecast_map, plot_rmse_by_lead_time
+from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weights
+from lightning_seqpar.weather.forecast_io import rmse_table, write_test_figures
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
@@ -187,8 +182,6 @@ class ForecastModule(LightningModule):
         self.variables, self.out_variables = list(data.variables), list(data.out_variables)
         self.lead_times_hours = list(data.lead_times_hours)
         self.latitudes, self.longitudes = np.asarray(data.latitudes), np.asarray(data.longitudes)
-        # Persistence forecasts the output fields by their input values, so it needs them among the inputs.
-        self.has_persistence = set(self.out_variables) <= set(self.variables)
         unknown = sorted(set(self.hparams.loss_weights or {}) - set(self.out_variables))
         if unknown:
             raise ValueError(f"loss_weights names {unknown}, which are not output fields {self.out_variables}")
@@ -203,40 +196,25 @@ class ForecastModule(LightningModule):
         climatology = np.asarray(data.climatology, np.float32)  # [V_out, H, W], physical
         # Cells of masked fields (sea-surface temperature over land) hold filled values: out of loss and metrics.
         valid = valid_mask  # [V_out, H, W] or None
-        persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
             "field_weights": (field_weights / field_weights.mean()).float(),  # [V_out], mean 1
             "out_mean": torch.from_numpy(out_mean).view(-1, 1, 1),  # [V_out, 1, 1]
             "out_std": torch.from_numpy(out_std).view(-1, 1, 1),
-            "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
-            # The climatology forecast in the units of the targets (normalised like them).
-            "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
             "valid_mask": None if valid is None else torch.as_tensor(np.asarray(valid, np.float32)),  # [V_out, H, W]
         }
         for name, value in buffers.items():
             self.register_buffer(name, None if value is None else value.to(self.device), persistent=False)
-        common = {
-            "lead_times_hours": self.lead_times_hours,
-            "mean": out_mean if normalized else None,
-            "std": out_std if normalized else None,
-            "valid_mask": valid,
-        }
 
-        def rmse(prefix: str) -> LatitudeWeightedRMSE:
-            return LatitudeWeightedRMSE(self.out_variables, self.latitudes, prefix=prefix, **common)
+        def skill(prefix: str, forecasts: tuple[str, ...], acc: bool) -> ForecastSkill:
+            return ForecastSkill(self.variables, self.out_variables, self.latitudes, self.lead_times_hours, climatology,
+                                 out_mean if normalized else None, out_std if normalized else None, valid, prefix,
+                                 forecasts, acc)
 
-        def acc(prefix: str) -> LatitudeWeightedACC:
-            return LatitudeWeightedACC(
-                self.out_variables, self.latitudes, climatology=climatology, prefix=prefix, **common
-            )
-
-        val = {"model_rmse": rmse("val/")}
-        test = {"model_rmse": rmse("test/"), "model_acc": acc("test/"), "climatology_rmse": rmse("test/climatology/")}
-        if self.has_persistence:
-            val["persistence_rmse"] = rmse("val/persistence/")
-            test.update(persistence_rmse=rmse("test/persistence/"), persistence_acc=acc("test/persistence/"))
-        self.skill = nn.ModuleDict({"val": nn.ModuleDict(val), "test": nn.ModuleDict(test)})
+        self.skill = nn.ModuleDict({
+            "val": skill("val/", ("model", "persistence"), acc=False),
+            "test": skill("test/", ("model", "persistence", "climatology"), acc=True),
+        }).to(self.device)
 
     def configure_model(self) -> None:
         """Materialises a model that was built on the meta device and initialises it with its own `init_weights`."""
@@ -314,11 +292,7 @@ class ForecastModule(LightningModule):
         target, lead = batch["target"], batch["lead_time_hours"]
         loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights, self.valid_mask)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
-        forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
-        if self.has_persistence:
-            forecasts["persistence"] = batch["input"][:, self.persist_pos]
-        for key, metric in self.skill[stage].items():
-            metric.update(forecasts[key.split("_")[0]], target, lead)  # the metrics de-normalise
+        self.skill[stage].update(batch, pred)  # the metrics de-normalise
         if stage == "test" and self._plot_sample is None:
             physical = [x[0].float() * self.out_std + self.out_mean for x in (pred, target)]  # [V_out, H, W]
             self._plot_sample = {"forecast": physical[0].cpu(), "truth": physical[1].cpu(), "lead": float(lead[0]),
@@ -326,10 +300,8 @@ class ForecastModule(LightningModule):
 
     def _log_skill(self, stage: str) -> dict[str, float]:
         """Computes (synced over the data-parallel ranks), logs and resets the metrics of `stage`."""
-        values = {}
-        for metric in self.skill[stage].values():
-            values.update({key: float(value) for key, value in metric.compute().items()})
-            metric.reset()
+        values = {key: float(value) for key, value in self.skill[stage].compute().items()}
+        self.skill[stage].reset()
         self.log_dict(values, sync_dist=True)  # already synced by the metrics: averaging equal values is a no-op
         return values
 
@@ -341,44 +313,16 @@ class ForecastModule(LightningModule):
         self._plot_sample = None
 
     def on_test_epoch_end(self) -> None:
-        """Logs RMSE and ACC per field and lead time of the model and the baselines, then writes the figures."""
+        """Logs RMSE and ACC per field and lead time of the model and the baselines, then writes the figures
+        (``rmse_by_lead_time.png``, ``forecast_map.png`` of the first test sample) in :meth:`figure_dir`."""
         values = self._log_skill("test")
-        table: dict[str, dict[str, dict[float, float]]] = {v: {} for v in self.out_variables}
-        for key, value in values.items():  # "test/[<baseline>/]rmse/<field>/<lead>h"
-            parts = key.split("/")
-            if parts[-3] == "rmse":
-                forecast = parts[1] if len(parts) == 5 else "model"
-                table[parts[-2]].setdefault(forecast, {})[float(parts[-1].rstrip("h"))] = value
         if self.trainer.is_global_zero:
-            self._write_figures(table)
-
-    def _write_figures(self, table: dict[str, dict[str, dict[float, float]]]) -> None:
-        """``rmse_by_lead_time.png`` and ``forecast_map.png`` (every output field of the first test sample, with
-        units, initial and valid time, and coastlines) in :meth:`figure_dir`."""
-        dm = self.trainer.datamodule
-        units = {f: field_units(dm, f) for f in self.out_variables}
-        out_dir = self.figure_dir()
-        paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png", units)]
-        sample = self._plot_sample
-        if sample is not None:
-            fields = list(self.out_variables)
-            if self.hparams.plot_variable is not None:
-                if self.hparams.plot_variable not in fields:
-                    raise ValueError(f"plot_variable={self.hparams.plot_variable!r} is not an output field; choose from {fields}")
-                fields = [self.hparams.plot_variable]
-            rows = [self.out_variables.index(f) for f in fields]
-            store = getattr(dm, "store", None)
-            init = (str(store.times[sample["index"]].astype("datetime64[m]")) if store is not None and sample["index"] is not None
-                    else "1970-01-01T00:00")
-            land, _ = land_sea_mask(dm, self.latitudes, self.longitudes)
-            paths.append(
-                plot_forecast_map(
-                    sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), self.latitudes, self.longitudes,
-                    fields, [units[f] for f in fields], init, sample["lead"], out_dir / "forecast_map.png", land=land,
-                    title=f"{type(self.model).__name__} forecast",
-                )
+            paths = write_test_figures(
+                self.trainer.datamodule, rmse_table(values, self.out_variables), self._plot_sample, self.out_variables,
+                self.latitudes, self.longitudes, self.figure_dir(), f"{type(self.model).__name__} forecast",
+                self.hparams.plot_variable,
             )
-        rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))
+            rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))
 
     def figure_dir(self) -> Path:
         """Where the test figures go: the logger's directory, else `trainer.default_root_dir`."""

@@ -200,8 +200,19 @@ def test_dataset_pickles_and_loads_in_a_worker(zarr_store, tmp_path):
 def test_parse_years():
     assert parse_years("2000-2002") == [2000, 2001, 2002]
     assert parse_years("2000,2002") == [2000, 2002] and parse_years(2001) == [2001] and parse_years(None) is None
-    with pytest.raises(ValueError, match="years '2002-2000' not understood"):
-        parse_years("2002-2000")
+    assert parse_years("2000-2001, 2005,") == [2000, 2001, 2005] and parse_years([2002, 2000]) == [2000, 2002]
+    for bad in ("2002-2000", "", "20x0", "2000-"):
+        with pytest.raises(ValueError, match=f"years '{bad}' not understood"):
+            parse_years(bad)
+
+
+def test_synthetic_cli_reads_years_with_the_same_parser(tmp_path, capsys):
+    from lightning_seqpar.weather.data.synthetic import main
+
+    assert main([str(tmp_path / "s.zarr"), "--years", "2002-2000", "--quiet"]) == 2
+    assert "years '2002-2000' not understood" in capsys.readouterr().err
+    assert main([str(tmp_path / "s.zarr"), "--years", "2000,2002", "--quiet"]) == 2  # the writer needs consecutive years
+    assert "years must be consecutive, got [2000, 2002]" in capsys.readouterr().err
 
 
 # --- errors: each names what was asked, what exists and what to do ---

@@ -226,7 +226,7 @@ def test_forecast_module_takes_the_mask_from_the_datamodule(tmp_path):
     spoiled["target"][:, 1][:, torch.from_numpy(LAND[::-1].copy())] += 100.0  # land cells of sst
     torch.testing.assert_close(module.training_step(spoiled, 0), loss)
     module._evaluate(spoiled, "val")
-    assert float(module.skill["val"]["model_rmse"].compute()["val/rmse/sea_surface_temperature/24h"]) < 10.0
+    assert float(module.skill["val"].metrics["model_rmse"].compute()["val/rmse/sea_surface_temperature/24h"]) < 10.0
 
 
 # --- 4. WeatherBench v1: one folder per variable, yearly files, a constants file ---

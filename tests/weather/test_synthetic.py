@@ -13,7 +13,6 @@ from lightning_seqpar.weather.data.synthetic import (
     eastward_shift,
     iter_synthetic_years,
     main,
-    parse_year_range,
     write_synthetic_era5,
     zonal_wind,
 )
@@ -111,9 +110,6 @@ def test_writer_errors(tmp_path):
         next(iter_synthetic_years(grid=(2, 4)))
     with pytest.raises(ValueError, match="format='grib' not supported"):
         write_synthetic_era5(tmp_path / "x", format="grib")
-    with pytest.raises(ValueError, match="year range '2002-2000' not understood"):
-        parse_year_range("2002-2000")
-    assert parse_year_range("2001") == [2001] and parse_year_range("2000-2002") == [2000, 2001, 2002]
 
 
 def test_cli_writes_zarr_and_netcdf(tmp_path, capsys):

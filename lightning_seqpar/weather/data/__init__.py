@@ -4,7 +4,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_seqpar.weather.data.era5 import ERA5DataModule, ERA5ForecastDataset, parse_years
+    from lightning_seqpar.weather.data.era5 import ERA5DataModule
+    from lightning_seqpar.weather.data.samples import ERA5ForecastDataset, parse_years
     from lightning_seqpar.weather.data.stats import FieldStatistics, StatisticsCacheError
     from lightning_seqpar.weather.data.chunks import ChunkCache, rechunk_time
     from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 # Imported on first use, so that `python -m lightning_seqpar.weather.data.synthetic` does not import the module twice.
 _EXPORTS = {
-    "ERA5DataModule": "era5", "ERA5ForecastDataset": "era5", "parse_years": "era5",
+    "ERA5DataModule": "era5", "ERA5ForecastDataset": "samples", "parse_years": "samples",
     "ERA5Store": "store", "StoreReadError": "store", "rechunk_time": "chunks", "ChunkCache": "chunks",
     "FieldStatistics": "stats", "StatisticsCacheError": "stats", "write_synthetic_era5": "synthetic",
 }

@@ -1,4 +1,5 @@
-"""Opens one file of an ERA5 store and brings it to WeatherBench2 names and conventions, lazily (nothing is loaded).
+"""Finds the files of an ERA5 store, opens each and brings it to WeatherBench2 names and conventions, lazily
+(nothing is loaded).
 
 What is harmonised, per file (docs/data.md lists the layouts):
 
@@ -18,12 +19,15 @@ extra installed, is refused with a message that says what to do.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
+
+from lightning_seqpar.weather.data.stats import STATS_SUFFIX
 
 GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
@@ -49,6 +53,41 @@ COORD_TOLERANCE_DEG = 1e-4  # float32 and float64 copies of one grid differ by ~
 
 class StoreReadError(OSError):
     """A file of an ERA5 store cannot be opened, or a chunk of it cannot be decoded (truncated or corrupt data)."""
+
+
+def _data_files(folder: str) -> list[str]:
+    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and is_zarr(f)))
+
+
+def list_store_files(path: str) -> list[str]:
+    """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
+    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder)."""
+    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
+        return [path]
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+    elif os.path.isdir(path) and not is_zarr(path):
+        files = _data_files(path) or sorted(f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub))
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
+                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
+    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
+    if not files:
+        held = sorted(os.listdir(path))[:10] if os.path.isdir(path) else []
+        raise FileNotFoundError(
+            f"{path!r} matches no NetCDF (*.nc, *.nc4), GRIB (*.grib, *.grb) or zarr store, neither directly nor one "
+            f"folder down (WeatherBench v1 layout: <root>/<variable>/*.nc); it holds {held}: point data.path at the "
+            "folder of the files, or give a glob such as '/data/era5/*/*.nc'")
+    return files
+
+
+def is_zarr(path: str) -> bool:
+    """Whether ``path`` is a zarr store (a ``.zarr`` name, or zarr v2/v3 metadata inside the directory)."""
+    return path.rstrip("/").endswith(".zarr") or any(
+        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The ERA5 store reader: opens zarr, NetCDF or GRIB files lazily as one catalogue of fields on one time axis and reads them.
+"""The ERA5 store: zarr, NetCDF or GRIB files opened lazily as one catalogue of fields on one time axis.
 
 Letters in shape comments: T times, V fields, E ERA5 versions (``expver``), H latitudes, W longitudes.
 A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``. Every file is first
 brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.weather.data.harmonise`); then each field
 is looked up in the files that hold it, so single-level and pressure-level files with the same times
-(current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike.
+(current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike. The values of
+one field in one file are read by a :class:`~lightning_seqpar.weather.data.decode.FileReader`.
 Variables without a time axis (a ``constants`` file) are *static* fields, read with :meth:`ERA5Store.read_static`.
 A file that cannot be opened, or a chunk that cannot be decoded, raises :class:`StoreReadError` naming the
 file, the variable and the time.
@@ -12,20 +13,19 @@ file, the variable and the time.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache, rechunk_command, time_chunk_size
+from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache
+from lightning_seqpar.weather.data.decode import FileReader, UndecodableTime
 from lightning_seqpar.weather.data.harmonise import (
-    GRIB_SUFFIXES, NETCDF_SUFFIXES, SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
-    StoreReadError, first_line, harmonise, open_file, relabel_year, year_in_name,
+    SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
+    StoreReadError, harmonise, is_zarr, list_store_files, open_file, relabel_year, year_in_name,
 )
-from lightning_seqpar.weather.data.stats import STATS_SUFFIX
 
 __all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
 
@@ -50,40 +50,6 @@ class FieldIndex:
     source_of: np.ndarray  # [T] position in `sources`
     local: np.ndarray  # [T] time index inside that source's file
     times: np.ndarray  # [T] datetime64[ns]
-
-
-def _data_files(folder: str) -> list[str]:
-    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and _is_zarr(f)))
-
-
-def list_store_files(path: str) -> list[str]:
-    """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
-    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder)."""
-    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
-        return [path]
-    if any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path))
-    elif os.path.isdir(path) and not _is_zarr(path):
-        files = _data_files(path) or sorted(f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub))
-    elif os.path.exists(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
-                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
-    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
-    if not files:
-        held = sorted(os.listdir(path))[:10] if os.path.isdir(path) else []
-        raise FileNotFoundError(
-            f"{path!r} matches no NetCDF (*.nc, *.nc4), GRIB (*.grib, *.grb) or zarr store, neither directly nor one "
-            f"folder down (WeatherBench v1 layout: <root>/<variable>/*.nc); it holds {held}: point data.path at the "
-            "folder of the files, or give a glob such as '/data/era5/*/*.nc'")
-    return files
-
-
-def _is_zarr(path: str) -> bool:
-    return path.rstrip("/").endswith(".zarr") or any(
-        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
 
 
 class ERA5Store:
@@ -155,10 +121,17 @@ class ERA5Store:
                 ds = ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims})
                 opened.append(harmonise(f, ds, opened[0] if opened else None, self.path))
             self._opened = opened
-            self._checks = [BloscFrameCheck(f) if os.path.isdir(f) and _is_zarr(f) else None for f in self.files]
             self._cache = ChunkCache(self.chunk_cache_mb * 2**20)
+            self._readers = [FileReader(hf, BloscFrameCheck(hf.path) if os.path.isdir(hf.path) and is_zarr(hf.path) else None,
+                                        self._cache, self.chunk_cache_mb, self._warned) for hf in opened]
             self._pid = os.getpid()
         return self._opened
+
+    @property
+    def readers(self) -> list[FileReader]:
+        """This process's reader of each file (``[len(files)]``), sharing :attr:`chunk_cache`."""
+        self.opened
+        return self._readers
 
     @property
     def chunk_cache(self) -> ChunkCache:
@@ -167,7 +140,7 @@ class ERA5Store:
         return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_opened": None, "_pid": None, "_checks": [], "_cache": None}
+        return {**self.__dict__, "_opened": None, "_pid": None, "_readers": [], "_cache": None}
 
     def _catalogue(self) -> None:
         """Finds every field (variable, level) and static field in every file."""
@@ -350,80 +323,11 @@ class ERA5Store:
         return out
 
     def _read_source(self, key: FieldKey, src: FieldSource, local: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """``[t, H, W]`` values of one field from one file at its ``local`` times."""
-        hf = self.opened[src.file]
-        check = self._checks[src.file]
-        damaged = check.first_damaged(hf.original_names[src.variable], local) if check else None
-        if damaged is not None:
-            raise self._read_error(src.file, key, int(indices[damaged[0]]), damaged[1])
+        """``[t, H, W]`` values of one field from one file at its ``local`` times (store times ``indices``)."""
         try:
-            values = self._load(src, local)  # [t, E, H, W] or [t, H, W]
-        except MemoryError:
-            raise
-        except Exception as err:  # codecs raise what they like: RuntimeError (blosc), zlib.error, ValueError
-            raise self._decode_error(src, key, local, indices, err) from err
-        if values.ndim == 4:
-            values = self._merge_versions(hf, values)
-        return values
-
-    def _array(self, src: FieldSource):
-        da = self.opened[src.file].ds[src.variable]
-        order = ["time"] + [d for d in ("expver", "level") if d in da.dims] + list(SPATIAL_DIMS)
-        return da if list(da.dims) == order else da.transpose(*order)
-
-    def _load(self, src: FieldSource, local: np.ndarray) -> np.ndarray:
-        da = self._array(src)
-        level = {} if src.level_pos is None else {"level": src.level_pos}
-        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
-        if per_chunk <= 1 or self.chunk_cache_mb <= 0:
-            return da.isel(time=local, **level).values
-        block_bytes = per_chunk * da.dtype.itemsize * int(np.prod([n for d, n in da.sizes.items() if d != "time"]))
-        if not self.chunk_cache.fits(block_bytes):
-            self._warn_chunks(src, per_chunk, block_bytes)
-            return da.isel(time=local, **level).values
-        out = np.empty((len(local), *[n for d, n in da.sizes.items() if d not in ("time", "level")]), da.dtype)
-        for chunk in np.unique(local // per_chunk):  # every level of the chunk: zarr decodes them all anyway
-            key = (src.file, src.variable, int(chunk))
-            block = self._cache.get(key, lambda: da.isel(time=slice(chunk * per_chunk, (chunk + 1) * per_chunk)).values)
-            rows = np.flatnonzero(local // per_chunk == chunk)
-            picked = block[local[rows] - chunk * per_chunk]  # [t, (E), (L), H, W]
-            out[rows] = picked if src.level_pos is None else picked[..., src.level_pos, :, :]
-        return out
-
-    def _warn_chunks(self, src: FieldSource, per_chunk: int, block_bytes: int) -> None:
-        if (src.file, src.variable) in self._warned:
-            return
-        self._warned.add((src.file, src.variable))
-        rank_zero_warn(
-            f"{src.variable} in {self.files[src.file]!r} is stored in chunks of {per_chunk} times "
-            f"({block_bytes / 2**20:.0f} MiB decoded, more than half of chunk_cache_mb={self.chunk_cache_mb:g}): every "
-            f"sample decodes a whole chunk, so an epoch in random order reads the data about {per_chunk} times over. "
-            f"Rechunk it to one time per chunk: {rechunk_command(self.files[src.file])} (or raise chunk_cache_mb)")
-
-    def _merge_versions(self, hf: HarmonisedFile, values: np.ndarray) -> np.ndarray:
-        """``[t, E, H, W]`` -> ``[t, H, W]``: the first version with data at each point, final ERA5 (expver 1) first."""
-        order = np.argsort([int(str(v)) for v in hf.ds["expver"].values], kind="stable")
-        merged = values[:, order[0]].copy()
-        for e in order[1:]:
-            merged = np.where(np.isnan(merged), values[:, e], merged)
-        return merged
-
-    def _decode_error(self, src: FieldSource, key: FieldKey, local: np.ndarray, indices: np.ndarray,
-                      err: Exception) -> StoreReadError:
-        """The error of a failed read, narrowed down to the first time whose data cannot be decoded."""
-        da = self._array(src)
-        level = {} if src.level_pos is None else {"level": src.level_pos}
-        bad, bad_local = int(indices[0]), int(local[0])
-        for t, lt in zip(indices, local):
-            try:
-                da.isel(time=int(lt), **level).values
-            except Exception as single:  # the same broad net as the read that failed
-                bad, bad_local, err = int(t), int(lt), single
-                break
-        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
-        chunked = bool(self.opened[src.file].ds[src.variable].encoding.get("chunks"))
-        hint = f"time chunk {bad_local // per_chunk}: " if chunked else ""
-        return self._read_error(src.file, key, bad, hint + first_line(err))
+            return self.readers[src.file].read(src.variable, src.level_pos, local)
+        except UndecodableTime as err:
+            raise self._read_error(src.file, key, int(indices[err.position]), err.detail) from err.__cause__
 
     def _read_error(self, k: int, key: FieldKey, index: int, detail: str) -> StoreReadError:
         where = f"ERA5 store {self.path!r}" + (f" (file {self.files[k]!r})" if len(self.files) > 1 else "")

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from lightning_seqpar.weather.data.samples import parse_years
+
 EARTH_RADIUS_M = 6.371e6
 DAMPING_DAYS = 30.0
 SURFACE_VARIABLES = ("2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind")
@@ -321,7 +323,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "with learnable dynamics: eastward advection by a latitude-dependent wind, diurnal and seasonal cycles.",
     )
     parser.add_argument("path", help="output zarr directory, or directory of per-year NetCDF files with --format netcdf")
-    parser.add_argument("--years", default="2000-2002", help="inclusive year range 'START-END' or one year (default: 2000-2002)")
+    parser.add_argument("--years", default="2000-2002", help="consecutive years: an inclusive range 'START-END' or one year (default: 2000-2002)")
     parser.add_argument("--step-hours", type=int, default=6, help="time step in hours, must divide 24 (default: 6)")
     parser.add_argument("--grid", type=int, nargs=2, default=(32, 64), metavar=("N_LAT", "N_LON"), help="grid size (default: 32 64, 5.625 deg)")
     parser.add_argument("--levels", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="pressure levels in hPa (default: 500 850)")
@@ -333,24 +335,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_year_range(text: str) -> list[int]:
-    """Turns ``"2000-2002"`` into ``[2000, 2001, 2002]`` and ``"2000"`` into ``[2000]``."""
-    parts = str(text).split("-")
-    try:
-        first, last = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
-    except ValueError:
-        first = last = None
-    if first is None or last < first:
-        raise ValueError(f"year range {text!r} not understood; write 'START-END' (e.g. '2000-2002') or one year")
-    return list(range(first, last + 1))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``seqpar-synthetic-era5``."""
     args = _parse_args(argv)
     try:
         write_synthetic_era5(
-            args.path, years=parse_year_range(args.years), step_hours=args.step_hours, grid=tuple(args.grid),
+            args.path, years=parse_years(args.years), step_hours=args.step_hours, grid=tuple(args.grid),
             levels=args.levels, format=args.format, latitude_order=args.latitude_order, seed=args.seed,
             overwrite=args.overwrite, progress=not args.quiet,
         )
