@@ -26,7 +26,7 @@ from lightning_seqpar.weather.forecast_checkpoint import (
     model_config,
 )
 from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weights
-from lightning_seqpar.weather.forecast_io import rmse_table, write_test_figures
+from lightning_seqpar.weather.plots import rmse_table, write_test_figures
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 

@@ -1,5 +1,4 @@
-"""Forecasts and figures to disk, and field metadata: `seqpar predict` writes a CF-conventions NetCDF, `seqpar test`
-the RMSE-by-lead-time and forecast-map figures; units and land-sea masks for them.
+"""Forecasts to disk and field metadata: `seqpar predict` writes a CF-conventions NetCDF; units and masks for the plots.
 
 Letters in shape comments: N samples, T initial times, K lead times, V_out output fields, H latitudes, W longitudes.
 """
@@ -10,7 +9,6 @@ import datetime as dt
 import re
 import sys
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,10 +17,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_seqpar.weather.landmask import bundled_land_sea_mask
-from lightning_seqpar.weather.plots import plot_forecast_map, plot_rmse_by_lead_time
 
-__all__ = ["ForecastWriter", "display_units", "field_long_name", "field_units", "forecasts_dataset", "land_sea_mask",
-           "rmse_table", "write_test_figures"]
+__all__ = ["ForecastWriter", "display_units", "field_long_name", "field_units", "forecasts_dataset", "land_sea_mask"]
 
 # Units of the WeatherBench2 / ERA5 variables, for stores whose variables carry no `units` attribute.
 ERA5_UNITS = {
@@ -87,59 +83,6 @@ def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> 
     half = float(np.median(np.diff(longitudes))) / 2 if len(longitudes) > 1 else 0.5
     lon = np.arange(float(np.min(longitudes)) - half, float(np.max(longitudes)) + half + 1e-9, 0.5)  # to the cell edges
     return (bundled_land_sea_mask(lat, lon), lat, lon), "ERA5's 5.625 deg mask (bundled)"
-
-
-def rmse_table(values: Mapping[str, float], fields: Sequence[str]) -> dict[str, dict[str, dict[float, float]]]:
-    """``{field: {forecast: {lead hours: RMSE}}}`` from test metrics keyed ``"test/[<baseline>/]rmse/<field>/<lead>h"``
-    (:class:`~lightning_seqpar.weather.metrics.ForecastSkill`); the model's forecast is ``"model"``, other keys
-    (ACC, the loss) are passed over. Raises ``KeyError`` for an RMSE of a field not in ``fields``."""
-    table: dict[str, dict[str, dict[float, float]]] = {f: {} for f in fields}
-    for key, value in values.items():
-        parts = key.split("/")
-        if len(parts) >= 4 and parts[-3] == "rmse":
-            forecast = parts[1] if len(parts) == 5 else "model"
-            table[parts[-2]].setdefault(forecast, {})[float(parts[-1].rstrip("h"))] = value
-    return table
-
-
-def write_test_figures(datamodule: Any, table: Mapping[str, Mapping[str, Mapping[float, float]]],
-                       sample: Mapping[str, Any] | None, fields: Sequence[str], latitudes: np.ndarray,
-                       longitudes: np.ndarray, out_dir: Path, title: str, plot_variable: str | None = None) -> list[Path]:
-    """Writes ``rmse_by_lead_time.png`` (from :func:`rmse_table`) and, given a ``sample``, ``forecast_map.png`` in
-    ``out_dir``, with units from the store and coastlines (:func:`land_sea_mask`); returns the paths written.
-
-    Args:
-        datamodule: where units, time stamps and the land-sea mask come from (an ``ERA5DataModule``, or anything).
-        table: ``{field: {forecast: {lead hours: RMSE in physical units}}}``.
-        sample: ``{"forecast": [V_out, H, W], "truth": [V_out, H, W]`` tensors in physical units, ``"lead"`` hours,
-            ``"index"`` the store time index of the input or ``None``}``, or ``None`` for no map.
-        fields: the ``V_out`` output field names, in the order of the sample's channels.
-        latitudes: ``[H]`` degrees. longitudes: ``[W]`` degrees east.
-        out_dir: folder of the figures.
-        title: title of the map.
-        plot_variable: the one field to map; ``None`` maps every output field.
-
-    Raises:
-        ValueError: when ``plot_variable`` is not an output field, listing them.
-    """
-    units = {f: field_units(datamodule, f) for f in fields}
-    paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png", units)]
-    if sample is not None:
-        shown = list(fields)
-        if plot_variable is not None:
-            if plot_variable not in shown:
-                raise ValueError(f"plot_variable={plot_variable!r} is not an output field; choose from {shown}")
-            shown = [plot_variable]
-        rows = [list(fields).index(f) for f in shown]
-        store = _store(datamodule)
-        init = (str(store.times[sample["index"]].astype("datetime64[m]")) if store is not None and sample["index"] is not None
-                else "1970-01-01T00:00")
-        land, _ = land_sea_mask(datamodule, latitudes, longitudes)
-        paths.append(plot_forecast_map(
-            sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), latitudes, longitudes, shown,
-            [units[f] for f in shown], init, sample["lead"], out_dir / "forecast_map.png", land=land, title=title,
-        ))
-    return paths
 
 
 def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: np.ndarray, fields: list[str],
