@@ -271,15 +271,8 @@ class RegressionModule(LightningModule):
 
 
 def train_reference(model_name: str, seed: int, global_batches: list[list[int]], dataset: RandomTokens, lr: float = 0.05):
-    """Single-process training on the given global batches: the ground truth of the contract."""
-    from lightning.pytorch import seed_everything
+    """Single-process training of ``RegressionModule(model_name, lr)`` on the given global batches: the ground truth of
+    the contract (the state dict of :func:`tests.reference.train_single_process`)."""
+    from tests.reference import train_single_process
 
-    seed_everything(seed)
-    module = RegressionModule(model_name, lr)
-    optimizer = module.configure_optimizers()
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(dataset.x[indices]), dataset.y[indices])
-        loss.backward()
-        optimizer.step()
-    return module.state_dict()
+    return train_single_process(lambda: RegressionModule(model_name, lr), global_batches, dataset, seed).state

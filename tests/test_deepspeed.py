@@ -170,23 +170,6 @@ class PipelineRegression(RegressionModule):
         return batch["x"], batch["y"]
 
 
-def reference_run(make_module, global_batches, dataset):
-    """Single-process SGD on the global batches: (losses, state dict)."""
-    from lightning.pytorch import seed_everything
-
-    seed_everything(SEED)
-    module = make_module()
-    optimizer = module.configure_optimizers()
-    losses = []
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(dataset.x[indices]), dataset.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
-
-
 # --- 2 processes: ZeRO 1/2/3 x sp 2, save / resume / consolidate -------------------------------------------
 
 
@@ -396,13 +379,15 @@ def pipeline_runs(tmp_path_factory, zero_runs):
 @pytest.mark.timeout(450)
 def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_runs):
     from tests.models import RandomTokens
+    from tests.reference import train_single_process
 
     runs = [r["pipeline"] for r in pipeline_runs]
     assert runs[0]["parts"] == [0, 3, 6]  # embed + 2 blocks | 2 blocks + head
     assert "pp 1, dp 0, sp 1" in runs[3]["topology"]
     # Stage 0 reads the inputs and the last stage the targets: they must be the same samples.
     assert all(r["seen"] == runs[0]["seen"] for r in runs)
-    losses, reference = reference_run(PipelineRegression, runs[0]["seen"], RandomTokens())
+    single = train_single_process(PipelineRegression, runs[0]["seen"], RandomTokens(), SEED)
+    losses, reference = single.losses, single.state
     # The loss is the mean of two micro-batch means (equal sizes) instead of one mean: a reassociation of fp32 sums.
     for r in runs:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)

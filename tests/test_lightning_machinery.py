@@ -238,39 +238,21 @@ def test_decisions_equal_one_device_at_sp2_dp2(world4, tmp_path):
     _check_decisions(world4, _reference(tmp_path, 2), data_parallel=2)
 
 
-def _reference_training(make_module, seen: list[list[int]]) -> tuple[list[float], dict]:
-    """Single-process SGD on the global batches ``seen``: (losses, state dict)."""
-    import torch.nn.functional as F
-    from lightning.pytorch import seed_everything
-
-    from tests.models import RandomTokens
-
-    data = RandomTokens()
-    seed_everything(SEED)
-    module = make_module()
-    optimizer = module.configure_optimizers()
-    losses = []
-    for indices in seen:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(data.x[indices]), data.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "pipeline"])
 @pytest.mark.parametrize("mode", CHECKPOINTING)
 def test_activation_checkpointing_on_every_engine(world2, engine, mode):
-    from tests.models import RegressionModule
+    from tests.models import RandomTokens, RegressionModule
+    from tests.reference import train_single_process
     from tests.test_deepspeed import PipelineRegression
 
     runs = [r["checkpointing"][engine, mode] for r in world2]
     for rank, run in enumerate(runs):
         assert isinstance(run, dict), f"activation_checkpointing={mode!r} on {engine}, rank {rank}: {run}"
-    losses, reference = _reference_training(PipelineRegression if engine == "pipeline" else RegressionModule, runs[0]["seen"])
+    single = train_single_process(PipelineRegression if engine == "pipeline" else RegressionModule, runs[0]["seen"],
+                                  RandomTokens(), SEED)
+    losses, reference = single.losses, single.state
     for rank, run in enumerate(runs):
         assert len(run["losses"]) == GRID_STEPS
         torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)

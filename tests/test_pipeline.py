@@ -356,18 +356,11 @@ def runs(tmp_path_factory):
 
 
 def _reference_model(name: str, global_batches, make_module=None):
-    """Single-process SGD on the global batches: (trained model, state dict)."""
-    from lightning.pytorch import seed_everything
+    """Single-process SGD on the global batches: (trained model in eval mode, state dict)."""
+    from tests.reference import train_single_process
 
-    seed_everything(SEED)
-    module = make_module() if make_module is not None else EvalRegression(name)
-    optimizer = module.configure_optimizers()
-    data = build_dataset(name)
-    for indices in global_batches:
-        optimizer.zero_grad()
-        F.mse_loss(module.model(data.x[indices]), data.y[indices]).backward()
-        optimizer.step()
-    return module.model.eval(), module.state_dict()
+    single = train_single_process(make_module or (lambda: EvalRegression(name)), global_batches, build_dataset(name), SEED)
+    return single.module.model.eval(), single.state
 
 
 def _global_batches(seen: list[list[int]]) -> list[list[int]]:

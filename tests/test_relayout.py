@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist_utils import REPO_ROOT, run_distributed
 from lightning.pytorch import Callback
@@ -119,17 +118,12 @@ def runs(tmp_path_factory):
 
 
 def _reference(opt, initial, global_batches):
-    module = OptimizerModule(opt)
-    module.load_state_dict(initial)
-    optimizer = module.configure_optimizers()
-    data, losses = RandomTokens(size=32), []
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(data.x[indices]), data.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
+    """One process, from the saved initial weights, with the same optimizer: (losses, state dict)."""
+    from tests.reference import train_single_process
+
+    single = train_single_process(lambda: OptimizerModule(opt), global_batches, RandomTokens(size=32), seed=None,
+                                  initial_state=initial)
+    return single.losses, single.state
 
 
 @pytest.mark.multiprocess

@@ -93,18 +93,15 @@ def test_two_stages_on_two_gpus_equal_one_process(tmp_path):
     names = [n for n in NAMES if n != "real_timm" or _timm_available()]
     runs = run_distributed("tests.gpu.test_gpu_pipeline:gpu_worker", 2, timeout=500, env={"NCCL_NVLS_ENABLE": "0"},
                            tmp=str(tmp_path), names=names)
-    from lightning.pytorch import seed_everything
+    import functools
+
+    from tests.reference import train_single_process
 
     for name in names:
-        seed_everything(SEED)
-        module = _module(name)
-        optimizer = module.configure_optimizers()
         data = build_dataset("timm_vit" if name == "real_timm" else name)
-        for indices in _global_batches(runs[0][name]["seen"]):
-            optimizer.zero_grad()
-            F.mse_loss(module.model(data.x[indices]), data.y[indices]).backward()
-            optimizer.step()
-        reference = {k: v for k, v in module.state_dict().items() if k.startswith("model.")}
+        single = train_single_process(functools.partial(_module, name), _global_batches(runs[0][name]["seen"]), data, SEED)
+        module = single.module
+        reference = {k: v for k, v in single.state.items() if k.startswith("model.")}
         with torch.no_grad():
             mse = F.mse_loss(module.model.eval()(data.x[:VAL]), data.y[:VAL]).item()
         for rank, r in enumerate(runs):
