@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single_gpu import OUT_DIM, GenericViT, _fmt, device_info, vit_flops  # noqa: E402
+from _common import bench_device, call_times, device_info, fmt  # noqa: E402
+from bench_single_gpu import OUT_DIM, GenericViT, vit_flops  # noqa: E402
 
 K = 1024
 TOLERANCE = 2e-2
@@ -254,25 +255,8 @@ def _slowest(value: float, device: torch.device) -> float:
 
 
 def timed(fn, steps: tuple[int, int], device: torch.device) -> list[float]:
-    """Milliseconds of each timed call of ``fn`` after the warm-up calls (CUDA events; a clock on the CPU)."""
-    warmup, count = steps
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(count):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    """Milliseconds of each timed call of ``fn`` after the warm-up calls, all ranks starting each call together."""
+    return call_times(fn, steps, device, before=dist.barrier)
 
 
 def attention_flops(length: int, heads: int, head_dim: int) -> float:
@@ -337,27 +321,7 @@ def time_one_gpu(length: int, heads: int, head_dim: int, steps, device, dtype, c
         _sdpa(q, k, v, causal).backward(grad)
 
     with scope:
-        warmup, count = steps
-        for _ in range(warmup):
-            step()
-        return _local_times(step, count, device)
-
-
-def _local_times(fn, count: int, device) -> list[float]:
-    times = []
-    for _ in range(count):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        return call_times(step, steps, device)
 
 
 class SwappedAttention(nn.Module):
@@ -442,7 +406,7 @@ def run_row(row: Row, fn, flops: float | None, device) -> Row:
     if failed.item() and row.status in ("ok", "wrong"):
         row.status, row.note = "error", "failed on another rank"
     if dist.get_rank() == 0:
-        detail = row.errors if row.section == "check" else f"{_fmt(row.ms, '.1f')} ms, {_fmt(row.tflops_per_gpu, '.1f')} TFLOP/s/GPU"
+        detail = row.errors if row.section == "check" else f"{fmt(row.ms, '.1f')} ms, {fmt(row.tflops_per_gpu, '.1f')} TFLOP/s/GPU"
         print(f"[bench_peers] {row.section} {row.method} L {row.length} {row.heads}x{row.head_dim}: {row.status} {detail} {row.note}", flush=True)
     return row
 
@@ -488,10 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(sections) - {"check", "attention", "causal", "vit"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from check, attention, causal, vit")
-    use_cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = bench_device(args.smoke)
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=900), device_id=device)
     else:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
@@ -586,7 +549,7 @@ def markdown(payload: dict) -> str:
                   "| method | status | out | dq | dk | dv | note |", "|---|---|---|---|---|---|---|"]
         for r in checks:
             e = r["errors"]
-            lines.append(f"| {r['method']} | {r['status']} | " + " | ".join(_fmt(e.get(n), ".1e") for n in ("out", "dq", "dk", "dv"))
+            lines.append(f"| {r['method']} | {r['status']} | " + " | ".join(fmt(e.get(n), ".1e") for n in ("out", "dq", "dk", "dv"))
                          + f" | {r['note']} |")
     for section, title in (("attention", "Attention forward + backward"),
                            ("causal", "Causal attention forward + backward (half the FLOPs counted)"),
@@ -598,9 +561,9 @@ def markdown(payload: dict) -> str:
                   "| L | H x d | method | family | ms | TFLOP/s per GPU | vs best peer | note |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            ms = _fmt(r["ms"], ".1f") if r["status"] == "ok" else r["status"]
+            ms = fmt(r["ms"], ".1f") if r["status"] == "ok" else r["status"]
             lines.append(f"| {r['length']:,} | {r['heads']} x {r['head_dim']} | {r['method']} | {r['family']} | {ms} | "
-                         f"{_fmt(r['tflops_per_gpu'], '.1f')} | {_fmt(r['vs_best_peer'], '.3f')} | {r['note']} |")
+                         f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['vs_best_peer'], '.3f')} | {r['note']} |")
     return "\n".join(lines)
 
 

@@ -38,7 +38,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import BenchModule, StepClock, StepTimer, bench_trainer, call_times, device_info, fmt  # noqa: E402
 from lightning_seqpar.memory import MasterWeightAdamW, checkpoint_module, chunk_module  # noqa: E402
 from lightning_seqpar.weather.models.layers import Block  # noqa: E402
 
@@ -154,36 +156,6 @@ def sdpa_context(backend: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class StepClock:
-    """Per-step times: CUDA events on a GPU, perf_counter (after a synchronize) elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple] = []
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._open = event
-        else:
-            self._open = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((self._open, event))
-        else:
-            self.marks.append((self._open, time.perf_counter()))
-
-    def times_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in self.marks]
-        return [(b - a) * 1e3 for a, b in self.marks]
-
-
 @dataclass
 class Trial:
     """One measured configuration."""
@@ -291,7 +263,6 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
     """The same model and loop through Lightning's Trainer and SeqParStrategy(sequence_parallel_size=1), timed by
     CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step).
     ``compile_blocks`` is the strategy's own option (blocks compiled, the distributed attention left eager)."""
-    from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -302,29 +273,8 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
     clock = StepClock(device)
     warmup, timed = steps
 
-    class Module(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return F.mse_loss(self.model(*inputs), y)
-
-        def configure_optimizers(self):
-            fused = {"fused": True} if device.type == "cuda" else {}
-            return torch.optim.AdamW(self.parameters(), lr=1e-4, **fused)
-
-    class Timer(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx >= warmup:
-                clock.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= warmup:
-                clock.stop()
-                trial.note = f"loss {float(outputs['loss']):.4f}" if batch_idx == warmup + timed - 1 else trial.note
-
-    module = Module()
+    module = BenchModule(model, lambda m, batch: F.mse_loss(m.model(*inputs), y), fused=device.type == "cuda")
+    timer = StepTimer(clock, warmup)
     strategy = SeqParStrategy(
         sequence_parallel_size=1,
         attention=attention,
@@ -333,14 +283,11 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
         compile_blocks=compile_blocks,
         process_group_backend="nccl" if device.type == "cuda" else "gloo",
     )
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=strategy,
-        precision="bf16-mixed", max_steps=warmup + timed, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[Timer()],
-    )
+    trainer = bench_trainer(strategy, device, 1, warmup + timed, [timer], precision="bf16-mixed")
     _reset_peak(device)
     fit_and_release(trainer, module, DataLoader(list(range(warmup + timed)), batch_size=1))
+    if timed:
+        trial.note = f"loss {timer.losses[warmup + timed - 1]:.4f}"
     _finish(trial, clock, device, sizes)
     return trial
 
@@ -523,43 +470,11 @@ def _tokens(length: int) -> str:
     return f"{length // K}K" if length >= K else str(length)
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def _row(t: Trial | dict) -> str:
     t = t if isinstance(t, dict) else t.__dict__
     return (f"{t['section']:<12} {t['model']:<6} {t['mode']:<8} {t['backend']:<11} L={t['length']:>8} {t['memory']:<19}"
-            f" {t['status']:<7} step {_fmt(t['step_ms'], '10.1f')} ms  {_fmt(t['tokens_per_s'], '10.0f')} tok/s"
-            f"  {_fmt(t['tflops'], '6.1f')} TFLOP/s  peak {_fmt(t['peak_gib'], '6.2f')} GiB {t['note']}")
-
-
-def device_info(device: torch.device) -> dict:
-    import lightning
-
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "lightning": lightning.__version__,
-            "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
-                    multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-    return info
-
-
-def cuda_ms(fn, warmup: int, timed: int) -> list[float]:
-    """Milliseconds of each of ``timed`` calls of ``fn`` after ``warmup`` untimed ones, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(timed):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+            f" {t['status']:<7} step {fmt(t['step_ms'], '10.1f')} ms  {fmt(t['tokens_per_s'], '10.0f')} tok/s"
+            f"  {fmt(t['tflops'], '6.1f')} TFLOP/s  peak {fmt(t['peak_gib'], '6.2f')} GiB {t['note']}")
 
 
 def matmul_ceiling(device: torch.device) -> float | None:
@@ -568,7 +483,7 @@ def matmul_ceiling(device: torch.device) -> float | None:
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    return 2 * 8192**3 / (statistics.median(cuda_ms(lambda: a @ b, 5, 20)) / 1e3) / 1e12
+    return 2 * 8192**3 / (statistics.median(call_times(lambda: a @ b, (5, 20), device)) / 1e3) / 1e12
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -584,7 +499,7 @@ def markdown(results: dict) -> str:
         "# Single-GPU benchmark", "",
         f"Device: {info.get('name', info['device'])} ({info.get('memory_gib', 0):.1f} GiB), torch {info['torch']},"
         f" CUDA {info['cuda']}, cuDNN {info.get('cudnn')}, Lightning {info['lightning']}."
-        f" bf16 matmul ceiling (8192^3, random data): {_fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.", "",
+        f" bf16 matmul ceiling (8192^3, random data): {fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.", "",
         "Model FLOPs per step = 3 x depth x (24 L D^2 + 4 L^2 D) for the ViT (recomputation not counted); ClimaX adds"
         " embedding and head. Step time: median over the timed steps (CUDA events); `largest` rows are one step"
         " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.", "",
@@ -595,8 +510,8 @@ def markdown(results: dict) -> str:
     for t in trials:
         if t["section"] in ("speed", "speed-repeat"):
             path = t["mode"] + (" (repeat)" if t["section"] == "speed-repeat" else "")
-            lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {_fmt(t['step_ms'], '.1f')} |"
-                         f" {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} |"
+            lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {fmt(t['step_ms'], '.1f')} |"
+                         f" {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} |"
                          f" {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
     lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | paths | backend | overhead |", "|---|---|---|---|---|"]
     for t in trials:
@@ -614,14 +529,14 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for t in kinds:
             lines.append(f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
-                         f" {_fmt(t['step_ms'], '.1f')} | {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} |"
-                         f" {_fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
+                         f" {fmt(t['step_ms'], '.1f')} | {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} |"
+                         f" {fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
     lines += ["", "## Memory configurations (generic ViT, plain PyTorch)", ""]
     lines += [f"- `{k}`: {v}" for k, v in {**MEMORY_CONFIGS, **CLIMAX_MEMORY}.items()]
     lines += ["", "| memory | L | step ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
     for t in trials:
         if t["section"] == "ladder":
-            lines.append(f"| {t['memory']} | {t['length']} | {_fmt(t['step_ms'], '.1f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}")
+            lines.append(f"| {t['memory']} | {t['length']} | {fmt(t['step_ms'], '.1f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}")
     lines += ["", "| memory | KB per token (slope) | fixed GiB | predicted peak at 1,048,576 tokens GiB |", "|---|---|---|---|"]
     for k, m in results.get("memory_model", {}).items():
         lines.append(f"| {k} | {m['bytes_per_token'] / 1024:.1f} | {m['intercept_gib']:.2f} | {m['predicted_1m_gib']:.1f} |")
@@ -630,7 +545,7 @@ def markdown(results: dict) -> str:
     for t in sorted((t for t in trials if t["section"] == "largest"), key=lambda t: (t["model"], t["memory"], t["backend"], t["length"])):
         note = t["note"].split(".")[0][:90] if t["status"] == "error" else ""
         lines.append(f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
-                     f" {_fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} | {note} |")
+                     f" {fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -658,12 +573,12 @@ def targets(results: dict) -> list[str]:
     if largest:
         t = max(largest, key=lambda t: t["length"])
         lines.append(f"| generic ViT at 1,048,576 tokens trains on one GPU | {t['length']:,} tokens, {t['memory']},"
-                     f" peak {_fmt(t['peak_gib'], '.1f')} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
+                     f" peak {fmt(t['peak_gib'], '.1f')} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
     climax = [t for t in trials if t["section"] == "largest" and t["model"] == "climax"]
     if climax:
         t = max(climax, key=lambda t: t["length"])
         lines.append(f"| ClimaX largest trainable, {results['sizes']['variables']} variables | {t['length']:,} tokens,"
-                     f" {t['memory']}, peak {_fmt(t['peak_gib'], '.1f')} GiB | (reported) |")
+                     f" {t['memory']}, peak {fmt(t['peak_gib'], '.1f')} GiB | (reported) |")
     return lines + [""]
 
 

@@ -28,12 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _common import call_times, device_info
 from bench_single_gpu import (
     OUT_DIM,
     GenericViT,
     Sizes,
-    cuda_ms,
-    device_info,
     sdpa_context,
     vit_flops,
 )
@@ -59,7 +58,7 @@ def attention_alone(length: int, heads: int, head_dim: int, depth: int) -> list[
                     F.scaled_dot_product_attention(q, k, v).backward(grad)
 
             try:
-                times = cuda_ms(step, 2, 5)
+                times = call_times(step, (2, 5), torch.device("cuda"))
             except RuntimeError as exc:
                 rows.append({"layout": layout, "backend": backend, "error": str(exc).splitlines()[0][:200]})
                 continue
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for name, step in steps.items():
             torch.cuda.reset_peak_memory_stats()
-            t = cuda_ms(step, 1, args.timed)
+            t = call_times(step, (1, args.timed), torch.device("cuda"))
             times[name] += t
             print(f"round {r} {name}: median {statistics.median(t):.1f} ms  "
                   f"({flops / statistics.median(t) / 1e9:.1f} TFLOP/s) peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
