@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         return result
 
     for attention in args.attention:
-        for sp, dp in _layouts(world, attention):
+        for sp, _dp in _layouts(world, attention):
             if "weak" in sections:
                 record(measure("weak", "vit", attention, sp, sizes.tokens_per_gpu * sp, sizes, device,
                                steps=sizes.weak_steps, checkpointing=False, profile=True))

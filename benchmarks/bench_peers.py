@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import os
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, family in methods.names(H):
             if wanted(name):
                 record(run_row(Row("check", name, family, world, L, H, d),
-                               lambda: check_method(methods, name, L, H, d, device, dtype), None, device))
+                               functools.partial(check_method, methods, name, L, H, d, device, dtype), None, device))
     for section, causal in (("attention", False), ("causal", True)):
         if section not in sections:
             continue
@@ -492,12 +492,12 @@ def main(argv: list[str] | None = None) -> None:
             row = Row(section, "one_gpu_cudnn", "one-gpu", 1, L, H, d)
             if wanted(row.method):
                 # Rank 0 alone; the others wait at the row's closing all-reduce.
-                fn = (lambda: time_one_gpu(L, H, d, steps, device, dtype, causal)) if rank == 0 else (lambda: [0.0])
+                fn = functools.partial(time_one_gpu, L, H, d, steps, device, dtype, causal) if rank == 0 else (lambda: [0.0])
                 record(run_row(row, fn, flops, device))
             for name, family in methods.names(H, causal):
                 if wanted(name) and not (causal and name.startswith("torch_cp_flash")):
                     record(run_row(Row(section, name, family, world, L, H, d),
-                                   lambda: time_attention(methods, name, L, H, d, steps, device, dtype, causal),
+                                   functools.partial(time_attention, methods, name, L, H, d, steps, device, dtype, causal),
                                    flops / world, device))
     if "vit" in sections:
         for L in sizes.vit_lengths:
@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                 if wanted(name):
                     row = Row("vit", name, family, world, L, sizes.heads, sizes.width // sizes.heads,
                               note="blocks recomputed" if checkpoint else "")
-                    record(run_row(row, lambda: time_vit(methods, name, L, sizes, sizes.vit_steps, device, checkpoint),
-                                   flops, device))
+                    fn = functools.partial(time_vit, methods, name, L, sizes, sizes.vit_steps, device, checkpoint)
+                    record(run_row(row, fn, flops, device))
     if rank == 0:
         write_outputs(payload, args.out, tag, with_plot=not args.smoke or importlib.util.find_spec("matplotlib") is not None)
         print(markdown(payload))

@@ -23,8 +23,6 @@ import functools
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import BenchModule, StepClock, StepTimer, bench_trainer, call_times, device_info, fmt  # noqa: E402
+
 from lightning_seqpar.memory import MasterWeightAdamW, checkpoint_module, chunk_module  # noqa: E402
 from lightning_seqpar.weather.models.layers import Block  # noqa: E402
 

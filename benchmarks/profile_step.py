@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import call_times, device_info
-from bench_single_gpu import (
+from _common import call_times, device_info  # noqa: E402
+from bench_single_gpu import (  # noqa: E402
     OUT_DIM,
     GenericViT,
     Sizes,
@@ -37,7 +37,7 @@ from bench_single_gpu import (
     vit_flops,
 )
 
-from lightning_seqpar.memory import MasterWeightAdamW
+from lightning_seqpar.memory import MasterWeightAdamW  # noqa: E402
 
 
 def attention_alone(length: int, heads: int, head_dim: int, depth: int) -> list[dict]:

@@ -8,8 +8,8 @@ is built and seeded, a saved state to start from) are parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

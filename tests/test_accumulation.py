@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
-from tests.models import RegressionModule, RandomTokens, build_dataset
+from tests.models import RandomTokens, RegressionModule, build_dataset
 
 SEED, STEPS, BATCH = 1234, 2, 2
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -95,7 +95,7 @@ def _global_batches(per_rank: list[dict], config, accumulate: int, pipeline: boo
     return steps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(pipeline: bool, global_batches: tuple[tuple[int, ...], ...], clip: float | None) -> dict:
     """Single-process SGD(momentum 0.9) over the global batches, clipped by the total gradient norm (cached: the
     engines of one data layout see the same batches)."""

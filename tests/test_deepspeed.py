@@ -91,8 +91,9 @@ def test_strategy_argument_errors():
 
 
 def test_registered_names():
-    import lightning_seqpar  # noqa: F401
     from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_seqpar  # noqa: F401
 
     assert StrategyRegistry["seqpar_zero2"]["init_params"] == {"zero_stage": 2}
     assert StrategyRegistry["seqpar_zero3_offload"]["init_params"] == {"zero_stage": 3, "offload_optimizer": True, "offload_parameters": True}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from tests.dist_utils import run_distributed
-from tests.models import RandomTokens, RegressionModule, TOKENS
+from tests.models import TOKENS, RandomTokens, RegressionModule
 
 SIZES = ((5, 1), (7, 3), (3, 2), (1, 1))  # (samples, batch size)
 LATITUDES = np.linspace(-60.0, 60.0, TOKENS)

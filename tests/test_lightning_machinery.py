@@ -169,7 +169,8 @@ def _decisions(tmp: str) -> dict:
     for zero in (0, 3):
         root = os.path.join(tmp, f"zero{zero}")
         out[zero] = _decision_runs(
-            root, lambda: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=60), _WORLD, BATCH, reference=False
+            root, lambda zero=zero: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=60), _WORLD, BATCH,
+            reference=False,
         )
     return out
 

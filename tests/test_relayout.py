@@ -18,10 +18,9 @@ import sys
 
 import pytest
 import torch
-
-from tests.dist_utils import REPO_ROOT, run_distributed
 from lightning.pytorch import Callback
 
+from tests.dist_utils import REPO_ROOT, run_distributed
 from tests.models import LossRecorder, RandomTokens, RegressionModule
 
 SEED, GLOBAL_BATCH = 5, 4

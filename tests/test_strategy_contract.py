@@ -31,9 +31,8 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
     GPU per rank) TF32 is turned off so that fp32 is full precision."""
     import os
 
-    from torch._dynamo.utils import counters
-
     from lightning.pytorch import Callback, Trainer, seed_everything
+    from torch._dynamo.utils import counters
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy

@@ -176,8 +176,9 @@ def test_strategy_argument_errors():
 
 
 def test_registered_names():
-    import lightning_seqpar  # noqa: F401
     from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_seqpar  # noqa: F401
 
     assert StrategyRegistry["seqpar_lss"]["init_params"] == {"attention": "lss"}
     assert {"seqpar", "seqpar_ulysses", "seqpar_lss", "seqpar_ring", "seqpar_hybrid"} <= set(StrategyRegistry)

@@ -21,18 +21,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning_seqpar  # noqa: F401  registers the strategy names with Lightning
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import lightning_seqpar  # noqa: F401  registers the strategy names with Lightning
+from lightning_seqpar.failures import FAILURE_DIR_ENV, FailureRecorder, report_failure, start_failure_dir
 from lightning_seqpar.weather.cli_checks import (
-    ConfigError, check_data, check_model, check_strategy, derive_data_options, resolve_checkpoint,
+    ConfigError,
+    check_data,
+    check_model,
+    check_strategy,
+    derive_data_options,
+    resolve_checkpoint,
 )
 from lightning_seqpar.weather.data.era5 import ERA5DataModule
 from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
-from lightning_seqpar.failures import FAILURE_DIR_ENV, FailureRecorder, report_failure, start_failure_dir
 from lightning_seqpar.weather.forecast import ForecastModule
 from lightning_seqpar.weather.forecast_io import ForecastWriter
 

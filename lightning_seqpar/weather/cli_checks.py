@@ -74,7 +74,7 @@ def _open_store(data: dict[str, Any]):
         raise ConfigError(f"--data.path: {_first_line(err)}") from None
 
 
-def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - imported inside, the data stack is heavy
+def check_data(data: dict[str, Any]) -> ERA5DataModule:  # noqa: F821 - imported inside, the data stack is heavy
     """Opens the store and checks the fields, split years and lead times the run will ask of it.
 
     Returns:

@@ -87,7 +87,7 @@ def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> 
 
 def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: np.ndarray, fields: list[str],
                       latitudes: np.ndarray, longitudes: np.ndarray, units: dict[str, str] | None = None,
-                      source: str = "") -> "xr.Dataset":  # noqa: F821 - xarray is imported inside
+                      source: str = "") -> xr.Dataset:  # noqa: F821 - xarray is imported inside
     """An ``xarray.Dataset`` of forecasts following the CF conventions (1.8) and WeatherBench2's forecast layout.
 
     Args:

@@ -15,8 +15,8 @@ import yaml
 
 from lightning_seqpar.weather.cli import SeqParCLI, SyntheticData, main
 from lightning_seqpar.weather.cli_checks import ConfigError, resolve_checkpoint
-from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 from lightning_seqpar.weather.forecast import ForecastModule
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

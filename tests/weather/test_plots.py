@@ -11,7 +11,12 @@ import xarray as xr
 from matplotlib.contour import ContourSet
 
 from lightning_seqpar.weather.forecast_io import (
-    _write_netcdf, display_units, field_long_name, field_units, forecasts_dataset, land_sea_mask,
+    _write_netcdf,
+    display_units,
+    field_long_name,
+    field_units,
+    forecasts_dataset,
+    land_sea_mask,
 )
 from lightning_seqpar.weather.landmask import bundled_land_sea_mask
 from lightning_seqpar.weather.plots import forecast_map_figure, rmse_figure

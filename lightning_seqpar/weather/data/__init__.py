@@ -1,13 +1,15 @@
 """ERA5 data in WeatherBench2 layout: the forecasting DataModule, its store reader and a synthetic store writer."""
 
+# ruff: noqa: F401 - the imports below are re-exports for type checkers, made at run time by __getattr__
+
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from lightning_seqpar.weather.data.chunks import ChunkCache, rechunk_time
     from lightning_seqpar.weather.data.era5 import ERA5DataModule
     from lightning_seqpar.weather.data.samples import ERA5ForecastDataset, parse_years
     from lightning_seqpar.weather.data.stats import FieldStatistics, StatisticsCacheError
-    from lightning_seqpar.weather.data.chunks import ChunkCache, rechunk_time
     from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
     from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 

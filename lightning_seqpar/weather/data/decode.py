@@ -89,7 +89,8 @@ class FileReader:
         out = np.empty((len(local), *[n for d, n in da.sizes.items() if d not in ("time", "level")]), da.dtype)
         for chunk in np.unique(local // per_chunk):  # every level of the chunk: zarr decodes them all anyway
             key = (self.hf.path, variable, int(chunk))
-            block = self.cache.get(key, lambda: da.isel(time=slice(chunk * per_chunk, (chunk + 1) * per_chunk)).values)
+            times = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
+            block = self.cache.get(key, lambda times=times: da.isel(time=times).values)
             rows = np.flatnonzero(local // per_chunk == chunk)
             picked = block[local[rows] - chunk * per_chunk]  # [t, (E), (L), H, W]
             out[rows] = picked if level_pos is None else picked[..., level_pos, :, :]
@@ -120,7 +121,7 @@ class FileReader:
         position = 0
         for n, lt in enumerate(local):
             try:
-                da.isel(time=int(lt), **level).values
+                da.isel(time=int(lt), **level).load()
             except Exception as single:  # the same broad net as the read that failed
                 position, err = n, single
                 break

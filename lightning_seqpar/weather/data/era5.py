@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
@@ -150,7 +150,7 @@ class ERA5DataModule(LightningDataModule):
     @property
     def static_variables(self) -> list[str]:
         """Time-invariant input channel names, as given (``orography``, ``land_sea_mask``, ``latitude``)."""
-        self.store
+        _ = self.store  # opening the store checks the static fields
         return list(self._static)
 
     @property

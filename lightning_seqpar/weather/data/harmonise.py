@@ -173,7 +173,7 @@ def _rename(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, str]]:
     return ds, back
 
 
-def harmonise(path: str, ds: xr.Dataset, reference: "HarmonisedFile | None", store: str) -> HarmonisedFile:
+def harmonise(path: str, ds: xr.Dataset, reference: HarmonisedFile | None, store: str) -> HarmonisedFile:
     """Renames ``ds`` to WeatherBench2 conventions and checks (and where possible fixes) its grid against
     ``reference``, the store's first file; raises ``ValueError`` naming both files and the coordinate otherwise."""
     ds, original = _rename(ds)

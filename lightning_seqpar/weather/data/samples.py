@@ -7,7 +7,7 @@ A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -17,9 +17,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import platformdirs
@@ -50,7 +50,7 @@ class FieldStatistics:
     std: dict[str, float]
     climatology: dict[str, np.ndarray]
 
-    def subset(self, fields: Sequence[str]) -> "FieldStatistics":
+    def subset(self, fields: Sequence[str]) -> FieldStatistics:
         """The statistics of ``fields`` only (every one must be present)."""
         return FieldStatistics({f: self.mean[f] for f in fields}, {f: self.std[f] for f in fields},
                                {f: self.climatology[f] for f in fields})

@@ -14,8 +14,9 @@ file, the variable and the time.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,8 +24,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache
 from lightning_seqpar.weather.data.decode import FileReader, UndecodableTime
 from lightning_seqpar.weather.data.harmonise import (
-    SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
-    StoreReadError, harmonise, is_zarr, list_store_files, open_file, relabel_year, year_in_name,
+    SHORT_VARIABLE_NAMES,
+    SPATIAL_DIMS,
+    STATIC_SHORT_NAMES,
+    HarmonisedFile,
+    StoreReadError,
+    harmonise,
+    is_zarr,
+    list_store_files,
+    open_file,
+    relabel_year,
+    year_in_name,
 )
 
 __all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
@@ -130,13 +140,13 @@ class ERA5Store:
     @property
     def readers(self) -> list[FileReader]:
         """This process's reader of each file (``[len(files)]``), sharing :attr:`chunk_cache`."""
-        self.opened
+        _ = self.opened  # (re)opens the files in a new process
         return self._readers
 
     @property
     def chunk_cache(self) -> ChunkCache:
         """This process's cache of decoded multi-time chunks."""
-        self.opened
+        _ = self.opened  # (re)opens the files in a new process
         return self._cache
 
     def __getstate__(self) -> dict:

@@ -23,8 +23,9 @@ import os
 import shutil
 import sys
 import time as wallclock
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
