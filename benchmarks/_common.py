@@ -18,7 +18,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 def bench_device(smoke: bool) -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` (made current) when a GPU is there and ``smoke`` is off, else the CPU."""
+    """This process's device: ``cuda:LOCAL_RANK`` (made current) when a GPU is there and ``smoke`` is off, else the
+    CPU."""
     if torch.cuda.is_available() and not smoke:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -110,7 +111,9 @@ class BenchModule(LightningModule):
     """The benchmarks' LightningModule: ``model``, a training step given as ``loss(module, batch)``, and AdamW
     (lr 1e-4; its fused kernel when ``fused``)."""
 
-    def __init__(self, model: torch.nn.Module, loss: Callable[[LightningModule, Any], torch.Tensor], fused: bool) -> None:
+    def __init__(
+        self, model: torch.nn.Module, loss: Callable[[LightningModule, Any], torch.Tensor], fused: bool
+    ) -> None:
         super().__init__()
         self.model, self.loss_fn, self.fused = model, loss, fused
 
@@ -155,8 +158,16 @@ def bench_trainer(strategy: Any, device: torch.device, devices: int, max_steps: 
     """A Trainer that only trains, ``max_steps`` steps: no logger, checkpoints, progress bar, summary or validation.
     ``precision`` defaults to ``"bf16-mixed"`` on a GPU and ``"32-true"`` on the CPU."""
     return Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices, strategy=strategy,
-        precision=precision or ("bf16-mixed" if device.type == "cuda" else "32-true"), max_steps=max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=callbacks,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=devices,
+        strategy=strategy,
+        precision=precision or ("bf16-mixed" if device.type == "cuda" else "32-true"),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
     )

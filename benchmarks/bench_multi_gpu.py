@@ -226,8 +226,11 @@ def measure(section: str, model_kind: str, attention: str, sp: int, length: int,
     result.seconds = round(time.monotonic() - t0, 1)
     result.measured_at = stamp
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"[bench_multi_gpu] {section} {model_kind} {attention} sp {sp} x dp {result.dp} L {length}: {result.status}"
-              f" step {fmt(result.step_ms, '.1f')} ms, peak {fmt(result.peak_gib, '.1f')} GiB ({result.seconds} s)", flush=True)
+        print(
+            f"[bench_multi_gpu] {section} {model_kind} {attention} sp {sp} x dp {result.dp} L {length}: {result.status}"
+            f" step {fmt(result.step_ms, '.1f')} ms, peak {fmt(result.peak_gib, '.1f')} GiB ({result.seconds} s)",
+            flush=True,
+        )
     return result
 
 
@@ -263,10 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="file name suffix; default n<world>")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
     parser.add_argument("--attention", nargs="+", default=["ulysses", "lss", "ring", "hybrid"])
-    parser.add_argument("--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows")
+    parser.add_argument(
+        "--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows"
+    )
     parser.add_argument("--sections", default="weak,strong,longest")
     parser.add_argument("--longest-models", default="vit,climax", help="models of the longest section, in this order")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget; longer rows predicted past it are skipped")
+    parser.add_argument(
+        "--budget-s", type=float, default=540.0, help="wall-clock budget; longer rows predicted past it are skipped"
+    )
     args = parser.parse_args(argv)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     sizes = Sizes.smoke() if args.smoke else Sizes()
@@ -331,9 +338,12 @@ def markdown(payload: dict) -> str:
     for r in payload["results"]:
         step = fmt(r["step_ms"], ".1f") if r["status"] == "ok" else r["status"]
         rows.append(
-            f"| {r['section']} | {r['model']} | {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | {r['length']:,} | "
-            f"{step} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['peak_gib'], '.1f')} | "
-            f"{fmt(r['comm_ms'], '.1f')} | {fmt(r['attention_ms'], '.1f')} | {r['note'] if r['status'] != 'ok' else ''} |"
+            f"| {r['section']} | {r['model']} | {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | "
+            f"{r['length']:,} | "
+            f"{step} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | "
+            f"{fmt(r['peak_gib'], '.1f')} | "
+            f"{fmt(r['comm_ms'], '.1f')} | {fmt(r['attention_ms'], '.1f')} | "
+            f"{r['note'] if r['status'] != 'ok' else ''} |"
         )
     return "\n".join(rows)
 

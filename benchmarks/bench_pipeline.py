@@ -42,7 +42,9 @@ GIB = 2**30
 def sample(index: int, tokens: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The sample ``index``: tokens [L, D] and targets [L, OUT_DIM], the same in every configuration."""
     g = torch.Generator(device=device).manual_seed(int(index))
-    return torch.randn(tokens, width, generator=g, device=device), torch.randn(tokens, OUT_DIM, generator=g, device=device)
+    return torch.randn(tokens, width, generator=g, device=device), torch.randn(
+        tokens, OUT_DIM, generator=g, device=device
+    )
 
 
 def run(config: str, args: argparse.Namespace, device: torch.device, world: int) -> dict:
@@ -65,15 +67,25 @@ def run(config: str, args: argparse.Namespace, device: torch.device, world: int)
     timer = StepTimer(clock, args.warmup)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if config == "pipeline":
-        strategy = SeqParStrategy(sequence_parallel_size=world // 2, pipeline_stages=2, micro_batches=args.micro_batches,
-                                  zero_stage=1, process_group_backend=backend, timeout=600)
+        strategy = SeqParStrategy(
+            sequence_parallel_size=world // 2,
+            pipeline_stages=2,
+            micro_batches=args.micro_batches,
+            zero_stage=1,
+            process_group_backend=backend,
+            timeout=600,
+        )
     else:
-        strategy = SeqParStrategy(sequence_parallel_size=world, zero_stage=3, process_group_backend=backend, timeout=600)
+        strategy = SeqParStrategy(
+            sequence_parallel_size=world, zero_stage=3, process_group_backend=backend, timeout=600
+        )
     trainer = bench_trainer(strategy, device, world, total, [timer])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Lightning's sampler shuffles with the same seed in both runs; batch = args.batch sample indices.
-    trainer.fit(BenchModule(model, loss, fused=False), DataLoader(list(range(total * args.batch)), batch_size=args.batch))
+    trainer.fit(
+        BenchModule(model, loss, fused=False), DataLoader(list(range(total * args.batch)), batch_size=args.batch)
+    )
     losses = timer.losses
     times = clock.times_ms()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0], device=device)
@@ -89,10 +101,15 @@ def markdown(payload: dict) -> str:
     rows = {r["config"]: r for r in payload["results"]}
     a = payload["args"]
     lines = [
-        f"# Pipeline stages against ZeRO-3 ({payload['world']} x {payload['device']})", "",
-        f"Generic ViT, width {a['width']}, depth {a['depth']} ({payload['parameters'] / 1e9:.2f}e9 parameters), batch {a['batch']}"
-        f" x {a['tokens']} tokens, {a['micro_batches']} micro-batches; median of {a['steps']} steps after {a['warmup']}.", "",
-        "| configuration | step (ms) | tokens/s | peak memory (GiB) |", "|---|---|---|---|",
+        f"# Pipeline stages against ZeRO-3 ({payload['world']} x {payload['device']})",
+        "",
+        f"Generic ViT, width {a['width']}, depth {a['depth']} ({payload['parameters'] / 1e9:.2f}e9 parameters), batch "
+        f"{a['batch']}"
+        f" x {a['tokens']} tokens, {a['micro_batches']} micro-batches; median of {a['steps']} steps after "
+        f"{a['warmup']}.",
+        "",
+        "| configuration | step (ms) | tokens/s | peak memory (GiB) |",
+        "|---|---|---|---|",
     ]
     for name, r in rows.items():
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
@@ -120,15 +137,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.width, args.depth, args.heads, args.tokens, args.batch, args.micro_batches, args.warmup, args.steps = 32, 4, 4, 13, 2, 2, 1, 2
+        args.width, args.depth, args.heads, args.tokens, args.batch, args.micro_batches, args.warmup, args.steps = (
+            32,
+            4,
+            4,
+            13,
+            2,
+            2,
+            1,
+            2,
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world % 2:
         raise SystemExit(f"bench_pipeline.py needs an even number of processes (2 stages), got WORLD_SIZE={world}.")
     device = bench_device(args.smoke)
     use_cuda = device.type == "cuda"
     payload = {
-        "world": world, "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "args": vars(args) | {"out": str(args.out)},
-        "parameters": sum(p.numel() for p in GenericViT(args.width, args.depth, args.heads, device="meta").parameters()), "results": [],
+        "world": world,
+        "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        "args": vars(args) | {"out": str(args.out)},
+        "parameters": sum(
+            p.numel() for p in GenericViT(args.width, args.depth, args.heads, device="meta").parameters()
+        ),
+        "results": [],
     }
     for config in args.configs.split(","):
         payload["results"].append(run(config, args, device, world))

@@ -70,8 +70,17 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
-            width=64, depth=2, heads=4, variables=3, speed_lengths=(256, 512), math_length=128,
-            ladder_lengths=(256, 512), largest_lengths=(256, 512, 1024, 2048), climax_largest=(256, 512), warmup=1, timed=2,
+            width=64,
+            depth=2,
+            heads=4,
+            variables=3,
+            speed_lengths=(256, 512),
+            math_length=128,
+            ladder_lengths=(256, 512),
+            largest_lengths=(256, 512, 1024, 2048),
+            climax_largest=(256, 512),
+            warmup=1,
+            timed=2,
             mlp_chunks=4,
         )
 
@@ -86,7 +95,14 @@ def climax_flops(length: int, width: int, depth: int, variables: int, patch: int
     (key/value projection 4 V L D^2, output projection 2 L D^2, attention over variables 4 V L D) and the head
     (decoder_depth x 2 L D^2 + 2 L D V p^2); training = 3 x forward."""
     L, D, V, p2 = length, width, variables, patch * patch
-    extra = 2 * V * L * p2 * D + 4 * V * L * D**2 + 2 * L * D**2 + 4 * V * L * D + decoder_depth * 2 * L * D**2 + 2 * L * D * V * p2
+    extra = (
+        2 * V * L * p2 * D
+        + 4 * V * L * D**2
+        + 2 * L * D**2
+        + 4 * V * L * D
+        + decoder_depth * 2 * L * D**2
+        + 2 * L * D * V * p2
+    )
     return vit_flops(length, width, depth) + 3.0 * extra
 
 
@@ -142,7 +158,12 @@ def build(kind: str, sizes: Sizes, length: int, device: torch.device, dtype=None
 
 def sdpa_context(backend: str):
     """The SDPA kernel choice of the plain model, matching local_attention's backends."""
-    names = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    names = {
+        "sdpa_cudnn": "CUDNN_ATTENTION",
+        "sdpa_flash": "FLASH_ATTENTION",
+        "sdpa_efficient": "EFFICIENT_ATTENTION",
+        "math": "MATH",
+    }
     if backend not in names:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,10 +202,13 @@ MEMORY_CONFIGS = {
     "amp+ckpt": "autocast bf16, fp32 weights and residual stream, per-block activation checkpointing",
     "bf16+ckpt": "bf16 weights and residual stream, fp32 master weights in AdamW, per-block checkpointing",
     "bf16+ckpt+chunk": "bf16+ckpt, MLP recomputed in token chunks",
-    "bf16+sac+chunk": "bf16, per-block checkpointing that keeps the attention output (no attention recompute), chunked MLP",
+    "bf16+sac+chunk": "bf16, per-block checkpointing that keeps the attention output (no attention recompute), chunked "
+    "MLP",
     "bf16+offload+chunk": "bf16, per-block checkpointing with block inputs in pinned host memory, chunked MLP",
 }
-CLIMAX_MEMORY = {"amp+ckpt+agg16k": "ClimaX only: amp+ckpt, variable aggregation run on 16K-token slices and recomputed"}
+CLIMAX_MEMORY = {
+    "amp+ckpt+agg16k": "ClimaX only: amp+ckpt, variable aggregation run on 16K-token slices and recomputed"
+}
 
 
 def _memory_setup(model: nn.Module, memory: str, sizes: Sizes):
@@ -217,7 +241,9 @@ def run_plain(kind: str, sizes: Sizes, length: int, backend: str, memory: str, d
     trial = Trial(kind, "plain+compile" if compile_blocks else "plain", backend, length, memory, section)
     dtype = torch.bfloat16 if memory.startswith("bf16") else None
     model, inputs, y = build(kind, sizes, length, device, dtype)
-    use_autocast, optimizer = _memory_setup(model, memory, sizes) if kind == "vit" else _memory_setup_climax(model, memory)
+    use_autocast, optimizer = (
+        _memory_setup(model, memory, sizes) if kind == "vit" else _memory_setup_climax(model, memory)
+    )
     if compile_blocks:
         for block in model.blocks:
             block.compile()
@@ -251,14 +277,25 @@ def _memory_setup_climax(model: nn.Module, memory: str):
             checkpoint_module(block)
     if "agg16k" in memory:
         # Variable aggregation on 16K-token slices, recomputed in backward: fused SDPA kernels reject its
-        # [B*L, H, 1, d] batch from B*L = 65536 on (a grid-size limit), and its [B*L, V, 2D] keys/values dominate memory.
+        # [B*L, H, 1, d] batch from B*L = 65536 on (a grid-size limit), and its [B*L, V, 2D] keys/values dominate
+        # memory.
         chunk_module(model.var_agg, -(-model.num_patches // (16 * K)), dim=2, out_dim=1)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     return True, torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
 
-def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str, device: torch.device,
-                 steps: tuple[int, int], section: str, attention: str = "ulysses", compile_blocks: bool = False) -> Trial:
+def run_strategy(
+    kind: str,
+    sizes: Sizes,
+    length: int,
+    backend: str,
+    memory: str,
+    device: torch.device,
+    steps: tuple[int, int],
+    section: str,
+    attention: str = "ulysses",
+    compile_blocks: bool = False,
+) -> Trial:
     """The same model and loop through Lightning's Trainer and SeqParStrategy(sequence_parallel_size=1), timed by
     CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step).
     ``compile_blocks`` is the strategy's own option (blocks compiled, the distributed attention left eager)."""
@@ -495,16 +532,21 @@ def write_outputs(results: dict, out: Path) -> None:
 def markdown(results: dict) -> str:
     info, trials = results["device"], results["trials"]
     lines = [
-        "# Single-GPU benchmark", "",
+        "# Single-GPU benchmark",
+        "",
         f"Device: {info.get('name', info['device'])} ({info.get('memory_gib', 0):.1f} GiB), torch {info['torch']},"
         f" CUDA {info['cuda']}, cuDNN {info.get('cudnn')}, Lightning {info['lightning']}."
-        f" bf16 matmul ceiling (8192^3, random data): {fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.", "",
+        f" bf16 matmul ceiling (8192^3, random data): {fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.",
+        "",
         "Model FLOPs per step = 3 x depth x (24 L D^2 + 4 L^2 D) for the ViT (recomputation not counted); ClimaX adds"
         " embedding and head. Step time: median over the timed steps (CUDA events); `largest` rows are one step"
-        " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.", "",
+        " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.",
+        "",
         *targets(results),
-        "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both", "",
-        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |", "|---|---|---|---|---|---|---|---|---|",
+        "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both",
+        "",
+        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         if t["section"] in ("speed", "speed-repeat"):
@@ -512,7 +554,13 @@ def markdown(results: dict) -> str:
             lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {fmt(t['step_ms'], '.1f')} |"
                          f" {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} |"
                          f" {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
-    lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | paths | backend | overhead |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Strategy overhead at sp=1 (strategy step / plain step - 1)",
+        "",
+        "| model | L | paths | backend | overhead |",
+        "|---|---|---|---|---|",
+    ]
     for t in trials:
         if t["section"] == "speed" and t["mode"] in ("strategy", "strategy+compile") and t["status"] == "ok":
             plain_mode = t["mode"].replace("strategy", "plain")
@@ -527,24 +575,47 @@ def markdown(results: dict) -> str:
                   "| L | attention | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in kinds:
-            lines.append(f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
-                         f" {fmt(t['step_ms'], '.1f')} | {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} |"
-                         f" {fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
+            lines.append(
+                f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
+                f" {fmt(t['step_ms'], '.1f')} | {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} |"
+                f" {fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |"
+                + (f" {t['status']}" if t["status"] != "ok" else "")
+            )
     lines += ["", "## Memory configurations (generic ViT, plain PyTorch)", ""]
     lines += [f"- `{k}`: {v}" for k, v in {**MEMORY_CONFIGS, **CLIMAX_MEMORY}.items()]
     lines += ["", "| memory | L | step ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
     for t in trials:
         if t["section"] == "ladder":
-            lines.append(f"| {t['memory']} | {t['length']} | {fmt(t['step_ms'], '.1f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}")
-    lines += ["", "| memory | KB per token (slope) | fixed GiB | predicted peak at 1,048,576 tokens GiB |", "|---|---|---|---|"]
+            lines.append(
+                f"| {t['memory']} | {t['length']} | {fmt(t['step_ms'], '.1f')} | {fmt(t['tflops'], '.1f')} | "
+                f"{fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}"
+            )
+    lines += [
+        "",
+        "| memory | KB per token (slope) | fixed GiB | predicted peak at 1,048,576 tokens GiB |",
+        "|---|---|---|---|",
+    ]
     for k, m in results.get("memory_model", {}).items():
-        lines.append(f"| {k} | {m['bytes_per_token'] / 1024:.1f} | {m['intercept_gib']:.2f} | {m['predicted_1m_gib']:.1f} |")
-    lines += ["", "## Longest sequence that trains (one step)", "", "| model | memory | backend | L | status | step s | TFLOP/s | peak GiB | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for t in sorted((t for t in trials if t["section"] == "largest"), key=lambda t: (t["model"], t["memory"], t["backend"], t["length"])):
+        lines.append(
+            f"| {k} | {m['bytes_per_token'] / 1024:.1f} | {m['intercept_gib']:.2f} | {m['predicted_1m_gib']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Longest sequence that trains (one step)",
+        "",
+        "| model | memory | backend | L | status | step s | TFLOP/s | peak GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in sorted(
+        (t for t in trials if t["section"] == "largest"),
+        key=lambda t: (t["model"], t["memory"], t["backend"], t["length"]),
+    ):
         note = t["note"].split(".")[0][:90] if t["status"] == "error" else ""
-        lines.append(f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
-                     f" {fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} | {note} |")
+        lines.append(
+            f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
+            f" {fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {fmt(t['tflops'], '.1f')} | "
+            f"{fmt(t['peak_gib'], '.2f')} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -559,15 +630,20 @@ def targets(results: dict) -> list[str]:
         p = [t for t in speed if t["length"] == L and t["mode"] == "plain"]
         if s and p:
             overhead = 100 * (s[0]["step_ms"] / p[0]["step_ms"] - 1)
-            lines.append(f"| strategy step (sp = 1) within 3% of plain PyTorch, {_tokens(L)} tokens | {overhead:+.1f}% |"
-                         f" {'yes' if overhead <= 3 else 'no'} |")
+            lines.append(
+                f"| strategy step (sp = 1) within 3% of plain PyTorch, {_tokens(L)} tokens | {overhead:+.1f}% |"
+                f" {'yes' if overhead <= 3 else 'no'} |"
+            )
     if speed:
         L = max(t["length"] for t in speed)
         for mode in ("plain", "strategy", "plain+compile", "strategy+compile"):
             best = [t for t in speed if t["length"] == L and t["mode"] == mode]
             if best:
                 tf = best[0]["tflops"]
-                lines.append(f"| >= 380 model TFLOP/s, generic ViT, {_tokens(L)} tokens, {mode} | {tf:.1f} | {'yes' if tf >= 380 else 'no'} |")
+                lines.append(
+                    f"| >= 380 model TFLOP/s, generic ViT, {_tokens(L)} tokens, {mode} | {tf:.1f} | "
+                    f"{'yes' if tf >= 380 else 'no'} |"
+                )
     largest = [t for t in trials if t["section"] == "largest" and t["model"] == "vit"]
     if largest:
         t = max(largest, key=lambda t: t["length"])
@@ -612,7 +688,9 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"generic ViT (8 x 1024): {title}")
         ax.grid(True, alpha=0.3)
     ax_mem.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"{results['device'].get('name', results['device']['device'])}, torch {results['device']['torch']}", fontsize=9)
+    fig.suptitle(
+        f"{results['device'].get('name', results['device']['device'])}, torch {results['device']['torch']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out / "single_gpu.png", dpi=120)
 
@@ -624,14 +702,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU too")
-    parser.add_argument("--sections", default="speed,climax,ladder,largest,climax-agg",
-                        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-agg, climax-largest,"
-                             " extreme (the default fits one 10-minute device call; extreme is the 1M-token step, ~5 minutes)")
-    parser.add_argument("--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out")
-    parser.add_argument("--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)")
+    parser.add_argument(
+        "--sections",
+        default="speed,climax,ladder,largest,climax-agg",
+        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-agg, climax-largest,"
+        " extreme (the default fits one 10-minute device call; extreme is the 1M-token step, ~5 minutes)",
+    )
+    parser.add_argument(
+        "--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out"
+    )
+    parser.add_argument(
+        "--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)"
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip remaining trials after this many seconds")
-    parser.add_argument("--climax-backend", default="sdpa_flash", help="attention backend of the climax-largest section")
-    parser.add_argument("--large-backend", default=None, help="attention backend of the longest runs (default: fastest at 64K)")
+    parser.add_argument(
+        "--climax-backend", default="sdpa_flash", help="attention backend of the climax-largest section"
+    )
+    parser.add_argument(
+        "--large-backend", default=None, help="attention backend of the longest runs (default: fastest at 64K)"
+    )
     parser.add_argument("--largest-lengths", default=None, help="comma list overriding the largest-section lengths;"
                         " its last entry is the extreme section's target")
     args = parser.parse_args(argv)

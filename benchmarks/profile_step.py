@@ -163,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.reset_peak_memory_stats()
             t = call_times(step, (1, args.timed), torch.device("cuda"))
             times[name] += t
-            print(f"round {r} {name}: median {statistics.median(t):.1f} ms  "
-                  f"({flops / statistics.median(t) / 1e9:.1f} TFLOP/s) peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
-                  flush=True)
+            print(
+                f"round {r} {name}: median {statistics.median(t):.1f} ms  "
+                f"({flops / statistics.median(t) / 1e9:.1f} TFLOP/s) peak "
+                f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+                flush=True,
+            )
     result["variants"] = {}
     for name, step in steps.items():
         try:
@@ -179,20 +182,31 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_step.json").write_text(json.dumps(result, indent=1))
 
-    lines = [f"## One training step at L = {L} ({result['device'].get('name')}, torch {result['device']['torch']})", "",
-             "| variant | step ms (median) | min-max ms | TFLOP/s | kernels ms | attention | matmul | optimizer | other |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## One training step at L = {L} ({result['device'].get('name')}, torch {result['device']['torch']})",
+        "",
+        "| variant | step ms (median) | min-max ms | TFLOP/s | kernels ms | attention | matmul | optimizer | other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, v in result["variants"].items():
         c = v["profile"]["by_category_ms"]
-        lines.append(f"| {name} | {v['step_ms']:.1f} | {min(v['step_ms_all']):.1f}-{max(v['step_ms_all']):.1f} | {v['tflops']:.1f} |"
-                     f" {v['profile']['total_kernel_ms']:.1f} | {c.get('attention', 0):.1f} | {c.get('matmul', 0):.1f} |"
-                     f" {c.get('optimizer', 0):.1f} | {c.get('other', 0):.1f} |")
+        lines.append(
+            f"| {name} | {v['step_ms']:.1f} | {min(v['step_ms_all']):.1f}-{max(v['step_ms_all']):.1f} | "
+            f"{v['tflops']:.1f} |"
+            f" {v['profile']['total_kernel_ms']:.1f} | {c.get('attention', 0):.1f} | {c.get('matmul', 0):.1f} |"
+            f" {c.get('optimizer', 0):.1f} | {c.get('other', 0):.1f} |"
+        )
     lines += ["", "| attention alone | backend | fwd+bwd ms | x depth ms | model TFLOP/s |", "|---|---|---|---|---|"]
     for row in result["attention_alone"]:
         if "ms" in row:
-            lines.append(f"| {row['layout']} | {row['backend']} | {row['ms']:.1f} | {row['depth_ms']:.1f} | {row['tflops_model']:.1f} |")
+            lines.append(
+                f"| {row['layout']} | {row['backend']} | {row['ms']:.1f} | {row['depth_ms']:.1f} | "
+                f"{row['tflops_model']:.1f} |"
+            )
     for name, v in result["variants"].items():
-        lines += ["", f"top kernels, {name}:"] + [f"  {k['ms']:8.1f} ms {k['calls']:4d}x {k['name'][:110]}" for k in v["profile"]["top"][:12]]
+        lines += ["", f"top kernels, {name}:"] + [
+            f"  {k['ms']:8.1f} ms {k['calls']:4d}x {k['name'][:110]}" for k in v["profile"]["top"][:12]
+        ]
     (args.out / "profile_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -305,7 +305,9 @@ def _main(args: Sequence[str] | None) -> None:
             args=args,
         )
     except ConfigError as err:
-        subcommand = next((a for a in (args if args is not None else sys.argv[1:]) if a in ("fit", "validate", "test", "predict")), "")
+        subcommand = next(
+            (a for a in (args if args is not None else sys.argv[1:]) if a in ("fit", "validate", "test", "predict")), ""
+        )
         print(f"seqpar {subcommand}: error: {err}".replace("seqpar : ", "seqpar: "), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:

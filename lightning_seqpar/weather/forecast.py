@@ -75,9 +75,9 @@ class ForecastModule(LightningModule):
     `DataMismatchError` naming the difference.
 
     Args:
-        model: the network, e.g. `lightning_seqpar.weather.models.ClimaX` (in YAML: `class_path` + `init_args`). A model with a
-            `config` mapping of its constructor arguments (ClimaX has one) is recorded in the hyperparameters; a
-            `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
+        model: the network, e.g. `lightning_seqpar.weather.models.ClimaX` (in YAML: `class_path` + `init_args`). A
+            model with a `config` mapping of its constructor arguments (ClimaX has one) is recorded in the
+            hyperparameters; a `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, not applied to embeddings, norms and biases.
         betas: AdamW betas.
@@ -162,15 +162,21 @@ class ForecastModule(LightningModule):
         mapping = map_data(trained, data)
         unseen = sorted(set(data.lead_times_hours) - set(trained.lead_times_hours))
         if unseen:
-            rank_zero_warn(f"ForecastModule: lead times {unseen} h were not trained on (trained: {trained.lead_times_hours} h)")
+            rank_zero_warn(
+                f"ForecastModule: lead times {unseen} h were not trained on (trained: {trained.lead_times_hours} h)"
+            )
         self.trained_data, self.data_in_use, self.data_mapping = trained, data, mapping
         persist = [trained.variables.index(f) for f in trained.out_variables] if self.hparams.residual else []
         device = self.device
         buffers = {
             "in_index": torch.as_tensor(mapping.in_index, dtype=torch.long),  # [V] data channel of each trained input
-            "out_index": torch.as_tensor(mapping.out_index, dtype=torch.long),  # [V_out] trained output of each data one
-            "in_scale": mapping.in_scale.view(-1, 1, 1), "in_shift": mapping.in_shift.view(-1, 1, 1),  # [V, 1, 1]
-            "out_scale": mapping.out_scale.view(-1, 1, 1), "out_shift": mapping.out_shift.view(-1, 1, 1),
+            "out_index": torch.as_tensor(
+                mapping.out_index, dtype=torch.long
+            ),  # [V_out] trained output of each data one
+            "in_scale": mapping.in_scale.view(-1, 1, 1),
+            "in_shift": mapping.in_shift.view(-1, 1, 1),  # [V, 1, 1]
+            "out_scale": mapping.out_scale.view(-1, 1, 1),
+            "out_shift": mapping.out_shift.view(-1, 1, 1),
             "trained_persist_pos": torch.as_tensor(persist, dtype=torch.long),  # input of each output, trained order
         }
         for name, value in buffers.items():
@@ -189,8 +195,12 @@ class ForecastModule(LightningModule):
         if (field_weights < 0).any() or field_weights.sum() <= 0:
             raise ValueError(f"loss_weights must be >= 0 and not all 0, got {self.hparams.loss_weights}")
         normalized = data.normalized
-        out_mean = np.asarray([data.mean[f] for f in self.out_variables] if normalized else np.zeros(len(self.out_variables)), np.float32)
-        out_std = np.asarray([data.std[f] for f in self.out_variables] if normalized else np.ones(len(self.out_variables)), np.float32)
+        out_mean = np.asarray(
+            [data.mean[f] for f in self.out_variables] if normalized else np.zeros(len(self.out_variables)), np.float32
+        )
+        out_std = np.asarray(
+            [data.std[f] for f in self.out_variables] if normalized else np.ones(len(self.out_variables)), np.float32
+        )
         if data.climatology is None:
             raise RuntimeError("ForecastModule needs the climatology of the output fields (datamodule.climatology)")
         climatology = np.asarray(data.climatology, np.float32)  # [V_out, H, W], physical
@@ -238,7 +248,9 @@ class ForecastModule(LightningModule):
         if not self.data_mapping.identity:  # the trained order and units; exact, field by field
             x = x[:, self.in_index] * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
         trained = self.trained_data
-        pred = self.model(x, batch["lead_time_hours"], trained.variables, trained.out_variables)  # [B, V_out_trained, H, W]
+        pred = self.model(
+            x, batch["lead_time_hours"], trained.variables, trained.out_variables
+        )  # [B, V_out_trained, H, W]
         if self.hparams.residual:
             # The inputs are normalised with the same per-field statistics as the targets.
             pred = pred + x[:, self.trained_persist_pos].to(pred.dtype)
@@ -259,9 +271,13 @@ class ForecastModule(LightningModule):
         """
         data = self.data_in_use
         if data is None:
-            raise RuntimeError("ForecastModule.forecast needs the module's fields: load it from a checkpoint or set it up first")
+            raise RuntimeError(
+                "ForecastModule.forecast needs the module's fields: load it from a checkpoint or set it up first"
+            )
         if fields.ndim != 4 or fields.shape[1] != len(data.variables):
-            raise ValueError(f"fields must be [B, {len(data.variables)}, H, W] ({data.variables}), got {tuple(fields.shape)}")
+            raise ValueError(
+                f"fields must be [B, {len(data.variables)}, H, W] ({data.variables}), got {tuple(fields.shape)}"
+            )
         units = [data.units(f) for f in data.variables]
         if None in units:
             raise ValueError(f"the normalisation statistics of some of {data.variables} are unknown; cannot normalise")
@@ -272,7 +288,9 @@ class ForecastModule(LightningModule):
         return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask)
+        loss = latitude_weighted_mse(
+            self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 

@@ -74,8 +74,12 @@ class _LatitudeWeightedMetric(Metric):
         self.lead_times_hours = [float(h) for h in lead_times_hours]
         self.register_buffer("weights", latitude_weights(latitudes), persistent=False)  # [H]
         mask = None if valid_mask is None else torch.as_tensor(np.asarray(valid_mask, dtype=np.float64))
-        if mask is not None and (mask.ndim != 3 or tuple(mask.shape[:2]) != (len(self.variables), self.weights.numel())):
-            raise ValueError(f"valid_mask must be [V={len(self.variables)}, H={self.weights.numel()}, W], got {tuple(mask.shape)}")
+        if mask is not None and (
+            mask.ndim != 3 or tuple(mask.shape[:2]) != (len(self.variables), self.weights.numel())
+        ):
+            raise ValueError(
+                f"valid_mask must be [V={len(self.variables)}, H={self.weights.numel()}, W], got {tuple(mask.shape)}"
+            )
         self.register_buffer("valid_mask", mask, persistent=False)  # [V, H, W] 1 data, 0 filled; or None
         self.register_buffer("leads", torch.tensor(self.lead_times_hours, dtype=torch.float64), persistent=False)
         self.register_buffer("mean", _as_vector(mean, len(self.variables), "mean"), persistent=False)  # [V] or None
@@ -240,7 +244,8 @@ class ForecastSkill(nn.Module):
         out_variables: names of the ``V_out`` target channels.
         latitudes: ``[H]`` latitudes in degrees.
         lead_times_hours: every lead time the data yields, hours.
-        climatology: ``[V_out, H, W]`` climatology in physical units: the climatology forecast, and the reference of ACC.
+        climatology: ``[V_out, H, W]`` climatology in physical units: the climatology forecast, and the reference
+            of ACC.
         mean: ``[V_out]`` means the targets were normalised with, or ``None`` when the data is in physical units.
         std: ``[V_out]`` standard deviations, given with ``mean``.
         valid_mask: ``[V_out, H, W]`` 1 where the target holds data, 0 on filled cells (left out); ``None``: every cell.

@@ -47,7 +47,9 @@ def cell_edges(centres: np.ndarray, lower: float | None = None, upper: float | N
 
 def _longitude_label(lon: float) -> str:
     lon = (lon + 180) % 360 - 180
-    return "0°" if abs(lon) < 1e-9 else "180°" if abs(abs(lon) - 180) < 1e-9 else f"{abs(lon):g}°{'E' if lon > 0 else 'W'}"
+    return (
+        "0°" if abs(lon) < 1e-9 else "180°" if abs(abs(lon) - 180) < 1e-9 else f"{abs(lon):g}°{'E' if lon > 0 else 'W'}"
+    )
 
 
 def _latitude_label(lat: float) -> str:
@@ -113,9 +115,11 @@ def forecast_map_figure(
         error = forecast[v] - truth[v]  # [H, W]
         err_max = float(np.abs(error).max()) or 1.0
         rmse = float(np.sqrt(np.mean(error**2 * weights[:, None])))  # the metrics' latitude-weighted RMSE
-        panels = [(truth[v], f"{name}: truth", _colormap(field), lo, hi),
-                  (forecast[v], f"{name}: forecast", _colormap(field), lo, hi),
-                  (error, f"forecast - truth (RMSE {rmse:,.4g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max)]
+        panels = [
+            (truth[v], f"{name}: truth", _colormap(field), lo, hi),
+            (forecast[v], f"{name}: forecast", _colormap(field), lo, hi),
+            (error, f"forecast - truth (RMSE {rmse:,.4g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max),
+        ]
         images = []
         for ax, (values, panel_title, cmap, vmin, vmax) in zip(axes[v], panels, strict=True):
             images.append(ax.pcolormesh(lon_edges, lat_edges, values, cmap=cmap, vmin=vmin, vmax=vmax, shading="flat"))
@@ -124,7 +128,9 @@ def forecast_map_figure(
                 ax.contour(mask_lon, mask_lat, mask, levels=[0.5], colors="black", linewidths=0.7)
             ax.set_title(panel_title, fontsize=10)
             ax.set_xlim(lon_edges[0], lon_edges[-1])
-            ax.set_ylim(-90.0, 90.0) if lat_edges.min() <= -90 and lat_edges.max() >= 90 else ax.set_ylim(lat_edges.min(), lat_edges.max())
+            ax.set_ylim(-90.0, 90.0) if lat_edges.min() <= -90 and lat_edges.max() >= 90 else ax.set_ylim(
+                lat_edges.min(), lat_edges.max()
+            )
             ax.set_aspect("equal")  # equirectangular: the globe is 2:1
             ax.set_xticks([t for t in range(0, 361, 60) if lon_edges[0] <= t <= lon_edges[-1]])
             ax.set_xticklabels([_longitude_label(t) for t in ax.get_xticks()], fontsize=8)
@@ -173,7 +179,9 @@ def rmse_figure(rmse: Mapping[str, Mapping[str, Mapping[float, float]]], units: 
     cols = min(3, len(fields))
     rows = math.ceil(len(fields) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows + 0.6), squeeze=False, layout="constrained")
-    order = lambda names: sorted(names, key=lambda n: (list(FORECAST_STYLES).index(n) if n in FORECAST_STYLES else 9, n))  # noqa: E731
+    order = lambda names: sorted(
+        names, key=lambda n: (list(FORECAST_STYLES).index(n) if n in FORECAST_STYLES else 9, n)
+    )  # noqa: E731
     handles: dict[str, object] = {}
     for ax, field in zip(axes.flat, fields):
         by_name = {name: rmse[field][name] for name in order(rmse[field])}
@@ -215,9 +223,16 @@ def rmse_figure(rmse: Mapping[str, Mapping[str, Mapping[float, float]]], units: 
         if shared:
             change = 100 * (1 - np.mean([model[t] / persistence[t] for t in shared]))
             mean = " (mean over leads)" if len(shared) > 1 else ""
-            ax.text(0.02, 0.98, f"model RMSE {abs(change):.0f}% {'below' if change >= 0 else 'above'} persistence{mean}",
-                    transform=ax.transAxes, ha="left", va="top", fontsize=8.5,
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+            ax.text(
+                0.02,
+                0.98,
+                f"model RMSE {abs(change):.0f}% {'below' if change >= 0 else 'above'} persistence{mean}",
+                transform=ax.transAxes,
+                ha="left",
+                va="top",
+                fontsize=8.5,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            )
     for ax in list(axes.flat)[len(fields):]:
         ax.axis("off")
     fig.suptitle("latitude-weighted RMSE on the test years", fontsize=12)
@@ -254,9 +269,17 @@ def rmse_table(values: Mapping[str, float], fields: Sequence[str]) -> dict[str, 
     return table
 
 
-def write_test_figures(datamodule: Any, table: Mapping[str, Mapping[str, Mapping[float, float]]],
-                       sample: Mapping[str, Any] | None, fields: Sequence[str], latitudes: np.ndarray,
-                       longitudes: np.ndarray, out_dir: Path, title: str, plot_variable: str | None = None) -> list[Path]:
+def write_test_figures(
+    datamodule: Any,
+    table: Mapping[str, Mapping[str, Mapping[float, float]]],
+    sample: Mapping[str, Any] | None,
+    fields: Sequence[str],
+    latitudes: np.ndarray,
+    longitudes: np.ndarray,
+    out_dir: Path,
+    title: str,
+    plot_variable: str | None = None,
+) -> list[Path]:
     """Writes ``rmse_by_lead_time.png`` (from :func:`rmse_table`) and, given a ``sample``, ``forecast_map.png`` in
     ``out_dir``, with units from the store and coastlines (:func:`land_sea_mask`); returns the paths written.
 
@@ -286,8 +309,11 @@ def write_test_figures(datamodule: Any, table: Mapping[str, Mapping[str, Mapping
             shown = [plot_variable]
         rows = [list(fields).index(f) for f in shown]
         store = getattr(datamodule, "store", None)
-        init = (str(store.times[sample["index"]].astype("datetime64[m]")) if store is not None and sample["index"] is not None
-                else "1970-01-01T00:00")
+        init = (
+            str(store.times[sample["index"]].astype("datetime64[m]"))
+            if store is not None and sample["index"] is not None
+            else "1970-01-01T00:00"
+        )
         land, _ = land_sea_mask(datamodule, latitudes, longitudes)
         paths.append(plot_forecast_map(
             sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), latitudes, longitudes, shown,

@@ -1,4 +1,5 @@
-"""Reads that cost what they read: a cache of decoded time chunks, and a tool that rechunks a zarr store to one time per chunk.
+"""Reads that cost what they read: a cache of decoded time chunks, and a tool that rechunks a zarr store to one time
+per chunk.
 
 A zarr (or chunked NetCDF) array whose chunks hold many times is decoded a whole chunk at a time: reading
 one sample of a store written with 100 times per chunk decodes 100 times, and an epoch in random order
@@ -108,7 +109,10 @@ class BloscFrameCheck:
                     continue  # a missing chunk reads as the fill value
                 with open(file, "rb") as handle:
                     header = handle.read(16)
-                size, expected = os.path.getsize(file), int.from_bytes(header[12:16], "little") if len(header) == 16 else 16
+                size, expected = (
+                    os.path.getsize(file),
+                    int.from_bytes(header[12:16], "little") if len(header) == 16 else 16,
+                )
                 if size < expected:
                     return position, f"chunk file {file!r} holds {size} bytes but its blosc header says {expected}"
             self.checked.add((variable, time_chunk))
@@ -142,7 +146,11 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
     encoding = {name: {"chunks": tuple(time_chunk if d == "time" else ds.sizes[d] for d in ds[name].dims)}
                 for name in ds.data_vars}
     # The source's zarr format; consolidated metadata only where the format defines it (zarr 2).
-    version = {"zarr_format": 2, "consolidated": True} if os.path.exists(os.path.join(source, ".zgroup")) else {"zarr_format": 3}
+    version = (
+        {"zarr_format": 2, "consolidated": True}
+        if os.path.exists(os.path.join(source, ".zgroup"))
+        else {"zarr_format": 3}
+    )
     for start in range(0, ds.sizes["time"], block):
         part = ds.isel(time=slice(start, start + block)).load().drop_encoding()
         if start == 0:

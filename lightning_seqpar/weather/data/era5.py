@@ -111,9 +111,15 @@ class ERA5DataModule(LightningDataModule):
             lead_time_hours = int(round(store.step_hours))
         leads = [lead_time_hours] if isinstance(lead_time_hours, int) else list(lead_time_hours)
         if not leads or any(int(h) <= 0 for h in leads):
-            raise ValueError(f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them")
+            raise ValueError(
+                f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them"
+            )
         self.lead_times_hours = sorted({int(h) for h in leads})
-        self.split_years = {"train": parse_years(train_years), "val": parse_years(val_years), "test": parse_years(test_years)}
+        self.split_years = {
+            "train": parse_years(train_years),
+            "val": parse_years(val_years),
+            "test": parse_years(test_years),
+        }
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers, self.normalize = pin_memory, persistent_workers, normalize
         self.stats_path = stats_path
@@ -131,12 +137,20 @@ class ERA5DataModule(LightningDataModule):
     def store(self) -> ERA5Store:
         """The opened store; fields are validated on first access."""
         if self._store is None:
-            store = ERA5Store(self.path, self.select_index, self.duplicate_times, fields=self._variables + self._out_variables,
-                              years_from_file_names=self.years_from_file_names, chunk_cache_mb=self.chunk_cache_mb)
+            store = ERA5Store(
+                self.path,
+                self.select_index,
+                self.duplicate_times,
+                fields=self._variables + self._out_variables,
+                years_from_file_names=self.years_from_file_names,
+                chunk_cache_mb=self.chunk_cache_mb,
+            )
             dynamic = {store.canonical(f) for f in self._variables + self._out_variables}
             unknown = [f for f in self._masked if store.canonical(f) not in dynamic]
             if unknown:
-                raise ValueError(f"masked_variables {unknown} are not among variables or out_variables {sorted(dynamic)}")
+                raise ValueError(
+                    f"masked_variables {unknown} are not among variables or out_variables {sorted(dynamic)}"
+                )
             for name in self._static:
                 store.read_static(name)  # fails early, listing the static fields the store has
             self._store = store
@@ -212,7 +226,8 @@ class ERA5DataModule(LightningDataModule):
 
     @property
     def field_masks(self) -> dict[str, np.ndarray]:
-        """``{field: [H, W] bool}`` cells holding data of each masked field (its non-NaN cells at the first train time)."""
+        """``{field: [H, W] bool}`` cells holding data of each masked field (its non-NaN cells at the first train
+        time)."""
         if self._masks is None:
             first = self.split_indices("train")[:1]
             fields = [self.store.canonical(f) for f in self._masked]
@@ -222,8 +237,10 @@ class ERA5DataModule(LightningDataModule):
                 if valid.all():
                     rank_zero_warn(f"masked variable {f!r} has no NaN at {self.store.describe_time(int(first[0]))}; "
                                    "its mask channel is all ones")
-                rank_zero_info(f"ERA5DataModule: {f} is NaN on {int((~valid).sum())} of {valid.size} cells; they are filled "
-                               "with its train mean and left out of the loss and metrics")
+                rank_zero_info(
+                    f"ERA5DataModule: {f} is NaN on {int((~valid).sum())} of {valid.size} cells; they are filled "
+                    "with its train mean and left out of the loss and metrics"
+                )
         return self._masks
 
     @property
@@ -239,9 +256,16 @@ class ERA5DataModule(LightningDataModule):
         if self.statistics is None:
             fields = list(dict.fromkeys(self.dynamic_variables + self.out_variables))
             self.statistics, used = load_or_compute_statistics(
-                self.store.read, fields, self.split_indices("train"), self.split_years["train"], self.grid_shape,
+                self.store.read,
+                fields,
+                self.split_indices("train"),
+                self.split_years["train"],
+                self.grid_shape,
                 Path(self.stats_path) if self.stats_path else self._default_stats_path(),
-                describe_time=self.store.describe_time, fallback_to_user_cache=not self.stats_path, valid=self.field_masks)
+                describe_time=self.store.describe_time,
+                fallback_to_user_cache=not self.stats_path,
+                valid=self.field_masks,
+            )
             rank_zero_info(f"ERA5DataModule: normalisation statistics of {len(fields)} fields from {used}")
         return self.statistics
 
@@ -254,12 +278,16 @@ class ERA5DataModule(LightningDataModule):
             for name in self.static_variables:
                 field = self.store.read_static(name).astype(np.float64)  # [H, W]
                 if np.isnan(field).any():
-                    raise ValueError(f"static field {name!r} of {self.path!r} has NaN on {int(np.isnan(field).sum())} cells; "
-                                     "fill them in the constants file")
+                    raise ValueError(
+                        f"static field {name!r} of {self.path!r} has NaN on {int(np.isnan(field).sum())} cells; "
+                        "fill them in the constants file"
+                    )
                 self.static_mean[name], self.static_std[name] = float(field.mean()), float(field.std() or 1.0)
                 channels.append((field - self.static_mean[name]) / self.static_std[name] if self.normalize else field)
             channels += [self.field_masks[self.store.canonical(f)] for f in self._masked]
-            self._static_inputs = np.stack(channels).astype(np.float32) if channels else np.zeros((0, *self.grid_shape), np.float32)
+            self._static_inputs = (
+                np.stack(channels).astype(np.float32) if channels else np.zeros((0, *self.grid_shape), np.float32)
+            )
         return self._static_inputs
 
     @property
@@ -296,7 +324,9 @@ class ERA5DataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the datasets of the splits that ``stage`` needs (all of them for ``None``)."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage, ["train", "val", "test"])
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(
+            stage, ["train", "val", "test"]
+        )
         steps = lead_steps(self.lead_times_hours, self.store.step_hours, repr(self.path))
         stats = self._load_statistics() if self.normalize or self._masked else None
         for split in wanted:
@@ -311,26 +341,48 @@ class ERA5DataModule(LightningDataModule):
     def _make_dataset(self, split: str, steps: list[int], stats: FieldStatistics | None) -> ERA5ForecastDataset:
         in_split = np.zeros(len(self.store.times), bool)
         in_split[self.split_indices(split)] = True
-        inits, targets, lead_index = forecast_pairs(in_split, self.store.offset_index, steps, draw_lead=split == "train")
+        inits, targets, lead_index = forecast_pairs(
+            in_split, self.store.offset_index, steps, draw_lead=split == "train"
+        )
         if len(inits) == 0:
-            raise ValueError(f"the {split} split (years {self.split_years[split]}) has no input whose target "
-                             f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours")
+            raise ValueError(
+                f"the {split} split (years {self.split_years[split]}) has no input whose target "
+                f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours"
+            )
         normalise = stats is not None and self.normalize
         mean, std = (stats.mean, stats.std) if normalise else (None, None)
         masks = {f: (valid, stats.mean[f]) for f, valid in self.field_masks.items()}
-        return ERA5ForecastDataset(self.store, self.dynamic_variables, self.out_variables, inits, targets, steps, lead_index,
-                                   mean, std, self.static_inputs, masks)
+        return ERA5ForecastDataset(
+            self.store,
+            self.dynamic_variables,
+            self.out_variables,
+            inits,
+            targets,
+            steps,
+            lead_index,
+            mean,
+            std,
+            self.static_inputs,
+            masks,
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self.datasets:
             if self.split_years[split] is None:
                 return []  # no such split: Lightning skips the loop
             raise RuntimeError(f"the {split} dataset is not built; call setup() first (Lightning does this for you)")
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train loader (Lightning replaces the sampler with a ``DistributedSampler`` under data parallelism)."""
+        """Shuffled train loader (Lightning replaces the sampler with a ``DistributedSampler`` under data
+        parallelism)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

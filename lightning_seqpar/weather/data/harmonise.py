@@ -57,7 +57,9 @@ class StoreReadError(OSError):
 
 def _data_files(folder: str) -> list[str]:
     suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and is_zarr(f)))
+    return sorted(
+        f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and is_zarr(f))
+    )
 
 
 def list_store_files(path: str) -> list[str]:
@@ -68,7 +70,9 @@ def list_store_files(path: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
     elif os.path.isdir(path) and not is_zarr(path):
-        files = _data_files(path) or sorted(f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub))
+        files = _data_files(path) or sorted(
+            f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub)
+        )
     elif os.path.exists(path):
         files = [path]
     else:
@@ -137,7 +141,9 @@ def open_file(path: str, store: str) -> xr.Dataset:
     if not os.path.isdir(path) and _magic(path) == b"PK\x03\x04":
         raise StoreReadError(
             f"{path!r} of ERA5 store {store!r} is a zip archive, not NetCDF (the CDS packs fields of different kinds, "
-            "e.g. instantaneous and accumulated, into one zip): unzip it into a folder and point data.path at that folder")
+            "e.g. instantaneous and accumulated, into one zip): unzip it into a folder and point data.path at that "
+            "folder"
+        )
     if is_grib and _grib_extra_missing():
         raise StoreReadError(
             f"{path!r} of ERA5 store {store!r} is GRIB, and reading GRIB needs the optional extra `grib` (cfgrib and "
@@ -204,8 +210,10 @@ def _match_grid(ds: xr.Dataset, out: HarmonisedFile, reference: HarmonisedFile, 
     ref = reference.ds
 
     def refuse(coord: str, what: str) -> ValueError:
-        return ValueError(f"files {reference.path!r} and {out.path!r} of store {store!r} disagree on {coord!r}: {what}; "
-                          "every file of a store must be on one grid: regrid the odd file, or give the files as separate stores")
+        return ValueError(
+            f"files {reference.path!r} and {out.path!r} of store {store!r} disagree on {coord!r}: {what}; "
+            "every file of a store must be on one grid: regrid the odd file, or give the files as separate stores"
+        )
 
     lat, ref_lat = ds["latitude"].values.astype(np.float64), ref["latitude"].values.astype(np.float64)
     if lat.shape != ref_lat.shape or not np.allclose(lat, ref_lat, atol=COORD_TOLERANCE_DEG):
@@ -255,7 +263,9 @@ def relabel_year(path: str, times: np.ndarray) -> np.ndarray:
     """
     name_year = year_in_name(path)
     if name_year is None:
-        raise ValueError(f"years_from_file_names is set but the name of {path!r} holds no year (e.g. t2m_1980_5.625deg.nc)")
+        raise ValueError(
+            f"years_from_file_names is set but the name of {path!r} holds no year (e.g. t2m_1980_5.625deg.nc)"
+        )
     years = set((times.astype("datetime64[Y]").astype(int) + 1970).tolist())
     if len(years) != 1:
         raise ValueError(f"years_from_file_names is set but the times of {path!r} span years {sorted(years)}; "

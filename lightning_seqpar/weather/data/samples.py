@@ -40,7 +40,9 @@ def parse_years(spec: list[int] | str | int | None) -> list[int] | None:
         for part in parts or [""]:
             first, dash, last = (p.strip() for p in part.partition("-"))
             if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
-                raise ValueError(f"years {spec!r} not understood; write '2000-2002', '2000,2002' or a list [2000, 2002]")
+                raise ValueError(
+                    f"years {spec!r} not understood; write '2000-2002', '2000,2002' or a list [2000, 2002]"
+                )
             years += range(int(first), int(last or first) + 1)
         return sorted(set(years))
     return sorted({int(y) for y in spec})
@@ -115,10 +117,20 @@ class ERA5ForecastDataset(Dataset):
     :class:`~lightning_seqpar.weather.data.store.StoreReadError` where the data cannot be decoded.
     """
 
-    def __init__(self, store: ERA5Store, variables: Sequence[str], out_variables: Sequence[str], init_indices: np.ndarray,
-                 target_indices: np.ndarray, lead_steps: Sequence[int], lead_index: np.ndarray | None,
-                 mean: dict[str, float] | None = None, std: dict[str, float] | None = None,
-                 static: np.ndarray | None = None, masks: dict[str, tuple[np.ndarray, float]] | None = None):
+    def __init__(
+        self,
+        store: ERA5Store,
+        variables: Sequence[str],
+        out_variables: Sequence[str],
+        init_indices: np.ndarray,
+        target_indices: np.ndarray,
+        lead_steps: Sequence[int],
+        lead_index: np.ndarray | None,
+        mean: dict[str, float] | None = None,
+        std: dict[str, float] | None = None,
+        static: np.ndarray | None = None,
+        masks: dict[str, tuple[np.ndarray, float]] | None = None,
+    ):
         self.store, self.init_indices, self.target_indices = store, init_indices, target_indices
         self.lead_steps, self.lead_index = list(lead_steps), lead_index
         self.fields = list(dict.fromkeys([*variables, *out_variables]))  # union U, input fields first
@@ -127,22 +139,28 @@ class ERA5ForecastDataset(Dataset):
         self.shift = None if mean is None else np.array([mean[f] for f in self.fields], np.float32)[:, None, None]
         self.scale = None if std is None else np.array([std[f] for f in self.fields], np.float32)[:, None, None]
         self.static = None if static is None or not len(static) else np.ascontiguousarray(static, np.float32)
-        self.masks = [(self.fields.index(f), valid, fill) for f, (valid, fill) in (masks or {}).items() if f in self.fields]
+        self.masks = [
+            (self.fields.index(f), valid, fill) for f, (valid, fill) in (masks or {}).items() if f in self.fields
+        ]
 
     def __len__(self) -> int:
         return len(self.init_indices)
 
     def __getitem__(self, n: int) -> dict[str, torch.Tensor]:
         init = int(self.init_indices[n])
-        choice = int(torch.randint(len(self.lead_steps), ()).item()) if self.lead_index is None else int(self.lead_index[n])
+        choice = (
+            int(torch.randint(len(self.lead_steps), ()).item()) if self.lead_index is None else int(self.lead_index[n])
+        )
         target = int(self.target_indices[n, choice])
         block = self.store.read(self.fields, np.array([init, target]))  # [2, U, H, W]
         for u, valid, fill in self.masks:
             leaked = ~np.isnan(block[:, u]) & ~valid  # [2, H, W]: data where the fixed mask says none
             if leaked.any():
                 when = self.store.describe_time((init, target)[int(np.argwhere(leaked.any(axis=(1, 2)))[0, 0])])
-                raise ValueError(f"variable {self.fields[u]!r} has data at time {when} on cells that were NaN at the first "
-                                 "train time: its NaN mask is not fixed, so masked_variables cannot fill it")
+                raise ValueError(
+                    f"variable {self.fields[u]!r} has data at time {when} on cells that were NaN at the first "
+                    "train time: its NaN mask is not fixed, so masked_variables cannot fill it"
+                )
             block[:, u] = np.where(valid, block[:, u], fill)
         bad = np.isnan(block)
         if bad.any():

@@ -111,12 +111,18 @@ class ERA5Store:
             odd = "; ".join(f"{name} has dims {dims}" for name, dims in self._odd_dims.items())
             if odd and fields:
                 self.resolve(fields[0])  # the variable's own error, with the select_index advice
-            raise ValueError(f"store {self.path!r} has no time-dependent variable on (time, [level,] latitude, longitude)"
-                             + (f" ({odd}: pick one index along the extra dims with select_index)" if odd else "")
-                             + f"; it has static fields {sorted(self._statics)}: add the folders or files of the "
-                             "time-dependent variables, e.g. <root>/2m_temperature/*.nc next to <root>/constants/")
-        keys = [self.resolve(f) for f in fields] if fields else [
-            k for k in self._sources if sum(len(self.file_times[s.file]) for s in self._sources[k]) > 1] or list(self._sources)
+            raise ValueError(
+                f"store {self.path!r} has no time-dependent variable on (time, [level,] latitude, longitude)"
+                + (f" ({odd}: pick one index along the extra dims with select_index)" if odd else "")
+                + f"; it has static fields {sorted(self._statics)}: add the folders or files of the "
+                "time-dependent variables, e.g. <root>/2m_temperature/*.nc next to <root>/constants/"
+            )
+        keys = (
+            [self.resolve(f) for f in fields]
+            if fields
+            else [k for k in self._sources if sum(len(self.file_times[s.file]) for s in self._sources[k]) > 1]
+            or list(self._sources)
+        )
         self._build_time_axis(list(dict.fromkeys(keys)))
 
     # --- opening and cataloguing ---
@@ -132,8 +138,16 @@ class ERA5Store:
                 opened.append(harmonise(f, ds, opened[0] if opened else None, self.path))
             self._opened = opened
             self._cache = ChunkCache(self.chunk_cache_mb * 2**20)
-            self._readers = [FileReader(hf, BloscFrameCheck(hf.path) if os.path.isdir(hf.path) and is_zarr(hf.path) else None,
-                                        self._cache, self.chunk_cache_mb, self._warned) for hf in opened]
+            self._readers = [
+                FileReader(
+                    hf,
+                    BloscFrameCheck(hf.path) if os.path.isdir(hf.path) and is_zarr(hf.path) else None,
+                    self._cache,
+                    self.chunk_cache_mb,
+                    self._warned,
+                )
+                for hf in opened
+            ]
             self._pid = os.getpid()
         return self._opened
 
@@ -175,9 +189,11 @@ class ERA5Store:
                 for level, pos in entries:
                     self._sources.setdefault((name, level), []).append(FieldSource(k, name, pos))
                 if "expver" in dims:
-                    rank_zero_info(f"ERA5 store: {name} of {hf.path} holds the ERA5 versions expver="
-                                   f"{[str(v) for v in ds['expver'].values]}; they are merged per time, preferring final "
-                                   "ERA5 (expver 1) and taking ERA5T (expver 5) where ERA5 has no data, as ECMWF advises")
+                    rank_zero_info(
+                        f"ERA5 store: {name} of {hf.path} holds the ERA5 versions expver="
+                        f"{[str(v) for v in ds['expver'].values]}; they are merged per time, preferring final "
+                        "ERA5 (expver 1) and taking ERA5T (expver 5) where ERA5 has no data, as ECMWF advises"
+                    )
             if "expver" in ds.coords and ds["expver"].dims == ("time",):  # current CDS: one version per time, merged
                 late = np.array([int(str(v)) != 1 for v in ds["expver"].values])
                 if late.any():
@@ -212,10 +228,14 @@ class ERA5Store:
         text = (f"{len(clash)} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
                 f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
         named = sorted({year_in_name(self.files[s.file]) for s in sources} - {None})
-        held = sorted({int(y) for s in sources for y in self.file_times[s.file].astype("datetime64[Y]").astype(int) + 1970})
+        held = sorted(
+            {int(y) for s in sources for y in self.file_times[s.file].astype("datetime64[Y]").astype(int) + 1970}
+        )
         if len(named) == len(sources) > 1 and named != held and not self.years_from_file_names:
-            text += (f"; the file names give years {named} but their times fall in {held}: if the times were relabelled, "
-                     "pass years_from_file_names=True to take each file's year from its name")
+            text += (
+                f"; the file names give years {named} but their times fall in {held}: if the times were relabelled, "
+                "pass years_from_file_names=True to take each file's year from its name"
+            )
         return text
 
     def _build_time_axis(self, keys: list[FieldKey]) -> None:
@@ -224,7 +244,9 @@ class ERA5Store:
         for key in keys[1:]:
             common = np.intersect1d(common, self._index[key].times)
         if len(common) < 2:
-            spans = {self._name(k): f"{ix.times[0]} .. {ix.times[-1]} ({len(ix.times)})" for k, ix in self._index.items()}
+            spans = {
+                self._name(k): f"{ix.times[0]} .. {ix.times[-1]} ({len(ix.times)})" for k, ix in self._index.items()
+            }
             raise ValueError(f"the fields of {self.path!r} share {len(common)} times; a forecast needs at least two. "
                              f"Their times: {spans}")
         for key, ix in self._index.items():
@@ -242,17 +264,22 @@ class ERA5Store:
         step = steps[inside].min() if inside.any() else steps.min()
         if np.any(steps[inside] % step):
             odd = np.unique(steps[inside][steps[inside] % step != 0])[:5].astype("timedelta64[m]")
-            raise ValueError(f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
-                             f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step")
+            raise ValueError(
+                f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
+                f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step"
+            )
         if np.any(steps != step):
-            rank_zero_info(f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
-                           f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
-                           "the store are skipped")
+            rank_zero_info(
+                f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
+                f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
+                "the store are skipped"
+            )
         self.step_hours = float(step / np.timedelta64(1, "h"))
         self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
 
     def offset_index(self, indices: np.ndarray, steps: int) -> np.ndarray:
-        """``[N]`` store index of the time ``steps`` time steps after each of ``indices``; -1 where the store lacks it."""
+        """``[N]`` store index of the time ``steps`` time steps after each of ``indices``; -1 where the store lacks
+        it."""
         wanted = self.times[indices] + np.timedelta64(int(round(steps * self.step_hours * 3600)), "s")
         pos = np.minimum(np.searchsorted(self.times, wanted), len(self.times) - 1)
         return np.where(self.times[pos] == wanted, pos, -1)
@@ -274,7 +301,9 @@ class ERA5Store:
         return self._resolved[field]
 
     def _resolve(self, field: str) -> FieldKey:
-        variables = {var: sorted({lev for v, lev in self._sources if v == var and lev is not None}) for var, _ in self._sources}
+        variables = {
+            var: sorted({lev for v, lev in self._sources if v == var and lev is not None}) for var, _ in self._sources
+        }
         name = SHORT_VARIABLE_NAMES.get(field, field)
         variable, level = name, None
         if name not in variables and name not in self._odd_dims and "_" in name and name.rsplit("_", 1)[1].isdigit():
@@ -286,7 +315,9 @@ class ERA5Store:
             lacking = sorted(set(SPATIAL_DIMS) - set(dims))
             fix = (f"pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra
                    else f"it lacks {lacking}; choose a gridded variable")
-            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}")
+            raise ValueError(
+                f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}"
+            )
         if variable not in variables:
             statics = f"; static fields (for static_variables): {sorted(self._statics)}" if self._statics else ""
             raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}{statics}")
@@ -295,11 +326,15 @@ class ERA5Store:
             raise KeyError(f"{field!r} asks for no level but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
                            f"ask for e.g. '{variable}_{levels[0]:g}'")
         if level is not None and not levels:
-            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
+            raise KeyError(
+                f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}"
+            )
         if level is not None:
             if not np.isclose(levels, level).any():
-                raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
-                               f"ask for e.g. '{variable}_{levels[0]:g}'")
+                raise KeyError(
+                    f"{field!r} asks for level {level:g} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
+                    f"ask for e.g. '{variable}_{levels[0]:g}'"
+                )
             level = levels[int(np.argmin(np.abs(np.asarray(levels) - level)))]
         return variable, level
 
@@ -343,8 +378,10 @@ class ERA5Store:
         where = f"ERA5 store {self.path!r}" + (f" (file {self.files[k]!r})" if len(self.files) > 1 else "")
         return StoreReadError(
             f"cannot read variable {self._name(key)!r} at time index {index} ({self.describe_time(index)}) of {where}: "
-            f"{detail}; the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or regenerate "
-            "the store again, or choose years that avoid that time")
+            f"{detail}; the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or "
+            f"regenerate "
+            "the store again, or choose years that avoid that time"
+        )
 
     # --- static fields ---
 
@@ -375,7 +412,9 @@ class ERA5Store:
             single = [src for (v, lev), srcs in self._sources.items() if v == candidate and lev is None for src in srcs]
             if single:
                 if sum(len(self.file_times[s.file]) for s in single) != 1:
-                    raise KeyError(f"{name!r} varies in time in {self.path!r}; list it under variables, not static_variables")
+                    raise KeyError(
+                        f"{name!r} varies in time in {self.path!r}; list it under variables, not static_variables"
+                    )
                 return self._read_source((candidate, None), single[0], np.array([0]), np.array([0]))[0]
         raise KeyError(f"static field {name!r} not in {self.path!r}; it has {self.static_fields()} (a constants file "
                        "with variables on (latitude, longitude) and no time axis provides them)")
