@@ -43,7 +43,9 @@ def _strategy(engine: str, sp: int, accumulate: int):
 
     if engine == "pipeline":
         return SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=accumulate, timeout=60)
-    return SeqParStrategy(sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=60)
+    return SeqParStrategy(
+        sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=60
+    )
 
 
 def grid_worker(tmp: str, configs: list[tuple[str, int, int, float | None]]) -> dict:
@@ -147,7 +149,9 @@ def grid_runs(tmp_path_factory):
     runs = {}
     for world in (2, 4):
         tmp = str(tmp_path_factory.mktemp(f"grid{world}"))
-        per_rank = run_distributed("tests.test_accumulation:grid_worker", world, timeout=900, env=DS_ENV, tmp=tmp, configs=_grid(world))
+        per_rank = run_distributed(
+            "tests.test_accumulation:grid_worker", world, timeout=900, env=DS_ENV, tmp=tmp, configs=_grid(world)
+        )
         for config in _grid(world):
             runs[config] = [r[config] for r in per_rank]
         runs[f"times{world}"] = per_rank[0]["times"]
