@@ -25,33 +25,10 @@ from lightning_seqpar.weather.forecast_checkpoint import (
     map_data,
     model_config,
 )
-from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weights
+from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weighted_mse, latitude_weights
 from lightning_seqpar.weather.plots import rmse_table, write_test_figures
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
-
-
-def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
-                          valid_mask: Tensor | None = None) -> Tensor:
-    """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
-
-    Args:
-        pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
-        target: [B, V_out, H, W].
-        weights: [H] latitude weights with mean 1.
-        field_weights: optional [V_out] weight of each field, used as given.
-        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
-            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
-            filled cells count zero and an all-ones mask gives the unmasked loss.
-    """
-    cell = weights.float().view(-1, 1)  # [H, 1]
-    if valid_mask is not None:
-        cell = cell * valid_mask.float()  # [V_out, H, W]
-        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
-    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
-    if field_weights is not None:
-        error = error * field_weights.float().view(-1, 1, 1)
-    return error.mean()
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:

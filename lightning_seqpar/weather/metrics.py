@@ -38,6 +38,29 @@ def latitude_weights(latitudes: Sequence[float] | np.ndarray | Tensor) -> Tensor
     return weights / weights.mean()
 
 
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
+                          valid_mask: Tensor | None = None) -> Tensor:
+    """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
+
+    Args:
+        pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
+        target: [B, V_out, H, W].
+        weights: [H] latitude weights with mean 1.
+        field_weights: optional [V_out] weight of each field, used as given.
+        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
+            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
+            filled cells count zero and an all-ones mask gives the unmasked loss.
+    """
+    cell = weights.float().view(-1, 1)  # [H, 1]
+    if valid_mask is not None:
+        cell = cell * valid_mask.float()  # [V_out, H, W]
+        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
+    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
+    if field_weights is not None:
+        error = error * field_weights.float().view(-1, 1, 1)
+    return error.mean()
+
+
 def _as_vector(values: Sequence[float] | np.ndarray | Tensor | None, n: int, name: str) -> Tensor | None:
     if values is None:
         return None

@@ -5,7 +5,8 @@ A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500
 brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.weather.data.harmonise`); then each field
 is looked up in the files that hold it, so single-level and pressure-level files with the same times
 (current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike. The values of
-one field in one file are read by a :class:`~lightning_seqpar.weather.data.decode.FileReader`.
+one field in one file are read by a :class:`~lightning_seqpar.weather.data.decode.FileReader`; the time axis is
+built by :mod:`~lightning_seqpar.weather.data.time_axis`.
 Variables without a time axis (a ``constants`` file) are *static* fields, read with :meth:`ERA5Store.read_static`.
 A file that cannot be opened, or a chunk that cannot be decoded, raises :class:`StoreReadError` naming the
 file, the variable and the time.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -36,30 +36,12 @@ from lightning_seqpar.weather.data.harmonise import (
     relabel_year,
     year_in_name,
 )
+from lightning_seqpar.weather.data.time_axis import FieldSource, align, field_index, time_step
 
 __all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
 
 FieldKey = tuple[str, "float | None"]  # (variable, level in hPa or None)
 DERIVED_STATIC = ("latitude", "longitude")  # static channels computed from the grid (ClimaX's "lattitude")
-
-
-@dataclass(frozen=True)
-class FieldSource:
-    """Where one file holds one field: file position, variable name in the harmonised dataset, level position."""
-
-    file: int
-    variable: str
-    level_pos: int | None
-
-
-@dataclass
-class FieldIndex:
-    """One field on the store's time axis: for every store time, which source holds it and at which local index."""
-
-    sources: list[FieldSource]
-    source_of: np.ndarray  # [T] position in `sources`
-    local: np.ndarray  # [T] time index inside that source's file
-    times: np.ndarray  # [T] datetime64[ns]
 
 
 class ERA5Store:
@@ -208,22 +190,6 @@ class ERA5Store:
         times = np.atleast_1d(ds["time"].values).astype("datetime64[ns]")
         return relabel_year(self.files[k], times) if self.years_from_file_names and times.size else times
 
-    def _field_index(self, key: FieldKey) -> FieldIndex:
-        """Concatenates the times of ``key`` over its files (sorted by first time), dropping or refusing duplicates."""
-        sources = sorted((s for s in self._sources[key] if len(self.file_times[s.file])),
-                         key=lambda s: self.file_times[s.file][0])
-        if not sources:
-            raise ValueError(f"{self._name(key)} has no times in {self.path!r} (its time axis is empty)")
-        source_of, local, times, last = [], [], [], None
-        for i, src in enumerate(sources):
-            t = self.file_times[src.file]
-            keep = np.ones(len(t), bool) if last is None else t > last
-            if not keep.all() and self.duplicate_times == "error":
-                raise ValueError(self._duplicate_message(src.file, t[~keep], sources))
-            source_of.append(np.full(keep.sum(), i)), local.append(np.flatnonzero(keep)), times.append(t[keep])
-            last = t[keep][-1] if keep.any() else last
-        return FieldIndex(sources, np.concatenate(source_of), np.concatenate(local), np.concatenate(times))
-
     def _duplicate_message(self, k: int, clash: np.ndarray, sources: list[FieldSource]) -> str:
         text = (f"{len(clash)} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
                 f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
@@ -239,41 +205,12 @@ class ERA5Store:
         return text
 
     def _build_time_axis(self, keys: list[FieldKey]) -> None:
-        self._index = {key: self._field_index(key) for key in keys}
-        common = self._index[keys[0]].times
-        for key in keys[1:]:
-            common = np.intersect1d(common, self._index[key].times)
-        if len(common) < 2:
-            spans = {
-                self._name(k): f"{ix.times[0]} .. {ix.times[-1]} ({len(ix.times)})" for k, ix in self._index.items()
-            }
-            raise ValueError(f"the fields of {self.path!r} share {len(common)} times; a forecast needs at least two. "
-                             f"Their times: {spans}")
-        for key, ix in self._index.items():
-            if len(ix.times) > len(common):
-                rank_zero_info(f"ERA5 store: {len(ix.times) - len(common)} times of {self._name(key)} are not held by "
-                               "every field and are left out")
-            pos = np.searchsorted(ix.times, common)
-            ix.source_of, ix.local, ix.times = ix.source_of[pos], ix.local[pos], common
-        self.times = common
-        # Within a file the steps must be multiples of one step (gaps allowed); between files anything goes
-        # (yearly files of weekly samples end on 30 December and start again on 1 January).
-        steps = np.diff(self.times)
-        first = self._index[keys[0]]
-        inside = first.source_of[1:] == first.source_of[:-1]
-        step = steps[inside].min() if inside.any() else steps.min()
-        if np.any(steps[inside] % step):
-            odd = np.unique(steps[inside][steps[inside] % step != 0])[:5].astype("timedelta64[m]")
-            raise ValueError(
-                f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
-                f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step"
-            )
-        if np.any(steps != step):
-            rank_zero_info(
-                f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
-                f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
-                "the store are skipped"
-            )
+        duplicate = self._duplicate_message if self.duplicate_times == "error" else None
+        where = repr(self.path)
+        self._index = {key: field_index(self._sources[key], self.file_times, self._name(key), where, duplicate)
+                       for key in keys}
+        self.times = align({self._name(key): ix for key, ix in self._index.items()}, where)
+        step = time_step(self.times, self._index[keys[0]], where)
         self.step_hours = float(step / np.timedelta64(1, "h"))
         self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
 
