@@ -132,7 +132,11 @@ def _global_rank() -> int:
 
 
 def ensure_synthetic_store(path: str | Path, spec: SyntheticData) -> None:
-    """Writes the store at `path` once (rank 0, to a temporary name then renamed), other ranks wait for it."""
+    """Writes the store at `path` once (rank 0, to a temporary name then renamed), other ranks wait for it.
+
+    Raises:
+        TimeoutError: on a rank other than 0, when rank 0 has not written the store in time.
+    """
     path = Path(path)
     if path.exists():
         return
@@ -169,7 +173,12 @@ def _synthetic_spec(value) -> SyntheticData | None:
 
 class SeqParCLI(LightningCLI):
     """LightningCLI with the data -> model links of the forecasting recipes, checks before launch, one directory
-    per run, ``--ckpt_path last`` of the latest run, the forecast writer, and first-failure reporting."""
+    per run, ``--ckpt_path last`` of the latest run, the forecast writer, and first-failure reporting.
+
+    Raises:
+        SystemExit: when a rank of a multi-process run fails: the failure is recorded for the launcher,
+            which reports the first one (``report_failure``).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_kwargs", {}).setdefault("description", _help())
@@ -186,6 +195,7 @@ class SeqParCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser) -> None:
+        """Adds ``--synthetic_data`` and links the data's fields, grid and lead times to the model's arguments."""
         parser.add_argument(
             "--synthetic_data", type=SyntheticData | None, default=None,
             help="Write a synthetic ERA5-like store at synthetic_data.path first, if data.path is that path and "
@@ -201,7 +211,12 @@ class SeqParCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Writes the synthetic store if asked, derives and checks the data, model and strategy options, and
-        resolves ``--ckpt_path last|best``, all before any process is started."""
+        resolves ``--ckpt_path last|best``, all before any process is started.
+
+        Raises:
+            ConfigError: for an option that cannot work (missing synthetic store path, fields, years, lead
+                times, strategy or checkpoint), naming the option and what to write instead.
+        """
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         data = config["data"]
         spec = _synthetic_spec(config.get("synthetic_data"))
@@ -254,6 +269,7 @@ class SeqParCLI(LightningCLI):
             print(f"seqpar: run written to {_run_dir(self.trainer)}", flush=True)
 
     def after_test(self) -> None:
+        """Prints where the test metrics and figures were written (on global rank 0)."""
         if self.trainer.is_global_zero:
             print(f"seqpar: metrics and figures in {_run_dir(self.trainer)}", flush=True)
 

@@ -43,6 +43,9 @@ def derive_data_options(data: dict[str, Any]) -> dict[str, Any]:
 
     ``train_years: null`` already means "every year not held out", and ``lead_time_hours: null`` one time step
     of the store (both understood by :class:`ERA5DataModule`). Returns the changed options (for the log).
+
+    Raises:
+        ConfigError: when the store cannot be opened or has no year to hold out, naming ``--data.path``.
     """
     wanted = [
         k
@@ -130,7 +133,11 @@ def check_data(data: dict[str, Any]) -> ERA5DataModule:  # noqa: F821 - imported
 # --- model ------------------------------------------------------------------------------------------------
 
 def check_model(model: dict[str, Any], dm) -> None:
-    """``loss_weights`` must name output fields and ``residual`` needs every output among the inputs."""
+    """``loss_weights`` must name output fields and ``residual`` needs every output among the inputs.
+
+    Raises:
+        ConfigError: naming ``--model.loss_weights`` or ``--model.residual`` and what to change.
+    """
     variables, out_variables = dm.variables, dm.out_variables
     canonical = {}
     for name in (model.get("loss_weights") or {}):

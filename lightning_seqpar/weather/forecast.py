@@ -114,7 +114,12 @@ class ForecastModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Reads fields, grid, statistics and lead times from the datamodule, maps them onto the trained ones and builds
-        the skill metrics."""
+        the skill metrics.
+
+        Raises:
+            RuntimeError: when the trainer has no datamodule with the attributes listed above.
+            DataMismatchError: when the data does not map onto the fields the model was trained on.
+        """
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = ("variables", "out_variables", "latitudes", "longitudes", "lead_times_hours", "climatology")
         missing = [name for name in needed if dm is None or not hasattr(dm, name)]
@@ -204,7 +209,11 @@ class ForecastModule(LightningModule):
         }).to(self.device)
 
     def configure_model(self) -> None:
-        """Materialises a model that was built on the meta device and initialises it with its own `init_weights`."""
+        """Materialises a model that was built on the meta device and initialises it with its own `init_weights`.
+
+        Raises:
+            RuntimeError: when a meta-device model has neither ``init_weights`` nor ``reset_parameters``.
+        """
         if any(p.is_meta for p in self.model.parameters()):
             self.model.to_empty(device=self.device)
             init = getattr(self.model, "init_weights", None) or getattr(self.model, "reset_parameters", None)
@@ -215,7 +224,11 @@ class ForecastModule(LightningModule):
     # --- steps ---
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Normalised forecast [B, V_out, H, W] of one batch, in the fields and units of the data in use."""
+        """Normalised forecast [B, V_out, H, W] of one batch, in the fields and units of the data in use.
+
+        Raises:
+            RuntimeError: before the module knows its fields (no setup, no checkpoint).
+        """
         if self.trained_data is None or self.data_mapping is None:
             raise RuntimeError(
                 "ForecastModule does not know its fields yet: run it under a Trainer with a datamodule, or load it with"
@@ -245,6 +258,10 @@ class ForecastModule(LightningModule):
 
         Returns:
             [B, V_out, H, W] forecast of `self.out_variables`, physical units.
+
+        Raises:
+            RuntimeError: before the module knows its fields.
+            ValueError: when ``fields`` is not ``[B, V, H, W]`` or a field's statistics are unknown.
         """
         data = self.data_in_use
         if data is None:
@@ -265,6 +282,7 @@ class ForecastModule(LightningModule):
         return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Latitude-weighted MSE (scalar, normalised units) of the forecast of one batch; logs ``train/loss``."""
         loss = latitude_weighted_mse(
             self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask
         )
@@ -272,9 +290,11 @@ class ForecastModule(LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``val/loss`` and scores the forecast and persistence with the ``val`` skill metrics."""
         self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``test/loss``, scores the forecast and both baselines, and keeps the first sample for the map."""
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -305,6 +325,7 @@ class ForecastModule(LightningModule):
         self._log_skill("val")
 
     def on_test_epoch_start(self) -> None:
+        """Forgets the previous test's map sample."""
         self._plot_sample = None
 
     def on_test_epoch_end(self) -> None:

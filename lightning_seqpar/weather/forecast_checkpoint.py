@@ -73,6 +73,10 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 
     Only classes of this package, or of modules the program has already imported, are built: a checkpoint cannot make
     Python import (and run) a module of its choice.
+
+    Raises:
+        ValueError: when the mapping lacks ``class_path``/``init_args``, the class's module is not imported
+            (by design: a checkpoint does not import code), or the class is not an ``nn.Module``.
     """
     if not isinstance(config.get("class_path"), str):
         raise ValueError(f"a model configuration needs a 'class_path' string and 'init_args', got {dict(config)!r}")
@@ -165,6 +169,8 @@ class TrainedData:
 
     @classmethod
     def from_checkpoint(cls, record: Mapping[str, Any]) -> TrainedData:
+        """The inverse of :meth:`to_checkpoint`; a record without ``normalized`` (older checkpoints) means normalised.
+        Raises ``KeyError`` when a field list or the grid is missing."""
         return cls(
             **{k: record[k] for k in ("variables", "out_variables", "lead_times_hours", "latitudes", "longitudes")},
             normalized=bool(record.get("normalized", True)),

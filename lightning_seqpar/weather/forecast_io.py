@@ -174,10 +174,13 @@ class ForecastWriter(BasePredictionWriter):
         self._parts: list[dict[str, np.ndarray]] = []
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        """Starts collecting this rank's forecasts."""
         self._parts = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
+        """Keeps one batch's ``forecast`` ``[B, V_out, H, W]`` (physical units), ``index`` ``[B]`` and
+        ``lead_time_hours`` ``[B]`` on the CPU. Raises ``ValueError`` when ``predict_step`` returned other keys."""
         missing = [k for k in ("forecast", "index", "lead_time_hours") if k not in (prediction or {})]
         if missing:
             raise ValueError(f"ForecastWriter needs predict_step to return 'forecast', 'index' and 'lead_time_hours'; "
@@ -192,6 +195,7 @@ class ForecastWriter(BasePredictionWriter):
         )
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        """Gathers every rank's forecasts on rank 0 and writes them as one NetCDF file (see the class docstring)."""
         parts = self._parts
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size() if trainer.is_global_zero else None

@@ -202,6 +202,9 @@ class LatitudeWeightedACC(_LatitudeWeightedMetric):
         prefix: prepended to every result key, e.g. ``"val/"``.
         valid_mask: ``[V, H, W]`` 1 where the field holds data, 0 on cells to leave out; ``None`` scores every cell.
         **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
+
+    Raises:
+        ValueError: when ``climatology`` is not ``[V, H, W]``, besides the RMSE's argument checks.
     """
 
     name = "acc"
@@ -236,6 +239,9 @@ def persistence_forecast(batch: Mapping[str, Tensor], variables: Sequence[str], 
         batch: a batch of :class:`~lightning_seqpar.weather.data.era5.ERA5DataModule`.
         variables: names of the input channels.
         out_variables: names of the target channels; each must be an input channel.
+
+    Raises:
+        ValueError: when an output channel is not an input channel.
     """
     missing = [v for v in out_variables if v not in variables]
     if missing:
@@ -319,7 +325,11 @@ class ForecastSkill(nn.Module):
     def update(self, batch: Mapping[str, Tensor], prediction: Tensor | None = None) -> None:
         """Scores one batch: ``batch["input"]`` ``[B, V, H, W]``, ``batch["target"]`` ``[B, V_out, H, W]`` and
         ``batch["lead_time_hours"]`` ``[B]``; ``prediction`` ``[B, V_out, H, W]`` is the model's forecast, in the
-        units of the targets, required when ``"model"`` is scored."""
+        units of the targets, required when ``"model"`` is scored.
+
+        Raises:
+            ValueError: when the model is scored and ``prediction`` is not given.
+        """
         if prediction is None and any(key.startswith("model_") for key in self.metrics):
             raise ValueError("ForecastSkill scores the model's forecast: pass update(batch, prediction)")
         made: dict[str, Tensor] = {}

@@ -61,6 +61,7 @@ class ChunkCache:
         return block
 
     def clear(self) -> None:
+        """Drops every cached block (``decodes`` keeps counting)."""
         self.blocks.clear()
         self.bytes = 0
 
@@ -138,6 +139,9 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
 
     Other dims keep one chunk each. ``block_times`` (default: the source's time chunk) times are held in
     memory at once, so the copy decodes every source chunk once and needs no dask.
+
+    Raises:
+        ValueError: when ``source`` has no ``time`` dimension.
     """
     ds = xr.open_zarr(source, chunks=None)
     if "time" not in ds.dims:
@@ -160,6 +164,8 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m lightning_seqpar.weather.data.chunks SRC DST``: :func:`rechunk_time` from the command
+    line; argparse exits with status 2 on bad arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m lightning_seqpar.weather.data.chunks",
         description="Rewrite a zarr store with one time (or --time-chunk times) per chunk, so that reading one "

@@ -135,7 +135,12 @@ class ERA5DataModule(LightningDataModule):
 
     @property
     def store(self) -> ERA5Store:
-        """The opened store; fields are validated on first access."""
+        """The opened store; fields are validated on first access.
+
+        Raises:
+            ValueError: when a masked variable is not among the fields; ``KeyError`` when a field or static field
+                is not in the store (both list what the store has).
+        """
         if self._store is None:
             store = ERA5Store(
                 self.path,
@@ -272,7 +277,11 @@ class ERA5DataModule(LightningDataModule):
     @property
     def static_inputs(self) -> np.ndarray:
         """``[S + M, H, W]`` float32 static channels (normalised by their grid mean and std when ``normalize``),
-        then the mask channels (0/1), in the order of :attr:`static_variables` and :attr:`mask_variables`."""
+        then the mask channels (0/1), in the order of :attr:`static_variables` and :attr:`mask_variables`.
+
+        Raises:
+            ValueError: when a static field has NaN cells.
+        """
         if self._static_inputs is None:
             channels = []
             for name in self.static_variables:

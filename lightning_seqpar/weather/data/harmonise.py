@@ -64,7 +64,12 @@ def _data_files(folder: str) -> list[str]:
 
 def list_store_files(path: str) -> list[str]:
     """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
-    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder)."""
+    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder).
+
+    Raises:
+        FileNotFoundError: when nothing exists at ``path``, or it holds no NetCDF, GRIB or zarr store
+            (listing what it does hold).
+    """
     if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
         return [path]
     if any(ch in path for ch in "*?["):

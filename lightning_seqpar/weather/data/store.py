@@ -291,7 +291,12 @@ class ERA5Store:
     # --- reading ---
 
     def read(self, fields: Sequence[str], time_indices: np.ndarray) -> np.ndarray:
-        """``[T, V, H, W]`` float32 physical values of ``fields`` at the store's ``time_indices``."""
+        """``[T, V, H, W]`` float32 physical values of ``fields`` at the store's ``time_indices``.
+
+        Raises:
+            KeyError: for a field that is not on the store's time axis.
+            StoreReadError: where the data cannot be decoded, naming the file, variable and time.
+        """
         time_indices = np.asarray(time_indices)
         out = np.empty((len(time_indices), len(fields), len(self.latitudes), len(self.longitudes)), np.float32)
         for v, field in enumerate(fields):

@@ -219,6 +219,10 @@ def iter_synthetic_years(
         levels: pressure levels in hPa, a subset of ``(500, 850)``.
         latitude_order: ``"ascending"`` (WeatherBench2) or ``"descending"`` (ERA5/GRIB).
         seed: seed of every random draw; the same seed gives the same store.
+
+    Raises:
+        ValueError: for years that are not consecutive, a step that does not divide 24, levels other
+            than 500/850 hPa, or a grid smaller than (4, 8).
     """
     years = [int(y) for y in years]
     if not years or years != list(range(years[0], years[0] + len(years))):
@@ -272,6 +276,10 @@ def write_synthetic_era5(
     The store is written to a hidden sibling (``.<name>.partial-<pid>``) and renamed to ``path`` when
     complete, so an interrupted write leaves nothing at ``path``, and ``overwrite=True`` replaces an old
     store only once the new one is whole.
+
+    Raises:
+        ValueError: for an unknown format or the arguments of :func:`iter_synthetic_years`.
+        FileExistsError: when ``path`` exists and ``overwrite`` is off.
     """
     path = Path(path)
     if format not in ("zarr", "netcdf"):
