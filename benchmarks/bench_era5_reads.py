@@ -1,4 +1,5 @@
-"""Read time of one training epoch from zarr stores whose time chunks hold many times or one, with and without the chunk cache.
+"""Read time of one training epoch from zarr stores whose time chunks hold many times or one, with and without the
+chunk cache.
 
 One command (CPU only, a minute or two on an idle core)::
 
@@ -40,9 +41,18 @@ def write_store(path: Path, time_chunk: int) -> None:
     time = pd.date_range("2001-01-01", periods=TIMES, freq="3h")
     lat, lon = np.linspace(-87.1875, 87.1875, 32), np.arange(64) * 5.625
     ds = xr.Dataset(
-        {"2m_temperature": (("time", "latitude", "longitude"), (280 + rng.normal(size=(TIMES, 32, 64))).astype(np.float32)),
-         "geopotential": (("time", "level", "latitude", "longitude"), rng.normal(size=(TIMES, 2, 32, 64)).astype(np.float32))},
-        coords={"time": time, "level": [500, 850], "latitude": lat, "longitude": lon})
+        {
+            "2m_temperature": (
+                ("time", "latitude", "longitude"),
+                (280 + rng.normal(size=(TIMES, 32, 64))).astype(np.float32),
+            ),
+            "geopotential": (
+                ("time", "level", "latitude", "longitude"),
+                rng.normal(size=(TIMES, 2, 32, 64)).astype(np.float32),
+            ),
+        },
+        coords={"time": time, "level": [500, 850], "latitude": lat, "longitude": lon},
+    )
     encoding = {"2m_temperature": {"chunks": (time_chunk, 32, 64)}, "geopotential": {"chunks": (time_chunk, 2, 32, 64)}}
     ds.to_zarr(path, encoding=encoding, zarr_format=2, consolidated=True)
 
@@ -78,8 +88,12 @@ def epoch(path: Path, cache_mb: float, limit: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for era5_reads.json and era5_reads.md")
-    parser.add_argument("--limit", type=int, default=300,
-                        help="samples timed per uncached run of large chunks (their whole epoch takes minutes); scaled up")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=300,
+        help="samples timed per uncached run of large chunks (their whole epoch takes minutes); scaled up",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,12 +114,20 @@ def main() -> None:
     result = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "times": TIMES, "grid": [32, 64], "fields": 3, "read_all_times_ms": all_times_ms, "rows": rows}
     (out / "era5_reads.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| times per chunk | chunk cache | epoch read (s) | ms per sample | chunks read from disk |", "|---|---|---|---|---|"]
+    lines = [
+        "| times per chunk | chunk cache | epoch read (s) | ms per sample | chunks read from disk |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         cache = "off" if r["chunk_cache_mb"] == 0 else f"{r['chunk_cache_mb']:g} MiB"
         timed = "" if r["timed_samples"] == r["samples"] else f" ({r['timed_samples']} samples timed, scaled)"
-        lines.append(f"| {r['time_chunk']} | {cache} | {r['epoch_s']:.2f}{timed} | {r['ms_per_sample']:.2f} | {r['chunk_reads']} |")
-    lines.append(f"\nReading all {TIMES} times of the 3 fields at once from the {TIMES}-time chunks: {all_times_ms:.0f} ms.")
+        lines.append(
+            f"| {r['time_chunk']} | {cache} | {r['epoch_s']:.2f}{timed} | {r['ms_per_sample']:.2f} | "
+            f"{r['chunk_reads']} |"
+        )
+    lines.append(
+        f"\nReading all {TIMES} times of the 3 fields at once from the {TIMES}-time chunks: {all_times_ms:.0f} ms."
+    )
     (out / "era5_reads.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single_gpu import StepClock, _fmt, _init_optimizer_state, build, climax_flops, device_info, vit_flops  # noqa: E402
+from _common import BenchModule, StepClock, StepTimer, bench_device, bench_trainer, device_info, fmt  # noqa: E402
+from bench_single_gpu import _init_optimizer_state, build, climax_flops, vit_flops  # noqa: E402
 
 K = 1024
 GIB = 2**30
@@ -105,7 +106,6 @@ def _layouts(world: int, attention: str) -> list[tuple[int, int]]:
 
 def run_one(section: str, model_kind: str, attention: str, sp: int, length: int, sizes: Sizes, device: torch.device,
             steps: tuple[int, int], checkpointing: bool, profile: bool = False) -> Result:
-    from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -121,19 +121,7 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
     total = warmup + timed + int(profile)
     profile_times: dict = {}
 
-    class Module(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return F.mse_loss(self.model(*inputs), y)
-
-        def configure_optimizers(self):
-            fused = {"fused": True} if device.type == "cuda" else {}
-            return torch.optim.AdamW(self.parameters(), lr=1e-4, **fused)
-
-    class Timer(Callback):
+    class Timer(StepTimer):
         def on_train_start(self, trainer, pl_module):
             if warmup == 0:  # a single measured step: create the optimizer state first, as a long run would have it
                 _init_optimizer_state(pl_module, trainer.optimizers[0])
@@ -141,16 +129,13 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
                     torch.cuda.reset_peak_memory_stats()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if warmup <= batch_idx < warmup + timed:
-                clock.start()
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             if profile and batch_idx == total - 1:
                 self.profiler = torch.profiler.profile(activities=_activities(device))
                 self.profiler.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if warmup <= batch_idx < warmup + timed:
-                clock.stop()
-                result.note = f"loss {float(outputs['loss']):.4f}"
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             if profile and batch_idx == total - 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -162,15 +147,14 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
         ulysses_degree=min(sp, 4) if attention == "hybrid" else None,
         process_group_backend="nccl" if device.type == "cuda" else "gloo", timeout=600,
     )
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=world, strategy=strategy,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=total, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[Timer()],
-    )
+    timer = Timer(clock, warmup, timed)
+    trainer = bench_trainer(strategy, device, world, total, [timer])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(Module(), DataLoader(list(range(total * result.dp)), batch_size=1))
+    module = BenchModule(model, lambda m, batch: F.mse_loss(m.model(*inputs), y), fused=device.type == "cuda")
+    trainer.fit(module, DataLoader(list(range(total * result.dp)), batch_size=1))
+    if timed:
+        result.note = f"loss {timer.losses[warmup + timed - 1]:.4f}"
     times = clock.times_ms()
     result.step_ms_all = [round(t, 3) for t in times]
     result.step_ms = statistics.median(times)
@@ -242,8 +226,11 @@ def measure(section: str, model_kind: str, attention: str, sp: int, length: int,
     result.seconds = round(time.monotonic() - t0, 1)
     result.measured_at = stamp
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"[bench_multi_gpu] {section} {model_kind} {attention} sp {sp} x dp {result.dp} L {length}: {result.status}"
-              f" step {_fmt(result.step_ms, '.1f')} ms, peak {_fmt(result.peak_gib, '.1f')} GiB ({result.seconds} s)", flush=True)
+        print(
+            f"[bench_multi_gpu] {section} {model_kind} {attention} sp {sp} x dp {result.dp} L {length}: {result.status}"
+            f" step {fmt(result.step_ms, '.1f')} ms, peak {fmt(result.peak_gib, '.1f')} GiB ({result.seconds} s)",
+            flush=True,
+        )
     return result
 
 
@@ -279,17 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="file name suffix; default n<world>")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
     parser.add_argument("--attention", nargs="+", default=["ulysses", "lss", "ring", "hybrid"])
-    parser.add_argument("--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows")
+    parser.add_argument(
+        "--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows"
+    )
     parser.add_argument("--sections", default="weak,strong,longest")
     parser.add_argument("--longest-models", default="vit,climax", help="models of the longest section, in this order")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget; longer rows predicted past it are skipped")
+    parser.add_argument(
+        "--budget-s", type=float, default=540.0, help="wall-clock budget; longer rows predicted past it are skipped"
+    )
     args = parser.parse_args(argv)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     sizes = Sizes.smoke() if args.smoke else Sizes()
-    use_cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = bench_device(args.smoke)
+    use_cuda = device.type == "cuda"
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB if use_cuda else None
     sections = args.sections.split(",")
     unknown = set(sections) - {"weak", "strong", "longest"}
@@ -310,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         return result
 
     for attention in args.attention:
-        for sp, dp in _layouts(world, attention):
+        for sp, _dp in _layouts(world, attention):
             if "weak" in sections:
                 record(measure("weak", "vit", attention, sp, sizes.tokens_per_gpu * sp, sizes, device,
                                steps=sizes.weak_steps, checkpointing=False, profile=True))
@@ -347,11 +336,14 @@ def markdown(payload: dict) -> str:
             "comm ms | attention ms | note |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
-        step = _fmt(r["step_ms"], ".1f") if r["status"] == "ok" else r["status"]
+        step = fmt(r["step_ms"], ".1f") if r["status"] == "ok" else r["status"]
         rows.append(
-            f"| {r['section']} | {r['model']} | {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | {r['length']:,} | "
-            f"{step} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['tflops_per_gpu'], '.1f')} | {_fmt(r['peak_gib'], '.1f')} | "
-            f"{_fmt(r['comm_ms'], '.1f')} | {_fmt(r['attention_ms'], '.1f')} | {r['note'] if r['status'] != 'ok' else ''} |"
+            f"| {r['section']} | {r['model']} | {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | "
+            f"{r['length']:,} | "
+            f"{step} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | "
+            f"{fmt(r['peak_gib'], '.1f')} | "
+            f"{fmt(r['comm_ms'], '.1f')} | {fmt(r['attention_ms'], '.1f')} | "
+            f"{r['note'] if r['status'] != 'ok' else ''} |"
         )
     return "\n".join(rows)
 

@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import os
 import statistics
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single_gpu import OUT_DIM, GenericViT, _fmt, device_info, vit_flops  # noqa: E402
+from _common import bench_device, call_times, device_info, fmt  # noqa: E402
+from bench_single_gpu import OUT_DIM, GenericViT, vit_flops  # noqa: E402
 
 K = 1024
 TOLERANCE = 2e-2
@@ -73,8 +74,17 @@ class Sizes:
 
     @classmethod
     def smoke(cls) -> Sizes:
-        return cls(attention=((64, 4, 16), (96, 2, 32)), causal=((64, 4, 16),), vit_lengths=(64,), width=32, depth=2, heads=4, check_length=48,
-                   attention_steps=(1, 1), vit_steps=(1, 1))
+        return cls(
+            attention=((64, 4, 16), (96, 2, 32)),
+            causal=((64, 4, 16),),
+            vit_lengths=(64,),
+            width=32,
+            depth=2,
+            heads=4,
+            check_length=48,
+            attention_steps=(1, 1),
+            vit_steps=(1, 1),
+        )
 
 
 @dataclass
@@ -104,7 +114,9 @@ class Row:
 
 def _sdpa(q, k, v, causal: bool = False):
     """SDPA on the [B, L, H, d] layout (kernel chosen by the active ``sdpa_kernel`` context)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+    ).transpose(1, 2)
 
 
 def _divisors(n: int) -> list[int]:
@@ -132,7 +144,9 @@ class Methods:
             "ulysses": lambda q, k, v, causal: ulysses_attention(q, k, v, self.group, causal=causal),
             "lss": lambda q, k, v, causal: lss_attention(q, k, v, self.group, causal=causal),
             "ring": lambda q, k, v, causal: ring_attention(q, k, v, self.group, causal=causal),
-            "ring_rank_order": lambda q, k, v, causal: ring_attention(q, k, v, self.group, causal=causal, load_balance=False),
+            "ring_rank_order": lambda q, k, v, causal: ring_attention(
+                q, k, v, self.group, causal=causal, load_balance=False
+            ),
         }
         self._hybrid = hybrid_attention
         self.mesh = None
@@ -158,7 +172,11 @@ class Methods:
         rows = [(m, "ours") for m in ("ulysses", "lss", "ring")] + ([("ring_rank_order", "ours")] if causal else [])
         rows += [(f"hybrid u{u}xr{self.world // u}", "ours") for u in hybrid_degrees(self.world, heads)]
         rows += [("deepspeed_ulysses", "peer")]
-        rows += [(f"torch_cp_{kernel}_{rotate}", "peer") for kernel in ("cudnn", "flash") for rotate in ("allgather", "alltoall")]
+        rows += [
+            (f"torch_cp_{kernel}_{rotate}", "peer")
+            for kernel in ("cudnn", "flash")
+            for rotate in ("allgather", "alltoall")
+        ]
         rows += [("ring_flash_attn", "peer"), ("yunchang_usp", "peer")]
         return rows
 
@@ -170,7 +188,9 @@ class Methods:
         if name.startswith("hybrid"):
             u = int(name.split()[1][1:].split("x")[0])
             ulysses_group, ring_group = self.hybrid_groups[u]
-            return (lambda q, k, v: self._hybrid(q, k, v, ulysses_group, ring_group, causal=causal)), contextlib.nullcontext
+            return (
+                lambda q, k, v: self._hybrid(q, k, v, ulysses_group, ring_group, causal=causal)
+            ), contextlib.nullcontext
         if name == "deepspeed_ulysses":
             if self.deepspeed_error is None:
                 self.deepspeed_error = self._init_deepspeed()
@@ -183,20 +203,28 @@ class Methods:
             return (lambda q, k, v: layer(q, k, v, 0, None, causal=causal)), contextlib.nullcontext
         if name.startswith("torch_cp_"):
             _, _, kernel, rotate = name.split("_")
-            return (lambda q, k, v: _sdpa(q, k, v, causal)), lambda: _torch_cp_scope(self.mesh, kernel, rotate, self.device, causal)
+            return (lambda q, k, v: _sdpa(q, k, v, causal)), lambda: _torch_cp_scope(
+                self.mesh, kernel, rotate, self.device, causal
+            )
         if name == "ring_flash_attn":
             if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("ring_flash_attn") is None:
                 raise Unavailable("cannot run: ring-flash-attn needs flash-attn, which has no wheel for this image")
             from ring_flash_attn import ring_flash_attn_func
 
-            return (lambda q, k, v: ring_flash_attn_func(q, k, v, causal=causal, group=self.group)), contextlib.nullcontext
+            return (
+                lambda q, k, v: ring_flash_attn_func(q, k, v, causal=causal, group=self.group)
+            ), contextlib.nullcontext
         if name == "yunchang_usp":
             if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("yunchang") is None:
-                raise Unavailable("cannot run: yunchang's torch kernels have no backward; it needs flash-attn, which has"
-                                  " no wheel for this image")
+                raise Unavailable(
+                    "cannot run: yunchang's torch kernels have no backward; it needs flash-attn, which has"
+                    " no wheel for this image"
+                )
             from yunchang import LongContextAttention, set_seq_parallel_pg
 
-            set_seq_parallel_pg(min(self.world, heads), self.world // min(self.world, heads), dist.get_rank(), self.world)
+            set_seq_parallel_pg(
+                min(self.world, heads), self.world // min(self.world, heads), dist.get_rank(), self.world
+            )
             layer = LongContextAttention()
             return (lambda q, k, v: layer(q, k, v, causal=causal)), contextlib.nullcontext
         raise ValueError(f"unknown method {name!r}")
@@ -213,7 +241,9 @@ def _torch_cp_scope(mesh, kernel: str, rotate: str, device: torch.device, causal
     (it refuses non-causal attention with it). With it on, torch assumes the shards are in its head-tail order:
     the causal rows are timed on shards in rank order, which is the same work (the values do not change it)."""
     if mesh is None:
-        raise Unavailable(f"torch context_parallel runs on CUDA only (its ring wraps the CUDA SDPA ops), not on {device.type}")
+        raise Unavailable(
+            f"torch context_parallel runs on CUDA only (its ring wraps the CUDA SDPA ops), not on {device.type}"
+        )
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import _cp_options, set_rotate_method
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -225,7 +255,10 @@ def _torch_cp_scope(mesh, kernel: str, rotate: str, device: torch.device, causal
     # A buffer is required: 2 elements per rank, which context_parallel shards (head-tail when balancing).
     dummy = torch.zeros(2 * mesh.size(), device=device)
     try:
-        with context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[0], no_restore_buffers={dummy}), sdpa_kernel([backend]):
+        with (
+            context_parallel(mesh, buffers=[dummy], buffer_seq_dims=[0], no_restore_buffers={dummy}),
+            sdpa_kernel([backend]),
+        ):
             _cp_options.enable_load_balance = causal  # context_parallel sets it from the buffer; the ring reads it
             yield
     finally:
@@ -254,25 +287,8 @@ def _slowest(value: float, device: torch.device) -> float:
 
 
 def timed(fn, steps: tuple[int, int], device: torch.device) -> list[float]:
-    """Milliseconds of each timed call of ``fn`` after the warm-up calls (CUDA events; a clock on the CPU)."""
-    warmup, count = steps
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(count):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    """Milliseconds of each timed call of ``fn`` after the warm-up calls, all ranks starting each call together."""
+    return call_times(fn, steps, device, before=dist.barrier)
 
 
 def attention_flops(length: int, heads: int, head_dim: int) -> float:
@@ -337,27 +353,7 @@ def time_one_gpu(length: int, heads: int, head_dim: int, steps, device, dtype, c
         _sdpa(q, k, v, causal).backward(grad)
 
     with scope:
-        warmup, count = steps
-        for _ in range(warmup):
-            step()
-        return _local_times(step, count, device)
-
-
-def _local_times(fn, count: int, device) -> list[float]:
-    times = []
-    for _ in range(count):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        return call_times(step, steps, device)
 
 
 class SwappedAttention(nn.Module):
@@ -437,13 +433,23 @@ def run_row(row: Row, fn, flops: float | None, device) -> Row:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
     # Ranks must agree on the status (a rank that failed alone would leave the others waiting in the next row).
-    failed = torch.tensor([0 if row.status == "ok" or row.status == "wrong" else 1], device=device if device.type == "cuda" else "cpu")
+    failed = torch.tensor(
+        [0 if row.status == "ok" or row.status == "wrong" else 1], device=device if device.type == "cuda" else "cpu"
+    )
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item() and row.status in ("ok", "wrong"):
         row.status, row.note = "error", "failed on another rank"
     if dist.get_rank() == 0:
-        detail = row.errors if row.section == "check" else f"{_fmt(row.ms, '.1f')} ms, {_fmt(row.tflops_per_gpu, '.1f')} TFLOP/s/GPU"
-        print(f"[bench_peers] {row.section} {row.method} L {row.length} {row.heads}x{row.head_dim}: {row.status} {detail} {row.note}", flush=True)
+        detail = (
+            row.errors
+            if row.section == "check"
+            else f"{fmt(row.ms, '.1f')} ms, {fmt(row.tflops_per_gpu, '.1f')} TFLOP/s/GPU"
+        )
+        print(
+            f"[bench_peers] {row.section} {row.method} L {row.length} {row.heads}x{row.head_dim}: {row.status} "
+            f"{detail} {row.note}",
+            flush=True,
+        )
     return row
 
 
@@ -470,9 +476,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", default=None, help="comma list of L:H:d shapes, e.g. 65536:16:64,262144:8:128")
     parser.add_argument("--causal", default=None, help="comma list of L:H:d shapes of the causal section")
     parser.add_argument("--vit-lengths", default=None, help="comma list of ViT sequence lengths")
-    parser.add_argument("--attention-steps", default=None, help="warm-up,timed iterations of attention rows (default 1,3 above 128K tokens, 2,10 up to it)")
+    parser.add_argument(
+        "--attention-steps",
+        default=None,
+        help="warm-up,timed iterations of attention rows (default 1,3 above 128K tokens, 2,10 up to it)",
+    )
     parser.add_argument("--vit-steps", default=None, help="warm-up,timed steps of the ViT rows (default 1,2)")
-    parser.add_argument("--checkpoint-above", type=int, default=256 * K, help="recompute ViT blocks above this many tokens per GPU")
+    parser.add_argument(
+        "--checkpoint-above", type=int, default=256 * K, help="recompute ViT blocks above this many tokens per GPU"
+    )
     args = parser.parse_args(argv)
     sizes = Sizes.smoke() if args.smoke else Sizes()
     if args.attention:
@@ -488,10 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(sections) - {"check", "attention", "causal", "vit"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from check, attention, causal, vit")
-    use_cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = bench_device(args.smoke)
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=900), device_id=device)
     else:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
@@ -519,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, family in methods.names(H):
             if wanted(name):
                 record(run_row(Row("check", name, family, world, L, H, d),
-                               lambda: check_method(methods, name, L, H, d, device, dtype), None, device))
+                               functools.partial(check_method, methods, name, L, H, d, device, dtype), None, device))
     for section, causal in (("attention", False), ("causal", True)):
         if section not in sections:
             continue
@@ -529,13 +540,22 @@ def main(argv: list[str] | None = None) -> None:
             row = Row(section, "one_gpu_cudnn", "one-gpu", 1, L, H, d)
             if wanted(row.method):
                 # Rank 0 alone; the others wait at the row's closing all-reduce.
-                fn = (lambda: time_one_gpu(L, H, d, steps, device, dtype, causal)) if rank == 0 else (lambda: [0.0])
+                fn = (
+                    functools.partial(time_one_gpu, L, H, d, steps, device, dtype, causal)
+                    if rank == 0
+                    else (lambda: [0.0])
+                )
                 record(run_row(row, fn, flops, device))
             for name, family in methods.names(H, causal):
                 if wanted(name) and not (causal and name.startswith("torch_cp_flash")):
-                    record(run_row(Row(section, name, family, world, L, H, d),
-                                   lambda: time_attention(methods, name, L, H, d, steps, device, dtype, causal),
-                                   flops / world, device))
+                    record(
+                        run_row(
+                            Row(section, name, family, world, L, H, d),
+                            functools.partial(time_attention, methods, name, L, H, d, steps, device, dtype, causal),
+                            flops / world,
+                            device,
+                        )
+                    )
     if "vit" in sections:
         for L in sizes.vit_lengths:
             flops = vit_flops(L, sizes.width, sizes.depth) / world
@@ -544,10 +564,12 @@ def main(argv: list[str] | None = None) -> None:
                 if wanted(name):
                     row = Row("vit", name, family, world, L, sizes.heads, sizes.width // sizes.heads,
                               note="blocks recomputed" if checkpoint else "")
-                    record(run_row(row, lambda: time_vit(methods, name, L, sizes, sizes.vit_steps, device, checkpoint),
-                                   flops, device))
+                    fn = functools.partial(time_vit, methods, name, L, sizes, sizes.vit_steps, device, checkpoint)
+                    record(run_row(row, fn, flops, device))
     if rank == 0:
-        write_outputs(payload, args.out, tag, with_plot=not args.smoke or importlib.util.find_spec("matplotlib") is not None)
+        write_outputs(
+            payload, args.out, tag, with_plot=not args.smoke or importlib.util.find_spec("matplotlib") is not None
+        )
         print(markdown(payload))
     dist.barrier()
     dist.destroy_process_group()
@@ -586,8 +608,11 @@ def markdown(payload: dict) -> str:
                   "| method | status | out | dq | dk | dv | note |", "|---|---|---|---|---|---|---|"]
         for r in checks:
             e = r["errors"]
-            lines.append(f"| {r['method']} | {r['status']} | " + " | ".join(_fmt(e.get(n), ".1e") for n in ("out", "dq", "dk", "dv"))
-                         + f" | {r['note']} |")
+            lines.append(
+                f"| {r['method']} | {r['status']} | "
+                + " | ".join(fmt(e.get(n), ".1e") for n in ("out", "dq", "dk", "dv"))
+                + f" | {r['note']} |"
+            )
     for section, title in (("attention", "Attention forward + backward"),
                            ("causal", "Causal attention forward + backward (half the FLOPs counted)"),
                            ("vit", "ViT training step (width 1024, depth 8)")):
@@ -598,9 +623,9 @@ def markdown(payload: dict) -> str:
                   "| L | H x d | method | family | ms | TFLOP/s per GPU | vs best peer | note |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            ms = _fmt(r["ms"], ".1f") if r["status"] == "ok" else r["status"]
+            ms = fmt(r["ms"], ".1f") if r["status"] == "ok" else r["status"]
             lines.append(f"| {r['length']:,} | {r['heads']} x {r['head_dim']} | {r['method']} | {r['family']} | {ms} | "
-                         f"{_fmt(r['tflops_per_gpu'], '.1f')} | {_fmt(r['vs_best_peer'], '.3f')} | {r['note']} |")
+                         f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['vs_best_peer'], '.3f')} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -620,9 +645,14 @@ def plot(payload: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 4.5), squeeze=False)
     colours = {"ours": "tab:blue", "peer": "tab:orange", "one-gpu": "tab:gray"}
     for ax, (section, L, H, d) in zip(axes[0], shapes):
-        rows = [r for r in payload["rows"] if (r["section"], r["length"], r["heads"], r["head_dim"]) == (section, L, H, d)
-                and r["status"] == "ok"]
-        ax.barh([r["method"] for r in rows], [r["tflops_per_gpu"] for r in rows], color=[colours[r["family"]] for r in rows])
+        rows = [
+            r
+            for r in payload["rows"]
+            if (r["section"], r["length"], r["heads"], r["head_dim"]) == (section, L, H, d) and r["status"] == "ok"
+        ]
+        ax.barh(
+            [r["method"] for r in rows], [r["tflops_per_gpu"] for r in rows], color=[colours[r["family"]] for r in rows]
+        )
         ax.invert_yaxis()
         ax.set_title(f"{section}, L={L // K if L >= K else L}{'K' if L >= K else ''}, {H}x{d}", fontsize=9)
         ax.set_xlabel("TFLOP/s per GPU")

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single_gpu import OUT_DIM, GenericViT, StepClock  # noqa: E402
+from _common import BenchModule, StepClock, StepTimer, bench_device, bench_trainer  # noqa: E402
+from bench_single_gpu import OUT_DIM, GenericViT  # noqa: E402
 
 GIB = 2**30
 
@@ -41,11 +42,12 @@ GIB = 2**30
 def sample(index: int, tokens: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The sample ``index``: tokens [L, D] and targets [L, OUT_DIM], the same in every configuration."""
     g = torch.Generator(device=device).manual_seed(int(index))
-    return torch.randn(tokens, width, generator=g, device=device), torch.randn(tokens, OUT_DIM, generator=g, device=device)
+    return torch.randn(tokens, width, generator=g, device=device), torch.randn(
+        tokens, OUT_DIM, generator=g, device=device
+    )
 
 
 def run(config: str, args: argparse.Namespace, device: torch.device, world: int) -> dict:
-    from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -53,50 +55,38 @@ def run(config: str, args: argparse.Namespace, device: torch.device, world: int)
     torch.manual_seed(0)
     model = GenericViT(args.width, args.depth, args.heads)  # on the CPU: the strategy moves it
     clock = StepClock(device)
-    losses: list[float] = []
     total = args.warmup + args.steps
 
-    class Module(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    def loss(module, batch):  # batch: sample indices [B] (a micro-batch of them with pipelines)
+        pairs = [sample(i, args.tokens, args.width, module.device) for i in batch.tolist()]
+        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B, L, D], [B, L, OUT]
+        if device.type == "cuda":  # DeepSpeed's bf16 weights; Lightning converts DataLoader batches, not these
+            x = x.to(torch.bfloat16)
+        return F.mse_loss(module.model(x).float(), y)
 
-        def training_step(self, batch, batch_idx):  # batch: sample indices [B] (a micro-batch of them with pipelines)
-            pairs = [sample(i, args.tokens, args.width, self.device) for i in batch.tolist()]
-            x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B, L, D], [B, L, OUT]
-            if device.type == "cuda":  # DeepSpeed's bf16 weights; Lightning converts DataLoader batches, not these
-                x = x.to(torch.bfloat16)
-            return F.mse_loss(self.model(x).float(), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-4)
-
-    class Timer(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx >= args.warmup:
-                clock.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= args.warmup:
-                clock.stop()
-            losses.append(float(outputs["loss"]))
-
+    timer = StepTimer(clock, args.warmup)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if config == "pipeline":
-        strategy = SeqParStrategy(sequence_parallel_size=world // 2, pipeline_stages=2, micro_batches=args.micro_batches,
-                                  zero_stage=1, process_group_backend=backend, timeout=600)
+        strategy = SeqParStrategy(
+            sequence_parallel_size=world // 2,
+            pipeline_stages=2,
+            micro_batches=args.micro_batches,
+            zero_stage=1,
+            process_group_backend=backend,
+            timeout=600,
+        )
     else:
-        strategy = SeqParStrategy(sequence_parallel_size=world, zero_stage=3, process_group_backend=backend, timeout=600)
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=world, strategy=strategy,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=total, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[Timer()],
-    )
+        strategy = SeqParStrategy(
+            sequence_parallel_size=world, zero_stage=3, process_group_backend=backend, timeout=600
+        )
+    trainer = bench_trainer(strategy, device, world, total, [timer])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Lightning's sampler shuffles with the same seed in both runs; batch = args.batch sample indices.
-    trainer.fit(Module(), DataLoader(list(range(total * args.batch)), batch_size=args.batch))
+    trainer.fit(
+        BenchModule(model, loss, fused=False), DataLoader(list(range(total * args.batch)), batch_size=args.batch)
+    )
+    losses = timer.losses
     times = clock.times_ms()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0], device=device)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -111,10 +101,15 @@ def markdown(payload: dict) -> str:
     rows = {r["config"]: r for r in payload["results"]}
     a = payload["args"]
     lines = [
-        f"# Pipeline stages against ZeRO-3 ({payload['world']} x {payload['device']})", "",
-        f"Generic ViT, width {a['width']}, depth {a['depth']} ({payload['parameters'] / 1e9:.2f}e9 parameters), batch {a['batch']}"
-        f" x {a['tokens']} tokens, {a['micro_batches']} micro-batches; median of {a['steps']} steps after {a['warmup']}.", "",
-        "| configuration | step (ms) | tokens/s | peak memory (GiB) |", "|---|---|---|---|",
+        f"# Pipeline stages against ZeRO-3 ({payload['world']} x {payload['device']})",
+        "",
+        f"Generic ViT, width {a['width']}, depth {a['depth']} ({payload['parameters'] / 1e9:.2f}e9 parameters), batch "
+        f"{a['batch']}"
+        f" x {a['tokens']} tokens, {a['micro_batches']} micro-batches; median of {a['steps']} steps after "
+        f"{a['warmup']}.",
+        "",
+        "| configuration | step (ms) | tokens/s | peak memory (GiB) |",
+        "|---|---|---|---|",
     ]
     for name, r in rows.items():
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
@@ -142,17 +137,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (gloo)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.width, args.depth, args.heads, args.tokens, args.batch, args.micro_batches, args.warmup, args.steps = 32, 4, 4, 13, 2, 2, 1, 2
+        args.width, args.depth, args.heads, args.tokens, args.batch, args.micro_batches, args.warmup, args.steps = (
+            32,
+            4,
+            4,
+            13,
+            2,
+            2,
+            1,
+            2,
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world % 2:
         raise SystemExit(f"bench_pipeline.py needs an even number of processes (2 stages), got WORLD_SIZE={world}.")
-    use_cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    device = bench_device(args.smoke)
+    use_cuda = device.type == "cuda"
     payload = {
-        "world": world, "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "args": vars(args) | {"out": str(args.out)},
-        "parameters": sum(p.numel() for p in GenericViT(args.width, args.depth, args.heads, device="meta").parameters()), "results": [],
+        "world": world,
+        "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        "args": vars(args) | {"out": str(args.out)},
+        "parameters": sum(
+            p.numel() for p in GenericViT(args.width, args.depth, args.heads, device="meta").parameters()
+        ),
+        "results": [],
     }
     for config in args.configs.split(","):
         payload["results"].append(run(config, args, device, world))

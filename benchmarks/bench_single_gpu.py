@@ -23,8 +23,6 @@ import functools
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import BenchModule, StepClock, StepTimer, bench_trainer, call_times, device_info, fmt  # noqa: E402
 
 from lightning_seqpar.memory import MasterWeightAdamW  # noqa: E402
 from lightning_seqpar.wrapping import checkpoint_module, chunk_module  # noqa: E402
@@ -70,8 +71,17 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
-            width=64, depth=2, heads=4, variables=3, speed_lengths=(256, 512), math_length=128,
-            ladder_lengths=(256, 512), largest_lengths=(256, 512, 1024, 2048), climax_largest=(256, 512), warmup=1, timed=2,
+            width=64,
+            depth=2,
+            heads=4,
+            variables=3,
+            speed_lengths=(256, 512),
+            math_length=128,
+            ladder_lengths=(256, 512),
+            largest_lengths=(256, 512, 1024, 2048),
+            climax_largest=(256, 512),
+            warmup=1,
+            timed=2,
             mlp_chunks=4,
         )
 
@@ -86,7 +96,14 @@ def climax_flops(length: int, width: int, depth: int, variables: int, patch: int
     (key/value projection 4 V L D^2, output projection 2 L D^2, attention over variables 4 V L D) and the head
     (decoder_depth x 2 L D^2 + 2 L D V p^2); training = 3 x forward."""
     L, D, V, p2 = length, width, variables, patch * patch
-    extra = 2 * V * L * p2 * D + 4 * V * L * D**2 + 2 * L * D**2 + 4 * V * L * D + decoder_depth * 2 * L * D**2 + 2 * L * D * V * p2
+    extra = (
+        2 * V * L * p2 * D
+        + 4 * V * L * D**2
+        + 2 * L * D**2
+        + 4 * V * L * D
+        + decoder_depth * 2 * L * D**2
+        + 2 * L * D * V * p2
+    )
     return vit_flops(length, width, depth) + 3.0 * extra
 
 
@@ -142,7 +159,12 @@ def build(kind: str, sizes: Sizes, length: int, device: torch.device, dtype=None
 
 def sdpa_context(backend: str):
     """The SDPA kernel choice of the plain model, matching local_attention's backends."""
-    names = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+    names = {
+        "sdpa_cudnn": "CUDNN_ATTENTION",
+        "sdpa_flash": "FLASH_ATTENTION",
+        "sdpa_efficient": "EFFICIENT_ATTENTION",
+        "math": "MATH",
+    }
     if backend not in names:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -153,36 +175,6 @@ def sdpa_context(backend: str):
 # ---------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------
-
-
-class StepClock:
-    """Per-step times: CUDA events on a GPU, perf_counter (after a synchronize) elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple] = []
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._open = event
-        else:
-            self._open = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((self._open, event))
-        else:
-            self.marks.append((self._open, time.perf_counter()))
-
-    def times_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in self.marks]
-        return [(b - a) * 1e3 for a, b in self.marks]
 
 
 @dataclass
@@ -211,10 +203,13 @@ MEMORY_CONFIGS = {
     "amp+ckpt": "autocast bf16, fp32 weights and residual stream, per-block activation checkpointing",
     "bf16+ckpt": "bf16 weights and residual stream, fp32 master weights in AdamW, per-block checkpointing",
     "bf16+ckpt+chunk": "bf16+ckpt, MLP recomputed in token chunks",
-    "bf16+sac+chunk": "bf16, per-block checkpointing that keeps the attention output (no attention recompute), chunked MLP",
+    "bf16+sac+chunk": "bf16, per-block checkpointing that keeps the attention output (no attention recompute), chunked "
+    "MLP",
     "bf16+offload+chunk": "bf16, per-block checkpointing with block inputs in pinned host memory, chunked MLP",
 }
-CLIMAX_MEMORY = {"amp+ckpt+agg16k": "ClimaX only: amp+ckpt, variable aggregation run on 16K-token slices and recomputed"}
+CLIMAX_MEMORY = {
+    "amp+ckpt+agg16k": "ClimaX only: amp+ckpt, variable aggregation run on 16K-token slices and recomputed"
+}
 
 
 def _memory_setup(model: nn.Module, memory: str, sizes: Sizes):
@@ -247,7 +242,9 @@ def run_plain(kind: str, sizes: Sizes, length: int, backend: str, memory: str, d
     trial = Trial(kind, "plain+compile" if compile_blocks else "plain", backend, length, memory, section)
     dtype = torch.bfloat16 if memory.startswith("bf16") else None
     model, inputs, y = build(kind, sizes, length, device, dtype)
-    use_autocast, optimizer = _memory_setup(model, memory, sizes) if kind == "vit" else _memory_setup_climax(model, memory)
+    use_autocast, optimizer = (
+        _memory_setup(model, memory, sizes) if kind == "vit" else _memory_setup_climax(model, memory)
+    )
     if compile_blocks:
         for block in model.blocks:
             block.compile()
@@ -281,18 +278,28 @@ def _memory_setup_climax(model: nn.Module, memory: str):
             checkpoint_module(block)
     if "agg16k" in memory:
         # Variable aggregation on 16K-token slices, recomputed in backward: fused SDPA kernels reject its
-        # [B*L, H, 1, d] batch from B*L = 65536 on (a grid-size limit), and its [B*L, V, 2D] keys/values dominate memory.
+        # [B*L, H, 1, d] batch from B*L = 65536 on (a grid-size limit), and its [B*L, V, 2D] keys/values dominate
+        # memory.
         chunk_module(model.var_agg, -(-model.num_patches // (16 * K)), dim=2, out_dim=1)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     return True, torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
 
-def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str, device: torch.device,
-                 steps: tuple[int, int], section: str, attention: str = "ulysses", compile_blocks: bool = False) -> Trial:
+def run_strategy(
+    kind: str,
+    sizes: Sizes,
+    length: int,
+    backend: str,
+    memory: str,
+    device: torch.device,
+    steps: tuple[int, int],
+    section: str,
+    attention: str = "ulysses",
+    compile_blocks: bool = False,
+) -> Trial:
     """The same model and loop through Lightning's Trainer and SeqParStrategy(sequence_parallel_size=1), timed by
     CUDA events at on_train_batch_start / on_train_batch_end (training_step, backward and optimizer step).
     ``compile_blocks`` is the strategy's own option (blocks compiled, the distributed attention left eager)."""
-    from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -303,29 +310,8 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
     clock = StepClock(device)
     warmup, timed = steps
 
-    class Module(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return F.mse_loss(self.model(*inputs), y)
-
-        def configure_optimizers(self):
-            fused = {"fused": True} if device.type == "cuda" else {}
-            return torch.optim.AdamW(self.parameters(), lr=1e-4, **fused)
-
-    class Timer(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx >= warmup:
-                clock.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx >= warmup:
-                clock.stop()
-                trial.note = f"loss {float(outputs['loss']):.4f}" if batch_idx == warmup + timed - 1 else trial.note
-
-    module = Module()
+    module = BenchModule(model, lambda m, batch: F.mse_loss(m.model(*inputs), y), fused=device.type == "cuda")
+    timer = StepTimer(clock, warmup)
     strategy = SeqParStrategy(
         sequence_parallel_size=1,
         attention=attention,
@@ -334,14 +320,11 @@ def run_strategy(kind: str, sizes: Sizes, length: int, backend: str, memory: str
         compile_blocks=compile_blocks,
         process_group_backend="nccl" if device.type == "cuda" else "gloo",
     )
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy=strategy,
-        precision="bf16-mixed", max_steps=warmup + timed, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[Timer()],
-    )
+    trainer = bench_trainer(strategy, device, 1, warmup + timed, [timer], precision="bf16-mixed")
     _reset_peak(device)
     fit_and_release(trainer, module, DataLoader(list(range(warmup + timed)), batch_size=1))
+    if timed:
+        trial.note = f"loss {timer.losses[warmup + timed - 1]:.4f}"
     _finish(trial, clock, device, sizes)
     return trial
 
@@ -524,43 +507,11 @@ def _tokens(length: int) -> str:
     return f"{length // K}K" if length >= K else str(length)
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def _row(t: Trial | dict) -> str:
     t = t if isinstance(t, dict) else t.__dict__
     return (f"{t['section']:<12} {t['model']:<6} {t['mode']:<8} {t['backend']:<11} L={t['length']:>8} {t['memory']:<19}"
-            f" {t['status']:<7} step {_fmt(t['step_ms'], '10.1f')} ms  {_fmt(t['tokens_per_s'], '10.0f')} tok/s"
-            f"  {_fmt(t['tflops'], '6.1f')} TFLOP/s  peak {_fmt(t['peak_gib'], '6.2f')} GiB {t['note']}")
-
-
-def device_info(device: torch.device) -> dict:
-    import lightning
-
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "lightning": lightning.__version__,
-            "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
-                    multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-    return info
-
-
-def cuda_ms(fn, warmup: int, timed: int) -> list[float]:
-    """Milliseconds of each of ``timed`` calls of ``fn`` after ``warmup`` untimed ones, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(timed):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+            f" {t['status']:<7} step {fmt(t['step_ms'], '10.1f')} ms  {fmt(t['tokens_per_s'], '10.0f')} tok/s"
+            f"  {fmt(t['tflops'], '6.1f')} TFLOP/s  peak {fmt(t['peak_gib'], '6.2f')} GiB {t['note']}")
 
 
 def matmul_ceiling(device: torch.device) -> float | None:
@@ -569,7 +520,7 @@ def matmul_ceiling(device: torch.device) -> float | None:
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    return 2 * 8192**3 / (statistics.median(cuda_ms(lambda: a @ b, 5, 20)) / 1e3) / 1e12
+    return 2 * 8192**3 / (statistics.median(call_times(lambda: a @ b, (5, 20), device)) / 1e3) / 1e12
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -582,24 +533,35 @@ def write_outputs(results: dict, out: Path) -> None:
 def markdown(results: dict) -> str:
     info, trials = results["device"], results["trials"]
     lines = [
-        "# Single-GPU benchmark", "",
+        "# Single-GPU benchmark",
+        "",
         f"Device: {info.get('name', info['device'])} ({info.get('memory_gib', 0):.1f} GiB), torch {info['torch']},"
         f" CUDA {info['cuda']}, cuDNN {info.get('cudnn')}, Lightning {info['lightning']}."
-        f" bf16 matmul ceiling (8192^3, random data): {_fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.", "",
+        f" bf16 matmul ceiling (8192^3, random data): {fmt(results.get('matmul_tflops'), '.0f')} TFLOP/s.",
+        "",
         "Model FLOPs per step = 3 x depth x (24 L D^2 + 4 L^2 D) for the ViT (recomputation not counted); ClimaX adds"
         " embedding and head. Step time: median over the timed steps (CUDA events); `largest` rows are one step"
-        " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.", "",
+        " after the optimizer state exists. Peak: torch.cuda.max_memory_allocated.",
+        "",
         *targets(results),
-        "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both", "",
-        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |", "|---|---|---|---|---|---|---|---|---|",
+        "## Speed: plain PyTorch vs SeqParStrategy (sp=1), autocast bf16 both, AdamW (fused) both",
+        "",
+        "| model | L | path | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         if t["section"] in ("speed", "speed-repeat"):
             path = t["mode"] + (" (repeat)" if t["section"] == "speed-repeat" else "")
-            lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {_fmt(t['step_ms'], '.1f')} |"
-                         f" {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} |"
+            lines.append(f"| {t['model']} | {t['length']} | {path} | {t['backend']} | {fmt(t['step_ms'], '.1f')} |"
+                         f" {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} | {fmt(t['peak_gib'], '.2f')} |"
                          f" {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
-    lines += ["", "## Strategy overhead at sp=1 (strategy step / plain step - 1)", "", "| model | L | paths | backend | overhead |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Strategy overhead at sp=1 (strategy step / plain step - 1)",
+        "",
+        "| model | L | paths | backend | overhead |",
+        "|---|---|---|---|---|",
+    ]
     for t in trials:
         if t["section"] == "speed" and t["mode"] in ("strategy", "strategy+compile") and t["status"] == "ok":
             plain_mode = t["mode"].replace("strategy", "plain")
@@ -614,24 +576,47 @@ def markdown(results: dict) -> str:
                   "| L | attention | backend | step ms | tokens/s | TFLOP/s | peak GiB | measured (UTC) |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in kinds:
-            lines.append(f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
-                         f" {_fmt(t['step_ms'], '.1f')} | {_fmt(t['tokens_per_s'], '.0f')} | {_fmt(t['tflops'], '.1f')} |"
-                         f" {_fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |" + (f" {t['status']}" if t["status"] != "ok" else ""))
+            lines.append(
+                f"| {t['length']} | {t['mode'].removeprefix('strategy-')} | {t['backend']} |"
+                f" {fmt(t['step_ms'], '.1f')} | {fmt(t['tokens_per_s'], '.0f')} | {fmt(t['tflops'], '.1f')} |"
+                f" {fmt(t['peak_gib'], '.2f')} | {t.get('measured_at', '-')} |"
+                + (f" {t['status']}" if t["status"] != "ok" else "")
+            )
     lines += ["", "## Memory configurations (generic ViT, plain PyTorch)", ""]
     lines += [f"- `{k}`: {v}" for k, v in {**MEMORY_CONFIGS, **CLIMAX_MEMORY}.items()]
     lines += ["", "| memory | L | step ms | TFLOP/s | peak GiB |", "|---|---|---|---|---|"]
     for t in trials:
         if t["section"] == "ladder":
-            lines.append(f"| {t['memory']} | {t['length']} | {_fmt(t['step_ms'], '.1f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}")
-    lines += ["", "| memory | KB per token (slope) | fixed GiB | predicted peak at 1,048,576 tokens GiB |", "|---|---|---|---|"]
+            lines.append(
+                f"| {t['memory']} | {t['length']} | {fmt(t['step_ms'], '.1f')} | {fmt(t['tflops'], '.1f')} | "
+                f"{fmt(t['peak_gib'], '.2f')} | {t['status'] if t['status'] != 'ok' else ''}"
+            )
+    lines += [
+        "",
+        "| memory | KB per token (slope) | fixed GiB | predicted peak at 1,048,576 tokens GiB |",
+        "|---|---|---|---|",
+    ]
     for k, m in results.get("memory_model", {}).items():
-        lines.append(f"| {k} | {m['bytes_per_token'] / 1024:.1f} | {m['intercept_gib']:.2f} | {m['predicted_1m_gib']:.1f} |")
-    lines += ["", "## Longest sequence that trains (one step)", "", "| model | memory | backend | L | status | step s | TFLOP/s | peak GiB | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for t in sorted((t for t in trials if t["section"] == "largest"), key=lambda t: (t["model"], t["memory"], t["backend"], t["length"])):
+        lines.append(
+            f"| {k} | {m['bytes_per_token'] / 1024:.1f} | {m['intercept_gib']:.2f} | {m['predicted_1m_gib']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Longest sequence that trains (one step)",
+        "",
+        "| model | memory | backend | L | status | step s | TFLOP/s | peak GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in sorted(
+        (t for t in trials if t["section"] == "largest"),
+        key=lambda t: (t["model"], t["memory"], t["backend"], t["length"]),
+    ):
         note = t["note"].split(".")[0][:90] if t["status"] == "error" else ""
-        lines.append(f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
-                     f" {_fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {_fmt(t['tflops'], '.1f')} | {_fmt(t['peak_gib'], '.2f')} | {note} |")
+        lines.append(
+            f"| {t['model']} | {t['memory']} | {t['backend']} | {t['length']} | {t['status']} |"
+            f" {fmt(t['step_ms'] and t['step_ms'] / 1e3, '.1f')} | {fmt(t['tflops'], '.1f')} | "
+            f"{fmt(t['peak_gib'], '.2f')} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -646,25 +631,30 @@ def targets(results: dict) -> list[str]:
         p = [t for t in speed if t["length"] == L and t["mode"] == "plain"]
         if s and p:
             overhead = 100 * (s[0]["step_ms"] / p[0]["step_ms"] - 1)
-            lines.append(f"| strategy step (sp = 1) within 3% of plain PyTorch, {_tokens(L)} tokens | {overhead:+.1f}% |"
-                         f" {'yes' if overhead <= 3 else 'no'} |")
+            lines.append(
+                f"| strategy step (sp = 1) within 3% of plain PyTorch, {_tokens(L)} tokens | {overhead:+.1f}% |"
+                f" {'yes' if overhead <= 3 else 'no'} |"
+            )
     if speed:
         L = max(t["length"] for t in speed)
         for mode in ("plain", "strategy", "plain+compile", "strategy+compile"):
             best = [t for t in speed if t["length"] == L and t["mode"] == mode]
             if best:
                 tf = best[0]["tflops"]
-                lines.append(f"| >= 380 model TFLOP/s, generic ViT, {_tokens(L)} tokens, {mode} | {tf:.1f} | {'yes' if tf >= 380 else 'no'} |")
+                lines.append(
+                    f"| >= 380 model TFLOP/s, generic ViT, {_tokens(L)} tokens, {mode} | {tf:.1f} | "
+                    f"{'yes' if tf >= 380 else 'no'} |"
+                )
     largest = [t for t in trials if t["section"] == "largest" and t["model"] == "vit"]
     if largest:
         t = max(largest, key=lambda t: t["length"])
         lines.append(f"| generic ViT at 1,048,576 tokens trains on one GPU | {t['length']:,} tokens, {t['memory']},"
-                     f" peak {_fmt(t['peak_gib'], '.1f')} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
+                     f" peak {fmt(t['peak_gib'], '.1f')} GiB | {'yes' if t['length'] >= 2**20 else 'no'} |")
     climax = [t for t in trials if t["section"] == "largest" and t["model"] == "climax"]
     if climax:
         t = max(climax, key=lambda t: t["length"])
         lines.append(f"| ClimaX largest trainable, {results['sizes']['variables']} variables | {t['length']:,} tokens,"
-                     f" {t['memory']}, peak {_fmt(t['peak_gib'], '.1f')} GiB | (reported) |")
+                     f" {t['memory']}, peak {fmt(t['peak_gib'], '.1f')} GiB | (reported) |")
     return lines + [""]
 
 
@@ -699,7 +689,9 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"generic ViT (8 x 1024): {title}")
         ax.grid(True, alpha=0.3)
     ax_mem.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"{results['device'].get('name', results['device']['device'])}, torch {results['device']['torch']}", fontsize=9)
+    fig.suptitle(
+        f"{results['device'].get('name', results['device']['device'])}, torch {results['device']['torch']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(out / "single_gpu.png", dpi=120)
 
@@ -711,14 +703,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU too")
-    parser.add_argument("--sections", default="speed,climax,ladder,largest,climax-agg",
-                        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-agg, climax-largest,"
-                             " extreme (the default fits one 10-minute device call; extreme is the 1M-token step, ~5 minutes)")
-    parser.add_argument("--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out")
-    parser.add_argument("--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)")
+    parser.add_argument(
+        "--sections",
+        default="speed,climax,ladder,largest,climax-agg",
+        help="comma list of speed, climax, attention-kinds, ladder, largest, climax-agg, climax-largest,"
+        " extreme (the default fits one 10-minute device call; extreme is the 1M-token step, ~5 minutes)",
+    )
+    parser.add_argument(
+        "--render", type=Path, help="only rewrite the markdown and plot of this single_gpu.json into --out"
+    )
+    parser.add_argument(
+        "--merge", type=Path, help="earlier single_gpu.json whose trials are kept (same configs replaced)"
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip remaining trials after this many seconds")
-    parser.add_argument("--climax-backend", default="sdpa_flash", help="attention backend of the climax-largest section")
-    parser.add_argument("--large-backend", default=None, help="attention backend of the longest runs (default: fastest at 64K)")
+    parser.add_argument(
+        "--climax-backend", default="sdpa_flash", help="attention backend of the climax-largest section"
+    )
+    parser.add_argument(
+        "--large-backend", default=None, help="attention backend of the longest runs (default: fastest at 64K)"
+    )
     parser.add_argument("--largest-lengths", default=None, help="comma list overriding the largest-section lengths;"
                         " its last entry is the extreme section's target")
     args = parser.parse_args(argv)

@@ -28,17 +28,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_single_gpu import (
+from _common import call_times, device_info  # noqa: E402
+from bench_single_gpu import (  # noqa: E402
     OUT_DIM,
     GenericViT,
     Sizes,
-    cuda_ms,
-    device_info,
     sdpa_context,
     vit_flops,
 )
 
-from lightning_seqpar.memory import MasterWeightAdamW
+from lightning_seqpar.memory import MasterWeightAdamW  # noqa: E402
 
 
 def attention_alone(length: int, heads: int, head_dim: int, depth: int) -> list[dict]:
@@ -59,7 +58,7 @@ def attention_alone(length: int, heads: int, head_dim: int, depth: int) -> list[
                     F.scaled_dot_product_attention(q, k, v).backward(grad)
 
             try:
-                times = cuda_ms(step, 2, 5)
+                times = call_times(step, (2, 5), torch.device("cuda"))
             except RuntimeError as exc:
                 rows.append({"layout": layout, "backend": backend, "error": str(exc).splitlines()[0][:200]})
                 continue
@@ -162,11 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for name, step in steps.items():
             torch.cuda.reset_peak_memory_stats()
-            t = cuda_ms(step, 1, args.timed)
+            t = call_times(step, (1, args.timed), torch.device("cuda"))
             times[name] += t
-            print(f"round {r} {name}: median {statistics.median(t):.1f} ms  "
-                  f"({flops / statistics.median(t) / 1e9:.1f} TFLOP/s) peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
-                  flush=True)
+            print(
+                f"round {r} {name}: median {statistics.median(t):.1f} ms  "
+                f"({flops / statistics.median(t) / 1e9:.1f} TFLOP/s) peak "
+                f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+                flush=True,
+            )
     result["variants"] = {}
     for name, step in steps.items():
         try:
@@ -180,20 +182,31 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_step.json").write_text(json.dumps(result, indent=1))
 
-    lines = [f"## One training step at L = {L} ({result['device'].get('name')}, torch {result['device']['torch']})", "",
-             "| variant | step ms (median) | min-max ms | TFLOP/s | kernels ms | attention | matmul | optimizer | other |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## One training step at L = {L} ({result['device'].get('name')}, torch {result['device']['torch']})",
+        "",
+        "| variant | step ms (median) | min-max ms | TFLOP/s | kernels ms | attention | matmul | optimizer | other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, v in result["variants"].items():
         c = v["profile"]["by_category_ms"]
-        lines.append(f"| {name} | {v['step_ms']:.1f} | {min(v['step_ms_all']):.1f}-{max(v['step_ms_all']):.1f} | {v['tflops']:.1f} |"
-                     f" {v['profile']['total_kernel_ms']:.1f} | {c.get('attention', 0):.1f} | {c.get('matmul', 0):.1f} |"
-                     f" {c.get('optimizer', 0):.1f} | {c.get('other', 0):.1f} |")
+        lines.append(
+            f"| {name} | {v['step_ms']:.1f} | {min(v['step_ms_all']):.1f}-{max(v['step_ms_all']):.1f} | "
+            f"{v['tflops']:.1f} |"
+            f" {v['profile']['total_kernel_ms']:.1f} | {c.get('attention', 0):.1f} | {c.get('matmul', 0):.1f} |"
+            f" {c.get('optimizer', 0):.1f} | {c.get('other', 0):.1f} |"
+        )
     lines += ["", "| attention alone | backend | fwd+bwd ms | x depth ms | model TFLOP/s |", "|---|---|---|---|---|"]
     for row in result["attention_alone"]:
         if "ms" in row:
-            lines.append(f"| {row['layout']} | {row['backend']} | {row['ms']:.1f} | {row['depth_ms']:.1f} | {row['tflops_model']:.1f} |")
+            lines.append(
+                f"| {row['layout']} | {row['backend']} | {row['ms']:.1f} | {row['depth_ms']:.1f} | "
+                f"{row['tflops_model']:.1f} |"
+            )
     for name, v in result["variants"].items():
-        lines += ["", f"top kernels, {name}:"] + [f"  {k['ms']:8.1f} ms {k['calls']:4d}x {k['name'][:110]}" for k in v["profile"]["top"][:12]]
+        lines += ["", f"top kernels, {name}:"] + [
+            f"  {k['ms']:8.1f} ms {k['calls']:4d}x {k['name'][:110]}" for k in v["profile"]["top"][:12]
+        ]
     (args.out / "profile_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

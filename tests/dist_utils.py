@@ -35,7 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_distributed(target: str, world_size: int, *, timeout: float = 240.0, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+def run_distributed(
+    target: str, world_size: int, *, timeout: float = 240.0, env: dict[str, str] | None = None, **kwargs: Any
+) -> list[Any]:
     """Run ``target`` ("module:function") on ``world_size`` processes; return each rank's result, rank order."""
     with tempfile.TemporaryDirectory(prefix="seqpar-dist-") as tmp:
         tmp_path = Path(tmp)
@@ -76,7 +78,10 @@ def run_distributed(target: str, world_size: int, *, timeout: float = 240.0, env
             outputs.append(log.read())
             log.close()
         if failed:
-            tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{out[-4000:]}" for r, (p, out) in enumerate(zip(procs, outputs)))
+            tails = "\n".join(
+                f"--- rank {r} (exit {p.returncode}) ---\n{out[-4000:]}"
+                for r, (p, out) in enumerate(zip(procs, outputs))
+            )
             raise AssertionError(f"{target} on {world_size} processes: {failed}\n{tails}")
         return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(world_size)]
 

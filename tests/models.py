@@ -66,7 +66,10 @@ class Block(nn.Module):
     def __init__(self, dim: int, attention: type[nn.Module]) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), attention(dim, HEADS)
-        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm2, self.mlp = (
+            nn.LayerNorm(dim),
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+        )
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -109,8 +112,16 @@ class HuggingFaceViT(nn.Module):
         super().__init__()
         from transformers import ViTConfig, ViTModel
 
-        config = ViTConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
-                           image_size=24, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config = ViTConfig(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            intermediate_size=2 * WIDTH,
+            image_size=24,
+            patch_size=8,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         self.vit = ViTModel(config, add_pooling_layer=False)
         self.head = nn.Linear(WIDTH, OUT_DIM)
 
@@ -142,7 +153,12 @@ class ContainerBlocksTransformer(nn.Module):
     def __init__(self, dim: int, depth: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([HandWrittenAttention(dim, HEADS), nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))])
+            nn.ModuleList(
+                [
+                    HandWrittenAttention(dim, HEADS),
+                    nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+                ]
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -270,16 +286,11 @@ class RegressionModule(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def train_reference(model_name: str, seed: int, global_batches: list[list[int]], dataset: RandomTokens, lr: float = 0.05):
-    """Single-process training on the given global batches: the ground truth of the contract."""
-    from lightning.pytorch import seed_everything
+def train_reference(
+    model_name: str, seed: int, global_batches: list[list[int]], dataset: RandomTokens, lr: float = 0.05
+):
+    """Single-process training of ``RegressionModule(model_name, lr)`` on the given global batches: the ground truth of
+    the contract (the state dict of :func:`tests.reference.train_single_process`)."""
+    from tests.reference import train_single_process
 
-    seed_everything(seed)
-    module = RegressionModule(model_name, lr)
-    optimizer = module.configure_optimizers()
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(dataset.x[indices]), dataset.y[indices])
-        loss.backward()
-        optimizer.step()
-    return module.state_dict()
+    return train_single_process(lambda: RegressionModule(model_name, lr), global_batches, dataset, seed).state

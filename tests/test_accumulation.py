@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
-from tests.models import RegressionModule, RandomTokens, build_dataset
+from tests.models import RandomTokens, RegressionModule, build_dataset
 
 SEED, STEPS, BATCH = 1234, 2, 2
 DS_ENV = {"DS_ACCELERATOR": "cpu"}
@@ -43,7 +43,9 @@ def _strategy(engine: str, sp: int, accumulate: int):
 
     if engine == "pipeline":
         return SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=accumulate, timeout=60)
-    return SeqParStrategy(sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=60)
+    return SeqParStrategy(
+        sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=60
+    )
 
 
 def grid_worker(tmp: str, configs: list[tuple[str, int, int, float | None]]) -> dict:
@@ -95,7 +97,7 @@ def _global_batches(per_rank: list[dict], config, accumulate: int, pipeline: boo
     return steps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(pipeline: bool, global_batches: tuple[tuple[int, ...], ...], clip: float | None) -> dict:
     """Single-process SGD(momentum 0.9) over the global batches, clipped by the total gradient norm (cached: the
     engines of one data layout see the same batches)."""
@@ -147,7 +149,9 @@ def grid_runs(tmp_path_factory):
     runs = {}
     for world in (2, 4):
         tmp = str(tmp_path_factory.mktemp(f"grid{world}"))
-        per_rank = run_distributed("tests.test_accumulation:grid_worker", world, timeout=900, env=DS_ENV, tmp=tmp, configs=_grid(world))
+        per_rank = run_distributed(
+            "tests.test_accumulation:grid_worker", world, timeout=900, env=DS_ENV, tmp=tmp, configs=_grid(world)
+        )
         for config in _grid(world):
             runs[config] = [r[config] for r in per_rank]
         runs[f"times{world}"] = per_rank[0]["times"]

@@ -69,7 +69,7 @@ def results(request):
     world = request.param
     cases = [c for c in CASES if c[1] == world]
     merged = {}
-    for rank, res in enumerate(run_distributed("tests.test_attention_distributed:attention_worker", world, world=world, cases=cases)):
+    for res in run_distributed("tests.test_attention_distributed:attention_worker", world, world=world, cases=cases):
         for key, value in res.items():
             merged.setdefault(key, []).append(value)
     return world, merged

@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_bench_peers_smoke(tmp_path):
-    methods = "ulysses,ring,ring_rank_order,hybrid u1xr2,deepspeed_ulysses,torch_cp_cudnn_allgather,yunchang_usp,one_gpu_cudnn"
+    methods = ("ulysses,ring,ring_rank_order,hybrid u1xr2,deepspeed_ulysses,torch_cp_cudnn_allgather,yunchang_usp,"
+               "one_gpu_cudnn")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO_ROOT / "benchmarks" / "bench_peers.py"), "--smoke", "--out", str(tmp_path), "--methods", methods,
            "--attention", "64:4:16", "--causal", "48:2:16", "--vit-lengths", "32"]
@@ -37,7 +38,10 @@ def test_bench_peers_smoke(tmp_path):
     assert rows[("attention", "one_gpu_cudnn")]["status"] == "ok"
     cp = rows[("check", "torch_cp_cudnn_allgather")]
     assert cp["status"] == "unavailable" and "CUDA only" in cp["note"]
-    assert rows[("check", "yunchang_usp")]["status"] == "unavailable" and "needs flash-attn" in rows[("check", "yunchang_usp")]["note"]
+    assert (
+        rows[("check", "yunchang_usp")]["status"] == "unavailable"
+        and "needs flash-attn" in rows[("check", "yunchang_usp")]["note"]
+    )
     if payload["device"]["peers"]["deepspeed"]:  # the DeepSpeed peer runs on gloo too: exact, and the best peer
         assert rows[("check", "deepspeed_ulysses")]["status"] == "ok"
         assert rows[("attention", "deepspeed_ulysses")]["vs_best_peer"] == 1.0
@@ -53,8 +57,13 @@ def test_ratio_to_best_peer_and_hybrid_degrees():
         return {"section": "attention", "method": method, "family": family, "length": length, "heads": 2,
                 "head_dim": 4, "status": status, "tflops_per_gpu": tflops, "vs_best_peer": None}
 
-    rows = [row("ring", "ours", 300.0), row("a", "peer", 400.0), row("b", "peer", 200.0), row("c", "peer", 900.0, "error"),
-            row("ring", "ours", 100.0, length=16)]
+    rows = [
+        row("ring", "ours", 300.0),
+        row("a", "peer", 400.0),
+        row("b", "peer", 200.0),
+        row("c", "peer", 900.0, "error"),
+        row("ring", "ours", 100.0, length=16),
+    ]
     add_ratios(rows)
     assert [r["vs_best_peer"] for r in rows] == [0.75, 1.0, 0.5, None, None]  # no peer at length 16: no ratio
     assert hybrid_degrees(2, 16) == [1, 2] and hybrid_degrees(8, 16) == [2, 4] and hybrid_degrees(8, 2) == [2]

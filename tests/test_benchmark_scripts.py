@@ -35,9 +35,23 @@ def test_run_multi_gpu_script_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = _env(tmp_path, SEQPAR_BENCH_OUT=str(out),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "run_multi_gpu.sh"), "2", "--smoke", "--attention", "ulysses",
-                           "--climax-attention", "lss", *NO_BUDGET], env=env, capture_output=True, text=True,
-                          timeout=SUBPROCESS_LIMIT_S)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO_ROOT / "benchmarks" / "run_multi_gpu.sh"),
+            "2",
+            "--smoke",
+            "--attention",
+            "ulysses",
+            "--climax-attention",
+            "lss",
+            *NO_BUDGET,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_LIMIT_S,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     assert {"multi_gpu_n1.json", "multi_gpu_n2.json", "multi_gpu_n2_longest.json", "multi_gpu_n2_report.md",
@@ -54,7 +68,12 @@ def test_run_multi_gpu_script_end_to_end(tmp_path):
     assert rows == [("vit", "ulysses", 32, "ok", 1), ("vit", "ulysses", 64, "ok", 1),
                     ("climax", "lss", 16, "ok", 1), ("climax", "lss", 32, "ok", 1)]
     report = (out / "multi_gpu_n2_report.md").read_text()
-    for heading in ("## Weak scaling", "## Strong scaling", "## Communication against attention", "## Longest sequence"):
+    for heading in (
+        "## Weak scaling",
+        "## Strong scaling",
+        "## Communication against attention",
+        "## Longest sequence",
+    ):
         assert heading in report
     assert "| ulysses | 2 | 2 x 1 | 32 |" in report and "| climax | lss | 2 | 32 | ok |" in report
 
@@ -73,8 +92,16 @@ def test_scaling_report_merges_files_later_rows_win(tmp_path):
 
     meta = {"sizes": {"width": 8, "depth": 1, "heads": 2, "tokens_per_gpu": 100}, "device": {"device": "cpu"}}
     files = {
-        "n1.json": {"world": 1, **meta, "results": [row("weak", 1, 100, 1000.0, 10.0), row("strong", 1, 400, 8000.0, 10.0)]},
-        "old.json": {"world": 2, **meta, "results": [row("weak", 2, 200, 4000.0, 5.0), row("strong", 2, 400, 5000.0, 8.0)]},
+        "n1.json": {
+            "world": 1,
+            **meta,
+            "results": [row("weak", 1, 100, 1000.0, 10.0), row("strong", 1, 400, 8000.0, 10.0)],
+        },
+        "old.json": {
+            "world": 2,
+            **meta,
+            "results": [row("weak", 2, 200, 4000.0, 5.0), row("strong", 2, 400, 5000.0, 8.0)],
+        },
         "new.json": {"world": 2, **meta, "results": [row("weak", 2, 200, 2500.0, 9.6)]},
     }
     for name, data in files.items():
@@ -103,8 +130,9 @@ def test_longest_ladder_skips_what_it_predicts_will_not_fit():
     assert skip_reason(rows, 2048, 1000.0, 100.0) == \
         "predicted 175 s for one step > 100 s left (predicted peak 130 GiB)"  # 40 s x 4 + 15 s
     assert skip_reason([row(512, 40.0, 1.0, 1.0)], 1024, 79.0, 1e9).startswith("predicted peak 80 GiB")  # through zero
-    assert skip_reason(rows[:1] + [Result("longest", "vit", "ulysses", 2, 2, 1, 1024, status="oom")], 2048, 80.0, 1e9) == \
-        skip_reason(rows[:1], 2048, 80.0, 1e9)
+    assert skip_reason(
+        rows[:1] + [Result("longest", "vit", "ulysses", 2, 2, 1, 1024, status="oom")], 2048, 80.0, 1e9
+    ) == skip_reason(rows[:1], 2048, 80.0, 1e9)
 
 
 @pytest.mark.timeout(2 * SUBPROCESS_LIMIT_S)
@@ -114,13 +142,25 @@ def test_single_gpu_benchmark_smoke(tmp_path):
     "+compile" trials run eagerly here (TORCHDYNAMO_DISABLE); compiled blocks are tested in tests/test_compile.py."""
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_single_gpu.py"), "--smoke", "--out", str(tmp_path),
            "--sections", "speed,attention-kinds,ladder", *NO_BUDGET]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "single_gpu.json").read_text())
     trials = results["trials"]
-    assert trials and all(t["status"] == "ok" for t in trials), [(t["mode"], t["note"]) for t in trials if t["status"] != "ok"]
+    assert trials and all(t["status"] == "ok" for t in trials), [
+        (t["mode"], t["note"]) for t in trials if t["status"] != "ok"
+    ]
     modes = {t["mode"] for t in trials}
-    assert {"plain", "strategy", "plain+compile", "strategy+compile", "strategy-lss", "strategy-ring", "strategy-hybrid"} <= modes
+    assert {
+        "plain",
+        "strategy",
+        "plain+compile",
+        "strategy+compile",
+        "strategy-lss",
+        "strategy-ring",
+        "strategy-hybrid",
+    } <= modes
     # every strategy trial trained: same loss as its neighbours (same seed and data), not a skipped fit
     assert all(t["note"].startswith("loss ") for t in trials if t["mode"].startswith("strategy"))
     md = (tmp_path / "single_gpu.md").read_text()
@@ -148,5 +188,7 @@ def test_strategy_trials_leave_no_process_group(tmp_path):
         "print('clean')\n"
     )
     env = _env(tmp_path, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S
+    )
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -30,7 +30,9 @@ def test_compiled_blocks_train_like_one_process(checkpointing):
         assert all(r["compiled_graphs"] >= 2 and r["graph_breaks"] >= 1 for r in ranks), [
             (r["compiled_graphs"], r["graph_breaks"]) for r in ranks
         ]
-        reference = train_reference(config[0], SEED, [ranks[0]["seen"][t] for t in range(STEPS)], build_dataset(config[0]))
+        reference = train_reference(
+            config[0], SEED, [ranks[0]["seen"][t] for t in range(STEPS)], build_dataset(config[0])
+        )
         for rank, r in enumerate(ranks):
             assert len(r["seen"][0]) == BATCH
             err, name = _max_rel_error(r["final"], reference)

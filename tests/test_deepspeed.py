@@ -49,12 +49,18 @@ def test_config_from_trainer_settings():
     assert "train_batch_size" not in config
     # DeepSpeed clips at 1.0 unless told otherwise: no Lightning clipping must write 0.
     assert build_config(zero_stage=1)["gradient_clipping"] == 0.0
-    assert "bf16" not in build_config(precision="32-true") and build_config(precision="16-mixed")["fp16"] == {"enabled": True}
+    assert "bf16" not in build_config(precision="32-true") and build_config(precision="16-mixed")["fp16"] == {
+        "enabled": True
+    }
     offload = build_config(zero_stage=3, offload_optimizer=True, offload_parameters=True)["zero_optimization"]
     assert offload["offload_optimizer"]["device"] == "cpu" and offload["offload_param"]["device"] == "cpu"
     # The explicit config wins, key by key.
-    merged = build_config(zero_stage=1, user_config={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0})
-    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and merged["gradient_clipping"] == 2.0
+    merged = build_config(
+        zero_stage=1, user_config={"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0}
+    )
+    assert (
+        merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and merged["gradient_clipping"] == 2.0
+    )
 
 
 def test_config_errors(tmp_path):
@@ -91,28 +97,47 @@ def test_strategy_argument_errors():
 
 
 def test_registered_names():
-    import lightning_seqpar  # noqa: F401
     from lightning.pytorch.strategies import StrategyRegistry
 
+    import lightning_seqpar  # noqa: F401
+
     assert StrategyRegistry["seqpar_zero2"]["init_params"] == {"zero_stage": 2}
-    assert StrategyRegistry["seqpar_zero3_offload"]["init_params"] == {"zero_stage": 3, "offload_optimizer": True, "offload_parameters": True}
+    assert StrategyRegistry["seqpar_zero3_offload"]["init_params"] == {
+        "zero_stage": 3,
+        "offload_optimizer": True,
+        "offload_parameters": True,
+    }
     assert {"seqpar_zero1", "seqpar_zero3"} <= set(StrategyRegistry)
 
 
 def test_resume_layout_decisions(tmp_path):
     from lightning_seqpar.deepspeed_engine import DeepSpeedConfigError, check_resume_layout
 
-    saved = {"zero_stage": 2, "pipeline_parallel_size": 1, "data_parallel_size": 1, "sequence_parallel_size": 2, "sequence_data_parallel_size": 2}
+    saved = {
+        "zero_stage": 2,
+        "pipeline_parallel_size": 1,
+        "data_parallel_size": 1,
+        "sequence_parallel_size": 2,
+        "sequence_data_parallel_size": 2,
+    }
     now = {**saved, "sequence_parallel_size": 4, "sequence_data_parallel_size": 4}
     assert check_resume_layout(tmp_path, saved, now, load_universal=False)  # re-laid out at load
     assert check_resume_layout(tmp_path, saved, {**saved, "zero_stage": 3}, load_universal=False)
     assert not check_resume_layout(tmp_path, saved, saved, load_universal=False)
     assert not check_resume_layout(tmp_path, saved, now, load_universal=True)  # DeepSpeed's universal loader
     directory = tmp_path / "my run" / "last.ckpt"
-    with pytest.raises(DeepSpeedConfigError, match=r"zero_stage=2.*this run has .*zero_stage=None.*python -m lightning_seqpar\.consolidate '.*my run/last\.ckpt' weights\.pt then"):
-        check_resume_layout(directory, saved, {"pipeline_parallel_size": 1, "sequence_parallel_size": 2}, load_universal=False)
+    with pytest.raises(
+        DeepSpeedConfigError,
+        match=r"zero_stage=2.*this run has .*zero_stage=None.*python -m lightning_seqpar\.consolidate "
+        r"'.*my run/last\.ckpt' weights\.pt then",
+    ):
+        check_resume_layout(
+            directory, saved, {"pipeline_parallel_size": 1, "sequence_parallel_size": 2}, load_universal=False
+        )
     with pytest.raises(DeepSpeedConfigError, match="not into or out of pipeline stages"):
-        check_resume_layout(tmp_path, saved, {**saved, "pipeline_parallel_size": 2, "zero_stage": 1}, load_universal=False)
+        check_resume_layout(
+            tmp_path, saved, {**saved, "pipeline_parallel_size": 2, "zero_stage": 1}, load_universal=False
+        )
 
 
 def test_pipeline_contract_errors():
@@ -153,7 +178,8 @@ class _Head(nn.Module):
 
 
 class PipelineRegression(RegressionModule):
-    """RegressionModule on a 4-block TinyViT with the pipeline contract: layers, loss, and batch -> (inputs, targets)."""
+    """RegressionModule on a 4-block TinyViT with the pipeline contract: layers, loss, and batch -> (inputs,
+    targets)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,23 +194,6 @@ class PipelineRegression(RegressionModule):
     def pipeline_batch(self, batch):
         self.seen.append(batch["index"].tolist())
         return batch["x"], batch["y"]
-
-
-def reference_run(make_module, global_batches, dataset):
-    """Single-process SGD on the global batches: (losses, state dict)."""
-    from lightning.pytorch import seed_everything
-
-    seed_everything(SEED)
-    module = make_module()
-    optimizer = module.configure_optimizers()
-    losses = []
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(dataset.x[indices]), dataset.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
 
 
 # --- 2 processes: ZeRO 1/2/3 x sp 2, save / resume / consolidate -------------------------------------------
@@ -220,7 +229,9 @@ def zero_worker(tmp: str) -> dict:
         seed_everything(SEED)
         module = RegressionModule()
         initial = {k: v.clone() for k, v in module.state_dict().items()}
-        strategy = "seqpar_zero2" if stage == 2 else SeqParStrategy(sequence_parallel_size=2, zero_stage=stage, timeout=60)
+        strategy = (
+            "seqpar_zero2" if stage == 2 else SeqParStrategy(sequence_parallel_size=2, zero_stage=stage, timeout=60)
+        )
         trainer = _trainer(strategy, tmp, max_steps=STEPS, enable_checkpointing=False)
         trainer.fit(module, DataLoader(build_dataset("timm_vit"), batch_size=BATCH))
         out[stage] = {
@@ -235,7 +246,12 @@ def zero_worker(tmp: str) -> dict:
     # ZeRO-3 wraps every module's inputs, so nn.MultiheadAttention receives self(x, x, x) as three aliases.
     seed_everything(SEED)
     module = RegressionModule("torch_encoder")
-    trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_steps=STEPS, enable_checkpointing=False)
+    trainer = _trainer(
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        tmp,
+        max_steps=STEPS,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, DataLoader(build_dataset("torch_encoder"), batch_size=BATCH))
     out["zero3_torch_encoder"] = {"final": trainer.strategy.full_state_dict(), "seen": module.seen}
 
@@ -246,15 +262,25 @@ def zero_worker(tmp: str) -> dict:
     first = RegressionModule()
     checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), save_last=True)
     record1 = LossRecorder()
-    trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_epochs=1, callbacks=[record1, checkpoint])
+    trainer = _trainer(
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        tmp,
+        max_epochs=1,
+        callbacks=[record1, checkpoint],
+    )
     trainer.fit(first, data())
     after_first_epoch = trainer.strategy.full_state_dict()
     seed_everything(7)
     torch.manual_seed(123)  # the RNG differs in a new process: the checkpoint must carry what matters
     second = RegressionModule()
     record2 = LossRecorder()
-    trainer = _trainer(SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60), tmp, max_epochs=2, callbacks=[record2],
-                       enable_checkpointing=False)
+    trainer = _trainer(
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        tmp,
+        max_epochs=2,
+        callbacks=[record2],
+        enable_checkpointing=False,
+    )
     trainer.fit(second, data(), ckpt_path=checkpoint.last_model_path)
     out["resume"] = {
         "seen": first.seen + second.seen,
@@ -267,13 +293,17 @@ def zero_worker(tmp: str) -> dict:
     if int(os.environ["RANK"]) == 0:
         start = time.perf_counter()
         consolidated = consolidate_checkpoint(checkpoint.last_model_path)
-        out["consolidation_error"] = max((consolidated[k] - after_first_epoch[k]).abs().max().item() for k in after_first_epoch)
+        out["consolidation_error"] = max(
+            (consolidated[k] - after_first_epoch[k]).abs().max().item() for k in after_first_epoch
+        )
         out["consolidated_keys"] = sorted(consolidated) == sorted(after_first_epoch)
         target = os.path.join(tmp, "consolidated.pt")
         consolidate_main([checkpoint.last_model_path, target])
         plain = RegressionModule()
         plain.load_state_dict(torch.load(target, weights_only=True)["state_dict"])
-        out["cli_error"] = max((plain.state_dict()[k] - after_first_epoch[k]).abs().max().item() for k in after_first_epoch)
+        out["cli_error"] = max(
+            (plain.state_dict()[k] - after_first_epoch[k]).abs().max().item() for k in after_first_epoch
+        )
         out["times"]["consolidate"] = time.perf_counter() - start
     return out
 
@@ -367,9 +397,18 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
 
     errors = {}
     cases = {
-        "accumulate": (lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=60), PipelineRegression,
-                       {"accumulate_grad_batches": 2}, None),
-        "other_sp": (lambda: SeqParStrategy(sequence_parallel_size=4, zero_stage=3, timeout=60), RegressionModule, {}, zero3_checkpoint),
+        "accumulate": (
+            lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=60),
+            PipelineRegression,
+            {"accumulate_grad_batches": 2},
+            None,
+        ),
+        "other_sp": (
+            lambda: SeqParStrategy(sequence_parallel_size=4, zero_stage=3, timeout=60),
+            RegressionModule,
+            {},
+            zero3_checkpoint,
+        ),
     }
     for name, (make_strategy, make_module, kwargs, ckpt_path) in cases.items():
         start = time.perf_counter()
@@ -389,20 +428,24 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
 def pipeline_runs(tmp_path_factory, zero_runs):
     tmp = str(tmp_path_factory.mktemp("pipeline"))
     zero3_checkpoint = zero_runs[1][0]["resume"]["checkpoint"]
-    return run_distributed("tests.test_deepspeed:pipeline_worker", 4, timeout=400, env=DS_ENV, tmp=tmp, zero3_checkpoint=zero3_checkpoint)
+    return run_distributed(
+        "tests.test_deepspeed:pipeline_worker", 4, timeout=400, env=DS_ENV, tmp=tmp, zero3_checkpoint=zero3_checkpoint
+    )
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(450)
 def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_runs):
     from tests.models import RandomTokens
+    from tests.reference import train_single_process
 
     runs = [r["pipeline"] for r in pipeline_runs]
     assert runs[0]["parts"] == [0, 3, 6]  # embed + 2 blocks | 2 blocks + head
     assert "pp 1, dp 0, sp 1" in runs[3]["topology"]
     # Stage 0 reads the inputs and the last stage the targets: they must be the same samples.
     assert all(r["seen"] == runs[0]["seen"] for r in runs)
-    losses, reference = reference_run(PipelineRegression, runs[0]["seen"], RandomTokens())
+    single = train_single_process(PipelineRegression, runs[0]["seen"], RandomTokens(), SEED)
+    losses, reference = single.losses, single.state
     # The loss is the mean of two micro-batch means (equal sizes) instead of one mean: a reassociation of fp32 sums.
     for r in runs:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
@@ -421,5 +464,9 @@ def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_r
 @pytest.mark.timeout(450)
 def test_trainer_level_errors(pipeline_runs):
     errors = pipeline_runs[0]["errors"]
-    assert errors["accumulate"].startswith("PipelineError") and "SeqParStrategy(micro_batches=2)" in errors["accumulate"]
-    assert errors["other_sp"] is None, errors["other_sp"]  # ZeRO-3 shards of 2 ranks re-laid out for 4 (test_relayout.py)
+    assert (
+        errors["accumulate"].startswith("PipelineError") and "SeqParStrategy(micro_batches=2)" in errors["accumulate"]
+    )
+    assert errors["other_sp"] is None, errors[
+        "other_sp"
+    ]  # ZeRO-3 shards of 2 ranks re-laid out for 4 (test_relayout.py)

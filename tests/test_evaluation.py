@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from tests.dist_utils import run_distributed
-from tests.models import RandomTokens, RegressionModule, TOKENS
+from tests.models import TOKENS, RandomTokens, RegressionModule
 
 SIZES = ((5, 1), (7, 3), (3, 2), (1, 1))  # (samples, batch size)
 LATITUDES = np.linspace(-60.0, 60.0, TOKENS)
@@ -54,7 +54,9 @@ class EvalModule(RegressionModule):
         values = {"mse": self.mse.compute(), "count": self.count.compute(), **self.rmse.compute(), **self.acc.compute()}
         self.results = {k: float(v) for k, v in values.items()}
         # An epoch-end value each rank contributes (after a padding step on some ranks): must not be neutralised.
-        self.log(f"{stage}_epoch_sum", values["count"] / self.trainer.strategy.topology.dp, reduce_fx="sum", sync_dist=True)
+        self.log(
+            f"{stage}_epoch_sum", values["count"] / self.trainer.strategy.topology.dp, reduce_fx="sum", sync_dist=True
+        )
         for metric in (self.mse, self.count, self.rmse, self.acc):
             metric.reset()
 
@@ -83,8 +85,13 @@ def single_process_values(state: dict, n: int) -> dict:
     module.acc.update(pred[:, None], data.y[:, None], lead)
     per_sample = ((pred - data.y) ** 2).mean(dim=(1, 2))
     return {
-        "loss": per_sample.mean().item(), "samples": float(n), "epoch_sum": float(n), "mse": F.mse_loss(pred, data.y).item(), "count": float(n),
-        **{k: float(v) for k, v in {**module.rmse.compute(), **module.acc.compute()}.items()}, "predictions": pred,
+        "loss": per_sample.mean().item(),
+        "samples": float(n),
+        "epoch_sum": float(n),
+        "mse": F.mse_loss(pred, data.y).item(),
+        "count": float(n),
+        **{k: float(v) for k, v in {**module.rmse.compute(), **module.acc.compute()}.items()},
+        "predictions": pred,
     }
 
 
@@ -100,8 +107,15 @@ def evaluation_worker(tmp: str) -> dict:
         module = EvalModule()
         out[(n, "state")] = {k: v.clone() for k, v in module.state_dict().items()}
         for stage in ("validate", "test", "predict"):
-            trainer = Trainer(accelerator="cpu", devices=_WORLD, strategy=SeqParStrategy(sequence_parallel_size=2, timeout=60),
-                              default_root_dir=tmp, logger=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer = Trainer(
+                accelerator="cpu",
+                devices=_WORLD,
+                strategy=SeqParStrategy(sequence_parallel_size=2, timeout=60),
+                default_root_dir=tmp,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
             loader = DataLoader(RandomTokens(size=n), batch_size=batch_size)
             if stage == "predict":
                 predictions = trainer.predict(module, loader)
@@ -117,7 +131,9 @@ def evaluation_worker(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def evaluation_runs(tmp_path_factory):
-    return run_distributed("tests.test_evaluation:evaluation_worker", 4, timeout=500, tmp=str(tmp_path_factory.mktemp("eval")))
+    return run_distributed(
+        "tests.test_evaluation:evaluation_worker", 4, timeout=500, tmp=str(tmp_path_factory.mktemp("eval"))
+    )
 
 
 @pytest.mark.multiprocess
@@ -152,8 +168,12 @@ def test_eval_shards_cover_every_sample_once_with_equal_step_counts(n, dp, batch
     from lightning_seqpar.sampling import EvalShardBatchSampler
 
     data = list(range(n))
-    samplers = [EvalShardBatchSampler(DistributedSampler(data, num_replicas=dp, rank=r, shuffle=False), n, batch_size, False, dp, r, pad=True)
-                for r in range(dp)]
+    samplers = [
+        EvalShardBatchSampler(
+            DistributedSampler(data, num_replicas=dp, rank=r, shuffle=False), n, batch_size, False, dp, r, pad=True
+        )
+        for r in range(dp)
+    ]
     real = [index for s in samplers for batch, pad in zip(s, s.padding) if not pad for index in batch]
     assert real == data  # rank order is sample order
     assert len({len(s) for s in samplers}) == 1  # every rank runs the same number of steps

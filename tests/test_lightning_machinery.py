@@ -73,7 +73,9 @@ def _decision_runs(root: str, strategy_factory, devices: int, batch_size: int, r
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", mode="min", save_top_k=1, save_last=True)
         worst = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", mode="max", save_top_k=2, filename="max-{step}")
         module, record = RegressionModule(lr=LR), ValLossRecorder()
-        trainer = _trainer(root, strategy_factory(), devices, max_steps=8, val_check_interval=2, callbacks=[best, worst, record])
+        trainer = _trainer(
+            root, strategy_factory(), devices, max_steps=8, val_check_interval=2, callbacks=[best, worst, record]
+        )
         trainer.fit(module, *_data(batch_size, reference))
         out[run] = {
             "seen": module.seen,
@@ -90,13 +92,22 @@ def _decision_runs(root: str, strategy_factory, devices: int, batch_size: int, r
     seed_everything(SEED)
     stop = EarlyStopping(monitor="val_loss", mode="min", patience=1)
     module = RegressionModule(lr=LR)
-    trainer = _trainer(root, strategy_factory(), devices, max_steps=16, val_check_interval=2, check_val_every_n_epoch=None,
-                       callbacks=[stop], enable_checkpointing=False)
+    trainer = _trainer(
+        root,
+        strategy_factory(),
+        devices,
+        max_steps=16,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        callbacks=[stop],
+        enable_checkpointing=False,
+    )
     trainer.fit(module, *_data(batch_size, reference))
     out["early_stopping"] = {"global_step": trainer.global_step, "stopped_epoch": stop.stopped_epoch,
                              "best_score": float(stop.best_score), "wait_count": stop.wait_count}
 
-    # The learning-rate finder: losses on rank 0, results broadcast to every rank, the model restored from its checkpoint.
+    # The learning-rate finder: losses on rank 0, results broadcast to every rank, the model restored from its
+    # checkpoint.
     try:
         out["lr_find"] = _lr_find(root, strategy_factory, devices, batch_size, reference)
     except Exception as e:  # noqa: BLE001
@@ -114,8 +125,15 @@ def _lr_find(root, strategy_factory, devices, batch_size, reference):
     module = RegressionModule(lr=LR)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(root, strategy_factory(), devices, max_steps=8, enable_checkpointing=False)
-    finder = Tuner(trainer).lr_find(module, train_dataloaders=_data(batch_size, reference)[0],
-                                    min_lr=1e-3, max_lr=1.0, num_training=6, early_stop_threshold=None, update_attr=False)
+    finder = Tuner(trainer).lr_find(
+        module,
+        train_dataloaders=_data(batch_size, reference)[0],
+        min_lr=1e-3,
+        max_lr=1.0,
+        num_training=6,
+        early_stop_threshold=None,
+        update_attr=False,
+    )
     return {"lr": list(finder.results["lr"]), "loss": list(finder.results["loss"]),
             "restored": all(torch.equal(before[k], v) for k, v in module.state_dict().items())}
 
@@ -141,7 +159,9 @@ def _checkpointing_grid(root: str) -> dict:
             seed_everything(SEED)
             module, record = make_module(), LossRecorder()
             strategy = SeqParStrategy(activation_checkpointing=mode, timeout=60, **kwargs)
-            trainer = _trainer(root, strategy, _WORLD, max_steps=GRID_STEPS, enable_checkpointing=False, callbacks=[record])
+            trainer = _trainer(
+                root, strategy, _WORLD, max_steps=GRID_STEPS, enable_checkpointing=False, callbacks=[record]
+            )
             try:
                 trainer.fit(module, _data(BATCH)[0])
             except Exception as e:  # noqa: BLE001  reported by the test, with the configuration
@@ -169,7 +189,11 @@ def _decisions(tmp: str) -> dict:
     for zero in (0, 3):
         root = os.path.join(tmp, f"zero{zero}")
         out[zero] = _decision_runs(
-            root, lambda: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=60), _WORLD, BATCH, reference=False
+            root,
+            lambda zero=zero: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=60),
+            _WORLD,
+            BATCH,
+            reference=False,
         )
     return out
 
@@ -206,19 +230,30 @@ def _check_decisions(per_rank: list[dict], reference: dict, data_parallel: int) 
             for run in ("first", "again"):
                 mine, ref = got[run], reference[run]
                 # The same validation losses as the single device: what follows is a decision.
-                torch.testing.assert_close(torch.tensor(mine["val_losses"]), torch.tensor(ref["val_losses"]), rtol=1e-5, atol=0)
+                torch.testing.assert_close(
+                    torch.tensor(mine["val_losses"]), torch.tensor(ref["val_losses"]), rtol=1e-5, atol=0
+                )
                 for key in ("best_path", "last_path", "files"):
-                    assert mine[key] == ref[key], f"{where}, {run} run: ModelCheckpoint {key} {mine[key]} != one device's {ref[key]}"
-                assert [name for name, _ in mine["top2"]] == [name for name, _ in ref["top2"]], f"{where}: top-2 {mine['top2']}"
+                    assert mine[key] == ref[key], (
+                        f"{where}, {run} run: ModelCheckpoint {key} {mine[key]} != one device's {ref[key]}"
+                    )
+                assert [name for name, _ in mine["top2"]] == [name for name, _ in ref["top2"]], (
+                    f"{where}: top-2 {mine['top2']}"
+                )
                 assert abs(mine["best_score"] - ref["best_score"]) <= 1e-5 * ref["best_score"]
             es, ref_es = got["early_stopping"], reference["early_stopping"]
             assert (es["global_step"], es["stopped_epoch"], es["wait_count"]) == (
-                ref_es["global_step"], ref_es["stopped_epoch"], ref_es["wait_count"]), f"{where}: EarlyStopping {es} != {ref_es}"
+                ref_es["global_step"],
+                ref_es["stopped_epoch"],
+                ref_es["wait_count"],
+            ), f"{where}: EarlyStopping {es} != {ref_es}"
             if zero == 0 and data_parallel == 1:
                 # One data-parallel replica: rank 0's losses are the global batch's, as on one device.
                 lr = got["lr_find"]
                 assert lr["restored"], f"{where}: lr_find did not restore the initial weights"
-                torch.testing.assert_close(torch.tensor(lr["loss"]), torch.tensor(reference["lr_find"]["loss"]), rtol=1e-5, atol=0)
+                torch.testing.assert_close(
+                    torch.tensor(lr["loss"]), torch.tensor(reference["lr_find"]["loss"]), rtol=1e-5, atol=0
+                )
             elif zero == 0:
                 # Several replicas: the finder measures rank 0's losses (as under plain DDP) and broadcasts them.
                 assert got["lr_find"] == per_rank[0]["decisions"][zero]["lr_find"]
@@ -238,39 +273,21 @@ def test_decisions_equal_one_device_at_sp2_dp2(world4, tmp_path):
     _check_decisions(world4, _reference(tmp_path, 2), data_parallel=2)
 
 
-def _reference_training(make_module, seen: list[list[int]]) -> tuple[list[float], dict]:
-    """Single-process SGD on the global batches ``seen``: (losses, state dict)."""
-    import torch.nn.functional as F
-    from lightning.pytorch import seed_everything
-
-    from tests.models import RandomTokens
-
-    data = RandomTokens()
-    seed_everything(SEED)
-    module = make_module()
-    optimizer = module.configure_optimizers()
-    losses = []
-    for indices in seen:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(data.x[indices]), data.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "pipeline"])
 @pytest.mark.parametrize("mode", CHECKPOINTING)
 def test_activation_checkpointing_on_every_engine(world2, engine, mode):
-    from tests.models import RegressionModule
+    from tests.models import RandomTokens, RegressionModule
+    from tests.reference import train_single_process
     from tests.test_deepspeed import PipelineRegression
 
     runs = [r["checkpointing"][engine, mode] for r in world2]
     for rank, run in enumerate(runs):
         assert isinstance(run, dict), f"activation_checkpointing={mode!r} on {engine}, rank {rank}: {run}"
-    losses, reference = _reference_training(PipelineRegression if engine == "pipeline" else RegressionModule, runs[0]["seen"])
+    single = train_single_process(PipelineRegression if engine == "pipeline" else RegressionModule, runs[0]["seen"],
+                                  RandomTokens(), SEED)
+    losses, reference = single.losses, single.state
     for rank, run in enumerate(runs):
         assert len(run["losses"]) == GRID_STEPS
         torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)

@@ -1,4 +1,5 @@
-"""Local attention kernels: the backends agree, forced backends fail clearly where they cannot run, shapes are checked."""
+"""Local attention kernels: the backends agree, forced backends fail clearly where they cannot run, shapes are
+checked."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def test_auto_is_sdpa_on_cpu():
 
 def test_flash_attn_forced_on_cpu_fp32_explains_why():
     q, k, v = _qkv()
-    with pytest.raises(BackendUnavailableError, match="'flash_attn' cannot run here: .*needs CUDA.*needs float16 or bfloat16"):
+    with pytest.raises(
+        BackendUnavailableError, match="'flash_attn' cannot run here: .*needs CUDA.*needs float16 or bfloat16"
+    ):
         local_attention(q, k, v, backend="flash_attn")
 
 
@@ -84,7 +87,9 @@ def test_mismatched_dtypes_are_named(name):
         "lss": lambda *t: lss_attention(*t, None),
         "ring": lambda *t: ring_attention(*t, None),
     }[name]
-    with pytest.raises(ValueError, match=r"q, k and v must share one dtype and device, got q torch.float32 on cpu, k torch.bfloat16"):
+    with pytest.raises(
+        ValueError, match=r"q, k and v must share one dtype and device, got q torch.float32 on cpu, k torch.bfloat16"
+    ):
         fn(q, k.bfloat16(), v)
 
 

@@ -1,4 +1,5 @@
-"""Memory savers (lightning_seqpar.memory, lightning_seqpar.wrapping) compute the same function and gradients as the plain model, on CPU in fp32."""
+"""Memory savers (lightning_seqpar.memory, lightning_seqpar.wrapping) compute the same function and gradients as the
+plain model, on CPU in fp32."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.
 
 
 @pytest.mark.parametrize(
-    "mode", ["checkpoint", "offload", "save_attention", "chunk", "checkpoint+chunk", "offload+chunk", "save_attention+chunk"]
+    "mode",
+    ["checkpoint", "offload", "save_attention", "chunk", "checkpoint+chunk", "offload+chunk", "save_attention+chunk"],
 )
 @pytest.mark.parametrize("input_requires_grad", [True, False])
 def test_memory_savers_match_plain_model(mode, input_requires_grad):
@@ -84,7 +86,9 @@ def test_offload_keeps_only_the_block_input_in_host_memory(monkeypatch):
     x = torch.randn(2, TOKENS, WIDTH, requires_grad=True)
     accumulations = {name: 0 for name, _ in block.named_parameters()}
     for name, p in block.named_parameters():
-        p.register_post_accumulate_grad_hook(lambda _, name=name: accumulations.__setitem__(name, accumulations[name] + 1))
+        p.register_post_accumulate_grad_hook(
+            lambda _, name=name: accumulations.__setitem__(name, accumulations[name] + 1)
+        )
     undo = checkpoint_module(block, offload=True)
     out = block(x)
     assert len(packed) == 1 and packed[0] is x

@@ -111,7 +111,11 @@ def test_ownership_check_lists_left_out_and_twice_claimed_parameters():
     from lightning_seqpar.pipeline import PipelineError, check_ownership
 
     module = LeakyContract()
-    with pytest.raises(PipelineError, match=r"in no layer \(they would never be trained\): model\.pos_embed, model\.patch_embed\.weight, model\.patch_embed\.bias\."):
+    with pytest.raises(
+        PipelineError,
+        match=r"in no layer \(they would never be trained\): model\.pos_embed, model\.patch_embed\.weight, "
+        r"model\.patch_embed\.bias\.",
+    ):
         check_ownership(module, module.pipeline_layers())
     good = ContractRegression()
     check_ownership(good, good.pipeline_layers())
@@ -132,7 +136,9 @@ def test_stage_parameters_cover_every_parameter_once():
         names = [n for stage in owned for n, _ in stage]
         assert sorted(names) == sorted(n for n, _ in module.named_parameters()), name
         first_block = next(n for n, _ in module.named_parameters() if n.startswith(path))
-        assert first_block in [n for n, _ in owned[0]] and all(not n.startswith(path) or n.startswith(f"{path}.0.") for n, _ in owned[0])
+        assert first_block in [n for n, _ in owned[0]] and all(
+            not n.startswith(path) or n.startswith(f"{path}.0.") for n, _ in owned[0]
+        )
     assert even_split(5, 2) == [0, 3, 5] and even_split(4, 4) == [0, 1, 2, 3, 4]
 
 
@@ -207,10 +213,15 @@ def test_pipeline_checkpoint_layer_files_load_by_name(tmp_path):
             layers = trained.pipeline_layers()
         else:
             _, blocks = block_stack(trained, 2)
-            layers = [StageLayer([p for _, p in stage], lambda x: x) for stage in stage_parameters(trained, blocks, even_split(len(blocks), 2))]
+            layers = [
+                StageLayer([p for _, p in stage], lambda x: x)
+                for stage in stage_parameters(trained, blocks, even_split(len(blocks), 2))
+            ]
         for i, layer in enumerate(layers):
             torch.save(layer.state_dict(), folder / f"layer_{i:02d}-model_states.pt")
-        torch.save({"module": None, "optimizer": None, "global_step": 6, "loops": {}}, folder / "mp_rank_00_model_states.pt")
+        torch.save(
+            {"module": None, "optimizer": None, "global_step": 6, "loops": {}}, folder / "mp_rank_00_model_states.pt"
+        )
         torch.manual_seed(1)
         fresh = make()
         client = load_pipeline_checkpoint(fresh, tmp_path / make.__name__, "checkpoint")
@@ -262,7 +273,9 @@ def _fit_and_evaluate(make_module, dataset_name: str, tmp: str, sp: int, *, eval
     data = build_dataset(dataset_name)
     strategy = SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=MICRO, timeout=60)
     trainer = _trainer(strategy, tmp, max_steps=STEPS, **fit_kwargs)
-    trainer.fit(module, DataLoader(data, batch_size=BATCH), DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH))
+    trainer.fit(
+        module, DataLoader(data, batch_size=BATCH), DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH)
+    )
     out = {"seen": module.seen, "full": trainer.strategy.full_state_dict(), "fit_metrics": _metrics(trainer)}
     # at the end of the fit every rank holds the whole trained model again
     out["module_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -291,8 +304,18 @@ def _save_and_resume(tmp: str) -> dict:
     checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "resume"), save_last=True, every_n_train_steps=1)
     from lightning.pytorch import Trainer
 
-    Trainer(accelerator="cpu", devices=_WORLD, strategy=strategy(), default_root_dir=tmp, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, max_steps=2, limit_val_batches=0, callbacks=[checkpoint]).fit(first, DataLoader(data, batch_size=BATCH))
+    Trainer(
+        accelerator="cpu",
+        devices=_WORLD,
+        strategy=strategy(),
+        default_root_dir=tmp,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=2,
+        limit_val_batches=0,
+        callbacks=[checkpoint],
+    ).fit(first, DataLoader(data, batch_size=BATCH))
     seed_everything(SEED)
     torch.manual_seed(99)  # a different initialisation: the checkpoint must carry the weights
     second = EvalRegression()
@@ -304,7 +327,9 @@ def _save_and_resume(tmp: str) -> dict:
     torch.manual_seed(7)
     third = EvalRegression()
     val = DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH)
-    out["validate_from_checkpoint"] = _trainer(strategy(), tmp).validate(third, val, ckpt_path=checkpoint.last_model_path, verbose=False)[0]
+    out["validate_from_checkpoint"] = _trainer(strategy(), tmp).validate(
+        third, val, ckpt_path=checkpoint.last_model_path, verbose=False
+    )[0]
     out["first_seen"] = first.seen
     return out
 
@@ -324,13 +349,31 @@ def pipeline_worker(tmp: str) -> dict:
     no_val = {"limit_val_batches": 0}
     for name, kwargs in (("timm_vit", {"val_check_interval": STEPS}), ("climax", no_val), ("hf_vit", no_val)):
         start = time.perf_counter()
-        out[name] = _fit_and_evaluate(lambda name=name: EvalRegression(name), name, tmp, 2, evaluate=name == "timm_vit", num_sanity_val_steps=0, **kwargs)
+        out[name] = _fit_and_evaluate(
+            lambda name=name: EvalRegression(name),
+            name,
+            tmp,
+            2,
+            evaluate=name == "timm_vit",
+            num_sanity_val_steps=0,
+            **kwargs,
+        )
         out["times"][name] = time.perf_counter() - start
     start = time.perf_counter()
-    out["contract"] = _fit_and_evaluate(ContractRegression, "timm_vit", tmp, 2, evaluate=False, val_check_interval=STEPS)
+    out["contract"] = _fit_and_evaluate(
+        ContractRegression, "timm_vit", tmp, 2, evaluate=False, val_check_interval=STEPS
+    )
     out["times"]["contract"] = time.perf_counter() - start
     start = time.perf_counter()
-    out["dp"] = _fit_and_evaluate(lambda: EvalRegression("timm_vit"), "timm_vit", tmp, 1, evaluate=False, val_check_interval=STEPS, num_sanity_val_steps=0)
+    out["dp"] = _fit_and_evaluate(
+        lambda: EvalRegression("timm_vit"),
+        "timm_vit",
+        tmp,
+        1,
+        evaluate=False,
+        val_check_interval=STEPS,
+        num_sanity_val_steps=0,
+    )
     out["times"]["dp"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -343,7 +386,9 @@ def pipeline_worker(tmp: str) -> dict:
         _fit_and_evaluate(lambda: module, "timm_vit", tmp, 2, evaluate=False, limit_val_batches=0)
 
     out["errors"] = {
-        "leaky": _error(lambda: _fit_and_evaluate(LeakyContract, "timm_vit", tmp, 2, evaluate=False, limit_val_batches=0)),
+        "leaky": _error(
+            lambda: _fit_and_evaluate(LeakyContract, "timm_vit", tmp, 2, evaluate=False, limit_val_batches=0)
+        ),
         "skip": _error(skip_connection),
     }
     return out
@@ -356,18 +401,13 @@ def runs(tmp_path_factory):
 
 
 def _reference_model(name: str, global_batches, make_module=None):
-    """Single-process SGD on the global batches: (trained model, state dict)."""
-    from lightning.pytorch import seed_everything
+    """Single-process SGD on the global batches: (trained model in eval mode, state dict)."""
+    from tests.reference import train_single_process
 
-    seed_everything(SEED)
-    module = make_module() if make_module is not None else EvalRegression(name)
-    optimizer = module.configure_optimizers()
-    data = build_dataset(name)
-    for indices in global_batches:
-        optimizer.zero_grad()
-        F.mse_loss(module.model(data.x[indices]), data.y[indices]).backward()
-        optimizer.step()
-    return module.model.eval(), module.state_dict()
+    single = train_single_process(
+        make_module or (lambda: EvalRegression(name)), global_batches, build_dataset(name), SEED
+    )
+    return single.module.model.eval(), single.state
 
 
 def _global_batches(seen: list[list[int]]) -> list[list[int]]:
@@ -407,14 +447,18 @@ def test_evaluation_through_the_stages_equals_one_process(runs):
         mse = F.mse_loss(pred, data.y[:VAL_SAMPLES]).item()
         predictions = model(data.x[:6])
     for rank, r in enumerate(result):
-        assert r["validate"]["val_samples"] == VAL_SAMPLES, f"rank {rank} counted {r['validate']['val_samples']} samples"
+        assert r["validate"]["val_samples"] == VAL_SAMPLES, (
+            f"rank {rank} counted {r['validate']['val_samples']} samples"
+        )
         for key in ("val_loss", "val_mse"):
             assert r["validate"][key] == pytest.approx(mse, rel=1e-5), f"rank {rank}: {key}"
         assert r["test"]["test_loss"] == pytest.approx(mse, rel=1e-5)
         assert r["validate_without_stages"]["val_loss"] == pytest.approx(mse, rel=1e-5)  # after the fit, any layout
         torch.testing.assert_close(r["predict"], predictions, rtol=1e-5, atol=1e-6)
         # validation during fit (sanity check off, one run after the last step) logged the same on every rank
-        assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5)
+        assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(
+            mse, rel=1e-5
+        )
 
 
 @pytest.mark.multiprocess
@@ -451,7 +495,9 @@ def test_explicit_contract_trains_and_validates(runs):
             err, key = _max_rel_error({k: r[what][k] for k in keys}, {k: reference[k] for k in keys})
             assert err < REL_TOL, f"explicit contract rank {rank}, {what}: {key} off by relative error {err:.2e}"
         # the module's own validation_step ran through the stages (sanity check, then after the last step)
-        assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5)
+        assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES and r["fit_metrics"]["val_loss"] == pytest.approx(
+            mse, rel=1e-5
+        )
 
 
 @pytest.mark.multiprocess
@@ -473,14 +519,20 @@ def test_pipeline_with_data_parallel(runs):
         mse = F.mse_loss(model(data.x[:VAL_SAMPLES]), data.y[:VAL_SAMPLES]).item()
     for rank, r in enumerate(result):
         assert r["fit_metrics"]["val_samples"] == VAL_SAMPLES, f"rank {rank}"
-        assert r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5) and r["fit_metrics"]["val_mse"] == pytest.approx(mse, rel=1e-5)
+        assert r["fit_metrics"]["val_loss"] == pytest.approx(mse, rel=1e-5) and r["fit_metrics"][
+            "val_mse"
+        ] == pytest.approx(mse, rel=1e-5)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_errors_before_the_first_step(runs):
     errors = runs[0]["errors"]
-    assert errors["leaky"].startswith("PipelineError") and "model.patch_embed.weight" in errors["leaky"] and "model.pos_embed" in errors["leaky"]
+    assert (
+        errors["leaky"].startswith("PipelineError")
+        and "model.patch_embed.weight" in errors["leaky"]
+        and "model.pos_embed" in errors["leaky"]
+    )
     assert errors["skip"].startswith("PipelineError") and "skip connection" in errors["skip"], errors["skip"]
     assert "model.patch_embed.weight" in errors["skip"] and "stage 1" in errors["skip"]
 
@@ -503,5 +555,7 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["config"]: r for r in json.loads((tmp_path / "pipeline_smoke.json").read_text())["results"]}
     assert set(rows) == {"pipeline", "zero3"} and all(r["step_ms"] > 0 for r in rows.values())
-    torch.testing.assert_close(torch.tensor(rows["pipeline"]["losses"]), torch.tensor(rows["zero3"]["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(rows["pipeline"]["losses"]), torch.tensor(rows["zero3"]["losses"]), rtol=1e-5, atol=0
+    )
     assert "| pipeline |" in (tmp_path / "pipeline_smoke.md").read_text()

@@ -32,14 +32,22 @@ def group():
         yield dist.group.WORLD
         return
     with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        )
         yield dist.group.WORLD
         dist.destroy_process_group()
 
 
 def test_role_strings_parse_and_print():
-    plan = SequenceParallelPlan({"blocks.0": "shard_input:1, checkpoint", "blocks.*.attn": ["attention"], "pos": "sequence_parameter:2"})
-    assert plan.to_dict() == {"blocks.0": "shard_input:1, checkpoint", "blocks.*.attn": "attention", "pos": "sequence_parameter:2"}
+    plan = SequenceParallelPlan(
+        {"blocks.0": "shard_input:1, checkpoint", "blocks.*.attn": ["attention"], "pos": "sequence_parameter:2"}
+    )
+    assert plan.to_dict() == {
+        "blocks.0": "shard_input:1, checkpoint",
+        "blocks.*.attn": "attention",
+        "pos": "sequence_parameter:2",
+    }
     text = str(plan)
     assert "blocks.*.attn  attention" in text and text.splitlines()[0].startswith("path")
     assert SequenceParallelPlan({"a": "gather_output"})["a"][0].dim == 1
@@ -47,7 +55,11 @@ def test_role_strings_parse_and_print():
 
 @pytest.mark.parametrize(
     "role,message",
-    [("shard", "unknown plan role 'shard'"), ("gather_output:x", "must be an integer"), ("attention:1", "takes no dimension")],
+    [
+        ("shard", "unknown plan role 'shard'"),
+        ("gather_output:x", "must be an integer"),
+        ("attention:1", "takes no dimension"),
+    ],
 )
 def test_bad_roles(role, message):
     with pytest.raises(PlanError, match=message):
@@ -66,7 +78,10 @@ def test_infer_timm_style():
 
 def test_infer_torch_encoder():
     plan = infer_plan(TorchEncoderModel()).to_dict()
-    assert plan["encoder.layers.0"] == "shard_input:1, shard_arguments" and plan["encoder.layers.1.self_attn"] == "attention"
+    assert (
+        plan["encoder.layers.0"] == "shard_input:1, shard_arguments"
+        and plan["encoder.layers.1.self_attn"] == "attention"
+    )
 
 
 def test_infer_unknown_attention_intercepts_sdpa():
@@ -76,7 +91,10 @@ def test_infer_unknown_attention_intercepts_sdpa():
         pass
 
     plan = infer_plan(TinyViT(Mixer)).to_dict()
-    assert plan["blocks.0"] == "shard_input:1, shard_arguments, sdpa" and plan["blocks.1"] == "shard_arguments, sdpa, gather_output:1"
+    assert (
+        plan["blocks.0"] == "shard_input:1, shard_arguments, sdpa"
+        and plan["blocks.1"] == "shard_arguments, sdpa, gather_output:1"
+    )
 
 
 def test_infer_container_blocks_shard_at_their_owner():
@@ -93,7 +111,9 @@ def test_infer_container_blocks_shard_at_their_owner():
 def test_shard_on_a_container_is_refused(group):
     from tests.models import build_model
 
-    plan = SequenceParallelPlan({"transformer.layers.0": "shard_input", "transformer": "gather_output", "transformer.layers.*.0": "attention"})
+    plan = SequenceParallelPlan(
+        {"transformer.layers.0": "shard_input", "transformer": "gather_output", "transformer.layers.*.0": "attention"}
+    )
     with pytest.raises(PlanError, match="'transformer.layers.0' .* is a ModuleList, which is never called"):
         apply_sequence_parallel(build_model("container_vit"), plan, group)
 
@@ -116,14 +136,22 @@ def test_no_block_stack():
 
 def test_plan_paths_must_exist(group):
     with pytest.raises(PlanError, match=r"'blocks\.9' \(shard_input:1\) matches no module of TinyViT"):
-        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.9": "shard_input", "blocks.1": "gather_output", "blocks.*.attn": "attention"}), group)
+        apply_sequence_parallel(
+            TinyViT(),
+            SequenceParallelPlan(
+                {"blocks.9": "shard_input", "blocks.1": "gather_output", "blocks.*.attn": "attention"}
+            ),
+            group,
+        )
 
 
 def test_plan_needs_shard_gather_and_attention(group):
     with pytest.raises(PlanError, match="needs a shard point"):
         apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.*.attn": "attention"}), group)
     with pytest.raises(PlanError, match="at least one 'attention' or 'sdpa'"):
-        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({"blocks.0": "shard_input", "blocks.1": "gather_output"}), group)
+        apply_sequence_parallel(
+            TinyViT(), SequenceParallelPlan({"blocks.0": "shard_input", "blocks.1": "gather_output"}), group
+        )
 
 
 def test_unknown_kernel(group):
@@ -178,7 +206,9 @@ class _EinsumAttention(ManualSoftmaxAttention):
 def test_attention_core_not_found_is_refused(group):
     model = TinyViT(_EinsumAttention)
     applied = apply_sequence_parallel(model, infer_plan(model), group)
-    with pytest.raises(NoDistributedAttentionError, match="no attention in it was made distributed.*register_attention"):
+    with pytest.raises(
+        NoDistributedAttentionError, match="no attention in it was made distributed.*register_attention"
+    ):
         model(torch.randn(1, 13, 6))
     applied.remove()
 
@@ -219,7 +249,9 @@ def test_unsupported_options_are_named(group):
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     model = nn.Module()
     model.blocks = nn.ModuleList([mha, nn.MultiheadAttention(8, 2, batch_first=True)])
-    applied = apply_sequence_parallel(model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    applied = apply_sequence_parallel(
+        model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group
+    )
     x = torch.randn(1, 5, 8)
     with pytest.raises(UnsupportedAttentionError, match="key_padding_mask/attn_mask"):
         mha(x, x, x, attn_mask=torch.zeros(5, 5))
@@ -227,7 +259,9 @@ def test_unsupported_options_are_named(group):
         mha(x, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
     out, weights = mha(x, x, x)
     assert out.shape == x.shape and weights is None
-    aliased, _ = mha(x, x.view_as(x), x.view_as(x))  # aliases of one tensor (as ZeRO-3's hooks pass them) are self-attention
+    aliased, _ = mha(
+        x, x.view_as(x), x.view_as(x)
+    )  # aliases of one tensor (as ZeRO-3's hooks pass them) are self-attention
     torch.testing.assert_close(aliased, out)
     with pytest.raises(UnsupportedAttentionError, match="cross-attention"):
         mha(x, x.clone(), x)  # equal values in other memory: genuinely another tensor
@@ -236,11 +270,15 @@ def test_unsupported_options_are_named(group):
     holder = nn.Module()
     holder.blocks = nn.ModuleList([nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2)])
     with pytest.raises(UnsupportedAttentionError, match=r"blocks.0 is nn.MultiheadAttention\(batch_first=False\)"):
-        apply_sequence_parallel(holder, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+        apply_sequence_parallel(
+            holder, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group
+        )
 
     masked = nn.Module()
     masked.blocks = nn.ModuleList([_MaskedSDPA(), _MaskedSDPA()])
-    applied = apply_sequence_parallel(masked, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, sdpa"}), group)
+    applied = apply_sequence_parallel(
+        masked, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, sdpa"}), group
+    )
     with pytest.raises(UnsupportedAttentionError, match="scaled_dot_product_attention was called with attn_mask"):
         masked.blocks[0](torch.randn(1, 4, 8))
     applied.remove()
@@ -335,7 +373,9 @@ def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
     from lightning_seqpar.strategy import _with_block_role
 
     with pytest.raises(PlanError, match="is a ModuleList, which is never called"):
-        apply_sequence_parallel(TinyViT(), SequenceParallelPlan({**infer_plan(TinyViT()).to_dict(), "blocks": "compile"}), group)
+        apply_sequence_parallel(
+            TinyViT(), SequenceParallelPlan({**infer_plan(TinyViT()).to_dict(), "blocks": "compile"}), group
+        )
     with pytest.raises(PlanError, match="no stack of transformer blocks found in Linear"):
         _with_block_role(SequenceParallelPlan({}), torch.nn.Linear(2, 2), "compile")
     torch.manual_seed(0)
@@ -353,8 +393,15 @@ def test_compile_role_wraps_blocks_and_is_refused_on_a_container(group):
 
 @pytest.mark.parametrize(
     "heads,sp,backend,expected",
-    [([6], 2, "auto", ("ulysses", None)), ([3], 4, "auto", ("hybrid", 2)), ([12, 3], 8, "auto", ("hybrid", 2)),
-     ([2], 3, "auto", ("ring", None)), ([3], 4, "sdpa", ("lss", None)), ([], 4, "auto", ("lss", None)), ([1], 1, "auto", ("ulysses", None))],
+    [
+        ([6], 2, "auto", ("ulysses", None)),
+        ([3], 4, "auto", ("hybrid", 2)),
+        ([12, 3], 8, "auto", ("hybrid", 2)),
+        ([2], 3, "auto", ("ring", None)),
+        ([3], 4, "sdpa", ("lss", None)),
+        ([], 4, "auto", ("lss", None)),
+        ([1], 1, "auto", ("ulysses", None)),
+    ],
 )
 def test_auto_attention_choice(heads, sp, backend, expected):
     from lightning_seqpar.plan import choose_attention
@@ -392,7 +439,9 @@ def test_sdpa_keywords_are_honoured(group, options):
     model.blocks = nn.ModuleList([_SDPAWith(**options), _SDPAWith(**options)])
     x = torch.randn(2, 5, 8)
     expected = model.blocks[0](x)
-    applied = apply_sequence_parallel(model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group)
+    applied = apply_sequence_parallel(
+        model, SequenceParallelPlan({"blocks.0": "shard_input, gather_output, attention"}), group
+    )
     torch.testing.assert_close(model.blocks[0](x), expected)
     assert applied.runtime.attention_calls == 1
     applied.remove()
@@ -406,7 +455,9 @@ def test_unknown_sdpa_keyword_is_refused_by_name(group):
 
     q = torch.randn(1, 2, 5, 4)
     mode = DistributedSDPA(lambda q, k, v, **kw: q)  # the attend of a runtime: [B, L_r, H, d] in and out
-    with pytest.raises(UnsupportedAttentionError, match=r"called with \['future_option'\] inside the sequence-parallel region"):
+    with pytest.raises(
+        UnsupportedAttentionError, match=r"called with \['future_option'\] inside the sequence-parallel region"
+    ):
         mode._sdpa(q, q, q, future_option=True)
     torch.testing.assert_close(mode._sdpa(q, q, q, future_option=None), q)
 

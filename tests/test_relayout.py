@@ -18,11 +18,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-from tests.dist_utils import REPO_ROOT, run_distributed
 from lightning.pytorch import Callback
 
+from tests.dist_utils import REPO_ROOT, run_distributed
 from tests.models import LossRecorder, RandomTokens, RegressionModule
 
 SEED, GLOBAL_BATCH = 5, 4
@@ -64,9 +62,18 @@ def _fit(tmp, sp, stage, module, batch_size, max_steps, ckpt_path=None, callback
     from lightning_seqpar import SeqParStrategy
 
     record = LossRecorder()
-    trainer = Trainer(accelerator="cpu", devices=_WORLD, strategy=SeqParStrategy(sequence_parallel_size=sp, zero_stage=stage, timeout=60),
-                      default_root_dir=tmp, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, max_steps=max_steps, callbacks=[record, *callbacks])
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=_WORLD,
+        strategy=SeqParStrategy(sequence_parallel_size=sp, zero_stage=stage, timeout=60),
+        default_root_dir=tmp,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_steps=max_steps,
+        callbacks=[record, *callbacks],
+    )
     trainer.fit(module, DataLoader(RandomTokens(size=32), batch_size=batch_size), ckpt_path=ckpt_path)
     return trainer, record.losses
 
@@ -97,10 +104,18 @@ def resume_worker(tmp: str, saved: dict, cases: list | None = None) -> dict:
             seed_everything(SEED)  # the same seed (the sampler's order uses it), but other RNG state:
             torch.manual_seed(123)  # everything else that matters must come from the checkpoint
             module = OptimizerModule(opt)
-            trainer, losses = _fit(tmp, sp, stage, module, GLOBAL_BATCH * sp // 4, 4, ckpt_path=saved[(engine, opt)]["path"])
-            out[(engine, opt, layout)] = {"seen": module.seen, "losses": losses, "final": trainer.strategy.full_state_dict()
-                                          if stage else {k: v.clone() for k, v in module.state_dict().items()},
-                                          "dp_rank": trainer.strategy.topology.dp_rank, "global_step": trainer.global_step}
+            trainer, losses = _fit(
+                tmp, sp, stage, module, GLOBAL_BATCH * sp // 4, 4, ckpt_path=saved[(engine, opt)]["path"]
+            )
+            out[(engine, opt, layout)] = {
+                "seen": module.seen,
+                "losses": losses,
+                "final": trainer.strategy.full_state_dict()
+                if stage
+                else {k: v.clone() for k, v in module.state_dict().items()},
+                "dp_rank": trainer.strategy.topology.dp_rank,
+                "global_step": trainer.global_step,
+            }
     try:
         _fit(tmp, 4, 0, OptimizerModule(), 4, 3, ckpt_path=saved[("zero2", "sgd")]["path"])
         out["to_ddp"] = None
@@ -119,17 +134,12 @@ def runs(tmp_path_factory):
 
 
 def _reference(opt, initial, global_batches):
-    module = OptimizerModule(opt)
-    module.load_state_dict(initial)
-    optimizer = module.configure_optimizers()
-    data, losses = RandomTokens(size=32), []
-    for indices in global_batches:
-        optimizer.zero_grad()
-        loss = F.mse_loss(module.model(data.x[indices]), data.y[indices])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, module.state_dict()
+    """One process, from the saved initial weights, with the same optimizer: (losses, state dict)."""
+    from tests.reference import train_single_process
+
+    single = train_single_process(lambda: OptimizerModule(opt), global_batches, RandomTokens(size=32), seed=None,
+                                  initial_state=initial)
+    return single.losses, single.state
 
 
 @pytest.mark.multiprocess
@@ -152,7 +162,9 @@ def test_resume_on_another_layout_continues_exactly(runs, engine, opt, layout):
     for r in ranks:
         for key, value in expected.items():
             if not key.startswith("samples"):
-                torch.testing.assert_close(r["final"][key], value, rtol=2e-5, atol=1e-6, msg=f"{engine} {opt} {layout} {key}")
+                torch.testing.assert_close(
+                    r["final"][key], value, rtol=2e-5, atol=1e-6, msg=f"{engine} {opt} {layout} {key}"
+                )
 
 
 @pytest.mark.multiprocess
@@ -164,8 +176,13 @@ def test_unsupported_move_gives_a_command_that_works(runs, tmp_path):
     command = re.search(r"python -m lightning_seqpar\.consolidate (\S+) weights\.pt", message)
     assert command, message
     directory = shlex.split(command.group(1))[0]
-    subprocess.run([sys.executable, "-m", "lightning_seqpar.consolidate", directory, str(tmp_path / "weights.pt")],
-                   check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **DS_ENV}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lightning_seqpar.consolidate", directory, str(tmp_path / "weights.pt")],
+        check=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **DS_ENV},
+        capture_output=True,
+    )
     module = OptimizerModule()
     module.load_state_dict(torch.load(tmp_path / "weights.pt")["state_dict"])
     _, expected = _reference("sgd", saved[("zero2", "sgd")]["initial"], saved[("zero2", "sgd")]["seen"])

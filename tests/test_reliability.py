@@ -40,7 +40,9 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_to_the_same_weights(tmp_pat
     env = {"FAULT_ZERO_STAGE": str(zero_stage), "DS_ACCELERATOR": "cpu"}
 
     # Rank 1 dies in the middle of epoch 2 (global step 6 of 8); the job must end, not hang.
-    proc, elapsed = _torchrun(interrupted, {**env, "FAULT_KILL_RANK": "1", "FAULT_KILL_STEP": "6", "FAULT_TIMEOUT": "30"})
+    proc, elapsed = _torchrun(
+        interrupted, {**env, "FAULT_KILL_RANK": "1", "FAULT_KILL_STEP": "6", "FAULT_TIMEOUT": "30"}
+    )
     assert proc.returncode != 0
     assert elapsed < 120, f"the job took {elapsed:.0f} s to fail after a rank died"
     log = proc.stdout + proc.stderr
@@ -80,8 +82,16 @@ def _train_with_a_nan(policy: str) -> dict:
     data.x[5] = float("nan")  # one sample: only the data-parallel rank that draws it sees a NaN loss
     module = RegressionModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=SeqParStrategy(sequence_parallel_size=1, on_nonfinite=policy, timeout=60),
-                      max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=SeqParStrategy(sequence_parallel_size=1, on_nonfinite=policy, timeout=60),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     error = None
     try:
         trainer.fit(module, DataLoader(Subset(data, range(8)), batch_size=2))
@@ -114,7 +124,10 @@ def test_nonfinite_policy_is_the_same_on_every_rank(nonfinite_runs, policy):
     for key in ranks[0]["weights"]:
         torch.testing.assert_close(ranks[0]["weights"][key], ranks[1]["weights"][key])  # no rank diverged
     if policy == "raise":
-        assert all(r["error"] and r["error"].startswith("NonFiniteStepError") and "on_nonfinite='skip'" in r["error"] for r in ranks)
+        assert all(
+            r["error"] and r["error"].startswith("NonFiniteStepError") and "on_nonfinite='skip'" in r["error"]
+            for r in ranks
+        )
     else:
         assert all(r["error"] is None for r in ranks)
     if policy == "stop":

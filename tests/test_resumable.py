@@ -83,5 +83,7 @@ def test_position_moves_in_samples_to_another_data_parallel_size():
         rest += [i for b in _epoch(loader, 0) for i in b]
     assert sorted(rest) == sorted(order[8:])
     odd = _dp_loader(1, 0, 3)
-    with pytest.raises(ValueError, match="after 8 samples of the epoch .* not a whole number of this run's batches of 3"):
+    with pytest.raises(
+        ValueError, match="after 8 samples of the epoch .* not a whole number of this run's batches of 3"
+    ):
         odd.load_state_dict(state)

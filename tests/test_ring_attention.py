@@ -68,7 +68,10 @@ def _compare(fn, fn_inferred, q, k, v, grad_out, causal, sizes, rank) -> dict:
     with CollectiveCounter() as inferred:
         out_inferred = fn_inferred(*(t.detach() for t in local), causal=causal, **extra)
     norms = {"dq": dq[:, sl], "dk": dk[:, sl], "dv": dv[:, sl]}
-    errors = {"out": relative_error(out.double(), ref[:, sl]), "out_inferred": relative_error(out_inferred.double(), ref[:, sl])}
+    errors = {
+        "out": relative_error(out.double(), ref[:, sl]),
+        "out_inferred": relative_error(out_inferred.double(), ref[:, sl]),
+    }
     for (name, expected), t in zip(norms.items(), local):
         # A rank with no tokens has empty gradients: nothing to compare.
         errors[name] = relative_error(t.grad.double(), expected) if expected.numel() else 0.0
@@ -157,7 +160,7 @@ def _hybrid_cases(world: int, cases: list) -> dict:
     for name, u, B, L, H, d, causal in cases:
         ulysses_group, ring_group = groups[u]
         q, k, v, grad_out = _inputs(f"hybrid-{name}", B, L, H, d)
-        fn = lambda *t, **kw: hybrid_attention(*t, ulysses_group, ring_group, **kw)  # noqa: E731
+        fn = lambda *t, **kw: hybrid_attention(*t, ulysses_group, ring_group, **kw)  # noqa: B023 - used in this iteration
         module = HybridAttention(ulysses_group, ring_group)
         results[name] = _compare(fn, module, q, k, v, grad_out, causal, split_sizes(L, world), rank)
 
@@ -243,8 +246,13 @@ def test_ring_exchanges(ring_results):
         zigzag = ["all_to_all_single"] if causal is True else []
         for r in merged[name]:
             assert [c for c, _ in r["fwd"]] == zigzag + ["batch_isend_irecv"] * (world - 1) + zigzag, (name, r["fwd"])
-            assert [c for c, _ in r["bwd"]] == zigzag + ["batch_isend_irecv"] * (2 * (world - 1)) + zigzag, (name, r["bwd"])
-            assert [c for c, _ in r["inferred"]] == ["all_gather_into_tensor"] + zigzag + ["batch_isend_irecv"] * (world - 1) + zigzag
+            assert [c for c, _ in r["bwd"]] == zigzag + ["batch_isend_irecv"] * (2 * (world - 1)) + zigzag, (
+                name,
+                r["bwd"],
+            )
+            assert [c for c, _ in r["inferred"]] == ["all_gather_into_tensor"] + zigzag + ["batch_isend_irecv"] * (
+                world - 1
+            ) + zigzag
 
 
 def test_causal_ring_is_load_balanced(ring_results):
@@ -313,14 +321,22 @@ def test_argument_errors(fn_name):
         fn(x, x, x, dropout_p=0.1)
     with pytest.raises(ValueError, match=r"needs q, k, v of one shape \[B, L_r, H, d\].*grouped-query"):
         fn(x, x[:, :, :1], x[:, :, :1])
-    with pytest.raises(BackendUnavailableError, match="backend 'sdpa' cannot be used; pass backend='auto', 'sdpa_cudnn', 'sdpa_flash' or 'math'"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match="backend 'sdpa' cannot be used; pass backend='auto', 'sdpa_cudnn', 'sdpa_flash' or 'math'",
+    ):
         fn(x, x, x, backend="sdpa")
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         fn(x, x, x, backend="fast")
     if fn_name == "ring":
-        with pytest.raises(BackendUnavailableError, match=r"'sdpa_flash' needs fp16/bf16 CUDA inputs.*got torch.float32 on cpu"):
+        with pytest.raises(
+            BackendUnavailableError, match=r"'sdpa_flash' needs fp16/bf16 CUDA inputs.*got torch.float32 on cpu"
+        ):
             fn(x, x, x, backend="sdpa_flash")
-        with pytest.raises(BackendUnavailableError, match=r"'sdpa_cudnn' needs fp16/bf16 inputs on an sm80\+ CUDA GPU.*got torch.float32 on cpu"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=r"'sdpa_cudnn' needs fp16/bf16 inputs on an sm80\+ CUDA GPU.*got torch.float32 on cpu",
+        ):
             fn(x, x, x, backend="sdpa_cudnn")
 
 
@@ -337,7 +353,10 @@ def test_cudnn_refusal_falls_back_per_block_with_one_warning(monkeypatch):
     monkeypatch.setattr(blocks, "_warned", set())
     q, k, v, grad_out = _inputs("fallback", 2, 9, 2, 16)
     expected = blocks.math_forward(q, k, v, 0.25, True)
-    with pytest.warns(RuntimeWarning, match=r"cuDNN attention refused a ring block \(forward; q \[2, 9, 2, 16\].*No valid engine.*math"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"cuDNN attention refused a ring block \(forward; q \[2, 9, 2, 16\].*No valid engine.*math",
+    ):
         got = blocks.block_forward("sdpa_cudnn", q, k, v, 0.25, True, fallback=True)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     out, lse = expected
@@ -373,9 +392,14 @@ def test_single_rank_is_local_attention():
 def test_hybrid_grid_errors_and_layout():
     from lightning_seqpar.attention.hybrid import build_hybrid_groups, hybrid_rank_grid
 
-    assert hybrid_rank_grid([4, 5, 6, 7, 8, 9, 10, 11], 4) == ([[4, 5, 6, 7], [8, 9, 10, 11]], [[4, 8], [5, 9], [6, 10], [7, 11]])
+    assert hybrid_rank_grid([4, 5, 6, 7, 8, 9, 10, 11], 4) == (
+        [[4, 5, 6, 7], [8, 9, 10, 11]],
+        [[4, 8], [5, 9], [6, 10], [7, 11]],
+    )
     assert hybrid_rank_grid([3, 1, 2, 0], 1) == ([[0], [1], [2], [3]], [[0, 1, 2, 3]])
-    with pytest.raises(ValueError, match=r"ulysses_degree=3 must be a positive divisor of the sequence-parallel size 4"):
+    with pytest.raises(
+        ValueError, match=r"ulysses_degree=3 must be a positive divisor of the sequence-parallel size 4"
+    ):
         build_hybrid_groups([0, 1, 2, 3], 3)
     with pytest.raises(ValueError, match="ulysses_degree=0 must be a positive divisor"):
         build_hybrid_groups([0, 1], 0)
@@ -418,7 +442,9 @@ def test_cuda_blocks_match_math(kernel, causal, head_dim):
         out = torch.zeros(qb.shape, dtype=torch.float32, device="cuda")
         lse = torch.full((B, H, lengths[1]), float("-inf"), device="cuda")
         for owner, kk, vv in block_list:
-            out, lse = blocks.merge_block(out, lse, *blocks.block_forward(name, qb, kk, vv, scale, causal and owner == 1))
+            out, lse = blocks.merge_block(
+                out, lse, *blocks.block_forward(name, qb, kk, vv, scale, causal and owner == 1)
+            )
         out = out.bfloat16()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for owner, kk, vv in block_list:
@@ -450,7 +476,12 @@ def test_ring_function_cuda_path_on_one_rank(kernel, causal):
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
     out = ring._RingAttention.apply(qb, kb, vb, None, SequenceLayout((257,)), 64**-0.5, causal, kernel, False, None)
     out.backward(grad_out.bfloat16())
-    for name, got, expected in (("out", out, ref), ("dq", qb.grad, qf.grad), ("dk", kb.grad, kf.grad), ("dv", vb.grad, vf.grad)):
+    for name, got, expected in (
+        ("out", out, ref),
+        ("dq", qb.grad, qf.grad),
+        ("dk", kb.grad, kf.grad),
+        ("dv", vb.grad, vf.grad),
+    ):
         err = relative_error(got.double(), expected.detach())
         assert err < 2e-2, f"{name}: relative error {err:.2e}"
 
@@ -463,6 +494,9 @@ def test_auto_kernel_is_cudnn_with_fallback_on_cuda():
 
     x = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert choose_kernel(x, "auto") == ("sdpa_cudnn", True)
-    assert choose_kernel(torch.zeros(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16), "auto") == ("sdpa_flash", False)
+    assert choose_kernel(torch.zeros(1, 8, 2, 256, device="cuda", dtype=torch.bfloat16), "auto") == (
+        "sdpa_flash",
+        False,
+    )
     assert choose_kernel(x.float(), "auto") == ("math", False)
     assert choose_kernel(x, "sdpa_cudnn") == ("sdpa_cudnn", False)

@@ -70,7 +70,9 @@ def sampler_worker(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def sampler_runs(tmp_path_factory):
-    return run_distributed("tests.test_sp_samplers:sampler_worker", 2, timeout=400, tmp=str(tmp_path_factory.mktemp("samplers")))
+    return run_distributed(
+        "tests.test_sp_samplers:sampler_worker", 2, timeout=400, tmp=str(tmp_path_factory.mktemp("samplers"))
+    )
 
 
 @pytest.mark.multiprocess
@@ -103,7 +105,12 @@ def test_rekey_keeps_shuffle_seed_and_batches():
     from lightning_seqpar.sampling import SamplerLayoutError, rekey_sampler
 
     data = RandomTokens(size=10)
-    loader = DataLoader(data, batch_size=3, drop_last=True, sampler=DistributedSampler(data, num_replicas=4, rank=3, shuffle=True, seed=2))
+    loader = DataLoader(
+        data,
+        batch_size=3,
+        drop_last=True,
+        sampler=DistributedSampler(data, num_replicas=4, rank=3, shuffle=True, seed=2),
+    )
     rekeyed = rekey_sampler(loader, num_replicas=2, rank=1)
     sampler = rekeyed.batch_sampler.sampler
     assert (sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed) == (2, 1, True, 2)

@@ -31,9 +31,8 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
     GPU per rank) TF32 is turned off so that fp32 is full precision."""
     import os
 
-    from torch._dynamo.utils import counters
-
     from lightning.pytorch import Callback, Trainer, seed_everything
+    from torch._dynamo.utils import counters
     from torch.utils.data import DataLoader
 
     from lightning_seqpar import SeqParStrategy
@@ -61,7 +60,10 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             precision=precision,
             devices=world,
             strategy=SeqParStrategy(
-                sequence_parallel_size=sp, attention=attention, timeout=60, ulysses_degree=2 if attention == "hybrid" else None,
+                sequence_parallel_size=sp,
+                attention=attention,
+                timeout=60,
+                ulysses_degree=2 if attention == "hybrid" else None,
                 **(strategy_kwargs or {}),
             ),
             max_steps=STEPS,
@@ -83,7 +85,9 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             "samples_metric": counted.value,
             "topology": (trainer.strategy.topology.dp_rank, trainer.strategy.topology.sp_rank),
             "plan": str(trainer.strategy.applied_plan.plan) if trainer.strategy.applied_plan else None,
-            "plain_after_teardown": "forward" not in module.model.blocks[0].__dict__ if hasattr(module.model, "blocks") else True,
+            "plain_after_teardown": "forward" not in module.model.blocks[0].__dict__
+            if hasattr(module.model, "blocks")
+            else True,
         }
     return results
 
@@ -103,11 +107,17 @@ def _max_rel_error(a: dict, b: dict) -> tuple[float, str]:
 
 @pytest.mark.parametrize(
     "world,sp,configs",
-    [(2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1] + CLIMAX), (4, 4, CONFIGS + RING_HYBRID + CLIMAX[:1]), (4, 2, CONFIGS[:2] + THIRD_PARTY[:1])],
+    [
+        (2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1] + CLIMAX),
+        (4, 4, CONFIGS + RING_HYBRID + CLIMAX[:1]),
+        (4, 2, CONFIGS[:2] + THIRD_PARTY[:1]),
+    ],
     ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"],
 )
 def test_training_equals_single_process(world, sp, configs):
-    per_rank = run_distributed("tests.test_strategy_contract:contract_worker", world, timeout=400, sp=sp, configs=configs)
+    per_rank = run_distributed(
+        "tests.test_strategy_contract:contract_worker", world, timeout=400, sp=sp, configs=configs
+    )
     check_contract(per_rank, world, sp, configs)
 
 
@@ -127,7 +137,9 @@ def check_contract(per_rank: list[dict], world: int, sp: int, configs: list, tol
         # Every rank of an SP group saw the same samples; different DP ranks saw different ones.
         for d in range(dp):
             group = ranks[d * sp : (d + 1) * sp]
-            assert all(g["seen"] == group[0]["seen"] for g in group), f"{config}: SP ranks of dp {d} saw different batches"
+            assert all(g["seen"] == group[0]["seen"] for g in group), (
+                f"{config}: SP ranks of dp {d} saw different batches"
+            )
         leaders = [ranks[d * sp] for d in range(dp)]
         global_batches = [sum((leader["seen"][t] for leader in leaders), []) for t in range(STEPS)]
         assert all(len(set(b)) == BATCH * dp for b in global_batches)
@@ -147,7 +159,9 @@ def check_contract(per_rank: list[dict], world: int, sp: int, configs: list, tol
                 got = torch.cat([(r["final"][k] - untrained[k]).flatten().double() for k in keys])
                 want = torch.cat([(reference[k] - untrained[k]).flatten().double() for k in keys])
                 err = ((got - want).norm() / want.norm()).item()
-                assert err < update_tolerance, f"{config} rank {rank}: parameter updates off by relative error {err:.2e}"
+                assert err < update_tolerance, (
+                    f"{config} rank {rank}: parameter updates off by relative error {err:.2e}"
+                )
             worst[config] = max(worst.get(config, 0.0), err)
             moved, _ = _max_rel_error(r["final"], r["initial"])
             assert moved > 1e-3, "training did not change the parameters"

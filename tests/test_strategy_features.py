@@ -63,7 +63,9 @@ def features_worker(tmp: str) -> dict:
     torch.manual_seed(123)  # ... but the RNG state differs: the checkpoint must carry what matters
     rec2 = LossRecorder()
     module = RegressionModule()
-    _trainer(tmp, max_epochs=2, callbacks=[rec2], enable_checkpointing=False).fit(module, data(), ckpt_path=ckpt.last_model_path)
+    _trainer(tmp, max_epochs=2, callbacks=[rec2], enable_checkpointing=False).fit(
+        module, data(), ckpt_path=ckpt.last_model_path
+    )
     out["resumed"] = rec1.losses + rec2.losses
 
     # Interrupted in the middle of epoch 2 (after global step 6 of 8): the resumed run takes batches 7 and 8 of
@@ -75,7 +77,9 @@ def features_worker(tmp: str) -> dict:
     seed_everything(7)
     torch.manual_seed(321)
     rec4, second = LossRecorder(), RegressionModule()
-    _trainer(tmp, max_epochs=2, callbacks=[rec4], enable_checkpointing=False).fit(second, data(), ckpt_path=mid.best_model_path or mid.last_model_path)
+    _trainer(tmp, max_epochs=2, callbacks=[rec4], enable_checkpointing=False).fit(
+        second, data(), ckpt_path=mid.best_model_path or mid.last_model_path
+    )
     out["mid_epoch_losses"] = rec3.losses + rec4.losses
     out["mid_epoch_seen"] = first.seen + second.seen
     out["checkpoint_keys"] = sorted(torch.load(ckpt.last_model_path, weights_only=False)["state_dict"])
@@ -88,7 +92,9 @@ def features_worker(tmp: str) -> dict:
     predictions = trainer.predict(module, DataLoader(Subset(RandomTokens(), range(4)), batch_size=2))
     out["predict_error"] = (torch.cat(predictions) - plain(x)).abs().max().item()
     out["predict_shape"] = list(torch.cat(predictions).shape)
-    out["validate"] = trainer.validate(module, DataLoader(Subset(RandomTokens(), range(4)), batch_size=2))[0]["val_loss"]
+    out["validate"] = trainer.validate(module, DataLoader(Subset(RandomTokens(), range(4)), batch_size=2))[0][
+        "val_loss"
+    ]
     out["validate_plain"] = torch.nn.functional.mse_loss(plain(x), RandomTokens().y[:4]).item()
 
     # Activation checkpointing gives the same training as without.
@@ -107,7 +113,9 @@ def features_worker(tmp: str) -> dict:
         ("backend_unavailable", {"attention_backend": "flash_attn"}, "timm_vit"),
     ):
         try:
-            _trainer(tmp, max_steps=1, enable_checkpointing=False, strategy_kwargs=kwargs).fit(RegressionModule(model), data())
+            _trainer(tmp, max_steps=1, enable_checkpointing=False, strategy_kwargs=kwargs).fit(
+                RegressionModule(model), data()
+            )
             errors[name] = None
         except Exception as e:  # noqa: BLE001
             errors[name] = f"{type(e).__name__}: {e}"
@@ -117,7 +125,9 @@ def features_worker(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    return run_distributed("tests.test_strategy_features:features_worker", 2, timeout=400, tmp=str(tmp_path_factory.mktemp("features")))
+    return run_distributed(
+        "tests.test_strategy_features:features_worker", 2, timeout=400, tmp=str(tmp_path_factory.mktemp("features"))
+    )
 
 
 def test_resume_continues_exactly(features):
@@ -129,7 +139,9 @@ def test_resume_continues_exactly(features):
 def test_mid_epoch_resume_neither_repeats_nor_skips(features):
     for r in features:
         assert r["mid_epoch_seen"] == r["uninterrupted_seen"]
-        torch.testing.assert_close(torch.tensor(r["mid_epoch_losses"]), torch.tensor(r["uninterrupted"]), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor(r["mid_epoch_losses"]), torch.tensor(r["uninterrupted"]), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_checkpoint_has_plain_keys(features):
@@ -146,12 +158,17 @@ def test_predict_and_validate_return_full_outputs(features):
 
 def test_activation_checkpointing_same_losses(features):
     for r in features:
-        torch.testing.assert_close(torch.tensor(r["checkpointing_True"]), torch.tensor(r["checkpointing_False"]), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor(r["checkpointing_True"]), torch.tensor(r["checkpointing_False"]), rtol=1e-6, atol=1e-7
+        )
 
 
 def test_trainer_level_errors(features):
     errors = features[0]["errors"]
-    assert "TopologyError" in errors["sp_not_dividing_world"] and "world_size=2 is not divisible" in errors["sp_not_dividing_world"]
+    assert (
+        "TopologyError" in errors["sp_not_dividing_world"]
+        and "world_size=2 is not divisible" in errors["sp_not_dividing_world"]
+    )
     assert errors["backend_unavailable"].startswith("BackendUnavailableError")
     assert "flash-attn is not installed" in errors["backend_unavailable"]
 
@@ -161,9 +178,14 @@ def test_strategy_argument_errors():
 
     with pytest.raises(ValueError, match="attention must be 'auto', 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
         SeqParStrategy(attention="star")
-    with pytest.raises(ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"):
+    with pytest.raises(
+        ValueError, match="attention='ring' runs its own block kernels; attention_backend must be one of auto, math"
+    ):
         SeqParStrategy(attention="ring", attention_backend="sdpa_efficient")
-    with pytest.raises(ValueError, match="activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload', got 'some'"):
+    with pytest.raises(
+        ValueError,
+        match="activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload', got 'some'",
+    ):
         SeqParStrategy(activation_checkpointing="some")
     with pytest.raises(ValueError, match="ulysses_degree=2 is only for attention='hybrid'"):
         SeqParStrategy(attention="ulysses", ulysses_degree=2)
@@ -171,13 +193,16 @@ def test_strategy_argument_errors():
         SeqParStrategy(attention_backend="xformers")
     with pytest.raises(ValueError, match="sequence_parallel_size must be a positive integer, got 0"):
         SeqParStrategy(sequence_parallel_size=0)
-    with pytest.raises(ValueError, match="compile_blocks must be True, False or a dict of torch.compile options, got 'yes'"):
+    with pytest.raises(
+        ValueError, match="compile_blocks must be True, False or a dict of torch.compile options, got 'yes'"
+    ):
         SeqParStrategy(compile_blocks="yes")
 
 
 def test_registered_names():
-    import lightning_seqpar  # noqa: F401
     from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_seqpar  # noqa: F401
 
     assert StrategyRegistry["seqpar_lss"]["init_params"] == {"attention": "lss"}
     assert {"seqpar", "seqpar_ulysses", "seqpar_lss", "seqpar_ring", "seqpar_hybrid"} <= set(StrategyRegistry)

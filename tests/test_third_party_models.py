@@ -1,11 +1,12 @@
-"""Real third-party ViTs under SeqParStrategy on the CPU (gloo): Hugging Face transformers ViT, ViTMAE, Dinov2 and Dinov2
+"""Real third-party ViTs under SeqParStrategy on the CPU (gloo): Hugging Face transformers ViT, ViTMAE, Dinov2 and
+Dinov2
 with register tokens, torch.nn.TransformerEncoder (causal), each trained with the default attention="auto" on
 sequence_parallel_size=4 and compared with single-process training (parameters after 3 SGD-with-momentum steps within
 relative error 1e-5, fp32), with a check that each rank's attention saw only its share of the tokens.
 
 Held-out shapes on purpose: 31, 19, 21, 17 and 23 tokens (none divisible by 4), class and register tokens, 2, 3 and 5
-heads (2 and 3 < 4 make "auto" choose hybrid Ulysses x ring, 5 gives uneven Ulysses head shards). The real timm is tested on
-the GPU machine (tests/gpu/test_gpu_third_party.py): PyPI's torchvision does not load with the CPU torch here.
+heads (2 and 3 < 4 make "auto" choose hybrid Ulysses x ring, 5 gives uneven Ulysses head shards). The real timm is
+tested on the GPU machine (tests/gpu/test_gpu_third_party.py): PyPI's torchvision does not load with the CPU torch here.
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ class RopeBlock(nn.Module):
 
     def __init__(self, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
-        self.heads, self.norm, self.qkv, self.proj = heads, nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.norm, self.qkv, self.proj = (
+            heads,
+            nn.LayerNorm(dim),
+            nn.Linear(dim, 3 * dim),
+            nn.Linear(dim, dim),
+        )
 
     def forward(self, x, rope=None):
         B, N, C = x.shape
@@ -80,10 +86,16 @@ class RopeBlock(nn.Module):
 class RopeModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.embed, self.blocks, self.head = nn.Linear(6, 32), nn.ModuleList(RopeBlock() for _ in range(2)), nn.Linear(32, 3)
+        self.embed, self.blocks, self.head = (
+            nn.Linear(6, 32),
+            nn.ModuleList(RopeBlock() for _ in range(2)),
+            nn.Linear(32, 3),
+        )
 
     def rope_table(self, n: int, device=None) -> torch.Tensor:  # [n, 2 d]: sin and cos of 4 frequencies, duplicated
-        angles = torch.arange(n, dtype=torch.float32, device=device)[:, None] * torch.logspace(0, -2, 4, device=device)[None]
+        angles = (
+            torch.arange(n, dtype=torch.float32, device=device)[:, None] * torch.logspace(0, -2, 4, device=device)[None]
+        )
         return torch.cat([angles.sin().repeat(1, 2), angles.cos().repeat(1, 2)], dim=-1)
 
     def forward(self, x, rope=None):  # [B, 23, 6] -> [B, 23, 3]
@@ -116,15 +128,29 @@ def build(name: str) -> nn.Module:
         config._attn_implementation = "eager"
         return ViTModel(config, add_pooling_layer=False)
     if name == "hf_vitmae":  # 24 x 24, patch 4: 36 patches, half masked at random, + CLS = 19 tokens
-        return ViTMAEForPreTraining(ViTMAEConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=24, patch_size=4,
-            decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-            mask_ratio=0.5, **quiet))
+        return ViTMAEForPreTraining(
+            ViTMAEConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=24,
+                patch_size=4,
+                decoder_hidden_size=16,
+                decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2,
+                decoder_intermediate_size=32,
+                mask_ratio=0.5,
+                **quiet,
+            )
+        )
     if name == "hf_dinov2_registers_5heads":  # 28 x 28, patch 7: 16 patches + CLS + 4 registers = 21 tokens
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
             hidden_size=40, num_hidden_layers=2, num_attention_heads=5, mlp_ratio=2, image_size=28, patch_size=7,
             num_register_tokens=4, layerscale_value=0.5, **quiet))
-        model.embeddings.mask_token.requires_grad_(False)  # used only with bool_masked_pos; DDP wants every parameter used
+        model.embeddings.mask_token.requires_grad_(
+            False
+        )  # used only with bool_masked_pos; DDP wants every parameter used
         return model
     if name == "hf_dinov2_2heads":  # 28 x 28, patch 7: 16 patches + CLS = 17 tokens; 2 heads < 4 ranks
         model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
@@ -139,9 +165,15 @@ def build(name: str) -> nn.Module:
 class Samples(Dataset):
     def __init__(self, name: str, size: int = 32) -> None:
         g = torch.Generator().manual_seed(0)
-        shape = {"hf_vit_3heads": (3, 20, 24), "hf_vit_eager": (3, 20, 24), "hf_vitmae": (3, 24, 24), "hf_dinov2_registers_5heads": (3, 28, 28),
-                 "hf_dinov2_2heads": (3, 28, 28),
-                 "torch_encoder_causal_3heads": (17, 6), "rope_blocks": (23, 6)}[name]
+        shape = {
+            "hf_vit_3heads": (3, 20, 24),
+            "hf_vit_eager": (3, 20, 24),
+            "hf_vitmae": (3, 24, 24),
+            "hf_dinov2_registers_5heads": (3, 28, 28),
+            "hf_dinov2_2heads": (3, 28, 28),
+            "torch_encoder_causal_3heads": (17, 6),
+            "rope_blocks": (23, 6),
+        }[name]
         self.x = torch.randn(size, *shape, generator=g)
 
     def __len__(self) -> int:
@@ -206,7 +238,9 @@ def worker(names: list[str]) -> dict:
             for path, role in trainer.strategy.applied_plan.resolved:
                 if role.kind in ("attention", "sdpa"):
                     pl_module.get_submodule(path).register_forward_pre_hook(
-                        lambda m, args, kwargs: self.tokens.add((args[0] if args else next(iter(kwargs.values()))).shape[1]),
+                        lambda m, args, kwargs: self.tokens.add(
+                            (args[0] if args else next(iter(kwargs.values()))).shape[1]
+                        ),
                         with_kwargs=True,
                     )
 
@@ -216,9 +250,17 @@ def worker(names: list[str]) -> dict:
         module = ThirdPartyModule(name)
         initial = {k: v.clone() for k, v in module.state_dict().items()}
         tokens = TokensPerRank()
-        trainer = Trainer(accelerator="cpu", devices=WORLD, strategy=SeqParStrategy(sequence_parallel_size=WORLD, timeout=60),
-                          max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, callbacks=[DesyncRandomState(), tokens])
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=WORLD,
+            strategy=SeqParStrategy(sequence_parallel_size=WORLD, timeout=60),
+            max_steps=STEPS,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[DesyncRandomState(), tokens],
+        )
         trainer.fit(module, DataLoader(Samples(name), batch_size=BATCH))
         results[name] = {
             "initial": initial, "final": {k: v.detach().clone() for k, v in module.state_dict().items()},
@@ -278,14 +320,18 @@ def test_third_party_models_train_equal_to_one_device():
     per_rank = run_distributed("tests.test_third_party_models:worker", WORLD, timeout=560, names=list(MODELS))
     for name, (length, kind) in MODELS.items():
         ranks = [r[name] for r in per_rank]
-        assert all(r["attention"] == kind for r in ranks), f"{name}: attention='auto' chose {ranks[0]['attention']}, not {kind}"
+        assert all(r["attention"] == kind for r in ranks), (
+            f"{name}: attention='auto' chose {ranks[0]['attention']}, not {kind}"
+        )
         # Tokens really are sharded: each rank's attention saw its ceil/floor share of the L tokens, never all.
         assert sum(r["tokens"][0] for r in ranks) == length and all(r["tokens"] == [r["tokens"][0]] for r in ranks), (
             f"{name}: tokens per rank {[r['tokens'] for r in ranks]} do not split {length} tokens")
         assert all(r["seen"] == ranks[0]["seen"] for r in ranks)
         for r in ranks[1:]:  # ViTMAE: every rank drew the same random mask
             assert len(r["masks"]) == len(ranks[0]["masks"]) == (STEPS if name == "hf_vitmae" else 0)
-            assert all(torch.equal(a, b) for a, b in zip(r["masks"], ranks[0]["masks"])), f"{name}: masks differ between ranks"
+            assert all(torch.equal(a, b) for a, b in zip(r["masks"], ranks[0]["masks"])), (
+                f"{name}: masks differ between ranks"
+            )
         reference = train_reference(name, ranks[0]["seen"], ranks[0]["masks"])
         for rank, r in enumerate(ranks):
             err, key = _max_rel_error(r["final"], reference)

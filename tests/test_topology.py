@@ -16,7 +16,9 @@ def test_infers_data_parallel_size():
 
 
 def test_world_not_divisible_names_every_factor():
-    with pytest.raises(TopologyError, match=r"world_size=6 is not divisible by .* = 4 \* 1 = 4 .*sequence_parallel_size=4"):
+    with pytest.raises(
+        TopologyError, match=r"world_size=6 is not divisible by .* = 4 \* 1 = 4 .*sequence_parallel_size=4"
+    ):
         ParallelDims(world_size=6, sequence_parallel_size=4)
 
 

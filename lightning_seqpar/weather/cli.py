@@ -11,6 +11,8 @@ multi-process run with the error of the rank that failed first, and writes the s
 quickstart at ``synthetic_data.path`` when ``data.path`` names that same path.
 """
 
+# ruff: noqa: E402 - the weather extra is checked before jsonargparse and the data modules are imported
+
 from __future__ import annotations
 
 import os
@@ -21,21 +23,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning_seqpar  # noqa: F401  registers the strategy names with Lightning
 from lightning_seqpar.weather import require_weather_extra
 
-require_weather_extra("the seqpar command (lightning_seqpar.weather.cli)")
+require_weather_extra("the seqpar command (lightning_seqpar.weather.cli)")  # before jsonargparse: name what is missing
+
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import lightning_seqpar  # noqa: F401  registers the strategy names with Lightning
+from lightning_seqpar.failures import FAILURE_DIR_ENV, FailureRecorder, report_failure, start_failure_dir
 from lightning_seqpar.weather.cli_checks import (
-    ConfigError, check_data, check_model, check_strategy, derive_data_options, resolve_checkpoint,
+    ConfigError,
+    check_data,
+    check_model,
+    check_strategy,
+    derive_data_options,
+    resolve_checkpoint,
 )
 from lightning_seqpar.weather.data.era5 import ERA5DataModule
 from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
-from lightning_seqpar.failures import FAILURE_DIR_ENV, FailureRecorder, report_failure, start_failure_dir
 from lightning_seqpar.weather.forecast import ForecastModule
 from lightning_seqpar.weather.forecast_io import ForecastWriter
 
@@ -130,7 +138,11 @@ def _global_rank() -> int:
 
 
 def ensure_synthetic_store(path: str | Path, spec: SyntheticData) -> None:
-    """Writes the store at `path` once (rank 0, to a temporary name then renamed), other ranks wait for it."""
+    """Writes the store at `path` once (rank 0, to a temporary name then renamed), other ranks wait for it.
+
+    Raises:
+        TimeoutError: on a rank other than 0, when rank 0 has not written the store in time.
+    """
     path = Path(path)
     if path.exists():
         return
@@ -167,7 +179,12 @@ def _synthetic_spec(value) -> SyntheticData | None:
 
 class SeqParCLI(LightningCLI):
     """LightningCLI with the data -> model links of the forecasting recipes, checks before launch, one directory
-    per run, ``--ckpt_path last`` of the latest run, the forecast writer, and first-failure reporting."""
+    per run, ``--ckpt_path last`` of the latest run, the forecast writer, and first-failure reporting.
+
+    Raises:
+        SystemExit: when a rank of a multi-process run fails: the failure is recorded for the launcher,
+            which reports the first one (``report_failure``).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_kwargs", {}).setdefault("description", _help())
@@ -184,6 +201,7 @@ class SeqParCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser) -> None:
+        """Adds ``--synthetic_data`` and links the data's fields, grid and lead times to the model's arguments."""
         parser.add_argument(
             "--synthetic_data", type=SyntheticData | None, default=None,
             help="Write a synthetic ERA5-like store at synthetic_data.path first, if data.path is that path and "
@@ -199,7 +217,12 @@ class SeqParCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Writes the synthetic store if asked, derives and checks the data, model and strategy options, and
-        resolves ``--ckpt_path last|best``, all before any process is started."""
+        resolves ``--ckpt_path last|best``, all before any process is started.
+
+        Raises:
+            ConfigError: for an option that cannot work (missing synthetic store path, fields, years, lead
+                times, strategy or checkpoint), naming the option and what to write instead.
+        """
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         data = config["data"]
         spec = _synthetic_spec(config.get("synthetic_data"))
@@ -252,6 +275,7 @@ class SeqParCLI(LightningCLI):
             print(f"seqpar: run written to {_run_dir(self.trainer)}", flush=True)
 
     def after_test(self) -> None:
+        """Prints where the test metrics and figures were written (on global rank 0)."""
         if self.trainer.is_global_zero:
             print(f"seqpar: metrics and figures in {_run_dir(self.trainer)}", flush=True)
 
@@ -303,7 +327,9 @@ def _main(args: Sequence[str] | None) -> None:
             args=args,
         )
     except ConfigError as err:
-        subcommand = next((a for a in (args if args is not None else sys.argv[1:]) if a in ("fit", "validate", "test", "predict")), "")
+        subcommand = next(
+            (a for a in (args if args is not None else sys.argv[1:]) if a in ("fit", "validate", "test", "predict")), ""
+        )
         print(f"seqpar {subcommand}: error: {err}".replace("seqpar : ", "seqpar: "), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:

@@ -43,16 +43,25 @@ def derive_data_options(data: dict[str, Any]) -> dict[str, Any]:
 
     ``train_years: null`` already means "every year not held out", and ``lead_time_hours: null`` one time step
     of the store (both understood by :class:`ERA5DataModule`). Returns the changed options (for the log).
+
+    Raises:
+        ConfigError: when the store cannot be opened or has no year to hold out, naming ``--data.path``.
     """
-    wanted = [k for k in ("train_years", "val_years", "test_years") if isinstance(data.get(k), str) and data[k].strip() == "last"]
+    wanted = [
+        k
+        for k in ("train_years", "val_years", "test_years")
+        if isinstance(data.get(k), str) and data[k].strip() == "last"
+    ]
     if not wanted:
         return {}
     store = _open_store(data)
     years = sorted({int(y) for y in np.unique(store.years)})
     if len(years) < 2:
         raise ConfigError(
-            f"--data.{wanted[0]}: the recipe holds out the last year of the store, but {data['path']!r} has only {years}; "
-            "set --data.train_years, --data.val_years and --data.test_years to split it yourself")
+            f"--data.{wanted[0]}: the recipe holds out the last year of the store, but {data['path']!r} has only "
+            f"{years}; "
+            "set --data.train_years, --data.val_years and --data.test_years to split it yourself"
+        )
     derived = {k: [years[-1]] for k in wanted}
     data.update(derived)
     return derived
@@ -68,13 +77,15 @@ def _open_store(data: dict[str, Any]):
     except ValueError as err:
         text = _first_line(err)
         if "duplicate_times" in text:
-            raise ConfigError(f"--data.duplicate_times: {text} (on the command line: --data.duplicate_times keep_first)") from None
+            raise ConfigError(
+                f"--data.duplicate_times: {text} (on the command line: --data.duplicate_times keep_first)"
+            ) from None
         raise ConfigError(f"--data.path: {text}") from None
     except OSError as err:
         raise ConfigError(f"--data.path: {_first_line(err)}") from None
 
 
-def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - imported inside, the data stack is heavy
+def check_data(data: dict[str, Any]) -> ERA5DataModule:  # noqa: F821 - imported inside, the data stack is heavy
     """Opens the store and checks the fields, split years and lead times the run will ask of it.
 
     Returns:
@@ -92,7 +103,11 @@ def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - import
             try:
                 store.resolve(field)
             except (KeyError, ValueError) as err:
-                hint = " (null, the default, means the same fields as --data.variables)" if option == "out_variables" else ""
+                hint = (
+                    " (null, the default, means the same fields as --data.variables)"
+                    if option == "out_variables"
+                    else ""
+                )
                 raise ConfigError(f"--data.{option}: {_first_line(err)}{hint}") from None
     try:
         dm = ERA5DataModule(**data)
@@ -108,15 +123,21 @@ def check_data(data: dict[str, Any]) -> "ERA5DataModule":  # noqa: F821 - import
     for hours in dm.lead_times_hours:
         ratio = hours / store.step_hours
         if abs(ratio - round(ratio)) > 1e-9:
-            raise ConfigError(f"--data.lead_time_hours: {hours} h is not a multiple of the {store.step_hours:g} h time step "
-                              f"of {data['path']!r}; use e.g. {int(store.step_hours)} (or null: one time step)")
+            raise ConfigError(
+                f"--data.lead_time_hours: {hours} h is not a multiple of the {store.step_hours:g} h time step "
+                f"of {data['path']!r}; use e.g. {int(store.step_hours)} (or null: one time step)"
+            )
     return dm
 
 
 # --- model ------------------------------------------------------------------------------------------------
 
 def check_model(model: dict[str, Any], dm) -> None:
-    """``loss_weights`` must name output fields and ``residual`` needs every output among the inputs."""
+    """``loss_weights`` must name output fields and ``residual`` needs every output among the inputs.
+
+    Raises:
+        ConfigError: naming ``--model.loss_weights`` or ``--model.residual`` and what to change.
+    """
     variables, out_variables = dm.variables, dm.out_variables
     canonical = {}
     for name in (model.get("loss_weights") or {}):
@@ -254,7 +275,8 @@ def _last_in(directory: Path) -> Path | None:
 def resolve_checkpoint(which: str, root: str | Path) -> Path:
     """The file that ``--ckpt_path last`` or ``best`` means: of the latest run under ``root`` that saved one.
 
-    ``last`` is that run's ``last.ckpt`` (its newest checkpoint without ``save_last``); ``best`` is the best model path its ModelCheckpoint recorded in
+    ``last`` is that run's ``last.ckpt`` (its newest checkpoint without ``save_last``); ``best`` is the best model
+    path its ModelCheckpoint recorded in
     ``last.ckpt``. Runs are Lightning's versions, ``<root>/<logger name>/version_N/checkpoints``, latest = largest N.
 
     Raises:
@@ -263,9 +285,11 @@ def resolve_checkpoint(which: str, root: str | Path) -> Path:
     root = Path(root)
     runs = [d for d in _run_dirs(root) if _last_in(d) is not None]
     if not runs:
-        raise ConfigError(f"--ckpt_path {which}: no run under {str(root)!r} (trainer.default_root_dir) saved a checkpoint "
-                          f"(looked in {root}/*/version_N/checkpoints); train first with `seqpar fit`, or pass the "
-                          "checkpoint file itself: --ckpt_path PATH")
+        raise ConfigError(
+            f"--ckpt_path {which}: no run under {str(root)!r} (trainer.default_root_dir) saved a checkpoint "
+            f"(looked in {root}/*/version_N/checkpoints); train first with `seqpar fit`, or pass the "
+            "checkpoint file itself: --ckpt_path PATH"
+        )
     last = _last_in(runs[-1])
     if which == "last":
         return last

@@ -25,38 +25,10 @@ from lightning_seqpar.weather.forecast_checkpoint import (
     map_data,
     model_config,
 )
-from lightning_seqpar.weather.metrics import (
-    LatitudeWeightedACC,
-    LatitudeWeightedRMSE,
-    latitude_weights,
-)
-from lightning_seqpar.weather.forecast_io import field_units, land_sea_mask
-from lightning_seqpar.weather.plots import plot_forecast_map, plot_rmse_by_lead_time
+from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weighted_mse, latitude_weights
+from lightning_seqpar.weather.plots import rmse_table, write_test_figures
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
-
-
-def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
-                          valid_mask: Tensor | None = None) -> Tensor:
-    """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
-
-    Args:
-        pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
-        target: [B, V_out, H, W].
-        weights: [H] latitude weights with mean 1.
-        field_weights: optional [V_out] weight of each field, used as given.
-        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
-            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
-            filled cells count zero and an all-ones mask gives the unmasked loss.
-    """
-    cell = weights.float().view(-1, 1)  # [H, 1]
-    if valid_mask is not None:
-        cell = cell * valid_mask.float()  # [V_out, H, W]
-        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
-    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
-    if field_weights is not None:
-        error = error * field_weights.float().view(-1, 1, 1)
-    return error.mean()
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -80,9 +52,9 @@ class ForecastModule(LightningModule):
     `DataMismatchError` naming the difference.
 
     Args:
-        model: the network, e.g. `lightning_seqpar.weather.models.ClimaX` (in YAML: `class_path` + `init_args`). A model with a
-            `config` mapping of its constructor arguments (ClimaX has one) is recorded in the hyperparameters; a
-            `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
+        model: the network, e.g. `lightning_seqpar.weather.models.ClimaX` (in YAML: `class_path` + `init_args`). A
+            model with a `config` mapping of its constructor arguments (ClimaX has one) is recorded in the
+            hyperparameters; a `{"class_path", "init_args"}` mapping is built (that is how a checkpoint restores it).
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay, not applied to embeddings, norms and biases.
         betas: AdamW betas.
@@ -142,7 +114,12 @@ class ForecastModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Reads fields, grid, statistics and lead times from the datamodule, maps them onto the trained ones and builds
-        the skill metrics."""
+        the skill metrics.
+
+        Raises:
+            RuntimeError: when the trainer has no datamodule with the attributes listed above.
+            DataMismatchError: when the data does not map onto the fields the model was trained on.
+        """
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = ("variables", "out_variables", "latitudes", "longitudes", "lead_times_hours", "climatology")
         missing = [name for name in needed if dm is None or not hasattr(dm, name)]
@@ -167,15 +144,21 @@ class ForecastModule(LightningModule):
         mapping = map_data(trained, data)
         unseen = sorted(set(data.lead_times_hours) - set(trained.lead_times_hours))
         if unseen:
-            rank_zero_warn(f"ForecastModule: lead times {unseen} h were not trained on (trained: {trained.lead_times_hours} h)")
+            rank_zero_warn(
+                f"ForecastModule: lead times {unseen} h were not trained on (trained: {trained.lead_times_hours} h)"
+            )
         self.trained_data, self.data_in_use, self.data_mapping = trained, data, mapping
         persist = [trained.variables.index(f) for f in trained.out_variables] if self.hparams.residual else []
         device = self.device
         buffers = {
             "in_index": torch.as_tensor(mapping.in_index, dtype=torch.long),  # [V] data channel of each trained input
-            "out_index": torch.as_tensor(mapping.out_index, dtype=torch.long),  # [V_out] trained output of each data one
-            "in_scale": mapping.in_scale.view(-1, 1, 1), "in_shift": mapping.in_shift.view(-1, 1, 1),  # [V, 1, 1]
-            "out_scale": mapping.out_scale.view(-1, 1, 1), "out_shift": mapping.out_shift.view(-1, 1, 1),
+            "out_index": torch.as_tensor(
+                mapping.out_index, dtype=torch.long
+            ),  # [V_out] trained output of each data one
+            "in_scale": mapping.in_scale.view(-1, 1, 1),
+            "in_shift": mapping.in_shift.view(-1, 1, 1),  # [V, 1, 1]
+            "out_scale": mapping.out_scale.view(-1, 1, 1),
+            "out_shift": mapping.out_shift.view(-1, 1, 1),
             "trained_persist_pos": torch.as_tensor(persist, dtype=torch.long),  # input of each output, trained order
         }
         for name, value in buffers.items():
@@ -187,8 +170,6 @@ class ForecastModule(LightningModule):
         self.variables, self.out_variables = list(data.variables), list(data.out_variables)
         self.lead_times_hours = list(data.lead_times_hours)
         self.latitudes, self.longitudes = np.asarray(data.latitudes), np.asarray(data.longitudes)
-        # Persistence forecasts the output fields by their input values, so it needs them among the inputs.
-        self.has_persistence = set(self.out_variables) <= set(self.variables)
         unknown = sorted(set(self.hparams.loss_weights or {}) - set(self.out_variables))
         if unknown:
             raise ValueError(f"loss_weights names {unknown}, which are not output fields {self.out_variables}")
@@ -196,50 +177,43 @@ class ForecastModule(LightningModule):
         if (field_weights < 0).any() or field_weights.sum() <= 0:
             raise ValueError(f"loss_weights must be >= 0 and not all 0, got {self.hparams.loss_weights}")
         normalized = data.normalized
-        out_mean = np.asarray([data.mean[f] for f in self.out_variables] if normalized else np.zeros(len(self.out_variables)), np.float32)
-        out_std = np.asarray([data.std[f] for f in self.out_variables] if normalized else np.ones(len(self.out_variables)), np.float32)
+        out_mean = np.asarray(
+            [data.mean[f] for f in self.out_variables] if normalized else np.zeros(len(self.out_variables)), np.float32
+        )
+        out_std = np.asarray(
+            [data.std[f] for f in self.out_variables] if normalized else np.ones(len(self.out_variables)), np.float32
+        )
         if data.climatology is None:
             raise RuntimeError("ForecastModule needs the climatology of the output fields (datamodule.climatology)")
         climatology = np.asarray(data.climatology, np.float32)  # [V_out, H, W], physical
         # Cells of masked fields (sea-surface temperature over land) hold filled values: out of loss and metrics.
         valid = valid_mask  # [V_out, H, W] or None
-        persist = [self.variables.index(f) for f in self.out_variables] if self.has_persistence else []
         buffers = {
             "lat_weights": latitude_weights(self.latitudes).float(),  # [H]
             "field_weights": (field_weights / field_weights.mean()).float(),  # [V_out], mean 1
             "out_mean": torch.from_numpy(out_mean).view(-1, 1, 1),  # [V_out, 1, 1]
             "out_std": torch.from_numpy(out_std).view(-1, 1, 1),
-            "persist_pos": torch.as_tensor(persist, dtype=torch.long),  # [V_out] input channel of each output
-            # The climatology forecast in the units of the targets (normalised like them).
-            "climatology_forecast": torch.from_numpy((climatology - out_mean[:, None, None]) / out_std[:, None, None]),
             "valid_mask": None if valid is None else torch.as_tensor(np.asarray(valid, np.float32)),  # [V_out, H, W]
         }
         for name, value in buffers.items():
             self.register_buffer(name, None if value is None else value.to(self.device), persistent=False)
-        common = {
-            "lead_times_hours": self.lead_times_hours,
-            "mean": out_mean if normalized else None,
-            "std": out_std if normalized else None,
-            "valid_mask": valid,
-        }
 
-        def rmse(prefix: str) -> LatitudeWeightedRMSE:
-            return LatitudeWeightedRMSE(self.out_variables, self.latitudes, prefix=prefix, **common)
+        def skill(prefix: str, forecasts: tuple[str, ...], acc: bool) -> ForecastSkill:
+            return ForecastSkill(self.variables, self.out_variables, self.latitudes, self.lead_times_hours, climatology,
+                                 out_mean if normalized else None, out_std if normalized else None, valid, prefix,
+                                 forecasts, acc)
 
-        def acc(prefix: str) -> LatitudeWeightedACC:
-            return LatitudeWeightedACC(
-                self.out_variables, self.latitudes, climatology=climatology, prefix=prefix, **common
-            )
-
-        val = {"model_rmse": rmse("val/")}
-        test = {"model_rmse": rmse("test/"), "model_acc": acc("test/"), "climatology_rmse": rmse("test/climatology/")}
-        if self.has_persistence:
-            val["persistence_rmse"] = rmse("val/persistence/")
-            test.update(persistence_rmse=rmse("test/persistence/"), persistence_acc=acc("test/persistence/"))
-        self.skill = nn.ModuleDict({"val": nn.ModuleDict(val), "test": nn.ModuleDict(test)})
+        self.skill = nn.ModuleDict({
+            "val": skill("val/", ("model", "persistence"), acc=False),
+            "test": skill("test/", ("model", "persistence", "climatology"), acc=True),
+        }).to(self.device)
 
     def configure_model(self) -> None:
-        """Materialises a model that was built on the meta device and initialises it with its own `init_weights`."""
+        """Materialises a model that was built on the meta device and initialises it with its own `init_weights`.
+
+        Raises:
+            RuntimeError: when a meta-device model has neither ``init_weights`` nor ``reset_parameters``.
+        """
         if any(p.is_meta for p in self.model.parameters()):
             self.model.to_empty(device=self.device)
             init = getattr(self.model, "init_weights", None) or getattr(self.model, "reset_parameters", None)
@@ -250,7 +224,11 @@ class ForecastModule(LightningModule):
     # --- steps ---
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Normalised forecast [B, V_out, H, W] of one batch, in the fields and units of the data in use."""
+        """Normalised forecast [B, V_out, H, W] of one batch, in the fields and units of the data in use.
+
+        Raises:
+            RuntimeError: before the module knows its fields (no setup, no checkpoint).
+        """
         if self.trained_data is None or self.data_mapping is None:
             raise RuntimeError(
                 "ForecastModule does not know its fields yet: run it under a Trainer with a datamodule, or load it with"
@@ -260,7 +238,9 @@ class ForecastModule(LightningModule):
         if not self.data_mapping.identity:  # the trained order and units; exact, field by field
             x = x[:, self.in_index] * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
         trained = self.trained_data
-        pred = self.model(x, batch["lead_time_hours"], trained.variables, trained.out_variables)  # [B, V_out_trained, H, W]
+        pred = self.model(
+            x, batch["lead_time_hours"], trained.variables, trained.out_variables
+        )  # [B, V_out_trained, H, W]
         if self.hparams.residual:
             # The inputs are normalised with the same per-field statistics as the targets.
             pred = pred + x[:, self.trained_persist_pos].to(pred.dtype)
@@ -278,12 +258,20 @@ class ForecastModule(LightningModule):
 
         Returns:
             [B, V_out, H, W] forecast of `self.out_variables`, physical units.
+
+        Raises:
+            RuntimeError: before the module knows its fields.
+            ValueError: when ``fields`` is not ``[B, V, H, W]`` or a field's statistics are unknown.
         """
         data = self.data_in_use
         if data is None:
-            raise RuntimeError("ForecastModule.forecast needs the module's fields: load it from a checkpoint or set it up first")
+            raise RuntimeError(
+                "ForecastModule.forecast needs the module's fields: load it from a checkpoint or set it up first"
+            )
         if fields.ndim != 4 or fields.shape[1] != len(data.variables):
-            raise ValueError(f"fields must be [B, {len(data.variables)}, H, W] ({data.variables}), got {tuple(fields.shape)}")
+            raise ValueError(
+                f"fields must be [B, {len(data.variables)}, H, W] ({data.variables}), got {tuple(fields.shape)}"
+            )
         units = [data.units(f) for f in data.variables]
         if None in units:
             raise ValueError(f"the normalisation statistics of some of {data.variables} are unknown; cannot normalise")
@@ -294,14 +282,19 @@ class ForecastModule(LightningModule):
         return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = latitude_weighted_mse(self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask)
+        """Latitude-weighted MSE (scalar, normalised units) of the forecast of one batch; logs ``train/loss``."""
+        loss = latitude_weighted_mse(
+            self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``val/loss`` and scores the forecast and persistence with the ``val`` skill metrics."""
         self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Logs ``test/loss``, scores the forecast and both baselines, and keeps the first sample for the map."""
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -314,11 +307,7 @@ class ForecastModule(LightningModule):
         target, lead = batch["target"], batch["lead_time_hours"]
         loss = latitude_weighted_mse(pred, target, self.lat_weights, self.field_weights, self.valid_mask)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=pred.shape[0])
-        forecasts = {"model": pred.float(), "climatology": self.climatology_forecast.expand_as(target)}
-        if self.has_persistence:
-            forecasts["persistence"] = batch["input"][:, self.persist_pos]
-        for key, metric in self.skill[stage].items():
-            metric.update(forecasts[key.split("_")[0]], target, lead)  # the metrics de-normalise
+        self.skill[stage].update(batch, pred)  # the metrics de-normalise
         if stage == "test" and self._plot_sample is None:
             physical = [x[0].float() * self.out_std + self.out_mean for x in (pred, target)]  # [V_out, H, W]
             self._plot_sample = {"forecast": physical[0].cpu(), "truth": physical[1].cpu(), "lead": float(lead[0]),
@@ -326,10 +315,8 @@ class ForecastModule(LightningModule):
 
     def _log_skill(self, stage: str) -> dict[str, float]:
         """Computes (synced over the data-parallel ranks), logs and resets the metrics of `stage`."""
-        values = {}
-        for metric in self.skill[stage].values():
-            values.update({key: float(value) for key, value in metric.compute().items()})
-            metric.reset()
+        values = {key: float(value) for key, value in self.skill[stage].compute().items()}
+        self.skill[stage].reset()
         self.log_dict(values, sync_dist=True)  # already synced by the metrics: averaging equal values is a no-op
         return values
 
@@ -338,47 +325,20 @@ class ForecastModule(LightningModule):
         self._log_skill("val")
 
     def on_test_epoch_start(self) -> None:
+        """Forgets the previous test's map sample."""
         self._plot_sample = None
 
     def on_test_epoch_end(self) -> None:
-        """Logs RMSE and ACC per field and lead time of the model and the baselines, then writes the figures."""
+        """Logs RMSE and ACC per field and lead time of the model and the baselines, then writes the figures
+        (``rmse_by_lead_time.png``, ``forecast_map.png`` of the first test sample) in :meth:`figure_dir`."""
         values = self._log_skill("test")
-        table: dict[str, dict[str, dict[float, float]]] = {v: {} for v in self.out_variables}
-        for key, value in values.items():  # "test/[<baseline>/]rmse/<field>/<lead>h"
-            parts = key.split("/")
-            if parts[-3] == "rmse":
-                forecast = parts[1] if len(parts) == 5 else "model"
-                table[parts[-2]].setdefault(forecast, {})[float(parts[-1].rstrip("h"))] = value
         if self.trainer.is_global_zero:
-            self._write_figures(table)
-
-    def _write_figures(self, table: dict[str, dict[str, dict[float, float]]]) -> None:
-        """``rmse_by_lead_time.png`` and ``forecast_map.png`` (every output field of the first test sample, with
-        units, initial and valid time, and coastlines) in :meth:`figure_dir`."""
-        dm = self.trainer.datamodule
-        units = {f: field_units(dm, f) for f in self.out_variables}
-        out_dir = self.figure_dir()
-        paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png", units)]
-        sample = self._plot_sample
-        if sample is not None:
-            fields = list(self.out_variables)
-            if self.hparams.plot_variable is not None:
-                if self.hparams.plot_variable not in fields:
-                    raise ValueError(f"plot_variable={self.hparams.plot_variable!r} is not an output field; choose from {fields}")
-                fields = [self.hparams.plot_variable]
-            rows = [self.out_variables.index(f) for f in fields]
-            store = getattr(dm, "store", None)
-            init = (str(store.times[sample["index"]].astype("datetime64[m]")) if store is not None and sample["index"] is not None
-                    else "1970-01-01T00:00")
-            land, _ = land_sea_mask(dm, self.latitudes, self.longitudes)
-            paths.append(
-                plot_forecast_map(
-                    sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), self.latitudes, self.longitudes,
-                    fields, [units[f] for f in fields], init, sample["lead"], out_dir / "forecast_map.png", land=land,
-                    title=f"{type(self.model).__name__} forecast",
-                )
+            paths = write_test_figures(
+                self.trainer.datamodule, rmse_table(values, self.out_variables), self._plot_sample, self.out_variables,
+                self.latitudes, self.longitudes, self.figure_dir(), f"{type(self.model).__name__} forecast",
+                self.hparams.plot_variable,
             )
-        rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))
+            rank_zero_info("ForecastModule: wrote " + ", ".join(str(p) for p in paths))
 
     def figure_dir(self) -> Path:
         """Where the test figures go: the logger's directory, else `trainer.default_root_dir`."""

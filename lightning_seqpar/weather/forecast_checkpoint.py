@@ -47,7 +47,8 @@ def check_single_file(path: Any) -> None:
     path = Path(path)
     output = path.with_name(path.name.removesuffix(".ckpt") + "-consolidated.ckpt")
     raise ShardedCheckpointError(
-        f"{str(path)!r} is a directory: a sharded checkpoint written by SeqParStrategy with DeepSpeed (zero_stage > 0 or"
+        f"{str(path)!r} is a directory: a sharded checkpoint written by SeqParStrategy with DeepSpeed (zero_stage > 0 "
+        f"or"
         " pipeline stages), one ZeRO partition per rank. Consolidate it into one file first (one process, CPU):\n"
         f"    python -m lightning_seqpar.consolidate '{path}' '{output}'\n"
         f"then load '{output}'. See docs/recipes.md, 'Checkpoints'."
@@ -72,14 +73,20 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 
     Only classes of this package, or of modules the program has already imported, are built: a checkpoint cannot make
     Python import (and run) a module of its choice.
+
+    Raises:
+        ValueError: when the mapping lacks ``class_path``/``init_args``, the class's module is not imported
+            (by design: a checkpoint does not import code), or the class is not an ``nn.Module``.
     """
     if not isinstance(config.get("class_path"), str):
         raise ValueError(f"a model configuration needs a 'class_path' string and 'init_args', got {dict(config)!r}")
     module_name, _, name = config["class_path"].rpartition(".")
     if module_name not in sys.modules and not module_name.startswith("lightning_seqpar."):
         raise ValueError(
-            f"the checkpoint's model class {config['class_path']!r} is in module {module_name!r}, which is not imported;"
-            f" import it first (import {module_name}) if you trust the checkpoint, or pass model=... to load_from_checkpoint."
+            f"the checkpoint's model class {config['class_path']!r} is in module {module_name!r}, which is not "
+            f"imported;"
+            f" import it first (import {module_name}) if you trust the checkpoint, or pass model=... to "
+            f"load_from_checkpoint."
         )
     cls = getattr(importlib.import_module(module_name), name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -133,15 +140,20 @@ class TrainedData:
                     mean[f], std[f] = float(m), float(s)
         climatology = getattr(dm, "climatology", None)
         return cls(
-            variables=variables, out_variables=out_variables,
+            variables=variables,
+            out_variables=out_variables,
             lead_times_hours=[float(h) for h in dm.lead_times_hours],
-            latitudes=[float(x) for x in np.asarray(dm.latitudes)], longitudes=[float(x) for x in np.asarray(dm.longitudes)],
-            normalized=normalized, mean=mean, std=std,
+            latitudes=[float(x) for x in np.asarray(dm.latitudes)],
+            longitudes=[float(x) for x in np.asarray(dm.longitudes)],
+            normalized=normalized,
+            mean=mean,
+            std=std,
             climatology=None if climatology is None else torch.as_tensor(np.asarray(climatology, np.float32)),
         )
 
     def units(self, field: str) -> tuple[float, float] | None:
-        """``(mean, std)`` with which ``field`` is normalised in the batches (``(0, 1)``: physical), or None if unknown."""
+        """``(mean, std)`` with which ``field`` is normalised in the batches (``(0, 1)``: physical), or None if
+        unknown."""
         if not self.normalized:
             return 0.0, 1.0
         if field in self.mean and field in self.std:
@@ -157,9 +169,15 @@ class TrainedData:
 
     @classmethod
     def from_checkpoint(cls, record: Mapping[str, Any]) -> TrainedData:
-        return cls(**{k: record[k] for k in ("variables", "out_variables", "lead_times_hours", "latitudes", "longitudes")},
-                   normalized=bool(record.get("normalized", True)), mean=dict(record.get("mean", {})),
-                   std=dict(record.get("std", {})), climatology=record.get("climatology"))
+        """The inverse of :meth:`to_checkpoint`; a record without ``normalized`` (older checkpoints) means normalised.
+        Raises ``KeyError`` when a field list or the grid is missing."""
+        return cls(
+            **{k: record[k] for k in ("variables", "out_variables", "lead_times_hours", "latitudes", "longitudes")},
+            normalized=bool(record.get("normalized", True)),
+            mean=dict(record.get("mean", {})),
+            std=dict(record.get("std", {})),
+            climatology=record.get("climatology"),
+        )
 
 
 @dataclass
@@ -167,7 +185,8 @@ class DataMapping:
     """How a batch of ``data`` becomes what the model trained on ``trained`` expects, and back.
 
     ``x_trained = x_data[:, in_index] * in_scale + in_shift`` (``[B, V, H, W]``, trained order and units) and
-    ``pred_data = pred_trained[:, out_index] * out_scale + out_shift`` (``[B, V_out, H, W]``, the data's order and units).
+    ``pred_data = pred_trained[:, out_index] * out_scale + out_shift`` (``[B, V_out, H, W]``, the data's order and
+    units).
     """
 
     in_index: list[int]
@@ -221,21 +240,30 @@ def map_data(trained: TrainedData, data: TrainedData) -> DataMapping:
     untrained = [f for f in data.out_variables if f not in trained.out_variables]
     if untrained:
         raise DataMismatchError(
-            f"the data asks for output fields {untrained}, which the model does not forecast; it was trained to forecast"
+            f"the data asks for output fields {untrained}, which the model does not forecast; it was trained to "
+            f"forecast"
             f" {trained.out_variables}. Choose data.out_variables among those."
         )
     for axis in ("latitudes", "longitudes"):
         mine, theirs = np.asarray(getattr(trained, axis)), np.asarray(getattr(data, axis))
         if mine.shape != theirs.shape or not np.allclose(mine, theirs, atol=GRID_ATOL_DEGREES):
-            where = "" if mine.shape != theirs.shape else f", first difference at index {int(np.argmax(~np.isclose(mine, theirs, atol=GRID_ATOL_DEGREES)))}"
+            where = (
+                ""
+                if mine.shape != theirs.shape
+                else f", first difference at index {int(np.argmax(~np.isclose(mine, theirs, atol=GRID_ATOL_DEGREES)))}"
+            )
             raise DataMismatchError(
-                f"the data's {axis} ({theirs.size} from {theirs[:1]} to {theirs[-1:]}) are not the grid the model was trained"
+                f"the data's {axis} ({theirs.size} from {theirs[:1]} to {theirs[-1:]}) are not the grid the model was "
+                f"trained"
                 f" on ({mine.size} from {mine[:1]} to {mine[-1:]}){where}; regrid the data to the training grid."
             )
     in_index = [data.variables.index(f) for f in trained.variables]
     out_index = [trained.out_variables.index(f) for f in data.out_variables]
     in_scale, in_shift = _affine(trained, data, trained.variables, to_trained=True)
     out_scale, out_shift = _affine(trained, data, data.out_variables, to_trained=False)
-    identity = (in_index == list(range(len(in_index))) and out_index == list(range(len(trained.out_variables)))
-                and bool((in_scale == 1).all() and (in_shift == 0).all() and (out_scale == 1).all() and (out_shift == 0).all()))
+    identity = (
+        in_index == list(range(len(in_index)))
+        and out_index == list(range(len(trained.out_variables)))
+        and bool((in_scale == 1).all() and (in_shift == 0).all() and (out_scale == 1).all() and (out_shift == 0).all())
+    )
     return DataMapping(in_index, out_index, in_scale, in_shift, out_scale, out_shift, identity)

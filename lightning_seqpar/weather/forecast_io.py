@@ -66,7 +66,9 @@ def field_long_name(field: str) -> str:
     return field.replace("_", " ")
 
 
-def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str]:
+def land_sea_mask(
+    datamodule, latitudes: np.ndarray, longitudes: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str]:
     """``((land fraction [h, w], latitudes [h], longitudes [w]), where it came from)`` for coastlines on a map of
     this grid: the store's ``land_sea_mask``/``lsm`` when it has one, else the bundled ERA5 mask interpolated to
     a 1 deg grid over the same longitudes (see :mod:`lightning_seqpar.weather.landmask`)."""
@@ -87,7 +89,7 @@ def land_sea_mask(datamodule, latitudes: np.ndarray, longitudes: np.ndarray) -> 
 
 def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: np.ndarray, fields: list[str],
                       latitudes: np.ndarray, longitudes: np.ndarray, units: dict[str, str] | None = None,
-                      source: str = "") -> "xr.Dataset":  # noqa: F821 - xarray is imported inside
+                      source: str = "") -> xr.Dataset:  # noqa: F821 - xarray is imported inside
     """An ``xarray.Dataset`` of forecasts following the CF conventions (1.8) and WeatherBench2's forecast layout.
 
     Args:
@@ -116,13 +118,26 @@ def forecasts_dataset(forecast: np.ndarray, init_times: np.ndarray, lead_hours: 
     }
     coords = {
         "time": ("time", init_times, {"standard_name": "forecast_reference_time", "long_name": "initial time"}),
-        "prediction_timedelta": ("prediction_timedelta", leads, {"standard_name": "forecast_period", "long_name": "lead time"}),
-        "valid_time": (("time", "prediction_timedelta"), init_times[:, None] + leads[None, :],
-                       {"standard_name": "time", "long_name": "valid time (initial time + lead time)"}),
-        "latitude": ("latitude", np.asarray(latitudes, np.float64),
-                     {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}),
-        "longitude": ("longitude", np.asarray(longitudes, np.float64),
-                      {"standard_name": "longitude", "units": "degrees_east", "axis": "X"}),
+        "prediction_timedelta": (
+            "prediction_timedelta",
+            leads,
+            {"standard_name": "forecast_period", "long_name": "lead time"},
+        ),
+        "valid_time": (
+            ("time", "prediction_timedelta"),
+            init_times[:, None] + leads[None, :],
+            {"standard_name": "time", "long_name": "valid time (initial time + lead time)"},
+        ),
+        "latitude": (
+            "latitude",
+            np.asarray(latitudes, np.float64),
+            {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"},
+        ),
+        "longitude": (
+            "longitude",
+            np.asarray(longitudes, np.float64),
+            {"standard_name": "longitude", "units": "degrees_east", "axis": "X"},
+        ),
     }
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     attrs = {"Conventions": "CF-1.8", "title": "lightning-seqpar forecasts", "source": source or "lightning-seqpar",
@@ -159,18 +174,28 @@ class ForecastWriter(BasePredictionWriter):
         self._parts: list[dict[str, np.ndarray]] = []
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        """Starts collecting this rank's forecasts."""
         self._parts = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
+        """Keeps one batch's ``forecast`` ``[B, V_out, H, W]`` (physical units), ``index`` ``[B]`` and
+        ``lead_time_hours`` ``[B]`` on the CPU. Raises ``ValueError`` when ``predict_step`` returned other keys."""
         missing = [k for k in ("forecast", "index", "lead_time_hours") if k not in (prediction or {})]
         if missing:
             raise ValueError(f"ForecastWriter needs predict_step to return 'forecast', 'index' and 'lead_time_hours'; "
                              f"{missing} missing (ForecastModule.predict_step returns them)")
-        self._parts.append({k: prediction[k].detach().float().cpu().numpy() if k == "forecast"
-                            else prediction[k].detach().cpu().numpy() for k in ("forecast", "index", "lead_time_hours")})
+        self._parts.append(
+            {
+                k: prediction[k].detach().float().cpu().numpy()
+                if k == "forecast"
+                else prediction[k].detach().cpu().numpy()
+                for k in ("forecast", "index", "lead_time_hours")
+            }
+        )
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        """Gathers every rank's forecasts on rank 0 and writes them as one NetCDF file (see the class docstring)."""
         parts = self._parts
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size() if trainer.is_global_zero else None
@@ -200,7 +225,8 @@ class ForecastWriter(BasePredictionWriter):
         path = out_dir / self.filename
         _write_netcdf(ds, path)
         rank_zero_info(
-            f"ForecastWriter: wrote {len(inits)} initial times x {len(leads)} lead time{'s' if len(leads) > 1 else ''} ({', '.join(f'{h:g} h' for h in leads)})"
+            f"ForecastWriter: wrote {len(inits)} initial times x {len(leads)} lead time{'s' if len(leads) > 1 else ''} "
+            f"({', '.join(f'{h:g} h' for h in leads)})"
             f" of {', '.join(fields)} to {path}"
         )
         return path

@@ -36,7 +36,8 @@ def _mask_5p625() -> np.ndarray:
 
 
 def bundled_land_sea_mask(latitudes: np.ndarray, longitudes: np.ndarray) -> np.ndarray:
-    """``[H, W]`` land fraction (0 sea, 1 land) at the given cell centres, bilinear in latitude and (periodic) longitude.
+    """``[H, W]`` land fraction (0 sea, 1 land) at the given cell centres, bilinear in latitude and (periodic)
+    longitude.
 
     Args:
         latitudes: ``[H]`` degrees north, either order.

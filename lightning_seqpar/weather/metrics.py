@@ -1,4 +1,5 @@
-"""Latitude-weighted RMSE and ACC per variable and lead time as torchmetrics Metrics, and the persistence and climatology baselines.
+"""Latitude-weighted RMSE and ACC per variable and lead time as torchmetrics Metrics; the persistence and climatology
+baselines; and :class:`ForecastSkill`, which scores a model and the baselines with them.
 
 Letters in shape comments: B samples, V variables, T lead times, H latitudes, W longitudes.
 
@@ -21,11 +22,12 @@ for every lead time that received at least one sample.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 
@@ -34,6 +36,29 @@ def latitude_weights(latitudes: Sequence[float] | np.ndarray | Tensor) -> Tensor
     lat = torch.as_tensor(np.asarray(latitudes, dtype=np.float64))
     weights = torch.cos(torch.deg2rad(lat))
     return weights / weights.mean()
+
+
+def latitude_weighted_mse(pred: Tensor, target: Tensor, weights: Tensor, field_weights: Tensor | None = None,
+                          valid_mask: Tensor | None = None) -> Tensor:
+    """Mean over batch, fields and grid of (pred - target)^2 weighted by cos(latitude) with mean 1.
+
+    Args:
+        pred: [B, V_out, H, W] forecast (any dtype; computed in float32).
+        target: [B, V_out, H, W].
+        weights: [H] latitude weights with mean 1.
+        field_weights: optional [V_out] weight of each field, used as given.
+        valid_mask: optional [V_out, H, W], 1 where the target holds data and 0 on filled cells (a field's
+            fixed NaN mask); the cell weights of each field are renormalised to mean 1 over its grid, so
+            filled cells count zero and an all-ones mask gives the unmasked loss.
+    """
+    cell = weights.float().view(-1, 1)  # [H, 1]
+    if valid_mask is not None:
+        cell = cell * valid_mask.float()  # [V_out, H, W]
+        cell = cell / cell.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(cell.dtype).tiny)
+    error = (pred.float() - target.float()).square() * cell  # [B, V_out, H, W]
+    if field_weights is not None:
+        error = error * field_weights.float().view(-1, 1, 1)
+    return error.mean()
 
 
 def _as_vector(values: Sequence[float] | np.ndarray | Tensor | None, n: int, name: str) -> Tensor | None:
@@ -72,8 +97,12 @@ class _LatitudeWeightedMetric(Metric):
         self.lead_times_hours = [float(h) for h in lead_times_hours]
         self.register_buffer("weights", latitude_weights(latitudes), persistent=False)  # [H]
         mask = None if valid_mask is None else torch.as_tensor(np.asarray(valid_mask, dtype=np.float64))
-        if mask is not None and (mask.ndim != 3 or tuple(mask.shape[:2]) != (len(self.variables), self.weights.numel())):
-            raise ValueError(f"valid_mask must be [V={len(self.variables)}, H={self.weights.numel()}, W], got {tuple(mask.shape)}")
+        if mask is not None and (
+            mask.ndim != 3 or tuple(mask.shape[:2]) != (len(self.variables), self.weights.numel())
+        ):
+            raise ValueError(
+                f"valid_mask must be [V={len(self.variables)}, H={self.weights.numel()}, W], got {tuple(mask.shape)}"
+            )
         self.register_buffer("valid_mask", mask, persistent=False)  # [V, H, W] 1 data, 0 filled; or None
         self.register_buffer("leads", torch.tensor(self.lead_times_hours, dtype=torch.float64), persistent=False)
         self.register_buffer("mean", _as_vector(mean, len(self.variables), "mean"), persistent=False)  # [V] or None
@@ -173,6 +202,9 @@ class LatitudeWeightedACC(_LatitudeWeightedMetric):
         prefix: prepended to every result key, e.g. ``"val/"``.
         valid_mask: ``[V, H, W]`` 1 where the field holds data, 0 on cells to leave out; ``None`` scores every cell.
         **kwargs: passed to ``torchmetrics.Metric``, e.g. ``process_group`` (the data-parallel group).
+
+    Raises:
+        ValueError: when ``climatology`` is not ``[V, H, W]``, besides the RMSE's argument checks.
     """
 
     name = "acc"
@@ -207,6 +239,9 @@ def persistence_forecast(batch: Mapping[str, Tensor], variables: Sequence[str], 
         batch: a batch of :class:`~lightning_seqpar.weather.data.era5.ERA5DataModule`.
         variables: names of the input channels.
         out_variables: names of the target channels; each must be an input channel.
+
+    Raises:
+        ValueError: when an output channel is not an input channel.
     """
     missing = [v for v in out_variables if v not in variables]
     if missing:
@@ -225,11 +260,105 @@ def climatology_forecast(batch: Mapping[str, Tensor], climatology: Tensor) -> Te
     return climatology.to(target)[None].expand_as(target)
 
 
+class ForecastSkill(nn.Module):
+    """The skill of a model's forecast and of the persistence and climatology baselines, on one split: latitude-weighted
+    RMSE, and ACC, per field and lead time, each forecast with its own metric objects.
+
+    The one implementation of the baselines: :class:`~lightning_seqpar.weather.forecast.ForecastModule` scores its
+    validation and test batches with it, and :func:`evaluate_baselines` scores the baselines alone.
+
+    Args:
+        variables: names of the ``V`` input channels. Persistence forecasts each output by its input channel; it is
+            left out when an output field is not an input.
+        out_variables: names of the ``V_out`` target channels.
+        latitudes: ``[H]`` latitudes in degrees.
+        lead_times_hours: every lead time the data yields, hours.
+        climatology: ``[V_out, H, W]`` climatology in physical units: the climatology forecast, and the reference
+            of ACC.
+        mean: ``[V_out]`` means the targets were normalised with, or ``None`` when the data is in physical units.
+        std: ``[V_out]`` standard deviations, given with ``mean``.
+        valid_mask: ``[V_out, H, W]`` 1 where the target holds data, 0 on filled cells (left out); ``None``: every cell.
+        prefix: prepended to every key, e.g. ``"val/"``.
+        forecasts: which forecasts to score, among ``"model"``, ``"persistence"`` and ``"climatology"``.
+        acc: also the ACC of the model and persistence (the climatology forecast has no anomaly: its ACC is 0).
+
+    :meth:`compute` returns ``{"<prefix>rmse/<field>/<lead>h": ...}`` for the model and
+    ``{"<prefix><baseline>/rmse/<field>/<lead>h": ...}`` (and ``acc``) for the baselines, in physical units.
+
+    Raises:
+        ValueError: for an unknown forecast name, or as the metrics raise for shapes that do not agree.
+    """
+
+    FORECASTS = ("model", "persistence", "climatology")
+
+    def __init__(self, variables: Sequence[str], out_variables: Sequence[str], latitudes: Sequence[float] | np.ndarray,
+                 lead_times_hours: Sequence[float], climatology: np.ndarray | Tensor,
+                 mean: Sequence[float] | np.ndarray | None = None, std: Sequence[float] | np.ndarray | None = None,
+                 valid_mask: np.ndarray | Tensor | None = None, prefix: str = "",
+                 forecasts: Sequence[str] = FORECASTS, acc: bool = True):
+        super().__init__()
+        unknown = sorted(set(forecasts) - set(self.FORECASTS))
+        if unknown:
+            raise ValueError(f"ForecastSkill: unknown forecasts {unknown}; choose among {list(self.FORECASTS)}")
+        self.variables, self.out_variables = list(variables), list(out_variables)
+        self.has_persistence = set(self.out_variables) <= set(self.variables)
+        clim = torch.as_tensor(np.asarray(climatology, np.float32))  # [V_out, H, W], physical
+        if mean is not None:
+            shift = torch.as_tensor(np.asarray(mean, np.float32))[:, None, None]
+            clim_data_units = (clim - shift) / torch.as_tensor(np.asarray(std, np.float32))[:, None, None]
+        else:
+            clim_data_units = clim
+        # The climatology forecast in the units of the targets (normalised like them).
+        self.register_buffer("climatology_forecast", clim_data_units, persistent=False)
+        common = {"lead_times_hours": lead_times_hours, "mean": mean, "std": std, "valid_mask": valid_mask}
+        metrics: dict[str, Metric] = {}
+        for kind in forecasts:
+            if kind == "persistence" and not self.has_persistence:
+                continue
+            where = prefix if kind == "model" else f"{prefix}{kind}/"
+            metrics[f"{kind}_rmse"] = LatitudeWeightedRMSE(self.out_variables, latitudes, prefix=where, **common)
+            if acc and kind != "climatology":
+                metrics[f"{kind}_acc"] = LatitudeWeightedACC(self.out_variables, latitudes, climatology=climatology,
+                                                             prefix=where, **common)
+        self.metrics = nn.ModuleDict(metrics)
+
+    def update(self, batch: Mapping[str, Tensor], prediction: Tensor | None = None) -> None:
+        """Scores one batch: ``batch["input"]`` ``[B, V, H, W]``, ``batch["target"]`` ``[B, V_out, H, W]`` and
+        ``batch["lead_time_hours"]`` ``[B]``; ``prediction`` ``[B, V_out, H, W]`` is the model's forecast, in the
+        units of the targets, required when ``"model"`` is scored.
+
+        Raises:
+            ValueError: when the model is scored and ``prediction`` is not given.
+        """
+        if prediction is None and any(key.startswith("model_") for key in self.metrics):
+            raise ValueError("ForecastSkill scores the model's forecast: pass update(batch, prediction)")
+        made: dict[str, Tensor] = {}
+        for key, metric in self.metrics.items():
+            kind = key.split("_")[0]
+            if kind not in made:
+                if kind == "model":
+                    made[kind] = prediction.float()
+                elif kind == "persistence":
+                    made[kind] = persistence_forecast(batch, self.variables, self.out_variables)
+                else:
+                    made[kind] = climatology_forecast(batch, self.climatology_forecast)
+            metric.update(made[kind], batch["target"], batch["lead_time_hours"])
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every metric's values, synced over the data-parallel ranks (see the module docstring for the keys)."""
+        return {key: value for metric in self.metrics.values() for key, value in metric.compute().items()}
+
+    def reset(self) -> None:
+        """Clears every metric's state, for the next epoch."""
+        for metric in self.metrics.values():
+            metric.reset()
+
+
 @torch.no_grad()
 def evaluate_baselines(
     datamodule: Any, split: Literal["val", "test"] = "val", max_batches: int | None = None
 ) -> dict[str, Tensor]:
-    """Scores the persistence and climatology forecasts with the same metrics a model gets.
+    """Scores the persistence and climatology forecasts with the same metrics a model gets (:class:`ForecastSkill`).
 
     Args:
         datamodule: an :class:`~lightning_seqpar.weather.data.era5.ERA5DataModule` after ``setup()``.
@@ -237,35 +366,22 @@ def evaluate_baselines(
         max_batches: stop after this many batches (``None``: the whole split).
 
     Returns:
-        ``{"persistence/rmse/<variable>/<lead>h": ..., "persistence/acc/...": ..., "climatology/rmse/...": ...}``;
-        persistence is left out when an output variable is not an input, and the climatology forecast has
-        no ACC (its anomaly is zero, so its ACC is 0 by definition).
+        ``{"persistence/rmse/<variable>/<lead>h": ..., "persistence/acc/...": ..., "climatology/rmse/...": ...}``
+        in physical units; persistence is left out when an output variable is not an input, and the climatology
+        forecast has no ACC (its anomaly is zero, so its ACC is 0 by definition).
+
+    Raises:
+        ValueError: when the datamodule has no such split.
     """
     dm = datamodule
     loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
     if not loader:
         raise ValueError(f"the datamodule has no {split} split; set {split}_years")
     mean, std = (dm.out_mean, dm.out_std) if dm.normalize else (None, None)
-    clim = torch.as_tensor(dm.climatology)  # [V_out, H, W] physical
-    clim_data_units = (clim - torch.as_tensor(mean)[:, None, None]) / torch.as_tensor(std)[:, None, None] if dm.normalize else clim
-    kinds = ["climatology"] + (["persistence"] if set(dm.out_variables) <= set(dm.variables) else [])
-    valid = getattr(dm, "out_valid_mask", None)  # [V_out, H, W] or None: cells of masked fields left out
-    metrics = {
-        kind: [LatitudeWeightedRMSE(dm.out_variables, dm.latitudes, dm.lead_times_hours, mean, std, prefix=f"{kind}/",
-                                    valid_mask=valid)]
-        for kind in kinds
-    }
-    if "persistence" in metrics:  # the climatology forecast has no anomaly, so its ACC is 0 by definition
-        metrics["persistence"].append(LatitudeWeightedACC(dm.out_variables, dm.latitudes, dm.lead_times_hours, clim, mean,
-                                                          std, prefix="persistence/", valid_mask=valid))
+    skill = ForecastSkill(dm.variables, dm.out_variables, dm.latitudes, dm.lead_times_hours, dm.climatology, mean, std,
+                          valid_mask=getattr(dm, "out_valid_mask", None), forecasts=("persistence", "climatology"))
     for n, batch in enumerate(loader):
         if max_batches is not None and n >= max_batches:
             break
-        for kind, pair in metrics.items():
-            if kind == "persistence":
-                forecast = persistence_forecast(batch, dm.variables, dm.out_variables)
-            else:
-                forecast = climatology_forecast(batch, clim_data_units)
-            for metric in pair:
-                metric.update(forecast, batch["target"], batch["lead_time_hours"])
-    return {key: value for pair in metrics.values() for metric in pair for key, value in metric.compute().items()}
+        skill.update(batch)
+    return skill.compute()

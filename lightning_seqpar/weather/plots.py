@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["forecast_map_figure", "plot_forecast_map", "plot_rmse_by_lead_time", "rmse_figure"]
+__all__ = ["forecast_map_figure", "plot_forecast_map", "plot_rmse_by_lead_time", "rmse_figure", "rmse_table",
+           "write_test_figures"]
 
 FORECAST_STYLES = {  # colour, marker, line style of each forecast in the RMSE figure
     "model": ("tab:blue", "o", "-"),
@@ -45,7 +47,9 @@ def cell_edges(centres: np.ndarray, lower: float | None = None, upper: float | N
 
 def _longitude_label(lon: float) -> str:
     lon = (lon + 180) % 360 - 180
-    return "0°" if abs(lon) < 1e-9 else "180°" if abs(abs(lon) - 180) < 1e-9 else f"{abs(lon):g}°{'E' if lon > 0 else 'W'}"
+    return (
+        "0°" if abs(lon) < 1e-9 else "180°" if abs(abs(lon) - 180) < 1e-9 else f"{abs(lon):g}°{'E' if lon > 0 else 'W'}"
+    )
 
 
 def _latitude_label(lat: float) -> str:
@@ -86,7 +90,9 @@ def forecast_map_figure(
         ValueError: when the shapes disagree.
     """
     from lightning_seqpar.weather.forecast_io import display_units, field_long_name
+    from lightning_seqpar.weather.metrics import latitude_weights
 
+    weights = latitude_weights(latitudes).numpy()  # [H], mean 1
     forecast, truth = np.asarray(forecast, np.float64), np.asarray(truth, np.float64)
     if forecast.ndim == 2:
         forecast, truth = forecast[None], truth[None]
@@ -108,10 +114,12 @@ def forecast_map_figure(
         lo, hi = float(min(truth[v].min(), forecast[v].min())), float(max(truth[v].max(), forecast[v].max()))
         error = forecast[v] - truth[v]  # [H, W]
         err_max = float(np.abs(error).max()) or 1.0
-        rmse = float(np.sqrt(np.mean(error**2 * np.cos(np.deg2rad(latitudes))[:, None]) / np.mean(np.cos(np.deg2rad(latitudes)))))
-        panels = [(truth[v], f"{name}: truth", _colormap(field), lo, hi),
-                  (forecast[v], f"{name}: forecast", _colormap(field), lo, hi),
-                  (error, f"forecast - truth (RMSE {rmse:,.4g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max)]
+        rmse = float(np.sqrt(np.mean(error**2 * weights[:, None])))  # the metrics' latitude-weighted RMSE
+        panels = [
+            (truth[v], f"{name}: truth", _colormap(field), lo, hi),
+            (forecast[v], f"{name}: forecast", _colormap(field), lo, hi),
+            (error, f"forecast - truth (RMSE {rmse:,.4g} {unit})".replace(" )", ")"), "RdBu_r", -err_max, err_max),
+        ]
         images = []
         for ax, (values, panel_title, cmap, vmin, vmax) in zip(axes[v], panels, strict=True):
             images.append(ax.pcolormesh(lon_edges, lat_edges, values, cmap=cmap, vmin=vmin, vmax=vmax, shading="flat"))
@@ -120,7 +128,9 @@ def forecast_map_figure(
                 ax.contour(mask_lon, mask_lat, mask, levels=[0.5], colors="black", linewidths=0.7)
             ax.set_title(panel_title, fontsize=10)
             ax.set_xlim(lon_edges[0], lon_edges[-1])
-            ax.set_ylim(-90.0, 90.0) if lat_edges.min() <= -90 and lat_edges.max() >= 90 else ax.set_ylim(lat_edges.min(), lat_edges.max())
+            ax.set_ylim(-90.0, 90.0) if lat_edges.min() <= -90 and lat_edges.max() >= 90 else ax.set_ylim(
+                lat_edges.min(), lat_edges.max()
+            )
             ax.set_aspect("equal")  # equirectangular: the globe is 2:1
             ax.set_xticks([t for t in range(0, 361, 60) if lon_edges[0] <= t <= lon_edges[-1]])
             ax.set_xticklabels([_longitude_label(t) for t in ax.get_xticks()], fontsize=8)
@@ -169,7 +179,9 @@ def rmse_figure(rmse: Mapping[str, Mapping[str, Mapping[float, float]]], units: 
     cols = min(3, len(fields))
     rows = math.ceil(len(fields) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows + 0.6), squeeze=False, layout="constrained")
-    order = lambda names: sorted(names, key=lambda n: (list(FORECAST_STYLES).index(n) if n in FORECAST_STYLES else 9, n))  # noqa: E731
+    order = lambda names: sorted(
+        names, key=lambda n: (list(FORECAST_STYLES).index(n) if n in FORECAST_STYLES else 9, n)
+    )  # noqa: E731
     handles: dict[str, object] = {}
     for ax, field in zip(axes.flat, fields):
         by_name = {name: rmse[field][name] for name in order(rmse[field])}
@@ -211,9 +223,16 @@ def rmse_figure(rmse: Mapping[str, Mapping[str, Mapping[float, float]]], units: 
         if shared:
             change = 100 * (1 - np.mean([model[t] / persistence[t] for t in shared]))
             mean = " (mean over leads)" if len(shared) > 1 else ""
-            ax.text(0.02, 0.98, f"model RMSE {abs(change):.0f}% {'below' if change >= 0 else 'above'} persistence{mean}",
-                    transform=ax.transAxes, ha="left", va="top", fontsize=8.5,
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+            ax.text(
+                0.02,
+                0.98,
+                f"model RMSE {abs(change):.0f}% {'below' if change >= 0 else 'above'} persistence{mean}",
+                transform=ax.transAxes,
+                ha="left",
+                va="top",
+                fontsize=8.5,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            )
     for ax in list(axes.flat)[len(fields):]:
         ax.axis("off")
     fig.suptitle("latitude-weighted RMSE on the test years", fontsize=12)
@@ -235,3 +254,69 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def rmse_table(values: Mapping[str, float], fields: Sequence[str]) -> dict[str, dict[str, dict[float, float]]]:
+    """``{field: {forecast: {lead hours: RMSE}}}`` from test metrics keyed ``"test/[<baseline>/]rmse/<field>/<lead>h"``
+    (:class:`~lightning_seqpar.weather.metrics.ForecastSkill`); the model's forecast is ``"model"``, other keys
+    (ACC, the loss) are passed over. Raises ``KeyError`` for an RMSE of a field not in ``fields``."""
+    table: dict[str, dict[str, dict[float, float]]] = {f: {} for f in fields}
+    for key, value in values.items():
+        parts = key.split("/")
+        if len(parts) >= 4 and parts[-3] == "rmse":
+            forecast = parts[1] if len(parts) == 5 else "model"
+            table[parts[-2]].setdefault(forecast, {})[float(parts[-1].rstrip("h"))] = value
+    return table
+
+
+def write_test_figures(
+    datamodule: Any,
+    table: Mapping[str, Mapping[str, Mapping[float, float]]],
+    sample: Mapping[str, Any] | None,
+    fields: Sequence[str],
+    latitudes: np.ndarray,
+    longitudes: np.ndarray,
+    out_dir: Path,
+    title: str,
+    plot_variable: str | None = None,
+) -> list[Path]:
+    """Writes ``rmse_by_lead_time.png`` (from :func:`rmse_table`) and, given a ``sample``, ``forecast_map.png`` in
+    ``out_dir``, with units from the store and coastlines (:func:`land_sea_mask`); returns the paths written.
+
+    Args:
+        datamodule: where units, time stamps and the land-sea mask come from (an ``ERA5DataModule``, or anything).
+        table: ``{field: {forecast: {lead hours: RMSE in physical units}}}``.
+        sample: ``{"forecast": [V_out, H, W], "truth": [V_out, H, W]`` tensors in physical units, ``"lead"`` hours,
+            ``"index"`` the store time index of the input or ``None``}``, or ``None`` for no map.
+        fields: the ``V_out`` output field names, in the order of the sample's channels.
+        latitudes: ``[H]`` degrees. longitudes: ``[W]`` degrees east.
+        out_dir: folder of the figures.
+        title: title of the map.
+        plot_variable: the one field to map; ``None`` maps every output field.
+
+    Raises:
+        ValueError: when ``plot_variable`` is not an output field, listing them.
+    """
+    from lightning_seqpar.weather.forecast_io import field_units, land_sea_mask
+
+    units = {f: field_units(datamodule, f) for f in fields}
+    paths = [plot_rmse_by_lead_time(table, out_dir / "rmse_by_lead_time.png", units)]
+    if sample is not None:
+        shown = list(fields)
+        if plot_variable is not None:
+            if plot_variable not in shown:
+                raise ValueError(f"plot_variable={plot_variable!r} is not an output field; choose from {shown}")
+            shown = [plot_variable]
+        rows = [list(fields).index(f) for f in shown]
+        store = getattr(datamodule, "store", None)
+        init = (
+            str(store.times[sample["index"]].astype("datetime64[m]"))
+            if store is not None and sample["index"] is not None
+            else "1970-01-01T00:00"
+        )
+        land, _ = land_sea_mask(datamodule, latitudes, longitudes)
+        paths.append(plot_forecast_map(
+            sample["forecast"][rows].numpy(), sample["truth"][rows].numpy(), latitudes, longitudes, shown,
+            [units[f] for f in shown], init, sample["lead"], out_dir / "forecast_map.png", land=land, title=title,
+        ))
+    return paths

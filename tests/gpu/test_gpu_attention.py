@@ -12,7 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_seqpar.attention import LSSAttention, UlyssesAttention, local_attention, lss_attention, math_attention, ulysses_attention
+from lightning_seqpar.attention import (
+    LSSAttention,
+    UlyssesAttention,
+    local_attention,
+    lss_attention,
+    math_attention,
+    ulysses_attention,
+)
 from lightning_seqpar.comm import SequenceLayout, _AllGatherStacked, head_to_sequence_shards, sequence_to_head_shards
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

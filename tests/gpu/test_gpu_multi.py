@@ -94,7 +94,9 @@ def attention_worker(cases: list) -> dict:
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_attention_across_gpus_matches_full_attention(world):
-    per_rank = run_distributed("tests.gpu.test_gpu_multi:attention_worker", world, timeout=300, env=NCCL_ENV, cases=CASES)
+    per_rank = run_distributed(
+        "tests.gpu.test_gpu_multi:attention_worker", world, timeout=300, env=NCCL_ENV, cases=CASES
+    )
     expected = {"ulysses", "lss", "ring"} | ({"hybrid"} if world >= 4 else set())
     assert {kind for _, kind in per_rank[0]} == expected
     for rank, results in enumerate(per_rank):

@@ -46,8 +46,19 @@ def _module(name: str):
         from timm.models.vision_transformer import VisionTransformer
 
         # [B, L=13 tokens, 6] is not an image: a 2-D grid of 1 x 13 "patches" of 1 x 6 pixels, no class token.
-        module.model = RealTimm(VisionTransformer(img_size=(1, 13 * 6), patch_size=(1, 6), in_chans=1, embed_dim=32,
-                                                  depth=4, num_heads=4, num_classes=0, global_pool="", class_token=False))
+        module.model = RealTimm(
+            VisionTransformer(
+                img_size=(1, 13 * 6),
+                patch_size=(1, 6),
+                in_chans=1,
+                embed_dim=32,
+                depth=4,
+                num_heads=4,
+                num_classes=0,
+                global_pool="",
+                class_token=False,
+            )
+        )
     return module
 
 
@@ -76,9 +87,21 @@ def gpu_worker(tmp: str, names: list[str]) -> dict:
         seed_everything(SEED)
         module = _module(name)
         data = build_dataset("timm_vit" if name == "real_timm" else name)
-        strategy = SeqParStrategy(sequence_parallel_size=1, pipeline_stages=2, micro_batches=MICRO, process_group_backend="nccl", timeout=120)
-        trainer = Trainer(accelerator="gpu", devices=2, strategy=strategy, max_steps=STEPS, logger=False, default_root_dir=tmp,
-                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+        strategy = SeqParStrategy(
+            sequence_parallel_size=1, pipeline_stages=2, micro_batches=MICRO, process_group_backend="nccl", timeout=120
+        )
+        trainer = Trainer(
+            accelerator="gpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=STEPS,
+            logger=False,
+            default_root_dir=tmp,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
         full = trainer.strategy.full_state_dict()
         val = trainer.validate(module, DataLoader(Subset(data, range(VAL)), batch_size=BATCH), verbose=False)[0]
@@ -93,18 +116,17 @@ def test_two_stages_on_two_gpus_equal_one_process(tmp_path):
     names = [n for n in NAMES if n != "real_timm" or _timm_available()]
     runs = run_distributed("tests.gpu.test_gpu_pipeline:gpu_worker", 2, timeout=500, env={"NCCL_NVLS_ENABLE": "0"},
                            tmp=str(tmp_path), names=names)
-    from lightning.pytorch import seed_everything
+    import functools
+
+    from tests.reference import train_single_process
 
     for name in names:
-        seed_everything(SEED)
-        module = _module(name)
-        optimizer = module.configure_optimizers()
         data = build_dataset("timm_vit" if name == "real_timm" else name)
-        for indices in _global_batches(runs[0][name]["seen"]):
-            optimizer.zero_grad()
-            F.mse_loss(module.model(data.x[indices]), data.y[indices]).backward()
-            optimizer.step()
-        reference = {k: v for k, v in module.state_dict().items() if k.startswith("model.")}
+        single = train_single_process(
+            functools.partial(_module, name), _global_batches(runs[0][name]["seen"]), data, SEED
+        )
+        module = single.module
+        reference = {k: v for k, v in single.state.items() if k.startswith("model.")}
         with torch.no_grad():
             mse = F.mse_loss(module.model.eval()(data.x[:VAL]), data.y[:VAL]).item()
         for rank, r in enumerate(runs):

@@ -1,4 +1,5 @@
-"""SeqParStrategy on one GPU with NCCL: training equals the plain single-process loop (fp32), and bf16-mixed training runs.
+"""SeqParStrategy on one GPU with NCCL: training equals the plain single-process loop (fp32), and bf16-mixed training
+runs.
 
 fp32 on the GPU runs in full precision (TF32 off) and must match the reference within relative error 1e-4
 (kernels differ between the two runs only in summation order); bf16-mixed must give finite, decreasing losses.

@@ -56,16 +56,35 @@ def build(name: str) -> torch.nn.Module:
     from tests import test_third_party_models as hf
 
     if name == "timm_vit":  # the model, as written there
-        return VisionTransformer(img_size=(128, 256), patch_size=8, embed_dim=384, depth=4, num_heads=6, class_token=True,
-                                 global_pool="token", num_classes=10)
+        return VisionTransformer(
+            img_size=(128, 256),
+            patch_size=8,
+            embed_dim=384,
+            depth=4,
+            num_heads=6,
+            class_token=True,
+            global_pool="token",
+            num_classes=10,
+        )
     if name == "timm_vit_unfused":  # 64 x 128, patch 8: 128 patches + class token; timm's softmax written by hand
         model = VisionTransformer(img_size=(64, 128), patch_size=8, embed_dim=96, depth=2, num_heads=3, num_classes=10)
         for block in model.blocks:
             block.attn.fused_attn = False
         return model
     if name == "timm_eva_rope":  # 56 x 72, patch 8: 63 patches, no prefix tokens, 2-D rotary embeddings
-        return Eva(img_size=(56, 72), patch_size=8, embed_dim=96, depth=2, num_heads=3, class_token=False, num_reg_tokens=0,
-                   global_pool="avg", use_rot_pos_emb=True, use_abs_pos_emb=False, num_classes=10)
+        return Eva(
+            img_size=(56, 72),
+            patch_size=8,
+            embed_dim=96,
+            depth=2,
+            num_heads=3,
+            class_token=False,
+            num_reg_tokens=0,
+            global_pool="avg",
+            use_rot_pos_emb=True,
+            use_abs_pos_emb=False,
+            num_classes=10,
+        )
     if name == "timm_eva_rope_cls":
         return Eva(img_size=(56, 72), patch_size=8, embed_dim=96, depth=2, num_heads=3, class_token=True,
                    use_rot_pos_emb=True, num_classes=10)
@@ -75,8 +94,9 @@ def build(name: str) -> torch.nn.Module:
 def image_shape(name: str) -> tuple[int, ...]:
     from tests import test_third_party_models as hf
 
-    return {"timm_vit": (3, 128, 256), "timm_vit_unfused": (3, 64, 128), "timm_eva_rope": (3, 56, 72)}.get(name) or tuple(
-        hf.Samples(name).x.shape[1:])
+    return {"timm_vit": (3, 128, 256), "timm_vit_unfused": (3, 64, 128), "timm_eva_rope": (3, 56, 72)}.get(
+        name
+    ) or tuple(hf.Samples(name).x.shape[1:])
 
 
 def samples(name: str, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,19 +152,34 @@ def worker(configs: list) -> dict:
             for path, role in trainer.strategy.applied_plan.resolved:
                 if role.kind in ("attention", "sdpa"):
                     pl_module.get_submodule(path).register_forward_pre_hook(
-                        lambda m, a, kw: self.seen.add((a[0] if a else next(iter(kw.values()))).shape[1]), with_kwargs=True)
+                        lambda m, a, kw: self.seen.add((a[0] if a else next(iter(kw.values()))).shape[1]),
+                        with_kwargs=True,
+                    )
 
     results = {"versions": versions()}
     for name, attention in configs:
         seed_everything(SEED)
         module, tokens = Module(name), Tokens()
-        trainer = Trainer(accelerator="gpu", devices=WORLD, precision="32-true", max_steps=STEPS, logger=False,
-                          strategy=SeqParStrategy(sequence_parallel_size=WORLD, attention=attention, timeout=120),
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[tokens])
+        trainer = Trainer(
+            accelerator="gpu",
+            devices=WORLD,
+            precision="32-true",
+            max_steps=STEPS,
+            logger=False,
+            strategy=SeqParStrategy(sequence_parallel_size=WORLD, attention=attention, timeout=120),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[tokens],
+        )
         trainer.fit(module, DataLoader(Data(name), batch_size=BATCH))
         results[(name, attention)] = {
-            "final": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}, "seen": module.seen,
-            "perms": module.perms, "losses": module.losses, "tokens": sorted(tokens.seen), "chosen": trainer.strategy.attention,
+            "final": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()},
+            "seen": module.seen,
+            "perms": module.perms,
+            "losses": module.losses,
+            "tokens": sorted(tokens.seen),
+            "chosen": trainer.strategy.attention,
         }
     # A rotary table that skips the class token cannot follow the shards: refused by name, never run wrong.
     from lightning_seqpar import (
@@ -203,8 +238,11 @@ def test_third_party_vits_on_two_gpus_equal_one_gpu():
         shares = [r["tokens"] for r in ranks]
         sharded = all(len(s) == 1 and s[0] < TOKENS[name] for s in shares) and sum(s[0] for s in shares) == TOKENS[name]
         same_masks = all(all(torch.equal(a, b) for a, b in zip(r["perms"], ranks[0]["perms"])) for r in ranks)
-        print(f"{name:28s} {attention:8s} -> {ranks[0]['chosen']:8s} tokens/rank {[s for s in shares]} worst rel. err"
-              f" {worst:.1e} ({where}) losses 2 GPUs {[round(v, 4) for v in ranks[0]['losses']]} 1 GPU {[round(v, 4) for v in losses]}")
+        print(
+            f"{name:28s} {attention:8s} -> {ranks[0]['chosen']:8s} tokens/rank {[s for s in shares]} worst rel. err"
+            f" {worst:.1e} ({where}) losses 2 GPUs {[round(v, 4) for v in ranks[0]['losses']]} 1 GPU "
+            f"{[round(v, 4) for v in losses]}"
+        )
         if worst >= TOLERANCE or not sharded or not same_masks:
             failures.append((name, attention, worst, where, shares, same_masks))
     error = per_rank[0]["prefix_rope_error"]

@@ -39,7 +39,10 @@ def main() -> None:
     trainer = Trainer(
         accelerator="cpu",
         devices=int(os.environ["WORLD_SIZE"]),
-        strategy=SeqParStrategy(timeout=float(os.environ.get("FAULT_TIMEOUT", "30")), zero_stage=int(os.environ.get("FAULT_ZERO_STAGE", "0"))),
+        strategy=SeqParStrategy(
+            timeout=float(os.environ.get("FAULT_TIMEOUT", "30")),
+            zero_stage=int(os.environ.get("FAULT_ZERO_STAGE", "0")),
+        ),
         max_epochs=2,
         logger=False,
         enable_progress_bar=False,
@@ -48,7 +51,11 @@ def main() -> None:
     )
     module = RegressionModule()
     last = out / "last.ckpt"
-    trainer.fit(module, DataLoader(Subset(RandomTokens(), range(8)), batch_size=2), ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(
+        module,
+        DataLoader(Subset(RandomTokens(), range(8)), batch_size=2),
+        ckpt_path=str(last) if last.exists() else None,
+    )
     weights = trainer.strategy.full_state_dict()  # gathers ZeRO-3 partitions: every rank takes part
     if trainer.is_global_zero:
         torch.save(weights, out / "final_weights.pt")

@@ -109,7 +109,10 @@ def test_other_data_is_mapped_by_name(trained, store, tmp_path, change):
     [
         ({"variables": ["2m_temperature", "geopotential_500"]}, r"\(missing: \['temperature_850'\]\)"),
         ({"variables": [*FIELDS, "10m_u_component_of_wind"]}, r"\(not trained on: \['10m_u_component_of_wind'\]\)"),
-        ({"out_variables": ["temperature_850"]}, r"output fields \['temperature_850'\], which the model does not forecast"),
+        (
+            {"out_variables": ["temperature_850"]},
+            r"output fields \['temperature_850'\], which the model does not forecast",
+        ),
     ],
 )
 def test_unmappable_data_is_refused_naming_the_difference(trained, store, tmp_path, change, message):
@@ -119,15 +122,21 @@ def test_unmappable_data_is_refused_naming_the_difference(trained, store, tmp_pa
 
 
 def test_other_grid_is_refused(trained, tmp_path):
-    other = write_synthetic_era5(tmp_path / "coarse.zarr", years=[2000, 2001], step_hours=24, grid=(4, 8), progress=False)
+    other = write_synthetic_era5(
+        tmp_path / "coarse.zarr", years=[2000, 2001], step_hours=24, grid=(4, 8), progress=False
+    )
     module = ForecastModule.load_from_checkpoint(trained[0])
-    with pytest.raises(DataMismatchError, match=r"the data's latitudes \(4 from .*are not the grid the model was trained on \(8 from"):
+    with pytest.raises(
+        DataMismatchError, match=r"the data's latitudes \(4 from .*are not the grid the model was trained on \(8 from"
+    ):
         _trainer(tmp_path, limit_predict_batches=1).predict(module, datamodule=_dm(other))
 
 
 def test_resuming_with_other_fields_is_refused(trained, store, tmp_path):
     module = ForecastModule(ChannelMixer(2, 2), warmup_steps=1, max_steps=3)
-    dm = _dm(store, variables=["2m_temperature", "geopotential_500"], out_variables=["geopotential_500", "2m_temperature"])
+    dm = _dm(
+        store, variables=["2m_temperature", "geopotential_500"], out_variables=["geopotential_500", "2m_temperature"]
+    )
     with pytest.raises(DataMismatchError, match=r"\(missing: \['temperature_850'\]\)"):
         _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, datamodule=dm, ckpt_path=trained[0])
 
@@ -185,10 +194,32 @@ def test_checkpoint_from_an_unimported_module_is_refused():
 RECIPE = REPO_ROOT / "recipes" / "quickstart.yaml"
 # The quickstart on a smaller store and for 2 steps; everything the CLI links from the data stays as in the recipe.
 RECIPE_OVERRIDES = [
-    "--synthetic_data.grid", "[16, 32]", "--synthetic_data.years", "[2000, 2001]", "--synthetic_data.step_hours", "24",
-    "--data.lead_time_hours", "24", "--data.train_years", "2000", "--data.val_years", "2001", "--data.test_years", "2001",
-    "--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-    "--trainer.limit_val_batches", "1", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+    "--synthetic_data.grid",
+    "[16, 32]",
+    "--synthetic_data.years",
+    "[2000, 2001]",
+    "--synthetic_data.step_hours",
+    "24",
+    "--data.lead_time_hours",
+    "24",
+    "--data.train_years",
+    "2000",
+    "--data.val_years",
+    "2001",
+    "--data.test_years",
+    "2001",
+    "--data.batch_size",
+    "2",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.devices",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
 ]
 # With validation: DeepSpeed's precision conversion must leave the float64 metric states alone.
 ZERO_OVERRIDES = ["--trainer.strategy", "seqpar_zero1"]
@@ -208,7 +239,9 @@ def fresh_process_check(file_checkpoint: str, zero_directory: str, store: str) -
         checkpoint = torch.load(path, weights_only=True)
         data, config = checkpoint["forecast_data"], checkpoint["hyper_parameters"]["model"]
         net = ClimaX(**config["init_args"])
-        net.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")})
+        net.load_state_dict(
+            {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        )
         dm = ERA5DataModule(store, variables=data["variables"], out_variables=data["out_variables"], lead_time_hours=24)
         fields = torch.from_numpy(dm.store.read(data["variables"], np.array([3, 40])))  # [2, V, H, W], physical
         mean = torch.tensor([data["mean"][f] for f in data["variables"]]).view(-1, 1, 1)
@@ -216,7 +249,9 @@ def fresh_process_check(file_checkpoint: str, zero_directory: str, store: str) -
         x = (fields - mean) / std
         out = [data["variables"].index(f) for f in data["out_variables"]]
         with torch.no_grad():
-            pred = net(x, torch.full((2,), 24.0), data["variables"], data["out_variables"]) + x[:, out]  # residual recipe
+            pred = (
+                net(x, torch.full((2,), 24.0), data["variables"], data["out_variables"]) + x[:, out]
+            )  # residual recipe
         by_hand = pred * std[out] + mean[out]
         return float((module.forecast(fields, 24.0) - by_hand).abs().max() / by_hand.abs().max())
 
@@ -241,7 +276,9 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["seqpar"])
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths resolve here
     main(["fit", "--config", str(RECIPE), *RECIPE_OVERRIDES, "--trainer.strategy", "auto"])
-    file_checkpoint = tmp_path / "runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt"  # each run its own version_N
+    file_checkpoint = (
+        tmp_path / "runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt"
+    )  # each run its own version_N
     store = tmp_path / "data/synthetic-era5.zarr"
     # The ZeRO path (a directory of shards), in its own process and folder; the store is the one written above.
     zero_root = tmp_path / "zero"
@@ -270,6 +307,9 @@ def test_recipe_checkpoints_load_in_plain_python(tmp_path, monkeypatch):
 def test_a_checkpoint_directory_names_the_consolidation_command(tmp_path):
     directory = tmp_path / "epoch=0-step=2.ckpt"
     directory.mkdir()
-    with pytest.raises(ShardedCheckpointError, match=r"a sharded checkpoint written by SeqParStrategy with DeepSpeed .*\n"
-                       r"    python -m lightning_seqpar.consolidate '.*/epoch=0-step=2.ckpt' '.*/epoch=0-step=2-consolidated.ckpt'"):
+    with pytest.raises(
+        ShardedCheckpointError,
+        match=r"a sharded checkpoint written by SeqParStrategy with DeepSpeed .*\n"
+        r"    python -m lightning_seqpar.consolidate '.*/epoch=0-step=2.ckpt' '.*/epoch=0-step=2-consolidated.ckpt'",
+    ):
         ForecastModule.load_from_checkpoint(directory)

@@ -1,4 +1,5 @@
-"""The `seqpar` command: fit/test on an auto-written tiny synthetic store, data -> model links, config errors, recipes."""
+"""The `seqpar` command: fit/test on an auto-written tiny synthetic store, data -> model links, config errors,
+recipes."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import yaml
 
 from lightning_seqpar.weather.cli import SeqParCLI, SyntheticData, main
 from lightning_seqpar.weather.cli_checks import ConfigError, resolve_checkpoint
-from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 from lightning_seqpar.weather.data.era5 import ERA5DataModule
+from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 from lightning_seqpar.weather.forecast import ForecastModule
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -84,12 +85,17 @@ def test_fit_writes_store_then_test_and_predict_use_the_last_run(tmp_path, monke
     assert state["model.pos_embed"].shape == (1, 4 * 8, 32)  # linked 8 x 16 grid in 2 x 2 patches
 
     main(["test", "--config", str(config), "--ckpt_path", "last"])
-    assert f"seqpar: --ckpt_path last -> runs/lightning_logs/version_0/checkpoints/{checkpoint.name}" in capsys.readouterr().err
+    assert (
+        f"seqpar: --ckpt_path last -> runs/lightning_logs/version_0/checkpoints/{checkpoint.name}"
+        in capsys.readouterr().err
+    )
     figures = tmp_path / "runs/lightning_logs/version_1"  # the test run's own directory
     assert (figures / "forecast_map.png").is_file() and (figures / "rmse_by_lead_time.png").is_file()
 
     main(["predict", "--config", str(config), "--ckpt_path", "last", "--trainer.limit_predict_batches", "2"])
-    assert f"version_0/checkpoints/{checkpoint.name}" in capsys.readouterr().err  # a run without checkpoints is not "latest"
+    assert (
+        f"version_0/checkpoints/{checkpoint.name}" in capsys.readouterr().err
+    )  # a run without checkpoints is not "latest"
     forecasts = xr.open_dataset(tmp_path / "runs/lightning_logs/version_2/forecasts.nc")
     assert forecasts.attrs["Conventions"] == "CF-1.8"
     z500 = forecasts["geopotential_500"]  # [T, K, H, W], physical units from the store
@@ -169,17 +175,35 @@ def test_mistyped_data_path_is_an_error_and_nothing_is_written(tmp_path, monkeyp
     assert not (tmp_path / "data").exists()  # neither at the typo nor at synthetic_data.path
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"data": {"out_variables": ["geopotential_300"]}}, r"--data.out_variables: .*'geopotential_300'.*\(null, the default"),
-    ({"data": {"train_years": "1980"}}, r"--data.train_years: train_years \[1980\] not in .* has years \[2000, 2001\]"),
-    ({"data": {"lead_time_hours": 6}}, r"--data.lead_time_hours: 6 h is not a multiple of the 24 h time step"),
-    ({"data": {"variables": ["t2m", "z_700"]}}, r"--data.variables: 'z_700' asks for level 700"),
-    ({"model": {"loss_weights": {"t2m": 2.0}}}, r"--model.loss_weights names \['t2m'\], which are not output fields"),
-    ({"trainer": {"strategy": "seqpar_ulyses"}}, r"--trainer.strategy: 'seqpar_ulyses' is not a registered strategy; "
-                                                 r"did you mean 'seqpar_ulysses'.*seqpar_lss, seqpar_ring"),
-    ({"trainer": {"devices": 8, "strategy": "seqpar"}}, r"--trainer.devices: Ulysses attention splits the model's 2 heads "
-                                                        r"over the 8 ranks.*--trainer.devices 2 or fewer"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            {"data": {"out_variables": ["geopotential_300"]}},
+            r"--data.out_variables: .*'geopotential_300'.*\(null, the default",
+        ),
+        (
+            {"data": {"train_years": "1980"}},
+            r"--data.train_years: train_years \[1980\] not in .* has years \[2000, 2001\]",
+        ),
+        ({"data": {"lead_time_hours": 6}}, r"--data.lead_time_hours: 6 h is not a multiple of the 24 h time step"),
+        ({"data": {"variables": ["t2m", "z_700"]}}, r"--data.variables: 'z_700' asks for level 700"),
+        (
+            {"model": {"loss_weights": {"t2m": 2.0}}},
+            r"--model.loss_weights names \['t2m'\], which are not output fields",
+        ),
+        (
+            {"trainer": {"strategy": "seqpar_ulyses"}},
+            r"--trainer.strategy: 'seqpar_ulyses' is not a registered strategy; "
+            r"did you mean 'seqpar_ulysses'.*seqpar_lss, seqpar_ring",
+        ),
+        (
+            {"trainer": {"devices": 8, "strategy": "seqpar"}},
+            r"--trainer.devices: Ulysses attention splits the model's 2 heads "
+            r"over the 8 ranks.*--trainer.devices 2 or fewer",
+        ),
+    ],
+)
 def test_bad_options_are_named_before_launch(tmp_path, monkeypatch, capsys, tiny_store, change, expected):
     monkeypatch.chdir(tmp_path)
     config = {**TINY, "synthetic_data": None}
@@ -205,8 +229,20 @@ def test_your_data_recipe_needs_only_the_path_and_the_fields(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     store = tmp_path / "mine"
     write_synthetic_era5(store, years=[2000, 2001, 2002], step_hours=24, grid=(8, 16), format="netcdf", progress=False)
-    cli = SeqParCLI(ForecastModule, ERA5DataModule, subclass_mode_model=False, run=False,
-                    args=["--config", str(RECIPES / "your_data.yaml"), "--data.path", str(store), "--data.variables", "[t2m,z_500]"])
+    cli = SeqParCLI(
+        ForecastModule,
+        ERA5DataModule,
+        subclass_mode_model=False,
+        run=False,
+        args=[
+            "--config",
+            str(RECIPES / "your_data.yaml"),
+            "--data.path",
+            str(store),
+            "--data.variables",
+            "[t2m,z_500]",
+        ],
+    )
     dm = cli.datamodule
     assert dm.lead_times_hours == [24]  # one time step of the store
     assert dm.out_variables == dm.variables == ["2m_temperature", "geopotential_500"]
@@ -227,8 +263,12 @@ def test_ckpt_path_last_is_the_latest_run_that_saved_one(tmp_path):
     run("version_11")  # a later test run saves no checkpoint
     assert resolve_checkpoint("last", tmp_path) == tmp_path / "lightning_logs/version_10/checkpoints/last.ckpt"
     run("version_12", "epoch=1-step=6.ckpt")  # without save_last: the run's newest checkpoint
-    assert resolve_checkpoint("last", tmp_path) == tmp_path / "lightning_logs/version_12/checkpoints/epoch=1-step=6.ckpt"
-    with pytest.raises(ConfigError, match=r"--ckpt_path last: no run under .*elsewhere.* saved a checkpoint.*--ckpt_path PATH"):
+    assert (
+        resolve_checkpoint("last", tmp_path) == tmp_path / "lightning_logs/version_12/checkpoints/epoch=1-step=6.ckpt"
+    )
+    with pytest.raises(
+        ConfigError, match=r"--ckpt_path last: no run under .*elsewhere.* saved a checkpoint.*--ckpt_path PATH"
+    ):
         resolve_checkpoint("last", tmp_path / "elsewhere")
 
 
@@ -237,10 +277,15 @@ def test_ckpt_path_best_is_what_the_latest_runs_model_checkpoint_recorded(tmp_pa
     directory.mkdir(parents=True)
     best = directory / "epoch=3-step=40.ckpt"
     best.write_bytes(b"")
-    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_path": str(best)}}}, directory / "last.ckpt")
+    torch.save(
+        {"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_path": str(best)}}},
+        directory / "last.ckpt",
+    )
     assert resolve_checkpoint("best", tmp_path) == best
     best.unlink()
-    with pytest.raises(ConfigError, match=r"--ckpt_path best: .*last.ckpt records no best checkpoint that still exists"):
+    with pytest.raises(
+        ConfigError, match=r"--ckpt_path best: .*last.ckpt records no best checkpoint that still exists"
+    ):
         resolve_checkpoint("best", tmp_path)
 
 
@@ -248,7 +293,9 @@ def test_more_cpu_processes_than_cores_is_a_warning():
     from lightning_seqpar.weather.cli_checks import check_strategy
 
     [note] = check_strategy({"accelerator": "cpu", "devices": 512, "strategy": "ddp"}, {})
-    assert re.match(r"--trainer.devices 512 starts 512 processes on \d+ CPU cores: .* --trainer.devices \d+ or fewer", note)
+    assert re.match(
+        r"--trainer.devices 512 starts 512 processes on \d+ CPU cores: .* --trainer.devices \d+ or fewer", note
+    )
     assert check_strategy({"accelerator": "cpu", "devices": 1, "strategy": "auto"}, {}) == []
 
 

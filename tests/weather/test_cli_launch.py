@@ -42,13 +42,25 @@ def _seqpar_two_ranks(tmp_path: Path, subcommand: str, *args: str, **trainer_opt
            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "SEQPAR_FAILURE_DIR"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "lightning_seqpar.weather.cli", subcommand, "--config", str(config), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_seqpar.weather.cli", subcommand, "--config", str(config), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _fit_two_ranks(tmp_path: Path, failing_rank: int) -> subprocess.CompletedProcess:
-    return _seqpar_two_ranks(tmp_path, "fit", max_steps=2, val_check_interval=2, num_sanity_val_steps=0,
-                             callbacks=[{"class_path": "tests.weather.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}])
+    return _seqpar_two_ranks(
+        tmp_path,
+        "fit",
+        max_steps=2,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        callbacks=[{"class_path": "tests.weather.test_cli_launch.FailOnRank", "init_args": {"rank": failing_rank}}],
+    )
 
 
 def test_first_failing_rank_is_printed_last(tmp_path):

@@ -133,7 +133,9 @@ def test_damaged_statistics_file_is_recomputed(zarr_store, tmp_path, damage):
     data = stats_file.read_bytes()
     stats_file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a NetCDF file\n")
     again = make_dm(zarr_store, tmp_path)
-    with pytest.warns(UserWarning, match=r"statistics file .*stats.nc is unreadable \(.*\); recomputing it .* delete it"):
+    with pytest.warns(
+        UserWarning, match=r"statistics file .*stats.nc is unreadable \(.*\); recomputing it .* delete it"
+    ):
         again.prepare_data()
     assert again.mean == first.mean
     np.testing.assert_array_equal(again.climatology, first.climatology)
@@ -159,13 +161,17 @@ def interrupt_second_year(monkeypatch):
 def test_interrupted_synthetic_write_leaves_nothing(tmp_path, monkeypatch, format):
     interrupt_second_year(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        write_synthetic_era5(tmp_path / "era5.zarr", years=[2000, 2001], step_hours=24, grid=GRID, format=format, progress=False)
+        write_synthetic_era5(
+            tmp_path / "era5.zarr", years=[2000, 2001], step_hours=24, grid=GRID, format=format, progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_synthetic_store_is_replaced_only_when_asked_and_only_when_whole(tmp_path, monkeypatch):
     path = write_synthetic_era5(tmp_path / "era5.zarr", years=[2000], step_hours=24, grid=GRID, progress=False)
-    with pytest.raises(FileExistsError, match="era5.zarr already exists; pass overwrite=True .* or choose another path"):
+    with pytest.raises(
+        FileExistsError, match="era5.zarr already exists; pass overwrite=True .* or choose another path"
+    ):
         write_synthetic_era5(path, years=[2000, 2001], step_hours=24, grid=GRID, progress=False)
     interrupt_second_year(monkeypatch)
     with pytest.raises(KeyboardInterrupt):

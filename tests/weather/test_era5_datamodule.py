@@ -1,4 +1,5 @@
-"""Unit tests of ERA5DataModule on small synthetic stores: formats, splits, statistics cache, lead times, quirks, errors."""
+"""Unit tests of ERA5DataModule on small synthetic stores: formats, splits, statistics cache, lead times, quirks,
+errors."""
 
 import os
 import pickle
@@ -26,7 +27,9 @@ def zarr_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def netcdf_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("netcdf") / "era5"
-    return str(write_synthetic_era5(path, years=[2000, 2001, 2002], step_hours=24, grid=GRID, format="netcdf", progress=False))
+    return str(
+        write_synthetic_era5(path, years=[2000, 2001, 2002], step_hours=24, grid=GRID, format="netcdf", progress=False)
+    )
 
 
 def make_dm(path, tmp_path, **kwargs):
@@ -108,7 +111,11 @@ def test_statistics_cache_adds_missing_fields(zarr_store, tmp_path, monkeypatch)
     make_dm(zarr_store, tmp_path).setup("fit")
     computed = []
     original = stats_module.compute_statistics
-    monkeypatch.setattr(stats_module, "compute_statistics", lambda read, fields, *a, **k: computed.append(list(fields)) or original(read, fields, *a, **k))
+    monkeypatch.setattr(
+        stats_module,
+        "compute_statistics",
+        lambda read, fields, *a, **k: computed.append(list(fields)) or original(read, fields, *a, **k),
+    )
     dm = make_dm(zarr_store, tmp_path, variables=FIELDS + ["10m_u_component_of_wind"])
     dm.setup("fit")
     assert computed == [["10m_u_component_of_wind"]] and len(dm.mean) == 4
@@ -173,7 +180,9 @@ def test_both_latitude_orders_give_identical_samples(tmp_path):
 
 def test_short_names_lat_lon_and_plev_in_pascal(tmp_path):
     ds = next(iter_synthetic_years(years=[2000], step_hours=24, grid=GRID))
-    quirky = ds.rename({"latitude": "lat", "longitude": "lon", "level": "plev", "2m_temperature": "t2m", "geopotential": "z"})
+    quirky = ds.rename(
+        {"latitude": "lat", "longitude": "lon", "level": "plev", "2m_temperature": "t2m", "geopotential": "z"}
+    )
     quirky = quirky.assign_coords(plev=quirky["plev"] * 100).isel(lat=slice(None, None, -1))
     quirky = quirky.transpose("time", "plev", "lon", "lat")  # WeatherBench2 64x32 stores put longitude first
     quirky.to_netcdf(tmp_path / "quirky.nc")
@@ -200,8 +209,21 @@ def test_dataset_pickles_and_loads_in_a_worker(zarr_store, tmp_path):
 def test_parse_years():
     assert parse_years("2000-2002") == [2000, 2001, 2002]
     assert parse_years("2000,2002") == [2000, 2002] and parse_years(2001) == [2001] and parse_years(None) is None
-    with pytest.raises(ValueError, match="years '2002-2000' not understood"):
-        parse_years("2002-2000")
+    assert parse_years("2000-2001, 2005,") == [2000, 2001, 2005] and parse_years([2002, 2000]) == [2000, 2002]
+    for bad in ("2002-2000", "", "20x0", "2000-"):
+        with pytest.raises(ValueError, match=f"years '{bad}' not understood"):
+            parse_years(bad)
+
+
+def test_synthetic_cli_reads_years_with_the_same_parser(tmp_path, capsys):
+    from lightning_seqpar.weather.data.synthetic import main
+
+    assert main([str(tmp_path / "s.zarr"), "--years", "2002-2000", "--quiet"]) == 2
+    assert "years '2002-2000' not understood" in capsys.readouterr().err
+    assert (
+        main([str(tmp_path / "s.zarr"), "--years", "2000,2002", "--quiet"]) == 2
+    )  # the writer needs consecutive years
+    assert "years must be consecutive, got [2000, 2002]" in capsys.readouterr().err
 
 
 # --- errors: each names what was asked, what exists and what to do ---
@@ -268,8 +290,14 @@ def test_nan_in_sample_names_variable_and_time(tmp_path):
     (tmp_path / "store").mkdir()
     ds.to_netcdf(tmp_path / "store" / "a.nc")
     ds2.to_netcdf(tmp_path / "store" / "b.nc")
-    dm = ERA5DataModule(str(tmp_path / "store" / "*.nc"), FIELDS, lead_time_hours=24, train_years=[2000], val_years=[2001],
-                        stats_path=str(tmp_path / "s.nc"))
+    dm = ERA5DataModule(
+        str(tmp_path / "store" / "*.nc"),
+        FIELDS,
+        lead_time_hours=24,
+        train_years=[2000],
+        val_years=[2001],
+        stats_path=str(tmp_path / "s.nc"),
+    )
     dm.setup("fit")
     with pytest.raises(ValueError, match="NaN in variable 'geopotential_500' at time 2001-01-11T00:00"):
         dm.datasets["val"][10]
@@ -285,9 +313,13 @@ def test_duplicate_times_across_files(tmp_path):
     ds = next(iter_synthetic_years(years=[2000], step_hours=24, grid=GRID))
     ds.to_netcdf(tmp_path / "a.nc")
     (ds + 1.0).to_netcdf(tmp_path / "b.nc")
-    with pytest.raises(ValueError, match="366 times of .*b.nc.* already in an earlier file .* duplicate_times='keep_first'"):
+    with pytest.raises(
+        ValueError, match="366 times of .*b.nc.* already in an earlier file .* duplicate_times='keep_first'"
+    ):
         ERA5DataModule(str(tmp_path), ["2m_temperature"]).grid_shape
-    dm = ERA5DataModule(str(tmp_path), ["2m_temperature"], duplicate_times="keep_first", lead_time_hours=24, train_years=[2000])
+    dm = ERA5DataModule(
+        str(tmp_path), ["2m_temperature"], duplicate_times="keep_first", lead_time_hours=24, train_years=[2000]
+    )
     assert len(dm.store.times) == 366
 
 
@@ -307,5 +339,7 @@ def test_irregular_time_axis_is_an_error(tmp_path):
     ds = next(iter_synthetic_years(years=[2000], step_hours=6, grid=GRID)).isel(time=[0, 4, 5, 9])
     ds = ds.assign_coords(time=ds["time"].values + np.array([0, 0, 3, 0]).astype("timedelta64[h]"))  # a 9 h step
     ds.to_netcdf(tmp_path / "irregular.nc")
-    with pytest.raises(ValueError, match=r"time axis of .* is irregular: steps .* not multiples of the smallest step .* resample"):
+    with pytest.raises(
+        ValueError, match=r"time axis of .* is irregular: steps .* not multiples of the smallest step .* resample"
+    ):
         ERA5DataModule(str(tmp_path / "irregular.nc"), ["2m_temperature"]).grid_shape

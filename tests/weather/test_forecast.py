@@ -1,4 +1,5 @@
-"""ForecastModule: latitude-weighted loss, parameter groups, warmup + cosine schedule, fit/test/predict on a tiny store."""
+"""ForecastModule: latitude-weighted loss, parameter groups, warmup + cosine schedule, fit/test/predict on a tiny
+store."""
 
 from __future__ import annotations
 
@@ -66,7 +67,14 @@ def test_parameter_groups_exclude_embeddings_norms_and_biases():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
-    assert {"pos_embed", "var_embed", "var_agg.query", "token_embed.bias", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {
+        "pos_embed",
+        "var_embed",
+        "var_agg.query",
+        "token_embed.bias",
+        "norm.weight",
+        "blocks.0.attn.qkv.bias",
+    } <= no_decay_names
     assert {"token_embed.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "head.0.weight"} <= decay_names
     assert len(no_decay_names) + len(decay_names) == len(list(module.model.parameters()))
 

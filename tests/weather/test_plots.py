@@ -11,14 +11,22 @@ import xarray as xr
 from matplotlib.contour import ContourSet
 
 from lightning_seqpar.weather.forecast_io import (
-    _write_netcdf, display_units, field_long_name, field_units, forecasts_dataset, land_sea_mask,
+    _write_netcdf,
+    display_units,
+    field_long_name,
+    field_units,
+    forecasts_dataset,
+    land_sea_mask,
 )
 from lightning_seqpar.weather.landmask import bundled_land_sea_mask
 from lightning_seqpar.weather.plots import forecast_map_figure, rmse_figure
 
 LAT = -87.1875 + 5.625 * np.arange(32)  # WeatherBench 5.625 deg cell centres
 LON = 5.625 * np.arange(64)
-CONSTANTS = Path(__file__).resolve().parents[1] / "data/era5-sample/weatherbench_5.625deg_wxbtool/constants/constants_5.625deg.nc"
+CONSTANTS = (
+    Path(__file__).resolve().parents[1]
+    / "data/era5-sample/weatherbench_5.625deg_wxbtool/constants/constants_5.625deg.nc"
+)
 
 
 def _map(fields=("2m_temperature", "geopotential_500"), units=("K", "m**2 s**-2")):
@@ -78,8 +86,13 @@ def test_rmse_with_one_lead_time_is_a_bar_chart_with_skill_against_persistence()
 
 
 def test_rmse_with_several_lead_times_is_lines_with_a_legend_of_what_is_drawn():
-    rmse = {"2m_temperature": {"model": {6.0: 1.0, 24.0: 2.0, 72.0: 3.0}, "persistence": {6.0: 4.0, 24.0: 5.0, 72.0: 6.0},
-                               "climatology": {6.0: 40.0, 24.0: 41.0, 72.0: 42.0}}}
+    rmse = {
+        "2m_temperature": {
+            "model": {6.0: 1.0, 24.0: 2.0, 72.0: 3.0},
+            "persistence": {6.0: 4.0, 24.0: 5.0, 72.0: 6.0},
+            "climatology": {6.0: 40.0, 24.0: 41.0, 72.0: 42.0},
+        }
+    }
     fig = rmse_figure(rmse, {"2m_temperature": "K"})
     [ax] = fig.axes
     assert list(ax.get_xticks()) == [6.0, 24.0, 72.0] and ax.get_xlabel() == "lead time [h]"
@@ -87,7 +100,11 @@ def test_rmse_with_several_lead_times_is_lines_with_a_legend_of_what_is_drawn():
     [legend] = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["model", "persistence", "climatology"]
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
-    assert [h.get_linestyle() for h in legend.legend_handles] == [styles["model"], styles["persistence"], styles["climatology"]]
+    assert [h.get_linestyle() for h in legend.legend_handles] == [
+        styles["model"],
+        styles["persistence"],
+        styles["climatology"],
+    ]
     assert "climatology off scale: 40 to 42" in [t.get_text() for t in ax.texts]
 
 
@@ -117,9 +134,18 @@ class _StoreModule:
 def test_units_come_from_the_store_else_from_era5(tmp_path):
     ds = xr.open_dataset(CONSTANTS).rename(lat="latitude", lon="longitude")
     time = np.array(["2000-01-01T00", "2000-01-01T06"], "datetime64[ns]")
-    store = xr.Dataset({"t2m": (("time", "latitude", "longitude"), np.zeros((2, 32, 64), np.float32)),
-                        "u_component_of_wind": (("time", "latitude", "longitude"), np.zeros((2, 32, 64), np.float32), {"units": "knots"}),
-                        "lsm": ds["lsm"]}, coords={"time": time, "latitude": ds["latitude"], "longitude": ds["longitude"]})
+    store = xr.Dataset(
+        {
+            "t2m": (("time", "latitude", "longitude"), np.zeros((2, 32, 64), np.float32)),
+            "u_component_of_wind": (
+                ("time", "latitude", "longitude"),
+                np.zeros((2, 32, 64), np.float32),
+                {"units": "knots"},
+            ),
+            "lsm": ds["lsm"],
+        },
+        coords={"time": time, "latitude": ds["latitude"], "longitude": ds["longitude"]},
+    )
     store.to_netcdf(tmp_path / "store.nc")
     dm = _StoreModule(tmp_path / "store.nc")
     assert field_units(dm, "2m_temperature") == "K"  # no attribute: ERA5's
@@ -136,10 +162,14 @@ def test_units_come_from_the_store_else_from_era5(tmp_path):
 def test_forecast_file_follows_cf_conventions(tmp_path):
     init = np.array(["2002-01-01T00", "2002-01-01T06"], "datetime64[ns]")
     forecast = np.arange(2 * 2 * 1 * 32 * 64, dtype=np.float32).reshape(2, 2, 1, 32, 64)  # [T, K, V, H, W]
-    _write_netcdf(forecasts_dataset(forecast, init, np.array([6.0, 24.0]), ["2m_temperature"], LAT, LON, {"2m_temperature": "K"}),
-                  tmp_path / "f.nc")
+    _write_netcdf(
+        forecasts_dataset(forecast, init, np.array([6.0, 24.0]), ["2m_temperature"], LAT, LON, {"2m_temperature": "K"}),
+        tmp_path / "f.nc",
+    )
     raw = xr.open_dataset(tmp_path / "f.nc", decode_times=False, decode_timedelta=False)
-    assert raw["time"].attrs["units"] == "hours since 1970-01-01" and raw["prediction_timedelta"].attrs["units"] == "hours"
+    assert (
+        raw["time"].attrs["units"] == "hours since 1970-01-01" and raw["prediction_timedelta"].attrs["units"] == "hours"
+    )
     assert raw["prediction_timedelta"].attrs["standard_name"] == "forecast_period"
     ds = xr.open_dataset(tmp_path / "f.nc", decode_timedelta=True)
     assert ds.attrs["Conventions"] == "CF-1.8"

@@ -1,4 +1,5 @@
-"""ERA5DataModule on real ERA5 files shipped in tests/data/era5-sample (see its SOURCE.md): WeatherBench 5.625 deg t2m and an ensemble GRIB."""
+"""ERA5DataModule on real ERA5 files shipped in tests/data/era5-sample (see its SOURCE.md): WeatherBench 5.625 deg t2m
+and an ensemble GRIB."""
 
 import os
 from pathlib import Path
@@ -34,7 +35,9 @@ def test_weatherbench_t2m_file_reads(tmp_path):
     dm.setup("fit")
     assert 270 < dm.mean["2m_temperature"] < 285 and 10 < dm.std["2m_temperature"] < 30
     climatology = dm.climatology  # [1, 32, 64] K
-    assert climatology.shape == (1, 32, 64) and climatology[0, 16].mean() > climatology[0, 1].mean() + 20  # tropics warmer than the pole
+    assert (
+        climatology.shape == (1, 32, 64) and climatology[0, 16].mean() > climatology[0, 1].mean() + 20
+    )  # tropics warmer than the pole
     train = dm.datasets["train"]
     assert len(train) == 52
     sample = train[0]
@@ -59,13 +62,18 @@ def test_statistics_written_once(tmp_path):
 
 
 def test_shared_time_axis_across_files_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"53 times of .*1981_5.625deg.nc.* already in an earlier file .* duplicate_times="
-                       r"'keep_first'; the file names give years \[1980, 1981, 1982\] but their times fall in \[2000\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"53 times of .*1981_5.625deg.nc.* already in an earlier file .* duplicate_times="
+        r"'keep_first'; the file names give years \[1980, 1981, 1982\] but their times fall in \[2000\]",
+    ):
         weekly_dm(T2M_DIR, tmp_path).grid_shape
     dm = weekly_dm(T2M_DIR, tmp_path, duplicate_times="keep_first")
     dm.setup("fit")
     assert len(dm.store.times) == 53
-    np.testing.assert_array_equal(dm.store.read(["t2m"], np.array([52]))[0, 0], xr.open_dataset(T2M_1980)["t2m"].values[52].astype(np.float32))
+    np.testing.assert_array_equal(
+        dm.store.read(["t2m"], np.array([52]))[0, 0], xr.open_dataset(T2M_1980)["t2m"].values[52].astype(np.float32)
+    )
 
 
 def test_missing_variable_lists_what_exists(tmp_path):
@@ -95,7 +103,9 @@ def test_weatherbench_root_with_constants_as_static_inputs(tmp_path):
     sample = dm.datasets["val"][0]
     assert sample["input"].shape == (4, 32, 64) and str(dm.store.times[int(sample["index"])])[:10] == "1982-01-01"
     raw = xr.open_dataset(T2M_DIR / "2m_temperature_1982_5.625deg.nc")["t2m"].values[0]
-    np.testing.assert_allclose(sample["input"][0].numpy() * dm.std["2m_temperature"] + dm.mean["2m_temperature"], raw, rtol=1e-5)
+    np.testing.assert_allclose(
+        sample["input"][0].numpy() * dm.std["2m_temperature"] + dm.mean["2m_temperature"], raw, rtol=1e-5
+    )
     lsm = xr.open_dataset(CONSTANTS)["lsm"].values.astype(np.float64)
     np.testing.assert_allclose(sample["input"][1].numpy(), (lsm - lsm.mean()) / lsm.std(), atol=1e-5)
 
@@ -105,8 +115,15 @@ def test_grib_ensemble(tmp_path):
     before = sorted(os.listdir(GRIB.parent))
     with pytest.raises(ValueError, match=r"has dims .*'number'.* select_index=\{'number': 0\}"):
         ERA5DataModule(str(GRIB), ["z_500"]).variables
-    dm = ERA5DataModule(str(GRIB), ["z_500", "t_850"], lead_time_hours=12, train_years=[2017], select_index={"number": 0},
-                        normalize=False, stats_path=str(tmp_path / "stats.nc"))
+    dm = ERA5DataModule(
+        str(GRIB),
+        ["z_500", "t_850"],
+        lead_time_hours=12,
+        train_years=[2017],
+        select_index={"number": 0},
+        normalize=False,
+        stats_path=str(tmp_path / "stats.nc"),
+    )
     assert dm.variables == ["geopotential_500", "temperature_850"] and dm.grid_shape == (61, 120)
     assert dm.latitudes[0] == -90.0 and dm.latitudes[-1] == 90.0 and dm.time_step_hours == 12
     dm.setup("fit")
@@ -126,6 +143,8 @@ def test_recipe_data_section_reads_the_sample(tmp_path):
     data = yaml.safe_load((repo / "recipes" / "era5_sample_5.625deg.yaml").read_text())["data"]
     data.update(path=str(repo / data["path"]), stats_path=str(tmp_path / "stats.nc"))
     dm = ERA5DataModule(**data)
-    assert dm.variables == ["2m_temperature", "land_sea_mask", "orography", "lat2d"] and dm.out_variables == ["2m_temperature"]
+    assert dm.variables == ["2m_temperature", "land_sea_mask", "orography", "lat2d"] and dm.out_variables == [
+        "2m_temperature"
+    ]
     dm.setup("test")
     assert len(dm.datasets["test"]) == 52 and dm.datasets["test"][51]["input"].shape == (4, 32, 64)

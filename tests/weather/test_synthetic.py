@@ -1,4 +1,5 @@
-"""The synthetic ERA5 writer: WeatherBench2 layout, physical magnitudes, determinism, learnable dynamics, and its CLI."""
+"""The synthetic ERA5 writer: WeatherBench2 layout, physical magnitudes, determinism, learnable dynamics, and its
+CLI."""
 
 import runpy
 import sys
@@ -13,7 +14,6 @@ from lightning_seqpar.weather.data.synthetic import (
     eastward_shift,
     iter_synthetic_years,
     main,
-    parse_year_range,
     write_synthetic_era5,
     zonal_wind,
 )
@@ -55,11 +55,18 @@ def test_deterministic_given_seed():
 
 
 def test_advection_operator_beats_persistence(year):
-    """The anomaly (field minus its zonal mean) at t+1 is the eastward-shifted, damped anomaly at t, plus small noise."""
+    """The anomaly (field minus its zonal mean) at t+1 is the eastward-shifted, damped anomaly at t, plus small
+    noise."""
     z = year["geopotential"].sel(level=500).values.astype(np.float64)  # [T, H, W]
     anomaly = z - z.mean(axis=2, keepdims=True)
     lat = year["latitude"].values
-    cells = zonal_wind(lat, 500) * 6 * 3600 / (EARTH_RADIUS_M * np.maximum(np.cos(np.deg2rad(lat)), 0.2)) / (2 * np.pi / GRID[1])
+    cells = (
+        zonal_wind(lat, 500)
+        * 6
+        * 3600
+        / (EARTH_RADIUS_M * np.maximum(np.cos(np.deg2rad(lat)), 0.2))
+        / (2 * np.pi / GRID[1])
+    )
     damping = np.exp(-6 / (24 * DAMPING_DAYS))
     predicted = np.stack([damping * eastward_shift(a, cells) for a in anomaly[:-1]])
     model_rmse = np.sqrt(np.mean((predicted - anomaly[1:]) ** 2))
@@ -86,7 +93,10 @@ def test_diurnal_cycle_follows_local_solar_time(year):
 
 def test_seasonal_cycle_opposite_in_the_hemispheres(year):
     t2m = year["2m_temperature"]
-    north, south = t2m.sel(latitude=slice(40, 70)).mean(("latitude", "longitude")), t2m.sel(latitude=slice(-70, -40)).mean(("latitude", "longitude"))
+    north, south = (
+        t2m.sel(latitude=slice(40, 70)).mean(("latitude", "longitude")),
+        t2m.sel(latitude=slice(-70, -40)).mean(("latitude", "longitude")),
+    )
     july, january = t2m["time"].dt.month == 7, t2m["time"].dt.month == 1
     assert float(north[july].mean() - north[january].mean()) > 10.0
     assert float(south[january].mean() - south[july].mean()) > 10.0
@@ -111,9 +121,6 @@ def test_writer_errors(tmp_path):
         next(iter_synthetic_years(grid=(2, 4)))
     with pytest.raises(ValueError, match="format='grib' not supported"):
         write_synthetic_era5(tmp_path / "x", format="grib")
-    with pytest.raises(ValueError, match="year range '2002-2000' not understood"):
-        parse_year_range("2002-2000")
-    assert parse_year_range("2001") == [2001] and parse_year_range("2000-2002") == [2000, 2001, 2002]
 
 
 def test_cli_writes_zarr_and_netcdf(tmp_path, capsys):
@@ -131,7 +138,8 @@ def test_cli_writes_zarr_and_netcdf(tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # this test module imported it already
 def test_module_runs_with_help(monkeypatch, capsys):
-    """``python -m lightning_seqpar.weather.data.synthetic --help``, run in this process to skip a second interpreter start."""
+    """``python -m lightning_seqpar.weather.data.synthetic --help``, run in this process to skip a second interpreter
+    start."""
     monkeypatch.setattr(sys, "argv", ["synthetic", "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("lightning_seqpar.weather.data.synthetic", run_name="__main__")

@@ -1,4 +1,5 @@
-"""Reads that cost what they read: a cache of decoded time chunks, and a tool that rechunks a zarr store to one time per chunk.
+"""Reads that cost what they read: a cache of decoded time chunks, and a tool that rechunks a zarr store to one time
+per chunk.
 
 A zarr (or chunked NetCDF) array whose chunks hold many times is decoded a whole chunk at a time: reading
 one sample of a store written with 100 times per chunk decodes 100 times, and an epoch in random order
@@ -16,7 +17,7 @@ import itertools
 import os
 import sys
 from collections import OrderedDict
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -60,6 +61,7 @@ class ChunkCache:
         return block
 
     def clear(self) -> None:
+        """Drops every cached block (``decodes`` keeps counting)."""
         self.blocks.clear()
         self.bytes = 0
 
@@ -108,7 +110,10 @@ class BloscFrameCheck:
                     continue  # a missing chunk reads as the fill value
                 with open(file, "rb") as handle:
                     header = handle.read(16)
-                size, expected = os.path.getsize(file), int.from_bytes(header[12:16], "little") if len(header) == 16 else 16
+                size, expected = (
+                    os.path.getsize(file),
+                    int.from_bytes(header[12:16], "little") if len(header) == 16 else 16,
+                )
                 if size < expected:
                     return position, f"chunk file {file!r} holds {size} bytes but its blosc header says {expected}"
             self.checked.add((variable, time_chunk))
@@ -134,6 +139,9 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
 
     Other dims keep one chunk each. ``block_times`` (default: the source's time chunk) times are held in
     memory at once, so the copy decodes every source chunk once and needs no dask.
+
+    Raises:
+        ValueError: when ``source`` has no ``time`` dimension.
     """
     ds = xr.open_zarr(source, chunks=None)
     if "time" not in ds.dims:
@@ -142,7 +150,11 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
     encoding = {name: {"chunks": tuple(time_chunk if d == "time" else ds.sizes[d] for d in ds[name].dims)}
                 for name in ds.data_vars}
     # The source's zarr format; consolidated metadata only where the format defines it (zarr 2).
-    version = {"zarr_format": 2, "consolidated": True} if os.path.exists(os.path.join(source, ".zgroup")) else {"zarr_format": 3}
+    version = (
+        {"zarr_format": 2, "consolidated": True}
+        if os.path.exists(os.path.join(source, ".zgroup"))
+        else {"zarr_format": 3}
+    )
     for start in range(0, ds.sizes["time"], block):
         part = ds.isel(time=slice(start, start + block)).load().drop_encoding()
         if start == 0:
@@ -152,6 +164,8 @@ def rechunk_time(source: str, target: str, time_chunk: int = 1, block_times: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m lightning_seqpar.weather.data.chunks SRC DST``: :func:`rechunk_time` from the command
+    line; argparse exits with status 2 on bad arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m lightning_seqpar.weather.data.chunks",
         description="Rewrite a zarr store with one time (or --time-chunk times) per chunk, so that reading one "

@@ -1,6 +1,8 @@
-"""ERA5 forecasting data: the dataset of forecasting pairs and the LightningDataModule, on top of :class:`ERA5Store`.
+"""The ERA5 forecasting LightningDataModule: splits by years, normalisation statistics, static and mask channels.
 
-Letters in shape comments: T times, V input fields, V_out output fields, H latitudes, W longitudes.
+It reads an :class:`ERA5Store` and builds the samples of each split with :mod:`lightning_seqpar.weather.data.samples`.
+Letters in shape comments: T times, V input fields, V_out output fields, S static channels, M mask channels,
+H latitudes, W longitudes.
 A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``.
 """
 
@@ -8,101 +10,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB
-from lightning_seqpar.weather.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics, nan_message
+from lightning_seqpar.weather.data.samples import ERA5ForecastDataset, forecast_pairs, lead_steps, parse_years
+from lightning_seqpar.weather.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
 from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
 
 __all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "StoreReadError", "parse_years"]
-
-
-def parse_years(spec: list[int] | str | int | None) -> list[int] | None:
-    """Turns ``"2000-2002"``, ``"2000,2002"``, ``2000`` or ``[2000, 2002]`` into a sorted list of years; ``None`` stays ``None``."""
-    if spec is None:
-        return None
-    if isinstance(spec, (int, np.integer)):
-        return [int(spec)]
-    if isinstance(spec, str):
-        years: list[int] = []
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            first, _, last = part.partition("-")
-            if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
-                raise ValueError(f"years {spec!r} not understood; write '2000-2002', '2000,2002' or a list [2000, 2002]")
-            years += range(int(first), int(last or first) + 1)
-        return sorted(set(years))
-    return sorted({int(y) for y in spec})
-
-
-class ERA5ForecastDataset(Dataset):
-    """Forecasting pairs ``(fields at t, fields at t + lead)`` from an :class:`ERA5Store`.
-
-    Args:
-        store: the store to read (each worker process reopens it on first use).
-        variables: time-dependent input field names ``V_dyn``.
-        out_variables: target field names ``V_out``.
-        init_indices: ``[N]`` store time index of each sample's input.
-        target_indices: ``[N, K]`` store time index of each sample's target for each of the K lead times.
-        lead_steps: ``[K]`` lead times in store time steps.
-        lead_index: ``[N]`` position in ``lead_steps`` of each sample's lead, or ``None`` to draw one
-            uniformly per sample (training with several lead times).
-        mean: ``{field: mean}`` to normalise with, or ``None`` for physical units.
-        std: ``{field: std}``, given with ``mean``.
-        static: ``[S, H, W]`` time-invariant channels appended to every input (already normalised), or ``None``.
-        masks: ``{field: ([H, W] bool data cells, fill value in physical units)}`` of fields with a fixed NaN mask.
-    """
-
-    def __init__(self, store: ERA5Store, variables: Sequence[str], out_variables: Sequence[str], init_indices: np.ndarray,
-                 target_indices: np.ndarray, lead_steps: Sequence[int], lead_index: np.ndarray | None,
-                 mean: dict[str, float] | None = None, std: dict[str, float] | None = None,
-                 static: np.ndarray | None = None, masks: dict[str, tuple[np.ndarray, float]] | None = None):
-        self.store, self.init_indices, self.target_indices = store, init_indices, target_indices
-        self.lead_steps, self.lead_index = list(lead_steps), lead_index
-        self.fields = list(dict.fromkeys([*variables, *out_variables]))  # union U, input fields first
-        self.in_pos = [self.fields.index(f) for f in variables]
-        self.out_pos = [self.fields.index(f) for f in out_variables]
-        self.shift = None if mean is None else np.array([mean[f] for f in self.fields], np.float32)[:, None, None]
-        self.scale = None if std is None else np.array([std[f] for f in self.fields], np.float32)[:, None, None]
-        self.static = None if static is None or not len(static) else np.ascontiguousarray(static, np.float32)
-        self.masks = [(self.fields.index(f), valid, fill) for f, (valid, fill) in (masks or {}).items() if f in self.fields]
-
-    def __len__(self) -> int:
-        return len(self.init_indices)
-
-    def __getitem__(self, n: int) -> dict[str, torch.Tensor]:
-        init = int(self.init_indices[n])
-        choice = int(torch.randint(len(self.lead_steps), ()).item()) if self.lead_index is None else int(self.lead_index[n])
-        target = int(self.target_indices[n, choice])
-        block = self.store.read(self.fields, np.array([init, target]))  # [2, U, H, W]
-        for u, valid, fill in self.masks:
-            leaked = ~np.isnan(block[:, u]) & ~valid  # [2, H, W]: data where the fixed mask says none
-            if leaked.any():
-                when = self.store.describe_time((init, target)[int(np.argwhere(leaked.any(axis=(1, 2)))[0, 0])])
-                raise ValueError(f"variable {self.fields[u]!r} has data at time {when} on cells that were NaN at the first "
-                                 "train time: its NaN mask is not fixed, so masked_variables cannot fill it")
-            block[:, u] = np.where(valid, block[:, u], fill)
-        bad = np.isnan(block)
-        if bad.any():
-            row, field = np.argwhere(bad.any(axis=(2, 3)))[0]
-            when = f"{self.store.describe_time((init, target)[row])} of {self.store.path!r}"
-            raise ValueError(nan_message(self.fields[field], when, bad[:, field]))
-        if self.shift is not None:
-            block = (block - self.shift) / self.scale
-        inputs = block[0, self.in_pos]  # [V_dyn, H, W]
-        if self.static is not None:
-            inputs = np.concatenate([inputs, self.static])  # [V_dyn + S, H, W]
-        return {
-            "input": torch.from_numpy(np.ascontiguousarray(inputs)),  # [V, H, W]
-            "target": torch.from_numpy(np.ascontiguousarray(block[1, self.out_pos])),  # [V_out, H, W]
-            "lead_time_hours": torch.tensor(self.lead_steps[choice] * self.store.step_hours, dtype=torch.float32),
-            "index": torch.tensor(init, dtype=torch.int64),
-        }
 
 
 class ERA5DataModule(LightningDataModule):
@@ -191,9 +111,15 @@ class ERA5DataModule(LightningDataModule):
             lead_time_hours = int(round(store.step_hours))
         leads = [lead_time_hours] if isinstance(lead_time_hours, int) else list(lead_time_hours)
         if not leads or any(int(h) <= 0 for h in leads):
-            raise ValueError(f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them")
+            raise ValueError(
+                f"lead_time_hours={lead_time_hours!r} must be a positive number of hours or a non-empty list of them"
+            )
         self.lead_times_hours = sorted({int(h) for h in leads})
-        self.split_years = {"train": parse_years(train_years), "val": parse_years(val_years), "test": parse_years(test_years)}
+        self.split_years = {
+            "train": parse_years(train_years),
+            "val": parse_years(val_years),
+            "test": parse_years(test_years),
+        }
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers, self.normalize = pin_memory, persistent_workers, normalize
         self.stats_path = stats_path
@@ -209,14 +135,27 @@ class ERA5DataModule(LightningDataModule):
 
     @property
     def store(self) -> ERA5Store:
-        """The opened store; fields are validated on first access."""
+        """The opened store; fields are validated on first access.
+
+        Raises:
+            ValueError: when a masked variable is not among the fields; ``KeyError`` when a field or static field
+                is not in the store (both list what the store has).
+        """
         if self._store is None:
-            store = ERA5Store(self.path, self.select_index, self.duplicate_times, fields=self._variables + self._out_variables,
-                              years_from_file_names=self.years_from_file_names, chunk_cache_mb=self.chunk_cache_mb)
+            store = ERA5Store(
+                self.path,
+                self.select_index,
+                self.duplicate_times,
+                fields=self._variables + self._out_variables,
+                years_from_file_names=self.years_from_file_names,
+                chunk_cache_mb=self.chunk_cache_mb,
+            )
             dynamic = {store.canonical(f) for f in self._variables + self._out_variables}
             unknown = [f for f in self._masked if store.canonical(f) not in dynamic]
             if unknown:
-                raise ValueError(f"masked_variables {unknown} are not among variables or out_variables {sorted(dynamic)}")
+                raise ValueError(
+                    f"masked_variables {unknown} are not among variables or out_variables {sorted(dynamic)}"
+                )
             for name in self._static:
                 store.read_static(name)  # fails early, listing the static fields the store has
             self._store = store
@@ -230,7 +169,7 @@ class ERA5DataModule(LightningDataModule):
     @property
     def static_variables(self) -> list[str]:
         """Time-invariant input channel names, as given (``orography``, ``land_sea_mask``, ``latitude``)."""
-        self.store
+        _ = self.store  # opening the store checks the static fields
         return list(self._static)
 
     @property
@@ -290,19 +229,10 @@ class ERA5DataModule(LightningDataModule):
         self.split_years[split] = years
         return np.flatnonzero(np.isin(self.store.years, years))
 
-    def _lead_steps(self) -> list[int]:
-        steps = []
-        for hours in self.lead_times_hours:
-            ratio = hours / self.store.step_hours
-            if abs(ratio - round(ratio)) > 1e-9:
-                raise ValueError(f"lead_time_hours={hours} is not a multiple of the time step of {self.path!r} "
-                                 f"({self.store.step_hours:g} h); use e.g. {int(self.store.step_hours * max(1, round(ratio)))}")
-            steps.append(int(round(ratio)))
-        return steps
-
     @property
     def field_masks(self) -> dict[str, np.ndarray]:
-        """``{field: [H, W] bool}`` cells holding data of each masked field (its non-NaN cells at the first train time)."""
+        """``{field: [H, W] bool}`` cells holding data of each masked field (its non-NaN cells at the first train
+        time)."""
         if self._masks is None:
             first = self.split_indices("train")[:1]
             fields = [self.store.canonical(f) for f in self._masked]
@@ -312,8 +242,10 @@ class ERA5DataModule(LightningDataModule):
                 if valid.all():
                     rank_zero_warn(f"masked variable {f!r} has no NaN at {self.store.describe_time(int(first[0]))}; "
                                    "its mask channel is all ones")
-                rank_zero_info(f"ERA5DataModule: {f} is NaN on {int((~valid).sum())} of {valid.size} cells; they are filled "
-                               "with its train mean and left out of the loss and metrics")
+                rank_zero_info(
+                    f"ERA5DataModule: {f} is NaN on {int((~valid).sum())} of {valid.size} cells; they are filled "
+                    "with its train mean and left out of the loss and metrics"
+                )
         return self._masks
 
     @property
@@ -329,27 +261,42 @@ class ERA5DataModule(LightningDataModule):
         if self.statistics is None:
             fields = list(dict.fromkeys(self.dynamic_variables + self.out_variables))
             self.statistics, used = load_or_compute_statistics(
-                self.store.read, fields, self.split_indices("train"), self.split_years["train"], self.grid_shape,
+                self.store.read,
+                fields,
+                self.split_indices("train"),
+                self.split_years["train"],
+                self.grid_shape,
                 Path(self.stats_path) if self.stats_path else self._default_stats_path(),
-                describe_time=self.store.describe_time, fallback_to_user_cache=not self.stats_path, valid=self.field_masks)
+                describe_time=self.store.describe_time,
+                fallback_to_user_cache=not self.stats_path,
+                valid=self.field_masks,
+            )
             rank_zero_info(f"ERA5DataModule: normalisation statistics of {len(fields)} fields from {used}")
         return self.statistics
 
     @property
     def static_inputs(self) -> np.ndarray:
         """``[S + M, H, W]`` float32 static channels (normalised by their grid mean and std when ``normalize``),
-        then the mask channels (0/1), in the order of :attr:`static_variables` and :attr:`mask_variables`."""
+        then the mask channels (0/1), in the order of :attr:`static_variables` and :attr:`mask_variables`.
+
+        Raises:
+            ValueError: when a static field has NaN cells.
+        """
         if self._static_inputs is None:
             channels = []
             for name in self.static_variables:
                 field = self.store.read_static(name).astype(np.float64)  # [H, W]
                 if np.isnan(field).any():
-                    raise ValueError(f"static field {name!r} of {self.path!r} has NaN on {int(np.isnan(field).sum())} cells; "
-                                     "fill them in the constants file")
+                    raise ValueError(
+                        f"static field {name!r} of {self.path!r} has NaN on {int(np.isnan(field).sum())} cells; "
+                        "fill them in the constants file"
+                    )
                 self.static_mean[name], self.static_std[name] = float(field.mean()), float(field.std() or 1.0)
                 channels.append((field - self.static_mean[name]) / self.static_std[name] if self.normalize else field)
             channels += [self.field_masks[self.store.canonical(f)] for f in self._masked]
-            self._static_inputs = np.stack(channels).astype(np.float32) if channels else np.zeros((0, *self.grid_shape), np.float32)
+            self._static_inputs = (
+                np.stack(channels).astype(np.float32) if channels else np.zeros((0, *self.grid_shape), np.float32)
+            )
         return self._static_inputs
 
     @property
@@ -386,8 +333,10 @@ class ERA5DataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the datasets of the splits that ``stage`` needs (all of them for ``None``)."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage, ["train", "val", "test"])
-        steps = self._lead_steps()
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(
+            stage, ["train", "val", "test"]
+        )
+        steps = lead_steps(self.lead_times_hours, self.store.step_hours, repr(self.path))
         stats = self._load_statistics() if self.normalize or self._masked else None
         for split in wanted:
             if self.split_years[split] is None and split != "train":
@@ -401,37 +350,48 @@ class ERA5DataModule(LightningDataModule):
     def _make_dataset(self, split: str, steps: list[int], stats: FieldStatistics | None) -> ERA5ForecastDataset:
         in_split = np.zeros(len(self.store.times), bool)
         in_split[self.split_indices(split)] = True
-        candidates = np.flatnonzero(in_split)
-        targets = np.stack([self.store.offset_index(candidates, k) for k in steps], axis=1)  # [N, K], -1: no such time
-        reachable = (targets >= 0) & in_split[np.maximum(targets, 0)]  # the target exists and is in the same split
-        if split == "train":  # one list of inputs, valid for every lead; the lead is drawn per sample
-            keep = reachable.all(axis=1)
-            inits, targets = candidates[keep], targets[keep]
-            lead_index = None if len(steps) > 1 else np.zeros(len(inits), np.int64)
-        else:  # every (input, lead) pair, lead-major
-            rows = [np.flatnonzero(reachable[:, k]) for k in range(len(steps))]
-            inits = np.concatenate([candidates[r] for r in rows])
-            targets = np.concatenate([targets[r] for r in rows])
-            lead_index = np.concatenate([np.full(len(r), k) for k, r in enumerate(rows)])
+        inits, targets, lead_index = forecast_pairs(
+            in_split, self.store.offset_index, steps, draw_lead=split == "train"
+        )
         if len(inits) == 0:
-            raise ValueError(f"the {split} split (years {self.split_years[split]}) has no input whose target "
-                             f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours")
+            raise ValueError(
+                f"the {split} split (years {self.split_years[split]}) has no input whose target "
+                f"{max(self.lead_times_hours)} h later is in the same split; add years or shorten lead_time_hours"
+            )
         normalise = stats is not None and self.normalize
         mean, std = (stats.mean, stats.std) if normalise else (None, None)
         masks = {f: (valid, stats.mean[f]) for f, valid in self.field_masks.items()}
-        return ERA5ForecastDataset(self.store, self.dynamic_variables, self.out_variables, inits, targets, steps, lead_index,
-                                   mean, std, self.static_inputs, masks)
+        return ERA5ForecastDataset(
+            self.store,
+            self.dynamic_variables,
+            self.out_variables,
+            inits,
+            targets,
+            steps,
+            lead_index,
+            mean,
+            std,
+            self.static_inputs,
+            masks,
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self.datasets:
             if self.split_years[split] is None:
                 return []  # no such split: Lightning skips the loop
             raise RuntimeError(f"the {split} dataset is not built; call setup() first (Lightning does this for you)")
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train loader (Lightning replaces the sampler with a ``DistributedSampler`` under data parallelism)."""
+        """Shuffled train loader (Lightning replaces the sampler with a ``DistributedSampler`` under data
+        parallelism)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

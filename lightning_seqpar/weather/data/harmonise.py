@@ -1,4 +1,5 @@
-"""Opens one file of an ERA5 store and brings it to WeatherBench2 names and conventions, lazily (nothing is loaded).
+"""Finds the files of an ERA5 store, opens each and brings it to WeatherBench2 names and conventions, lazily
+(nothing is loaded).
 
 What is harmonised, per file (docs/data.md lists the layouts):
 
@@ -18,12 +19,15 @@ extra installed, is refused with a message that says what to do.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
+
+from lightning_seqpar.weather.data.stats import STATS_SUFFIX
 
 GRIB_SUFFIXES = (".grib", ".grib2", ".grb", ".grb2")
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
@@ -49,6 +53,50 @@ COORD_TOLERANCE_DEG = 1e-4  # float32 and float64 copies of one grid differ by ~
 
 class StoreReadError(OSError):
     """A file of an ERA5 store cannot be opened, or a chunk of it cannot be decoded (truncated or corrupt data)."""
+
+
+def _data_files(folder: str) -> list[str]:
+    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
+    return sorted(
+        f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and is_zarr(f))
+    )
+
+
+def list_store_files(path: str) -> list[str]:
+    """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
+    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder).
+
+    Raises:
+        FileNotFoundError: when nothing exists at ``path``, or it holds no NetCDF, GRIB or zarr store
+            (listing what it does hold).
+    """
+    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
+        return [path]
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+    elif os.path.isdir(path) and not is_zarr(path):
+        files = _data_files(path) or sorted(
+            f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub)
+        )
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
+                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
+    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
+    if not files:
+        held = sorted(os.listdir(path))[:10] if os.path.isdir(path) else []
+        raise FileNotFoundError(
+            f"{path!r} matches no NetCDF (*.nc, *.nc4), GRIB (*.grib, *.grb) or zarr store, neither directly nor one "
+            f"folder down (WeatherBench v1 layout: <root>/<variable>/*.nc); it holds {held}: point data.path at the "
+            "folder of the files, or give a glob such as '/data/era5/*/*.nc'")
+    return files
+
+
+def is_zarr(path: str) -> bool:
+    """Whether ``path`` is a zarr store (a ``.zarr`` name, or zarr v2/v3 metadata inside the directory)."""
+    return path.rstrip("/").endswith(".zarr") or any(
+        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
 
 
 @dataclass
@@ -98,7 +146,9 @@ def open_file(path: str, store: str) -> xr.Dataset:
     if not os.path.isdir(path) and _magic(path) == b"PK\x03\x04":
         raise StoreReadError(
             f"{path!r} of ERA5 store {store!r} is a zip archive, not NetCDF (the CDS packs fields of different kinds, "
-            "e.g. instantaneous and accumulated, into one zip): unzip it into a folder and point data.path at that folder")
+            "e.g. instantaneous and accumulated, into one zip): unzip it into a folder and point data.path at that "
+            "folder"
+        )
     if is_grib and _grib_extra_missing():
         raise StoreReadError(
             f"{path!r} of ERA5 store {store!r} is GRIB, and reading GRIB needs the optional extra `grib` (cfgrib and "
@@ -134,7 +184,7 @@ def _rename(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, str]]:
     return ds, back
 
 
-def harmonise(path: str, ds: xr.Dataset, reference: "HarmonisedFile | None", store: str) -> HarmonisedFile:
+def harmonise(path: str, ds: xr.Dataset, reference: HarmonisedFile | None, store: str) -> HarmonisedFile:
     """Renames ``ds`` to WeatherBench2 conventions and checks (and where possible fixes) its grid against
     ``reference``, the store's first file; raises ``ValueError`` naming both files and the coordinate otherwise."""
     ds, original = _rename(ds)
@@ -165,8 +215,10 @@ def _match_grid(ds: xr.Dataset, out: HarmonisedFile, reference: HarmonisedFile, 
     ref = reference.ds
 
     def refuse(coord: str, what: str) -> ValueError:
-        return ValueError(f"files {reference.path!r} and {out.path!r} of store {store!r} disagree on {coord!r}: {what}; "
-                          "every file of a store must be on one grid: regrid the odd file, or give the files as separate stores")
+        return ValueError(
+            f"files {reference.path!r} and {out.path!r} of store {store!r} disagree on {coord!r}: {what}; "
+            "every file of a store must be on one grid: regrid the odd file, or give the files as separate stores"
+        )
 
     lat, ref_lat = ds["latitude"].values.astype(np.float64), ref["latitude"].values.astype(np.float64)
     if lat.shape != ref_lat.shape or not np.allclose(lat, ref_lat, atol=COORD_TOLERANCE_DEG):
@@ -216,7 +268,9 @@ def relabel_year(path: str, times: np.ndarray) -> np.ndarray:
     """
     name_year = year_in_name(path)
     if name_year is None:
-        raise ValueError(f"years_from_file_names is set but the name of {path!r} holds no year (e.g. t2m_1980_5.625deg.nc)")
+        raise ValueError(
+            f"years_from_file_names is set but the name of {path!r} holds no year (e.g. t2m_1980_5.625deg.nc)"
+        )
     years = set((times.astype("datetime64[Y]").astype(int) + 1970).tolist())
     if len(years) != 1:
         raise ValueError(f"years_from_file_names is set but the times of {path!r} span years {sorted(years)}; "

@@ -17,9 +17,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import platformdirs
@@ -50,7 +50,7 @@ class FieldStatistics:
     std: dict[str, float]
     climatology: dict[str, np.ndarray]
 
-    def subset(self, fields: Sequence[str]) -> "FieldStatistics":
+    def subset(self, fields: Sequence[str]) -> FieldStatistics:
         """The statistics of ``fields`` only (every one must be present)."""
         return FieldStatistics({f: self.mean[f] for f in fields}, {f: self.std[f] for f in fields},
                                {f: self.climatology[f] for f in fields})
@@ -62,10 +62,12 @@ def nan_message(field: str, when: str, nan_at_each_time: np.ndarray) -> str:
     dropping the times."""
     first = nan_at_each_time[0]
     if len(nan_at_each_time) > 1 and first.any() and not first.all() and (nan_at_each_time == first).all():
-        return (f"NaN in variable {field!r} at time {when}: it is NaN on the same {int(first.sum())} of {first.size} grid "
-                f"cells at every time read, as a field with a land or sea mask is (sea-surface temperature over land); "
-                f"pass masked_variables=[{field!r}] (data.masked_variables in YAML) to fill those cells, add a mask "
-                "input channel and leave them out of the loss and the metrics")
+        return (
+            f"NaN in variable {field!r} at time {when}: it is NaN on the same {int(first.sum())} of {first.size} grid "
+            f"cells at every time read, as a field with a land or sea mask is (sea-surface temperature over land); "
+            f"pass masked_variables=[{field!r}] (data.masked_variables in YAML) to fill those cells, add a mask "
+            "input channel and leave them out of the loss and the metrics"
+        )
     return (f"NaN in variable {field!r} at time {when}; fill or drop those times (interpolate the gaps in time, or "
             "choose years without them)")
 
@@ -211,7 +213,11 @@ def _cannot_write(directory: Path) -> OSError | None:
 
 
 def _chosen_path_error(stats_path: Path, missing: Sequence[str], err: OSError) -> StatisticsCacheError:
-    state = "does not exist" if not stats_path.exists() else f"lacks the statistics of {list(missing)} for these train years"
+    state = (
+        "does not exist"
+        if not stats_path.exists()
+        else f"lacks the statistics of {list(missing)} for these train years"
+    )
     return StatisticsCacheError(
         f"stats_path {str(stats_path)!r} {state} and cannot be written ({err}); point stats_path at a writable "
         f"file, make {str(stats_path.parent)!r} writable, or leave stats_path unset to cache the statistics next to "

@@ -1,10 +1,12 @@
-"""The ERA5 store reader: opens zarr, NetCDF or GRIB files lazily as one catalogue of fields on one time axis and reads them.
+"""The ERA5 store: zarr, NetCDF or GRIB files opened lazily as one catalogue of fields on one time axis.
 
 Letters in shape comments: T times, V fields, E ERA5 versions (``expver``), H latitudes, W longitudes.
 A *field* is one variable at one level: ``2m_temperature`` or ``geopotential_500``. Every file is first
 brought to WeatherBench2 names and one grid (:mod:`~lightning_seqpar.weather.data.harmonise`); then each field
 is looked up in the files that hold it, so single-level and pressure-level files with the same times
-(current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike.
+(current CDS downloads), one folder per variable (WeatherBench v1) and yearly files all read alike. The values of
+one field in one file are read by a :class:`~lightning_seqpar.weather.data.decode.FileReader`; the time axis is
+built by :mod:`~lightning_seqpar.weather.data.time_axis`.
 Variables without a time axis (a ``constants`` file) are *static* fields, read with :meth:`ERA5Store.read_static`.
 A file that cannot be opened, or a chunk that cannot be decoded, raises :class:`StoreReadError` naming the
 file, the variable and the time.
@@ -12,78 +14,34 @@ file, the variable and the time.
 
 from __future__ import annotations
 
-import glob
 import os
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache, rechunk_command, time_chunk_size
+from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB, BloscFrameCheck, ChunkCache
+from lightning_seqpar.weather.data.decode import FileReader, UndecodableTime
 from lightning_seqpar.weather.data.harmonise import (
-    GRIB_SUFFIXES, NETCDF_SUFFIXES, SHORT_VARIABLE_NAMES, SPATIAL_DIMS, STATIC_SHORT_NAMES, HarmonisedFile,
-    StoreReadError, first_line, harmonise, open_file, relabel_year, year_in_name,
+    SHORT_VARIABLE_NAMES,
+    SPATIAL_DIMS,
+    STATIC_SHORT_NAMES,
+    HarmonisedFile,
+    StoreReadError,
+    harmonise,
+    is_zarr,
+    list_store_files,
+    open_file,
+    relabel_year,
+    year_in_name,
 )
-from lightning_seqpar.weather.data.stats import STATS_SUFFIX
+from lightning_seqpar.weather.data.time_axis import FieldSource, align, field_index, time_step
 
 __all__ = ["ERA5Store", "StoreReadError", "list_store_files", "SHORT_VARIABLE_NAMES"]
 
 FieldKey = tuple[str, "float | None"]  # (variable, level in hPa or None)
 DERIVED_STATIC = ("latitude", "longitude")  # static channels computed from the grid (ClimaX's "lattitude")
-
-
-@dataclass(frozen=True)
-class FieldSource:
-    """Where one file holds one field: file position, variable name in the harmonised dataset, level position."""
-
-    file: int
-    variable: str
-    level_pos: int | None
-
-
-@dataclass
-class FieldIndex:
-    """One field on the store's time axis: for every store time, which source holds it and at which local index."""
-
-    sources: list[FieldSource]
-    source_of: np.ndarray  # [T] position in `sources`
-    local: np.ndarray  # [T] time index inside that source's file
-    times: np.ndarray  # [T] datetime64[ns]
-
-
-def _data_files(folder: str) -> list[str]:
-    suffixes = NETCDF_SUFFIXES + GRIB_SUFFIXES
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.endswith(suffixes) or (os.path.isdir(f) and _is_zarr(f)))
-
-
-def list_store_files(path: str) -> list[str]:
-    """The files that ``path`` names: a zarr store, one NetCDF/GRIB file, a glob, a folder of files, or a folder
-    of folders of files (WeatherBench v1: one folder per variable and a ``constants`` folder)."""
-    if "://" in path:  # remote zarr (gs://, s3://, https://): needs fsspec and the matching filesystem package
-        return [path]
-    if any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path))
-    elif os.path.isdir(path) and not _is_zarr(path):
-        files = _data_files(path) or sorted(f for sub in sorted(glob.glob(os.path.join(path, "*", ""))) for f in _data_files(sub))
-    elif os.path.exists(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no ERA5 store at {path!r}; give a zarr directory, a NetCDF file, a directory of "
-                                "NetCDF files or a glob, or write a synthetic one with `seqpar-synthetic-era5 PATH`")
-    files = [f for f in files if not f.endswith(STATS_SUFFIX)]
-    if not files:
-        held = sorted(os.listdir(path))[:10] if os.path.isdir(path) else []
-        raise FileNotFoundError(
-            f"{path!r} matches no NetCDF (*.nc, *.nc4), GRIB (*.grib, *.grb) or zarr store, neither directly nor one "
-            f"folder down (WeatherBench v1 layout: <root>/<variable>/*.nc); it holds {held}: point data.path at the "
-            "folder of the files, or give a glob such as '/data/era5/*/*.nc'")
-    return files
-
-
-def _is_zarr(path: str) -> bool:
-    return path.rstrip("/").endswith(".zarr") or any(
-        os.path.exists(os.path.join(path, marker)) for marker in (".zgroup", ".zmetadata", "zarr.json"))
 
 
 class ERA5Store:
@@ -135,12 +93,18 @@ class ERA5Store:
             odd = "; ".join(f"{name} has dims {dims}" for name, dims in self._odd_dims.items())
             if odd and fields:
                 self.resolve(fields[0])  # the variable's own error, with the select_index advice
-            raise ValueError(f"store {self.path!r} has no time-dependent variable on (time, [level,] latitude, longitude)"
-                             + (f" ({odd}: pick one index along the extra dims with select_index)" if odd else "")
-                             + f"; it has static fields {sorted(self._statics)}: add the folders or files of the "
-                             "time-dependent variables, e.g. <root>/2m_temperature/*.nc next to <root>/constants/")
-        keys = [self.resolve(f) for f in fields] if fields else [
-            k for k in self._sources if sum(len(self.file_times[s.file]) for s in self._sources[k]) > 1] or list(self._sources)
+            raise ValueError(
+                f"store {self.path!r} has no time-dependent variable on (time, [level,] latitude, longitude)"
+                + (f" ({odd}: pick one index along the extra dims with select_index)" if odd else "")
+                + f"; it has static fields {sorted(self._statics)}: add the folders or files of the "
+                "time-dependent variables, e.g. <root>/2m_temperature/*.nc next to <root>/constants/"
+            )
+        keys = (
+            [self.resolve(f) for f in fields]
+            if fields
+            else [k for k in self._sources if sum(len(self.file_times[s.file]) for s in self._sources[k]) > 1]
+            or list(self._sources)
+        )
         self._build_time_axis(list(dict.fromkeys(keys)))
 
     # --- opening and cataloguing ---
@@ -155,19 +119,34 @@ class ERA5Store:
                 ds = ds.isel({d: i for d, i in self.select_index.items() if d in ds.dims})
                 opened.append(harmonise(f, ds, opened[0] if opened else None, self.path))
             self._opened = opened
-            self._checks = [BloscFrameCheck(f) if os.path.isdir(f) and _is_zarr(f) else None for f in self.files]
             self._cache = ChunkCache(self.chunk_cache_mb * 2**20)
+            self._readers = [
+                FileReader(
+                    hf,
+                    BloscFrameCheck(hf.path) if os.path.isdir(hf.path) and is_zarr(hf.path) else None,
+                    self._cache,
+                    self.chunk_cache_mb,
+                    self._warned,
+                )
+                for hf in opened
+            ]
             self._pid = os.getpid()
         return self._opened
 
     @property
+    def readers(self) -> list[FileReader]:
+        """This process's reader of each file (``[len(files)]``), sharing :attr:`chunk_cache`."""
+        _ = self.opened  # (re)opens the files in a new process
+        return self._readers
+
+    @property
     def chunk_cache(self) -> ChunkCache:
         """This process's cache of decoded multi-time chunks."""
-        self.opened
+        _ = self.opened  # (re)opens the files in a new process
         return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_opened": None, "_pid": None, "_checks": [], "_cache": None}
+        return {**self.__dict__, "_opened": None, "_pid": None, "_readers": [], "_cache": None}
 
     def _catalogue(self) -> None:
         """Finds every field (variable, level) and static field in every file."""
@@ -192,9 +171,11 @@ class ERA5Store:
                 for level, pos in entries:
                     self._sources.setdefault((name, level), []).append(FieldSource(k, name, pos))
                 if "expver" in dims:
-                    rank_zero_info(f"ERA5 store: {name} of {hf.path} holds the ERA5 versions expver="
-                                   f"{[str(v) for v in ds['expver'].values]}; they are merged per time, preferring final "
-                                   "ERA5 (expver 1) and taking ERA5T (expver 5) where ERA5 has no data, as ECMWF advises")
+                    rank_zero_info(
+                        f"ERA5 store: {name} of {hf.path} holds the ERA5 versions expver="
+                        f"{[str(v) for v in ds['expver'].values]}; they are merged per time, preferring final "
+                        "ERA5 (expver 1) and taking ERA5T (expver 5) where ERA5 has no data, as ECMWF advises"
+                    )
             if "expver" in ds.coords and ds["expver"].dims == ("time",):  # current CDS: one version per time, merged
                 late = np.array([int(str(v)) != 1 for v in ds["expver"].values])
                 if late.any():
@@ -209,67 +190,33 @@ class ERA5Store:
         times = np.atleast_1d(ds["time"].values).astype("datetime64[ns]")
         return relabel_year(self.files[k], times) if self.years_from_file_names and times.size else times
 
-    def _field_index(self, key: FieldKey) -> FieldIndex:
-        """Concatenates the times of ``key`` over its files (sorted by first time), dropping or refusing duplicates."""
-        sources = sorted((s for s in self._sources[key] if len(self.file_times[s.file])),
-                         key=lambda s: self.file_times[s.file][0])
-        if not sources:
-            raise ValueError(f"{self._name(key)} has no times in {self.path!r} (its time axis is empty)")
-        source_of, local, times, last = [], [], [], None
-        for i, src in enumerate(sources):
-            t = self.file_times[src.file]
-            keep = np.ones(len(t), bool) if last is None else t > last
-            if not keep.all() and self.duplicate_times == "error":
-                raise ValueError(self._duplicate_message(src.file, t[~keep], sources))
-            source_of.append(np.full(keep.sum(), i)), local.append(np.flatnonzero(keep)), times.append(t[keep])
-            last = t[keep][-1] if keep.any() else last
-        return FieldIndex(sources, np.concatenate(source_of), np.concatenate(local), np.concatenate(times))
-
     def _duplicate_message(self, k: int, clash: np.ndarray, sources: list[FieldSource]) -> str:
         text = (f"{len(clash)} times of {self.files[k]!r} ({clash[0]} ... {clash[-1]}) are already in an earlier file "
                 f"of {self.path!r}; give files that cover distinct times, or pass duplicate_times='keep_first'")
         named = sorted({year_in_name(self.files[s.file]) for s in sources} - {None})
-        held = sorted({int(y) for s in sources for y in self.file_times[s.file].astype("datetime64[Y]").astype(int) + 1970})
+        held = sorted(
+            {int(y) for s in sources for y in self.file_times[s.file].astype("datetime64[Y]").astype(int) + 1970}
+        )
         if len(named) == len(sources) > 1 and named != held and not self.years_from_file_names:
-            text += (f"; the file names give years {named} but their times fall in {held}: if the times were relabelled, "
-                     "pass years_from_file_names=True to take each file's year from its name")
+            text += (
+                f"; the file names give years {named} but their times fall in {held}: if the times were relabelled, "
+                "pass years_from_file_names=True to take each file's year from its name"
+            )
         return text
 
     def _build_time_axis(self, keys: list[FieldKey]) -> None:
-        self._index = {key: self._field_index(key) for key in keys}
-        common = self._index[keys[0]].times
-        for key in keys[1:]:
-            common = np.intersect1d(common, self._index[key].times)
-        if len(common) < 2:
-            spans = {self._name(k): f"{ix.times[0]} .. {ix.times[-1]} ({len(ix.times)})" for k, ix in self._index.items()}
-            raise ValueError(f"the fields of {self.path!r} share {len(common)} times; a forecast needs at least two. "
-                             f"Their times: {spans}")
-        for key, ix in self._index.items():
-            if len(ix.times) > len(common):
-                rank_zero_info(f"ERA5 store: {len(ix.times) - len(common)} times of {self._name(key)} are not held by "
-                               "every field and are left out")
-            pos = np.searchsorted(ix.times, common)
-            ix.source_of, ix.local, ix.times = ix.source_of[pos], ix.local[pos], common
-        self.times = common
-        # Within a file the steps must be multiples of one step (gaps allowed); between files anything goes
-        # (yearly files of weekly samples end on 30 December and start again on 1 January).
-        steps = np.diff(self.times)
-        first = self._index[keys[0]]
-        inside = first.source_of[1:] == first.source_of[:-1]
-        step = steps[inside].min() if inside.any() else steps.min()
-        if np.any(steps[inside] % step):
-            odd = np.unique(steps[inside][steps[inside] % step != 0])[:5].astype("timedelta64[m]")
-            raise ValueError(f"time axis of {self.path!r} is irregular: steps {[str(s) for s in odd]} are not multiples "
-                             f"of the smallest step {step.astype('timedelta64[m]')}; resample the data to one step")
-        if np.any(steps != step):
-            rank_zero_info(f"ERA5 store: the time axis of {self.path!r} has {int((steps != step).sum())} gaps or file "
-                           f"boundaries off the {step.astype('timedelta64[h]')} step; samples whose target time is not in "
-                           "the store are skipped")
+        duplicate = self._duplicate_message if self.duplicate_times == "error" else None
+        where = repr(self.path)
+        self._index = {key: field_index(self._sources[key], self.file_times, self._name(key), where, duplicate)
+                       for key in keys}
+        self.times = align({self._name(key): ix for key, ix in self._index.items()}, where)
+        step = time_step(self.times, self._index[keys[0]], where)
         self.step_hours = float(step / np.timedelta64(1, "h"))
         self.years = np.asarray(self.times.astype("datetime64[Y]").astype(int) + 1970)
 
     def offset_index(self, indices: np.ndarray, steps: int) -> np.ndarray:
-        """``[N]`` store index of the time ``steps`` time steps after each of ``indices``; -1 where the store lacks it."""
+        """``[N]`` store index of the time ``steps`` time steps after each of ``indices``; -1 where the store lacks
+        it."""
         wanted = self.times[indices] + np.timedelta64(int(round(steps * self.step_hours * 3600)), "s")
         pos = np.minimum(np.searchsorted(self.times, wanted), len(self.times) - 1)
         return np.where(self.times[pos] == wanted, pos, -1)
@@ -291,7 +238,9 @@ class ERA5Store:
         return self._resolved[field]
 
     def _resolve(self, field: str) -> FieldKey:
-        variables = {var: sorted({lev for v, lev in self._sources if v == var and lev is not None}) for var, _ in self._sources}
+        variables = {
+            var: sorted({lev for v, lev in self._sources if v == var and lev is not None}) for var, _ in self._sources
+        }
         name = SHORT_VARIABLE_NAMES.get(field, field)
         variable, level = name, None
         if name not in variables and name not in self._odd_dims and "_" in name and name.rsplit("_", 1)[1].isdigit():
@@ -303,7 +252,9 @@ class ERA5Store:
             lacking = sorted(set(SPATIAL_DIMS) - set(dims))
             fix = (f"pick one index along {extra} with select_index={{{extra[0]!r}: 0}}" if extra
                    else f"it lacks {lacking}; choose a gridded variable")
-            raise ValueError(f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}")
+            raise ValueError(
+                f"variable {variable!r} has dims {dims}; expected (time, [level,] latitude, longitude): {fix}"
+            )
         if variable not in variables:
             statics = f"; static fields (for static_variables): {sorted(self._statics)}" if self._statics else ""
             raise KeyError(f"variable {field!r} not in {self.path!r}; it has {self.available_fields()}{statics}")
@@ -312,11 +263,15 @@ class ERA5Store:
             raise KeyError(f"{field!r} asks for no level but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
                            f"ask for e.g. '{variable}_{levels[0]:g}'")
         if level is not None and not levels:
-            raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}")
+            raise KeyError(
+                f"{field!r} asks for level {level:g} but {variable!r} has no level dimension; ask for {variable!r}"
+            )
         if level is not None:
             if not np.isclose(levels, level).any():
-                raise KeyError(f"{field!r} asks for level {level:g} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
-                               f"ask for e.g. '{variable}_{levels[0]:g}'")
+                raise KeyError(
+                    f"{field!r} asks for level {level:g} but {variable!r} has levels {[f'{v:g}' for v in levels]}; "
+                    f"ask for e.g. '{variable}_{levels[0]:g}'"
+                )
             level = levels[int(np.argmin(np.abs(np.asarray(levels) - level)))]
         return variable, level
 
@@ -336,7 +291,12 @@ class ERA5Store:
     # --- reading ---
 
     def read(self, fields: Sequence[str], time_indices: np.ndarray) -> np.ndarray:
-        """``[T, V, H, W]`` float32 physical values of ``fields`` at the store's ``time_indices``."""
+        """``[T, V, H, W]`` float32 physical values of ``fields`` at the store's ``time_indices``.
+
+        Raises:
+            KeyError: for a field that is not on the store's time axis.
+            StoreReadError: where the data cannot be decoded, naming the file, variable and time.
+        """
         time_indices = np.asarray(time_indices)
         out = np.empty((len(time_indices), len(fields), len(self.latitudes), len(self.longitudes)), np.float32)
         for v, field in enumerate(fields):
@@ -350,87 +310,20 @@ class ERA5Store:
         return out
 
     def _read_source(self, key: FieldKey, src: FieldSource, local: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """``[t, H, W]`` values of one field from one file at its ``local`` times."""
-        hf = self.opened[src.file]
-        check = self._checks[src.file]
-        damaged = check.first_damaged(hf.original_names[src.variable], local) if check else None
-        if damaged is not None:
-            raise self._read_error(src.file, key, int(indices[damaged[0]]), damaged[1])
+        """``[t, H, W]`` values of one field from one file at its ``local`` times (store times ``indices``)."""
         try:
-            values = self._load(src, local)  # [t, E, H, W] or [t, H, W]
-        except MemoryError:
-            raise
-        except Exception as err:  # codecs raise what they like: RuntimeError (blosc), zlib.error, ValueError
-            raise self._decode_error(src, key, local, indices, err) from err
-        if values.ndim == 4:
-            values = self._merge_versions(hf, values)
-        return values
-
-    def _array(self, src: FieldSource):
-        da = self.opened[src.file].ds[src.variable]
-        order = ["time"] + [d for d in ("expver", "level") if d in da.dims] + list(SPATIAL_DIMS)
-        return da if list(da.dims) == order else da.transpose(*order)
-
-    def _load(self, src: FieldSource, local: np.ndarray) -> np.ndarray:
-        da = self._array(src)
-        level = {} if src.level_pos is None else {"level": src.level_pos}
-        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
-        if per_chunk <= 1 or self.chunk_cache_mb <= 0:
-            return da.isel(time=local, **level).values
-        block_bytes = per_chunk * da.dtype.itemsize * int(np.prod([n for d, n in da.sizes.items() if d != "time"]))
-        if not self.chunk_cache.fits(block_bytes):
-            self._warn_chunks(src, per_chunk, block_bytes)
-            return da.isel(time=local, **level).values
-        out = np.empty((len(local), *[n for d, n in da.sizes.items() if d not in ("time", "level")]), da.dtype)
-        for chunk in np.unique(local // per_chunk):  # every level of the chunk: zarr decodes them all anyway
-            key = (src.file, src.variable, int(chunk))
-            block = self._cache.get(key, lambda: da.isel(time=slice(chunk * per_chunk, (chunk + 1) * per_chunk)).values)
-            rows = np.flatnonzero(local // per_chunk == chunk)
-            picked = block[local[rows] - chunk * per_chunk]  # [t, (E), (L), H, W]
-            out[rows] = picked if src.level_pos is None else picked[..., src.level_pos, :, :]
-        return out
-
-    def _warn_chunks(self, src: FieldSource, per_chunk: int, block_bytes: int) -> None:
-        if (src.file, src.variable) in self._warned:
-            return
-        self._warned.add((src.file, src.variable))
-        rank_zero_warn(
-            f"{src.variable} in {self.files[src.file]!r} is stored in chunks of {per_chunk} times "
-            f"({block_bytes / 2**20:.0f} MiB decoded, more than half of chunk_cache_mb={self.chunk_cache_mb:g}): every "
-            f"sample decodes a whole chunk, so an epoch in random order reads the data about {per_chunk} times over. "
-            f"Rechunk it to one time per chunk: {rechunk_command(self.files[src.file])} (or raise chunk_cache_mb)")
-
-    def _merge_versions(self, hf: HarmonisedFile, values: np.ndarray) -> np.ndarray:
-        """``[t, E, H, W]`` -> ``[t, H, W]``: the first version with data at each point, final ERA5 (expver 1) first."""
-        order = np.argsort([int(str(v)) for v in hf.ds["expver"].values], kind="stable")
-        merged = values[:, order[0]].copy()
-        for e in order[1:]:
-            merged = np.where(np.isnan(merged), values[:, e], merged)
-        return merged
-
-    def _decode_error(self, src: FieldSource, key: FieldKey, local: np.ndarray, indices: np.ndarray,
-                      err: Exception) -> StoreReadError:
-        """The error of a failed read, narrowed down to the first time whose data cannot be decoded."""
-        da = self._array(src)
-        level = {} if src.level_pos is None else {"level": src.level_pos}
-        bad, bad_local = int(indices[0]), int(local[0])
-        for t, lt in zip(indices, local):
-            try:
-                da.isel(time=int(lt), **level).values
-            except Exception as single:  # the same broad net as the read that failed
-                bad, bad_local, err = int(t), int(lt), single
-                break
-        per_chunk = time_chunk_size(self.opened[src.file].ds[src.variable])
-        chunked = bool(self.opened[src.file].ds[src.variable].encoding.get("chunks"))
-        hint = f"time chunk {bad_local // per_chunk}: " if chunked else ""
-        return self._read_error(src.file, key, bad, hint + first_line(err))
+            return self.readers[src.file].read(src.variable, src.level_pos, local)
+        except UndecodableTime as err:
+            raise self._read_error(src.file, key, int(indices[err.position]), err.detail) from err.__cause__
 
     def _read_error(self, k: int, key: FieldKey, index: int, detail: str) -> StoreReadError:
         where = f"ERA5 store {self.path!r}" + (f" (file {self.files[k]!r})" if len(self.files) > 1 else "")
         return StoreReadError(
             f"cannot read variable {self._name(key)!r} at time index {index} ({self.describe_time(index)}) of {where}: "
-            f"{detail}; the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or regenerate "
-            "the store again, or choose years that avoid that time")
+            f"{detail}; the data there is truncated or corrupt (an interrupted copy or a bad disk?): copy or "
+            f"regenerate "
+            "the store again, or choose years that avoid that time"
+        )
 
     # --- static fields ---
 
@@ -461,7 +354,9 @@ class ERA5Store:
             single = [src for (v, lev), srcs in self._sources.items() if v == candidate and lev is None for src in srcs]
             if single:
                 if sum(len(self.file_times[s.file]) for s in single) != 1:
-                    raise KeyError(f"{name!r} varies in time in {self.path!r}; list it under variables, not static_variables")
+                    raise KeyError(
+                        f"{name!r} varies in time in {self.path!r}; list it under variables, not static_variables"
+                    )
                 return self._read_source((candidate, None), single[0], np.array([0]), np.array([0]))[0]
         raise KeyError(f"static field {name!r} not in {self.path!r}; it has {self.static_fields()} (a constants file "
                        "with variables on (latitude, longitude) and no time axis provides them)")

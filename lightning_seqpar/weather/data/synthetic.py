@@ -23,12 +23,15 @@ import os
 import shutil
 import sys
 import time as wallclock
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from lightning_seqpar.weather.data.samples import parse_years
 
 EARTH_RADIUS_M = 6.371e6
 DAMPING_DAYS = 30.0
@@ -68,7 +71,8 @@ def surface_wind(lat_deg: np.ndarray) -> np.ndarray:
 
 
 def eastward_shift(field: np.ndarray, shift_cells: np.ndarray) -> np.ndarray:
-    """Moves every latitude row of ``field`` eastward by a fractional number of grid cells (periodic, exact for band-limited rows).
+    """Moves every latitude row of ``field`` eastward by a fractional number of grid cells (periodic, exact for
+    band-limited rows).
 
     Args:
         field: ``[H, W]`` values on a regular grid, longitude increasing eastward.
@@ -80,7 +84,9 @@ def eastward_shift(field: np.ndarray, shift_cells: np.ndarray) -> np.ndarray:
     return np.fft.irfft(np.fft.rfft(field, axis=-1) * phase, n=n_lon, axis=-1)
 
 
-def smooth_noise(rng: np.random.Generator, lat_deg: np.ndarray, n_lon: int, n_fields: int, max_wavenumber: int = 6) -> np.ndarray:
+def smooth_noise(
+    rng: np.random.Generator, lat_deg: np.ndarray, n_lon: int, n_fields: int, max_wavenumber: int = 6
+) -> np.ndarray:
     """Smooth Gaussian random fields of unit variance: zonal waves 1..max_wavenumber times smooth latitude modes.
 
     Args:
@@ -140,7 +146,11 @@ def _background(table: tuple[float, float, float], sin_lat: np.ndarray, season: 
 
 
 def make_year(
-    model: _AnomalyModel, times: pd.DatetimeIndex, lon_deg: np.ndarray, levels: Sequence[int], noise_rng: np.random.Generator
+    model: _AnomalyModel,
+    times: pd.DatetimeIndex,
+    lon_deg: np.ndarray,
+    levels: Sequence[int],
+    noise_rng: np.random.Generator,
 ) -> xr.Dataset:
     """Steps ``model`` through ``times`` and returns the physical fields as an in-memory Dataset.
 
@@ -157,8 +167,12 @@ def make_year(
     coslat = np.maximum(np.cos(np.deg2rad(lat)), 0.2)[:, None]
     season = np.cos(2 * np.pi * (times.day_of_year.to_numpy() - 172) / 365.25)  # [T], +1 at northern midsummer
     fields = {
-        "geopotential": np.stack([_background(_Z_BACKGROUND[lev], sin_lat, season) + _Z_ANOMALY[lev] * psi[lev] for lev in levels], 1),
-        "temperature": np.stack([_background(_T_BACKGROUND[lev], sin_lat, season) + _T_ANOMALY[lev] * psi[lev] for lev in levels], 1),
+        "geopotential": np.stack(
+            [_background(_Z_BACKGROUND[lev], sin_lat, season) + _Z_ANOMALY[lev] * psi[lev] for lev in levels], 1
+        ),
+        "temperature": np.stack(
+            [_background(_T_BACKGROUND[lev], sin_lat, season) + _T_ANOMALY[lev] * psi[lev] for lev in levels], 1
+        ),
     }  # [T, level, H, W]
     psi_low = psi[850 if 850 in psi else levels[-1]]  # [T, H, W]
     dpsi_dlat = np.gradient(psi_low, axis=1)
@@ -171,8 +185,15 @@ def make_year(
     t2m = _background((300.0, 50.0, 12.0), sin_lat, season) + diurnal + 3.0 * psi_low  # [T, H, W]
     fields["2m_temperature"] = t2m + 0.3 * noise_rng.standard_normal(t2m.shape)
     coords = {"time": times.values, "level": np.asarray(levels, np.int64), "latitude": lat, "longitude": lon_deg}
-    data_vars = {name: (("time", "latitude", "longitude"), fields[name].astype(np.float32)) for name in SURFACE_VARIABLES}
-    data_vars.update({name: (("time", "level", "latitude", "longitude"), fields[name].astype(np.float32)) for name in LEVEL_VARIABLES})
+    data_vars = {
+        name: (("time", "latitude", "longitude"), fields[name].astype(np.float32)) for name in SURFACE_VARIABLES
+    }
+    data_vars.update(
+        {
+            name: (("time", "level", "latitude", "longitude"), fields[name].astype(np.float32))
+            for name in LEVEL_VARIABLES
+        }
+    )
     ds = xr.Dataset(data_vars, coords=coords)
     for name, units in [("2m_temperature", "K"), ("temperature", "K"), ("geopotential", "m**2 s**-2"),
                         ("10m_u_component_of_wind", "m s**-1"), ("10m_v_component_of_wind", "m s**-1")]:
@@ -198,6 +219,10 @@ def iter_synthetic_years(
         levels: pressure levels in hPa, a subset of ``(500, 850)``.
         latitude_order: ``"ascending"`` (WeatherBench2) or ``"descending"`` (ERA5/GRIB).
         seed: seed of every random draw; the same seed gives the same store.
+
+    Raises:
+        ValueError: for years that are not consecutive, a step that does not divide 24, levels other
+            than 500/850 hPa, or a grid smaller than (4, 8).
     """
     years = [int(y) for y in years]
     if not years or years != list(range(years[0], years[0] + len(years))):
@@ -251,6 +276,10 @@ def write_synthetic_era5(
     The store is written to a hidden sibling (``.<name>.partial-<pid>``) and renamed to ``path`` when
     complete, so an interrupted write leaves nothing at ``path``, and ``overwrite=True`` replaces an old
     store only once the new one is whole.
+
+    Raises:
+        ValueError: for an unknown format or the arguments of :func:`iter_synthetic_years`.
+        FileExistsError: when ``path`` exists and ``overwrite`` is off.
     """
     path = Path(path)
     if format not in ("zarr", "netcdf"):
@@ -308,10 +337,15 @@ def _write_years(
                 ds.to_zarr(target, append_dim="time", zarr_format=2, consolidated=True)
         else:
             target.mkdir(parents=True, exist_ok=True)
-            ds.to_netcdf(target / f"era5_{year}.nc", encoding={"time": {"units": "hours since 1970-01-01", "dtype": "int64"}})
+            ds.to_netcdf(
+                target / f"era5_{year}.nc", encoding={"time": {"units": "hours since 1970-01-01", "dtype": "int64"}}
+            )
         if progress:
             elapsed = wallclock.perf_counter() - start
-            print(f"seqpar-synthetic-era5: wrote {year} ({ds.sizes['time']} steps) to {path} [{elapsed:.1f} s]", file=sys.stderr)
+            print(
+                f"seqpar-synthetic-era5: wrote {year} ({ds.sizes['time']} steps) to {path} [{elapsed:.1f} s]",
+                file=sys.stderr,
+            )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -320,29 +354,37 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Write a small ERA5-like store in WeatherBench2 layout (dims time, level, latitude, longitude) "
         "with learnable dynamics: eastward advection by a latitude-dependent wind, diurnal and seasonal cycles.",
     )
-    parser.add_argument("path", help="output zarr directory, or directory of per-year NetCDF files with --format netcdf")
-    parser.add_argument("--years", default="2000-2002", help="inclusive year range 'START-END' or one year (default: 2000-2002)")
+    parser.add_argument(
+        "path", help="output zarr directory, or directory of per-year NetCDF files with --format netcdf"
+    )
+    parser.add_argument(
+        "--years",
+        default="2000-2002",
+        help="consecutive years: an inclusive range 'START-END' or one year (default: 2000-2002)",
+    )
     parser.add_argument("--step-hours", type=int, default=6, help="time step in hours, must divide 24 (default: 6)")
-    parser.add_argument("--grid", type=int, nargs=2, default=(32, 64), metavar=("N_LAT", "N_LON"), help="grid size (default: 32 64, 5.625 deg)")
-    parser.add_argument("--levels", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="pressure levels in hPa (default: 500 850)")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        nargs=2,
+        default=(32, 64),
+        metavar=("N_LAT", "N_LON"),
+        help="grid size (default: 32 64, 5.625 deg)",
+    )
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=list(DEFAULT_LEVELS), help="pressure levels in hPa (default: 500 850)"
+    )
     parser.add_argument("--format", choices=("zarr", "netcdf"), default="zarr", help="store format (default: zarr)")
-    parser.add_argument("--latitude-order", choices=("ascending", "descending"), default="ascending", help="(default: ascending, as WeatherBench2)")
+    parser.add_argument(
+        "--latitude-order",
+        choices=("ascending", "descending"),
+        default="ascending",
+        help="(default: ascending, as WeatherBench2)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
-
-
-def parse_year_range(text: str) -> list[int]:
-    """Turns ``"2000-2002"`` into ``[2000, 2001, 2002]`` and ``"2000"`` into ``[2000]``."""
-    parts = str(text).split("-")
-    try:
-        first, last = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
-    except ValueError:
-        first = last = None
-    if first is None or last < first:
-        raise ValueError(f"year range {text!r} not understood; write 'START-END' (e.g. '2000-2002') or one year")
-    return list(range(first, last + 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         write_synthetic_era5(
-            args.path, years=parse_year_range(args.years), step_hours=args.step_hours, grid=tuple(args.grid),
+            args.path, years=parse_years(args.years), step_hours=args.step_hours, grid=tuple(args.grid),
             levels=args.levels, format=args.format, latitude_order=args.latitude_order, seed=args.seed,
             overwrite=args.overwrite, progress=not args.quiet,
         )

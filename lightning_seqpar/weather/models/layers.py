@@ -39,7 +39,11 @@ def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
-    """Sin-cos table [N, dim] for N positions (MAE / ClimaX convention: sines first, then cosines)."""
+    """Sin-cos table [N, dim] for N positions (MAE / ClimaX convention: sines first, then cosines).
+
+    Raises:
+        ValueError: when ``dim`` is odd.
+    """
     if dim % 2:
         raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
@@ -48,7 +52,11 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
-    """2-D sin-cos table [grid_h * grid_w, dim], row-major over the patch grid; half the width per axis."""
+    """2-D sin-cos table [grid_h * grid_w, dim], row-major over the patch grid; half the width per axis.
+
+    Raises:
+        ValueError: when ``dim`` is not divisible by 4.
+    """
     if dim % 4:
         raise ValueError(f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")  # [h, w] each
@@ -56,7 +64,11 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over tokens with a fused qkv projection, computed by torch SDPA."""
+    """Multi-head self-attention over tokens with a fused qkv projection, computed by torch SDPA.
+
+    Raises:
+        ValueError: when ``dim`` is not divisible by ``num_heads``.
+    """
 
     fused_attn: bool = True
 
@@ -86,6 +98,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """``[B, L, D]`` -> ``[B, L, D]``: multi-head self-attention through SDPA, ``attn_mask`` passed to it."""
         B, L, D = x.shape
         # [B, L, 3D] -> [3, B, H, L, d]
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -119,6 +132,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[..., D]`` -> ``[..., D]``: fc1 to ``hidden_dim``, GELU, dropout, fc2 back to ``D``, dropout."""
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -127,6 +141,9 @@ class DropPath(nn.Module):
 
     The mask has shape [B, 1, 1] and is drawn from the default generator, so under sequence parallelism the
     ranks that hold the tokens of one sample draw the same mask only if their RNG states agree.
+
+    Raises:
+        ValueError: when ``drop_prob`` is not in [0, 1).
     """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
@@ -136,6 +153,8 @@ class DropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[B, ...]`` -> ``[B, ...]``: in training, each sample zeroed with ``drop_prob`` and the rest scaled by
+        ``1 / (1 - drop_prob)``; the identity in evaluation."""
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
@@ -143,6 +162,7 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
+        """``drop_prob=<p>`` in the module's printout."""
         return f"drop_prob={self.drop_prob:g}"
 
 
@@ -169,5 +189,6 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[B, L, D]`` -> ``[B, L, D]``: ``x + attn(norm1(x))``, then ``+ mlp(norm2(x))``."""
         x = x + self.drop_path1(self.attn(self.norm1(x)))  # [B, L, D]
         return x + self.drop_path2(self.mlp(self.norm2(x)))
