@@ -23,10 +23,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from lightning_seqpar.plan import find_block_stacks
@@ -95,7 +99,7 @@ def materialize_meta_model(model: nn.Module, device: torch.device | str, init_fn
     """
     model.to_empty(device=device)
     if init_fn is None and callable(getattr(model, "init_weights", None)):
-        init_fn = lambda m: m.init_weights()  # noqa: E731
+        init_fn = lambda m: m.init_weights()
     if init_fn is None:
         resettable = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
         if not resettable:
@@ -103,7 +107,7 @@ def materialize_meta_model(model: nn.Module, device: torch.device | str, init_fn
                 f"{type(model).__name__} has no init_weights() and no module with reset_parameters(): pass"
                 " init_fn=... to materialize_meta_model to initialise it."
             )
-        init_fn = lambda m: [r.reset_parameters() for r in resettable]  # noqa: E731
+        init_fn = lambda m: [r.reset_parameters() for r in resettable]
     with torch.no_grad(), implicit_replication():
         init_fn(model)
     return model
@@ -129,7 +133,10 @@ def _optimizer_rows(model: nn.Module, optim_state: dict, to_original: bool, like
     layouts = _row_layouts(model)
     state = optim_state.get("state", {})
     for fqn, permutation in layouts.items():
-        for key, value in state.get(fqn, {}).items():
+        if fqn not in state:
+            continue
+        state[fqn] = dict(state[fqn])  # get_state_dict hands out the optimizer's own per-parameter dicts
+        for key, value in list(state[fqn].items()):
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == permutation.numel():
                 if to_original:
                     state[fqn][key] = reorder_rows(value, torch.argsort(permutation))
@@ -153,10 +160,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         optimizer: Its optimizer, saved under ``"optimizer"`` with parameter FQNs as keys.
         extra: More entries (tensors, numbers) saved alongside, e.g. ``{"step": torch.tensor(10)}``.
     """
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
-    state: dict[str, Any] = {"model": model_state, **(extra or {})}
-    if optimizer is not None:
-        state["optimizer"] = _optimizer_rows(model, optim_state, to_original=True)
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model), **(extra or {})}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": _optimizer_rows(model, optim_state, to_original=True), **(extra or {})}
     dcp.save(state, checkpoint_id=os.fspath(path))
 
 
@@ -174,18 +182,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     Returns:
         ``extra``, filled.
     """
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
-    state: dict[str, Any] = {"model": model_state, **(extra or {})}
-    live = None
-    if optimizer is not None:
-        live = {fqn: dict(v) for fqn, v in optim_state.get("state", {}).items()}
-        state["optimizer"] = _optimizer_rows(model, optim_state, to_original=True)
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model), **(extra or {})}
+        dcp.load(state, checkpoint_id=os.fspath(path))
+        set_model_state_dict(model, state["model"])
+        return extra or {}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    live = {fqn: dict(v) for fqn, v in optim_state.get("state", {}).items()}  # the tensors in this run's row order
+    state = {"model": model_state, "optimizer": _optimizer_rows(model, optim_state, to_original=True), **(extra or {})}
     dcp.load(state, checkpoint_id=os.fspath(path))
-    if optimizer is not None:
-        optim_state = _optimizer_rows(model, state["optimizer"], to_original=False, like=live)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
-    else:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+    optim_state = _optimizer_rows(model, state["optimizer"], to_original=False, like=live)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
     return extra or {}
 
 

@@ -13,16 +13,21 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.test_tensor_parallel import TOLERANCE, check_against_single_process, max_rel_error, without_key_bias
+from tests.test_tensor_parallel import (
+    TOLERANCE,
+    check_against_single_process,
+    max_rel_error,
+    without_key_bias,
+)
 
 WORKER = "tests.tp_workers:parallel_worker"
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
 
 LAYOUTS = {
-    "fsdp2": (2, dict(dp=2), [dict(name="block", fsdp=True), dict(name="hf_vit", fsdp=True)]),
-    "fsdp2-over-sp2xdp2": (4, dict(dp=2, sp=2), [dict(name="block", fsdp=True), dict(name="torch_encoder", fsdp=True)]),
-    "tp2xfsdp2": (4, dict(dp=2, tp=2), [dict(name="block", fsdp=True, reload=True), dict(name="hf_vit", fsdp=True)]),
+    "fsdp2": (2, {"dp": 2}, [{"name": "block", "fsdp": True}, {"name": "hf_vit", "fsdp": True}]),
+    "fsdp2-over-sp2xdp2": (4, {"dp": 2, "sp": 2}, [{"name": "block", "fsdp": True}, {"name": "torch_encoder", "fsdp": True}]),
+    "tp2xfsdp2": (4, {"dp": 2, "tp": 2}, [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_vit", "fsdp": True}]),
 }
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
 
@@ -84,7 +89,7 @@ def test_meta_device_model_is_materialised_sharded_with_its_own_init():
 def dcp_runs(tmp_path_factory):
     """Uninterrupted tp 2 x FSDP2 2 run (writing a checkpoint after step 2), resumed on 2 ranks and on 1."""
     path = str(tmp_path_factory.mktemp("dcp") / "step2")
-    run = dict(name="block", optimizer="adamw", fsdp=True, at_step=2)
+    run = {"name": "block", "optimizer": "adamw", "fsdp": True, "at_step": 2}
     saved = [r[0] for r in run_distributed(WORKER, 4, timeout=800, runs=[dict(run, save=path)], tp=2, dp=2)]
     on_two = [r[0] for r in run_distributed(WORKER, 2, timeout=600, runs=[dict(run, load=path)], dp=2)]
     on_one = [r[0] for r in run_distributed(WORKER, 1, timeout=600, runs=[dict(run, load=path, fsdp=False)])]

@@ -162,14 +162,18 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
     final = full_state_dict(model)
     reloaded = None
     if reload:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         fresh = build(name)
         if tp > 1:
             apply_tensor_parallel(fresh, mesh["tp"])
         if fsdp:
             apply_fsdp(fresh, dp_sp)
-        set_model_state_dict(fresh, final, options=StateDictOptions(full_state_dict=True))
+        # (it replaces the values of the dict it is given by its DTensors: hand it a copy)
+        set_model_state_dict(fresh, dict(final), options=StateDictOptions(full_state_dict=True))
         reloaded = full_state_dict(fresh)
     return {
         "rank": int(os.environ["RANK"]),

@@ -25,10 +25,20 @@ from collections.abc import Mapping
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from lightning_seqpar.plan import find_block_stacks, is_attention_module
-from lightning_seqpar.tensor_parallel.styles import FusedColwiseParallel, MultiheadAttentionParallel, TensorParallelError
+from lightning_seqpar.tensor_parallel.styles import (
+    FusedColwiseParallel,
+    MultiheadAttentionParallel,
+    TensorParallelError,
+)
 
 TensorParallelPlan = dict[str, ParallelStyle]
 
