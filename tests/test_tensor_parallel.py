@@ -144,6 +144,22 @@ def test_unknown_block_and_whole_width_norm_are_refused():
         block_plan(block)
 
 
+def test_attention_reshaping_to_the_input_width_fails_with_a_clear_error():
+    """tests.models.FusedQKVAttention ends with reshape(B, N, C), as older timm does: on a rank holding half of the
+    heads (what apply_tensor_parallel leaves: local num_heads, a qkv of 3 D / 2 rows) the error names the module."""
+    from lightning_seqpar.tensor_parallel import TensorParallelError, localize_heads
+    from lightning_seqpar.tensor_parallel.plan import _explain_width_errors
+    from tests.models import FusedQKVAttention
+
+    attention = FusedQKVAttention(32, 4)
+    attention.qkv = nn.Linear(32, 48)  # this rank's q, k and v of 2 heads
+    localize_heads(attention, 2)
+    assert attention.num_heads == 2
+    _explain_width_errors(attention, "blocks.0.attn", 2)
+    with pytest.raises(TensorParallelError, match=r"blocks.0.attn \(FusedQKVAttention\) failed under tensor parallelism.*reshape\(B, N, C\)"):
+        attention(torch.randn(2, 5, 32))
+
+
 class _Holder(nn.Module):
     def __init__(self, cls):
         super().__init__()

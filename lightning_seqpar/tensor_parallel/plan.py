@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from lightning_seqpar.memory import wrap_forward
 from lightning_seqpar.plan import find_block_stacks, is_attention_module
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
@@ -240,9 +241,34 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, tp_plan: Mappin
         return plan
     attentions = check_heads(model, plan, size)
     parallelize_module(model, tp_mesh, plan)
-    for _, attention in attentions:
+    for path, attention in attentions:
         localize_heads(attention, size)
+        if not isinstance(attention, nn.MultiheadAttention):
+            _explain_width_errors(attention, path, size)
     return plan
+
+
+def _explain_width_errors(module: nn.Module, path: str, tensor_parallel_size: int) -> None:
+    """Turn the reshape error of an attention whose forward reshapes its heads to the input width (``reshape(B, N, C)``,
+    older timm) into a :class:`TensorParallelError` that says so; its own forward still runs."""
+
+    def make(inner):
+        def forward(*args, **kwargs):
+            try:
+                return inner(*args, **kwargs)
+            except RuntimeError as error:
+                if "is invalid for input of size" not in str(error):
+                    raise
+                raise TensorParallelError(
+                    f"{path} ({type(module).__name__}) failed under tensor parallelism: {error}. Each rank holds"
+                    f" 1/{tensor_parallel_size} of the heads, so an attention that reshapes its output to the input"
+                    " width (reshape(B, N, C)) cannot run split; it must use its head attributes or -1"
+                    " (reshape(B, N, num_heads * head_dim), as timm's attn_dim does), or be left out via tp_plan."
+                ) from error
+
+        return forward
+
+    wrap_forward(module, make)
 
 
 def describe_plan(plan: Mapping[str, ParallelStyle]) -> str:
