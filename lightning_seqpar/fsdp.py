@@ -31,7 +31,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
+from torch.overrides import TorchFunctionMode
 
 from lightning_seqpar.plan import find_block_stacks
 from lightning_seqpar.tensor_parallel.styles import ROW_LAYOUT_ATTRIBUTE, reorder_rows
@@ -108,9 +110,25 @@ def materialize_meta_model(model: nn.Module, device: torch.device | str, init_fn
                 " init_fn=... to materialize_meta_model to initialise it."
             )
         init_fn = lambda m: [r.reset_parameters() for r in resettable]
-    with torch.no_grad(), implicit_replication():
+    with torch.no_grad(), implicit_replication(), _CopyIntoShards():
         init_fn(model)
     return model
+
+
+class _CopyIntoShards(TorchFunctionMode):
+    """``sharded.copy_(whole)`` (a DTensor parameter from a plain tensor, e.g. a sin-cos table) copies this rank's
+    piece of ``whole`` into its shard: what the copy means on one device, for any placement (DTensor's own copy_
+    refuses shards it cannot propagate, such as a dimension of size 1 over 2 ranks)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.copy_ and isinstance(args[0], DTensor) and isinstance(args[1], Tensor) and not isinstance(args[1], DTensor):
+            dest, src = args[0], args[1]
+            whole = src.to(device=dest.device, dtype=dest.dtype).expand(dest.shape).contiguous()
+            piece = distribute_tensor(whole, dest.device_mesh, dest.placements, src_data_rank=None).to_local()
+            dest.to_local().copy_(piece)
+            return dest
+        return func(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
