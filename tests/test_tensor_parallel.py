@@ -88,6 +88,13 @@ def test_fused_row_permutation_gives_each_rank_its_heads_of_q_k_and_v():
         fused_row_permutation(18, 3, 4)
 
 
+def _dinov2_swiglu_layer():
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+    return Dinov2Layer(Dinov2Config(hidden_size=32, num_attention_heads=4, use_swiglu_ffn=True))
+
+
 def _hf_layer():
     from transformers import ViTConfig
     from transformers.models.vit.modeling_vit import ViTLayer
@@ -104,8 +111,11 @@ def _hf_layer():
          {"self_attn": "multihead_attention", "linear1": "colwise", "linear2": "rowwise"}),
         (_hf_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
                      "attention.o_proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
+        (_dinov2_swiglu_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
+                                "attention.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                                "mlp.down_proj": "rowwise"}),
     ],
-    ids=["bundled-block", "torch-encoder-layer", "hugging-face-vit"],
+    ids=["bundled-block", "torch-encoder-layer", "hugging-face-vit", "hugging-face-dinov2-swiglu"],
 )
 def test_block_plan_per_kind(make, expected):
     from lightning_seqpar.tensor_parallel import block_plan

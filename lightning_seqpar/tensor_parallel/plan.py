@@ -58,7 +58,8 @@ _ATTENTION_TABLES: list[tuple[str, dict[str, str]]] = [
 _MLP_TABLES: list[tuple[str, dict[str, str]]] = [
     ("timm SwiGLU MLP", {"mlp.fc1_g": "colwise", "mlp.fc1_x": "colwise", "mlp.fc2": "rowwise"}),
     ("timm-style MLP", {"mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
-    ("Hugging Face Dinov2 SwiGLU MLP", {"mlp.weights_in": "fused:2", "mlp.weights_out": "rowwise"}),
+    ("gated MLP (Hugging Face Dinov2 SwiGLU, Llama)", {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"}),
+    ("Hugging Face Dinov2 SwiGLU MLP (transformers 4)", {"mlp.weights_in": "fused:2", "mlp.weights_out": "rowwise"}),
     ("Hugging Face ViT MLP", {"intermediate.dense": "colwise", "output.dense": "rowwise"}),
     ("torch TransformerEncoderLayer MLP", {"linear1": "colwise", "linear2": "rowwise"}),
 ]
