@@ -26,8 +26,8 @@ def max_rel_error(got: dict, want: dict) -> tuple[float, str]:
     stay near zero (||b|| < 1e-3) the absolute difference, which must stay under 1e-7."""
     worst, name = 0.0, ""
     assert sorted(got) == sorted(want)
-    for key in want:
-        diff, scale = (got[key].double() - want[key].double()).norm().item(), want[key].double().norm().item()
+    for key, value in want.items():
+        diff, scale = (got[key].double() - value.double()).norm().item(), value.double().norm().item()
         err = diff / scale if scale >= 1e-3 else (0.0 if diff <= 1e-7 else float("inf"))
         if err > worst:
             worst, name = err, key
