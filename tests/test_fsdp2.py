@@ -1,0 +1,124 @@
+"""FSDP2 (lightning_seqpar.fsdp) against single-process training, and DCP checkpoints across layouts, on CPU with gloo.
+
+FSDP2 over 2 ranks (dp 2) and over 4 (sp 2 x dp 2: the sequence-parallel ranks' gradients averaged too), tp 2 x
+FSDP2 2, each 3 steps compared with single-process training (parameters within relative error 1e-5, fp32). A model
+built on the meta device, sharded, then materialised with its own ``init_weights``. A DCP checkpoint written at
+tp 2 x FSDP2 2 (4 ranks, AdamW state included) resumed at FSDP2 over 2 ranks and on 1 rank, each continuing exactly
+as the uninterrupted run, and consolidated into one ``torch.save`` file that holds the single-device state dict.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.test_tensor_parallel import (
+    TOLERANCE,
+    check_against_single_process,
+    max_rel_error,
+    without_key_bias,
+)
+
+WORKER = "tests.tp_workers:parallel_worker"
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
+
+
+LAYOUTS = {
+    "fsdp2": (2, {"dp": 2}, [{"name": "block", "fsdp": True}, {"name": "hf_vit", "fsdp": True}]),
+    "fsdp2-over-sp2xdp2": (4, {"dp": 2, "sp": 2}, [{"name": "block", "fsdp": True}, {"name": "torch_encoder", "fsdp": True}]),
+    "tp2xfsdp2": (4, {"dp": 2, "tp": 2}, [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_vit", "fsdp": True}]),
+}
+CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
+
+
+@pytest.fixture(scope="module")
+def layout_runs():
+    cache: dict[str, list] = {}
+
+    def get(layout):
+        if layout not in cache:
+            world, sizes, runs = LAYOUTS[layout]
+            cache[layout] = run_distributed(WORKER, world, timeout=800, runs=runs, **sizes)
+        return cache[layout]
+
+    return get
+
+
+@pytest.mark.parametrize("layout,index", CASES, ids=[f"{l}-{LAYOUTS[l][2][i]['name']}" for l, i in CASES])
+def test_fsdp2_equals_single_process(layout_runs, layout, index):
+    per_rank = [ranks[index] for ranks in layout_runs(layout)]
+    check_against_single_process(per_rank, LAYOUTS[layout][2][index]["name"])
+
+
+def meta_worker() -> dict:
+    """ClimaX built on the meta device, FSDP2 over 2 ranks, materialised with its own init_weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_seqpar.fsdp import apply_fsdp, materialize_meta_model
+    from lightning_seqpar.weather.models import ClimaX
+    from tests.dist_utils import init_gloo
+    from tests.tp_workers import full_state_dict
+
+    init_gloo()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_sp",))
+    model = ClimaX(["t2m", "z500", "t850"], (12, 20), patch_size=4, embed_dim=32, depth=2, num_heads=4, device="meta")
+    apply_fsdp(model, mesh)
+    shard = model.pos_embed.to_local()
+    materialize_meta_model(model, "cpu")
+    return {"full": full_state_dict(model), "local_rows": model.blocks[0].attn.qkv.weight.to_local().shape[0], "meta": shard.is_meta}
+
+
+def test_meta_device_model_is_materialised_sharded_with_its_own_init():
+    from lightning_seqpar.weather.models import ClimaX
+
+    per_rank = run_distributed("tests.test_fsdp2:meta_worker", 2, timeout=300)
+    single = ClimaX(["t2m", "z500", "t850"], (12, 20), patch_size=4, embed_dim=32, depth=2, num_heads=4).state_dict()
+    for r in per_rank:
+        assert r["meta"] and r["local_rows"] == 96 // 2  # each rank allocated half of qkv's [3 D, D]
+        assert sorted(r["full"]) == sorted(single)
+        # Deterministic parts of the init are those of a single-device model; random parts have its statistics.
+        for key in ("pos_embed", "var_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "var_agg.query"):
+            torch.testing.assert_close(r["full"][key], single[key], rtol=0, atol=0)
+        weight = r["full"]["blocks.1.mlp.fc1.weight"]
+        assert abs(weight.std().item() - 0.02) < 0.004 and abs(weight.mean().item()) < 0.004  # trunc_normal(std=0.02)
+        assert not torch.equal(weight[:32], weight[32:])  # each rank's shard drew its own numbers
+    torch.testing.assert_close(per_rank[0]["full"], per_rank[1]["full"])
+
+
+@pytest.fixture(scope="module")
+def dcp_runs(tmp_path_factory):
+    """Uninterrupted tp 2 x FSDP2 2 run (writing a checkpoint after step 2), resumed on 2 ranks and on 1."""
+    path = str(tmp_path_factory.mktemp("dcp") / "step2")
+    run = {"name": "block", "optimizer": "adamw", "fsdp": True, "at_step": 2}
+    saved = [r[0] for r in run_distributed(WORKER, 4, timeout=800, runs=[dict(run, save=path)], tp=2, dp=2)]
+    on_two = [r[0] for r in run_distributed(WORKER, 2, timeout=600, runs=[dict(run, load=path)], dp=2)]
+    on_one = [r[0] for r in run_distributed(WORKER, 1, timeout=600, runs=[dict(run, load=path, fsdp=False)])]
+    return path, saved, on_two, on_one
+
+
+def test_dcp_checkpoint_of_4_ranks_resumes_on_2_and_on_1(dcp_runs):
+    _, saved, on_two, on_one = dcp_runs
+    check_against_single_process(saved, "block", "adamw")
+    want = without_key_bias(saved[0]["final"])
+    for run, label in ((on_two, "FSDP2 on 2 ranks"), (on_one, "1 rank")):
+        for r in run:
+            # The third step from the checkpoint (weights and AdamW moments, fused rows re-split for the new layout)
+            # ends where the uninterrupted run ends.
+            err, key = max_rel_error(r["at_checkpoint"], saved[0]["at_checkpoint"])
+            assert err == 0.0, f"loaded on {label}: {key} differs from the saved weights"
+            err, key = max_rel_error(without_key_bias(r["final"]), want)
+            assert err < TOLERANCE, f"resumed on {label}: {key} off by relative error {err:.2e}"
+            torch.testing.assert_close(r["losses"][-1], saved[0]["losses"][-1], rtol=TOLERANCE, atol=0)
+
+
+def test_dcp_checkpoint_consolidates_to_the_single_device_state_dict(dcp_runs, tmp_path):
+    from lightning_seqpar.fsdp import consolidate_checkpoint
+    from tests.tp_workers import BundledBlockViT
+
+    path, saved, _, _ = dcp_runs
+    state = torch.load(consolidate_checkpoint(path, tmp_path / "step2.pt"), weights_only=False)
+    assert sorted(state["model"]) == sorted(BundledBlockViT().state_dict())
+    assert sorted(state["optimizer"]["state"]) == sorted(n for n, _ in BundledBlockViT().named_parameters())
+    err, key = max_rel_error(state["model"], saved[0]["at_checkpoint"])
+    assert err == 0.0, f"consolidated {key} differs from the weights the 4 ranks saved"

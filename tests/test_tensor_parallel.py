@@ -1,0 +1,238 @@
+"""Tensor parallelism (lightning_seqpar.tensor_parallel) against single-process training, on the CPU with gloo.
+
+Unit tests: the fused-row permutation, the plan found for each block kind, the errors. Multi-process: tp 2 alone
+(the bundled timm-shaped Block with SGD and AdamW, torch nn.TransformerEncoder, the real Hugging Face ViT, the bundled
+ClimaX), tp 2 x dp 2 and tp 2 x sp 2 (the project's sequence parallelism on each tensor-parallel rank's heads), 4
+samples per step, 13 / 10 / 15 tokens (odd: sp shards are uneven). Each: parameters after 3 steps within relative
+error 1e-5 of single-process training (fp32), losses within 1e-5, the state dict in the single-device layout
+(fused qkv rows in their original order) before and after training, and a whole state dict loaded back into a freshly
+split model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.dist_utils import run_distributed
+from tests.tp_workers import train_single_process
+
+TOLERANCE = 1e-5
+
+
+def max_rel_error(got: dict, want: dict) -> tuple[float, str]:
+    """The contract's measure (tests/test_strategy_contract.py): per-tensor ||a - b|| / ||b||, and for tensors that
+    stay near zero (||b|| < 1e-3) the absolute difference, which must stay under 1e-7."""
+    worst, name = 0.0, ""
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        diff, scale = (got[key].double() - value.double()).norm().item(), value.double().norm().item()
+        err = diff / scale if scale >= 1e-3 else (0.0 if diff <= 1e-7 else float("inf"))
+        if err > worst:
+            worst, name = err, key
+    return worst, name
+
+
+def without_key_bias(state: dict) -> dict:
+    """The state with the key third of every fused qkv bias zeroed. Softmax ignores a constant added to all scores of
+    a query, so the key bias's true gradient is exactly 0 and what either run computes for it is rounding noise,
+    which Adam divides by its own square root into steps of size lr: the two runs' key biases then differ by O(lr)
+    whatever the parallelism. (SGD's steps stay O(noise); the contract compares those.)"""
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith(("qkv.bias", "in_proj_bias")):
+            width = value.shape[0] // 3
+            out[key] = torch.cat([value[:width], torch.zeros_like(value[width:2 * width]), value[2 * width:]])
+    return out
+
+
+def check_against_single_process(per_rank: list[dict], name: str, optimizer: str = "sgd", tolerance: float = TOLERANCE) -> float:
+    reference = train_single_process(name, optimizer)
+    if optimizer == "adamw":
+        reference["final"] = without_key_bias(reference["final"])
+        for r in per_rank:
+            r["final"] = without_key_bias(r["final"])
+            r["reloaded"] = without_key_bias(r["reloaded"]) if r.get("reloaded") is not None else None
+    worst = 0.0
+    for r in per_rank:
+        # The split model's state dict is the single-device one, exactly (fused rows back in their order).
+        err, key = max_rel_error(r["after_split"], reference["initial"])
+        assert err == 0.0, f"{name} rank {r['rank']}: state dict after the split differs at {key}"
+        err, key = max_rel_error(r["final"], reference["final"])
+        assert err < tolerance, f"{name} rank {r['rank']}: parameter {key} off by relative error {err:.2e}"
+        worst = max(worst, err)
+        moved, _ = max_rel_error(r["final"], reference["initial"])
+        assert moved > 1e-3, "training did not change the parameters"
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=tolerance, atol=0)
+        if r.get("reloaded") is not None:
+            err, key = max_rel_error(r["reloaded"], r["final"])
+            assert err == 0.0, f"{name}: a whole state dict loaded into a split model came back different at {key}"
+    print(f"{name} ({optimizer}): largest relative parameter error {worst:.2e}")
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unit tests: no process group.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_fused_row_permutation_gives_each_rank_its_heads_of_q_k_and_v():
+    from lightning_seqpar.tensor_parallel import fused_row_permutation
+
+    # D = 4 (q rows 0-3, k rows 4-7, v rows 8-11), tp = 2: rank 0 holds q0 q1 k4 k5 v8 v9.
+    perm = fused_row_permutation(12, 3, 2)
+    assert perm.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
+    assert torch.equal(perm[torch.argsort(perm)], torch.arange(12))
+    with pytest.raises(ValueError, match="cannot be split over tensor_parallel_size=4"):
+        fused_row_permutation(18, 3, 4)
+
+
+def _dinov2_swiglu_layer():
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+    return Dinov2Layer(Dinov2Config(hidden_size=32, num_attention_heads=4, use_swiglu_ffn=True))
+
+
+def _hf_layer():
+    from transformers import ViTConfig
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    return ViTLayer(ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64))
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda: __import__("lightning_seqpar.weather.models.layers", fromlist=["Block"]).Block(32, 4),
+         {"attn.qkv": "fused:3", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
+        (lambda: nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
+         {"self_attn": "multihead_attention", "linear1": "colwise", "linear2": "rowwise"}),
+        (_hf_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
+                     "attention.o_proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
+        (_dinov2_swiglu_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
+                                "attention.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                                "mlp.down_proj": "rowwise"}),
+    ],
+    ids=["bundled-block", "torch-encoder-layer", "hugging-face-vit", "hugging-face-dinov2-swiglu"],
+)
+def test_block_plan_per_kind(make, expected):
+    from lightning_seqpar.tensor_parallel import block_plan
+
+    _, plan = block_plan(make())
+    assert plan == expected
+
+
+def test_per_head_norms_are_split_over_the_head_dimension():
+    from lightning_seqpar.tensor_parallel import block_plan
+    from lightning_seqpar.weather.models.layers import Block
+
+    block = Block(32, 4)
+    block.attn.q_norm, block.attn.k_norm = nn.LayerNorm(8), nn.LayerNorm(8)  # timm qk_norm=True
+    assert block_plan(block)[1]["attn.q_norm"] == "head_norm:1"
+
+
+def test_unknown_block_and_whole_width_norm_are_refused():
+    from lightning_seqpar.tensor_parallel import (
+        TensorParallelError,
+        block_plan,
+        infer_tensor_parallel_plan,
+    )
+    from lightning_seqpar.weather.models.layers import Block
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer, self.ffn = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    with pytest.raises(TensorParallelError, match=r"blocks.0 \(Odd\) has no attention .* mixer, ffn\. Pass tp_plan"):
+        infer_tensor_parallel_plan(_Holder(Odd))
+    block = Block(32, 4)
+    block.attn.norm = nn.LayerNorm(32)  # timm scale_norm=True
+    with pytest.raises(TensorParallelError, match=r"attn.norm \(LayerNorm\) normalises over the whole width"):
+        block_plan(block)
+
+
+def test_attention_reshaping_to_the_input_width_fails_with_a_clear_error():
+    """tests.models.FusedQKVAttention ends with reshape(B, N, C), as older timm does: on a rank holding half of the
+    heads (what apply_tensor_parallel leaves: local num_heads, a qkv of 3 D / 2 rows) the error names the module."""
+    from lightning_seqpar.tensor_parallel import TensorParallelError, localize_heads
+    from lightning_seqpar.tensor_parallel.plan import _explain_width_errors
+    from tests.models import FusedQKVAttention
+
+    attention = FusedQKVAttention(32, 4)
+    attention.qkv = nn.Linear(32, 48)  # this rank's q, k and v of 2 heads
+    localize_heads(attention, 2)
+    assert attention.num_heads == 2
+    _explain_width_errors(attention, "blocks.0.attn", 2)
+    with pytest.raises(TensorParallelError, match=r"blocks.0.attn \(FusedQKVAttention\) failed under tensor parallelism.*reshape\(B, N, C\)"):
+        attention(torch.randn(2, 5, 32))
+
+
+class _Holder(nn.Module):
+    def __init__(self, cls):
+        super().__init__()
+        self.blocks = nn.ModuleList([cls(), cls()])
+
+
+@pytest.mark.parametrize("name,module", [("block", "blocks.0.attn"), ("torch_encoder", "encoder.layers.0.self_attn"),
+                                         ("hf_vit", "vit.layers.0.attention")])
+def test_heads_that_do_not_divide_by_tp_are_refused(name, module):
+    from lightning_seqpar.tensor_parallel import (
+        TensorParallelError,
+        check_heads,
+        infer_tensor_parallel_plan,
+    )
+    from tests.tp_workers import build
+
+    model = build(name)  # 4 heads of width 8
+    plan = infer_tensor_parallel_plan(model)
+    assert len(check_heads(model, plan, 2)) == 2  # one attention per block
+    with pytest.raises(TensorParallelError, match=rf"{module} \(\w+\) has \w+=4 heads, which do not divide by tensor_parallel_size=3"):
+        check_heads(model, plan, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-process: against single-process training.
+# ---------------------------------------------------------------------------------------------------------
+
+WORKER = "tests.tp_workers:parallel_worker"
+# One launch per layout, several models in it (process start-up dominates on a loaded 2-core machine).
+LAYOUTS = {
+    "tp2": (2, {"tp": 2}, [{"name": "block", "reload": True}, {"name": "block", "optimizer": "adamw"},
+                            {"name": "torch_encoder", "reload": True}, {"name": "hf_vit", "reload": True}, {"name": "climax"}]),
+    "tp2xdp2": (4, {"tp": 2, "dp": 2}, [{"name": "block"}, {"name": "hf_vit"}]),
+    # Heads split over tp first (4 -> 2 per rank), then the distributed attention over the sp ranks on those heads.
+    "tp2xsp2": (4, {"tp": 2, "sp": 2}, [{"name": "block"}, {"name": "torch_encoder", "attention": "lss"}, {"name": "hf_vit"}]),
+}
+CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
+
+
+def run_layout(layout: str) -> list[list[dict]]:
+    world, sizes, runs = LAYOUTS[layout]
+    return run_distributed(WORKER, world, timeout=800, runs=runs, **sizes)
+
+
+@pytest.fixture(scope="module")
+def layout_runs():
+    cache: dict[str, list] = {}
+
+    def get(layout):
+        if layout not in cache:
+            cache[layout] = run_layout(layout)
+        return cache[layout]
+
+    return get
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout,index", CASES, ids=[f"{l}-{LAYOUTS[l][2][i]['name']}-{LAYOUTS[l][2][i].get('optimizer', 'sgd')}" for l, i in CASES])
+def test_equals_single_process(layout_runs, layout, index):
+    per_rank = [ranks[index] for ranks in layout_runs(layout)]
+    run = LAYOUTS[layout][2][index]
+    if LAYOUTS[layout][1].get("tp") == 2:
+        heads = per_rank[0]["local_heads"]
+        assert heads and all(h == 2 for h in heads[-2:]), heads  # 4 heads / tp 2 in the split blocks
+    check_against_single_process(per_rank, run["name"], run.get("optimizer", "sgd"))
