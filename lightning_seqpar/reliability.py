@@ -1,4 +1,4 @@
-"""Guards that keep a long run consistent across ranks: one decision on non-finite steps, and the topology a checkpoint was written with.
+"""One decision on non-finite steps across all ranks, so that a NaN on one rank cannot make the ranks diverge.
 
 A NaN on one rank must not make that rank skip a step the others take: the ranks of a run would then hold
 different weights from that step on, silently. :func:`nonfinite_step_guard` agrees on one flag over the
@@ -90,28 +90,3 @@ def nonfinite_step_guard(
         return None
 
     return guarded
-
-
-def topology_record(**settings: Any) -> dict[str, Any]:
-    """What a checkpoint stores about the run that wrote it (sizes and attention)."""
-    return dict(settings)
-
-
-def check_topology(saved: dict[str, Any] | None, current: dict[str, Any], *, strict_keys: Iterable[str] = ()) -> list[str]:
-    """Compare the topology a checkpoint was written with to this run's.
-
-    Returns human-readable differences. Raises ``ValueError`` when one of ``strict_keys`` differs (a setting the
-    checkpoint's layout depends on, such as ZeRO partitions), saying what to do.
-    """
-    if not saved:
-        return []
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in current.items() if saved.get(key) != value]
-    strict = [d for d in differences if d.split(":")[0] in set(strict_keys)]
-    if strict:
-        raise ValueError(
-            "this checkpoint was written with a different parallel layout that its state depends on ("
-            + "; ".join(strict)
-            + "). Resume with the same settings, or consolidate the checkpoint into one fp32 state dict first"
-            " (docs/troubleshooting.md)."
-        )
-    return differences

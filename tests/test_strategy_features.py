@@ -153,7 +153,8 @@ def test_trainer_level_errors(features):
     errors = features[0]["errors"]
     assert "TopologyError" in errors["sp_not_dividing_world"] and "world_size=2 is not divisible" in errors["sp_not_dividing_world"]
     assert errors["backend_unavailable"].startswith("BackendUnavailableError")
-    assert "flash-attn is not installed" in errors["backend_unavailable"]
+    assert "attention_backend='flash_attn'" in errors["backend_unavailable"]
+    assert "flash-attn package is not installed" in errors["backend_unavailable"]
 
 
 def test_strategy_argument_errors():
