@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import Self, override
 
-from lightning_seqpar import checks
 from lightning_seqpar import deepspeed_engine as ds
+from lightning_seqpar import reliability
 from lightning_seqpar.attention.local import (
     BACKENDS,
     AttentionBackend,
@@ -361,7 +361,7 @@ class SeqParStrategy(DataParallelReductions):
             stage = self.lightning_module.trainer.state.stage if self.lightning_module is not None else None
             dataloader = data.key_dataloader(dataloader, self.topology, stage, self._data_seed)
         if self.topology is not None:
-            checks.check_loader_lengths(dataloader, self.topology, self.root_device)
+            reliability.check_loader_lengths(dataloader, self.topology, self.root_device)
         return dataloader
 
     @override

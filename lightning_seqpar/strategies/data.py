@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
 
-from lightning_seqpar import checks, sampling
+from lightning_seqpar import reliability, sampling
 from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
 from lightning_seqpar.topology import Topology
 
@@ -112,4 +112,4 @@ class BatchChecks:
         key = (str(trainer.state.stage), dataloader_idx, trainer.current_epoch)
         if key not in self._checked:
             self._checked.add(key)
-            checks.check_same_batch(batch, topology, f"{trainer.state.stage} dataloader {dataloader_idx}", device)
+            reliability.check_same_batch(batch, topology, f"{trainer.state.stage} dataloader {dataloader_idx}", device)
