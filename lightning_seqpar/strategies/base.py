@@ -270,7 +270,8 @@ class SeqParStrategy(DataParallelReductions):
             # non-overlapping shard per data-parallel rank (Lightning's own would repeat samples, or fail with fewer
             # samples than ranks).
             return {"num_replicas": 1, "rank": 0}
-        return {"num_replicas": self.topology.dp, "rank": self.topology.dp_rank}
+        data_parallel_mesh = self.device_mesh["dp"]  # as Lightning's ModelParallelStrategy
+        return {"num_replicas": data_parallel_mesh.size(), "rank": data_parallel_mesh.get_local_rank()}
 
     # --- the model -------------------------------------------------------------------------------------
 
