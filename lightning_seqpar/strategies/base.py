@@ -21,6 +21,8 @@ else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all three are 
 
 from __future__ import annotations
 
+import inspect
+from abc import ABCMeta
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -30,7 +32,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import reliability
@@ -63,7 +65,17 @@ from lightning_seqpar.topology import ParallelDims, Topology
 SequenceParallelAttention = Literal["auto", "ulysses", "lss", "ring", "hybrid"]
 
 
-class SeqParStrategy(DataParallelReductions):
+class _SelectsEngine(ABCMeta):
+    """``SeqParStrategy(...)`` builds the engine class :func:`~lightning_seqpar.strategies.registry.engine_class` picks
+    (a metaclass rather than ``__new__``, so LightningCLI / jsonargparse read the arguments of ``__init__``)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is SeqParStrategy:
+            cls = engine_class(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
     """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
 
     Constructing ``SeqParStrategy(...)`` returns the engine class the arguments select (module docstring).
@@ -125,10 +137,6 @@ class SeqParStrategy(DataParallelReductions):
     strategy_name = "seqpar"
     uses_deepspeed = False
     """True for the DeepSpeed engines (ZeRO and pipeline)."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        engine = engine_class(*args, **kwargs) if cls is SeqParStrategy else cls
-        return super().__new__(engine)
 
     def __init__(
         self,
@@ -404,3 +412,9 @@ class SeqParStrategy(DataParallelReductions):
         from lightning_seqpar.strategies.registry import register_strategies
 
         register_strategies(strategy_registry)
+
+
+# inspect.signature(SeqParStrategy) would otherwise report the metaclass's (*args, **kwargs).
+SeqParStrategy.__signature__ = inspect.signature(SeqParStrategy.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(SeqParStrategy.__init__).parameters.values())[1:]
+)
