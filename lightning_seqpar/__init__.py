@@ -8,16 +8,40 @@ so ``Trainer(strategy="seqpar")`` works.
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_seqpar.adapters import UnsupportedAttentionError
-from lightning_seqpar.deepspeed_engine import DeepSpeedConfigError, consolidate_checkpoint
-from lightning_seqpar.parallelize import AppliedPlan, NoDistributedAttentionError, apply_sequence_parallel
+from lightning_seqpar.deepspeed_engine import (
+    DeepSpeedConfigError,
+    consolidate_checkpoint,
+)
+from lightning_seqpar.parallelize import (
+    AppliedPlan,
+    NoDistributedAttentionError,
+    apply_sequence_parallel,
+)
 from lightning_seqpar.pipeline import PipelineError
-from lightning_seqpar.plan import PlanError, SequenceParallelPlan, infer_plan, register_attention
-from lightning_seqpar.strategy import SeqParStrategy
-from lightning_seqpar.topology import DeepSpeedMPU, ParallelDims, Topology, TopologyError
+from lightning_seqpar.plan import (
+    PlanError,
+    SequenceParallelPlan,
+    infer_plan,
+    register_attention,
+)
+from lightning_seqpar.strategies import (
+    SeqParDDPStrategy,
+    SeqParDeepSpeedStrategy,
+    SeqParPipelineStrategy,
+    SeqParStrategy,
+    register_strategies,
+)
+from lightning_seqpar.topology import (
+    DeepSpeedMPU,
+    ParallelDims,
+    Topology,
+    TopologyError,
+    build_hybrid_groups,
+)
 
 __version__ = "0.1.0"
 
-SeqParStrategy.register_strategies(StrategyRegistry)
+register_strategies(StrategyRegistry)
 
 __all__ = [
     "AppliedPlan",
@@ -27,6 +51,9 @@ __all__ = [
     "ParallelDims",
     "PipelineError",
     "PlanError",
+    "SeqParDDPStrategy",
+    "SeqParDeepSpeedStrategy",
+    "SeqParPipelineStrategy",
     "SeqParStrategy",
     "SequenceParallelPlan",
     "Topology",
@@ -34,6 +61,7 @@ __all__ = [
     "UnsupportedAttentionError",
     "__version__",
     "apply_sequence_parallel",
+    "build_hybrid_groups",
     "consolidate_checkpoint",
     "infer_plan",
     "register_attention",

@@ -40,10 +40,14 @@ def split_sizes(total: int, parts: int) -> list[int]:
 
 
 def group_size(group: ProcessGroup | None) -> int:
+    """Number of ranks in ``group`` (``None``: the default group); 1 when ``torch.distributed`` is not initialised,
+    so the collectives here run unchanged in one process; -1 (torch's convention) when this rank is not in ``group``."""
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def group_rank(group: ProcessGroup | None) -> int:
+    """This process's rank within ``group`` (``None``: the default group), in ``[0, group_size(group))``; 0 when
+    ``torch.distributed`` is not initialised. ``-1`` (torch's convention) when this rank is not in ``group``."""
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 

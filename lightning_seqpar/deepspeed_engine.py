@@ -185,8 +185,18 @@ def write_layout(directory: str | os.PathLike, layout: Mapping[str, Any]) -> Non
 
 
 def read_layout(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The layout :func:`write_layout` recorded in ``directory`` (None for a file, or a directory without one)."""
     path = Path(directory) / LAYOUT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def layout_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+    """The settings in which a checkpoint's recorded layout (``checkpoint["seqpar"]`` or :func:`read_layout`) differs
+    from this run's, one ``"key: checkpoint X, now Y"`` line each, over ``keys`` (default: every key of ``current``).
+    Empty when nothing differs or nothing was recorded."""
+    if not saved:
+        return []
+    return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in (keys or current) if saved.get(key) != current.get(key)]
 
 
 def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, load_universal: bool) -> bool:
@@ -199,11 +209,10 @@ def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] |
         DeepSpeedConfigError: for a layout that cannot be converted (pipeline stages changed or used on either side,
             or ZeRO stage 0 on either side), with the command that turns the checkpoint into fp32 weights to start from.
     """
-    if not saved or load_universal:
-        return False
     keys = ("pipeline_parallel_size", "zero_stage", "sequence_data_parallel_size")
-    if all(saved.get(k) == current.get(k) for k in keys):
+    if load_universal or not layout_differences(saved, current, keys):
         return False
+    assert saved is not None
     pipelines = saved.get("pipeline_parallel_size", 1) != 1 or current.get("pipeline_parallel_size", 1) != 1
     if pipelines or not saved.get("zero_stage") or not current.get("zero_stage"):
         written = ", ".join(f"{k}={saved.get(k)}" for k in keys)

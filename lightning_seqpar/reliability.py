@@ -1,19 +1,31 @@
-"""Guards that keep a long run consistent across ranks: one decision on non-finite steps, and the topology a checkpoint was written with.
+"""Guards that keep the ranks of a run consistent: one decision on non-finite steps, and the same data on the ranks that
+share a sample.
 
 A NaN on one rank must not make that rank skip a step the others take: the ranks of a run would then hold
 different weights from that step on, silently. :func:`nonfinite_step_guard` agrees on one flag over the
 whole world (one all-reduce of a single number per step) before anyone acts on it.
+
+Every rank of a sequence-parallel (SP) group holds a slice of the same sample, and every pipeline stage of a
+replica the same micro-batches. If their loaders disagree (a sampler keyed to the global rank, a per-rank
+dataset, a ``drop_last`` on one rank) training silently mixes tokens of different samples in one attention, and
+evaluation hangs until the collective timeout. :func:`check_loader_lengths` and :func:`check_same_batch` turn both
+into an error that names the ranks: one all-gather of one number per loader at setup, and one of two numbers for
+the first batch of each loader per epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_seqpar.sampling import SamplerLayoutError
+from lightning_seqpar.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +104,91 @@ def nonfinite_step_guard(
     return guarded
 
 
-def topology_record(**settings: Any) -> dict[str, Any]:
-    """What a checkpoint stores about the run that wrote it (sizes and attention)."""
-    return dict(settings)
+# --- the same data on the ranks that share a sample ---------------------------------------------------------
 
 
-def check_topology(saved: dict[str, Any] | None, current: dict[str, Any], *, strict_keys: Iterable[str] = ()) -> list[str]:
-    """Compare the topology a checkpoint was written with to this run's.
+def _groups(topology: Topology) -> list[tuple[str, Any]]:
+    """The groups whose ranks must agree: the SP group, and with pipelines the stages of this replica."""
+    groups = []
+    if topology.sp > 1:
+        groups.append(("sequence-parallel", topology.sequence_group))
+    if topology.pp > 1:
+        groups.append(("pipeline", topology.pipeline_group))
+    return groups
 
-    Returns human-readable differences. Raises ``ValueError`` when one of ``strict_keys`` differs (a setting the
-    checkpoint's layout depends on, such as ZeRO partitions), saying what to do.
-    """
-    if not saved:
-        return []
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in current.items() if saved.get(key) != value]
-    strict = [d for d in differences if d.split(":")[0] in set(strict_keys)]
-    if strict:
-        raise ValueError(
-            "this checkpoint was written with a different parallel layout that its state depends on ("
-            + "; ".join(strict)
-            + "). Resume with the same settings, or consolidate the checkpoint into one fp32 state dict first"
-            " (docs/troubleshooting.md)."
-        )
-    return differences
+
+def _gather(value: Tensor, group: Any) -> list[Tensor]:
+    values = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(values, value.contiguous(), group=group)
+    return values
+
+
+def _disagreement(values: list[Tensor], group: Any) -> str | None:
+    if all(torch.equal(values[0], v) for v in values[1:]):
+        return None
+    ranks = dist.get_process_group_ranks(group)
+    return ", ".join(f"global rank {rank}: {v.tolist()}" for rank, v in zip(ranks, values))
+
+
+def check_loader_lengths(loader: Any, topology: Topology, device: torch.device) -> None:
+    """Raise :class:`~lightning_seqpar.sampling.SamplerLayoutError` if the ranks of an SP group (or pipeline) have
+    loaders of different lengths (collective over those groups; -1 stands for a loader without a length)."""
+    try:
+        length = len(loader)
+    except TypeError:
+        length = -1
+    for name, group in _groups(topology):
+        values = _gather(torch.tensor([length], dtype=torch.int64, device=device), group)
+        differing = _disagreement(values, group)
+        if differing:
+            raise SamplerLayoutError(
+                f"the ranks of one {name} group have DataLoaders of different lengths ({differing}); they share every"
+                " sample, so they must load the same batches. Key samplers to the data-parallel rank"
+                " (trainer.strategy.distributed_sampler_kwargs), not to the global rank, and give every rank the same"
+                " dataset."
+            )
+
+
+def batch_checksum(batch: Any) -> Tensor:
+    """Two float64 numbers that change when any value, order or shape in ``batch`` does: the sum of every tensor
+    weighted by position (so a permutation shows), and a CRC of the shapes, dtypes and non-tensor leaves."""
+    total = torch.zeros((), dtype=torch.float64)
+    layout = 0
+
+    def visit(x: Any) -> None:
+        nonlocal total, layout
+        if isinstance(x, Tensor):
+            flat = torch.nan_to_num(x.detach().reshape(-1).double().cpu(), nan=0.0, posinf=1.0, neginf=-1.0)
+            weights = torch.arange(flat.numel(), dtype=torch.float64) % 1021 + 1
+            total = total + (flat * weights).sum()
+            layout = zlib.crc32(f"{tuple(x.shape)}{x.dtype}".encode(), layout)
+        elif isinstance(x, dict):
+            for key in sorted(x, key=str):
+                layout = zlib.crc32(str(key).encode(), layout)
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item)
+        else:
+            layout = zlib.crc32(repr(x).encode(), layout)
+
+    visit(batch)
+    return torch.stack([total, torch.tensor(float(layout), dtype=torch.float64)])
+
+
+def check_same_batch(batch: Any, topology: Topology, what: str, device: torch.device) -> None:
+    """Raise :class:`~lightning_seqpar.sampling.SamplerLayoutError` if the ranks of an SP group (or pipeline) hold
+    different batches (collective over those groups)."""
+    groups = _groups(topology)
+    if not groups:
+        return
+    checksum = batch_checksum(batch).to(device)
+    for name, group in groups:
+        differing = _disagreement(_gather(checksum, group), group)
+        if differing:
+            raise SamplerLayoutError(
+                f"the ranks of one {name} group received different batches from the {what} (checksums: {differing}). They"
+                " share every sample, so their loaders must yield the same batches: key samplers to the data-parallel"
+                " rank (trainer.strategy.distributed_sampler_kwargs), not the global rank, and seed any randomness in"
+                " the dataset identically on these ranks."
+            )

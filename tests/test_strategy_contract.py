@@ -46,6 +46,11 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
         """The torchmetrics total, synced while the module is still on its device (after fit it is on the CPU,
         which an NCCL group cannot reduce)."""
 
+        def on_train_start(self, trainer, pl_module):
+            mesh = pl_module.device_mesh  # what the LightningModule sees, as under ModelParallelStrategy
+            self.mesh = (mesh.mesh_dim_names, tuple(mesh.shape), mesh is trainer.strategy.device_mesh,
+                         mesh.get_group("sp") is trainer.strategy.topology.sequence_group)
+
         def on_train_end(self, trainer, pl_module):
             self.value = pl_module.samples.compute().item()
 
@@ -84,6 +89,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             "samples_logged": trainer.callback_metrics["samples_in_step"].item(),
             "samples_metric": counted.value,
             "topology": (trainer.strategy.topology.dp_rank, trainer.strategy.topology.sp_rank),
+            "device_mesh": counted.mesh,
             "plan": str(trainer.strategy.applied_plan.plan) if trainer.strategy.applied_plan else None,
             "plain_after_teardown": "forward" not in module.model.blocks[0].__dict__
             if hasattr(module.model, "blocks")
@@ -134,6 +140,8 @@ def check_contract(per_rank: list[dict], world: int, sp: int, configs: list, tol
         dataset = build_dataset(config[0])
         ranks = [r[config] for r in per_rank]
         assert [r["topology"] for r in ranks] == [(rank // sp, rank % sp) for rank in range(world)]
+        # The LightningModule sees the strategy's mesh (names, shape), whose sp group is the one attention uses.
+        assert all(r["device_mesh"] == (("pp", "dp", "sp", "tp"), (1, dp, sp, 1), True, True) for r in ranks), config
         # Every rank of an SP group saw the same samples; different DP ranks saw different ones.
         for d in range(dp):
             group = ranks[d * sp : (d + 1) * sp]

@@ -170,7 +170,8 @@ def test_trainer_level_errors(features):
         and "world_size=2 is not divisible" in errors["sp_not_dividing_world"]
     )
     assert errors["backend_unavailable"].startswith("BackendUnavailableError")
-    assert "flash-attn is not installed" in errors["backend_unavailable"]
+    assert "attention_backend='flash_attn'" in errors["backend_unavailable"]
+    assert "flash-attn package is not installed" in errors["backend_unavailable"]
 
 
 def test_strategy_argument_errors():
@@ -217,3 +218,36 @@ def test_torchrun_launch(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final train_loss" in proc.stdout
     assert "encoder.layers.0.self_attn  attention" in proc.stdout
+
+
+def test_strategy_builds_one_class_per_engine():
+    """``SeqParStrategy(...)`` and every registered name build the engine class their arguments select; all are
+    ``SeqParStrategy`` instances, and an engine class refuses another engine's arguments."""
+    import inspect
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_seqpar import (
+        SeqParDDPStrategy,
+        SeqParDeepSpeedStrategy,
+        SeqParPipelineStrategy,
+        SeqParStrategy,
+    )
+    from lightning_seqpar.strategies import STRATEGY_NAMES
+
+    assert type(SeqParStrategy()) is SeqParDDPStrategy
+    assert type(SeqParStrategy(2, "ulysses")) is SeqParDDPStrategy  # positional arguments still bind
+    assert type(SeqParStrategy(zero_stage=1)) is SeqParDeepSpeedStrategy
+    assert type(SeqParStrategy(deepspeed_config={"zero_optimization": {"stage": 0}})) is SeqParDeepSpeedStrategy
+    assert type(SeqParStrategy(pipeline_stages=2, micro_batches=2)) is SeqParPipelineStrategy
+    expected = {"seqpar_zero1": SeqParDeepSpeedStrategy, "seqpar_zero2": SeqParDeepSpeedStrategy,
+                "seqpar_zero3": SeqParDeepSpeedStrategy, "seqpar_zero3_offload": SeqParDeepSpeedStrategy}
+    for name in STRATEGY_NAMES:
+        strategy = StrategyRegistry.get(name)
+        assert type(strategy) is expected.get(name, SeqParDDPStrategy), name
+        assert isinstance(strategy, SeqParStrategy)
+    assert "zero_stage" in inspect.signature(SeqParStrategy).parameters  # what LightningCLI reads
+    with pytest.raises(ValueError, match=r"SeqParDDPStrategy is the DDP engine; zero_stage=1"):
+        SeqParDDPStrategy(zero_stage=1)
+    with pytest.raises(RuntimeError, match="device mesh before processes have initialized"):
+        _ = SeqParStrategy().device_mesh

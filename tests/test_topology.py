@@ -1,4 +1,4 @@
-"""ParallelDims validation and rank layout (no process group), and Topology's groups across 4 gloo processes."""
+"""ParallelDims validation and rank layout (no process group), and Topology's DeviceMesh and groups across 4 and 8 gloo processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.topology import ParallelDims, Topology, TopologyError
+from lightning_seqpar.topology import (
+    ParallelDims,
+    Topology,
+    TopologyError,
+    hybrid_rank_grid,
+)
 from tests.dist_utils import init_gloo, run_distributed
 
 
@@ -57,6 +62,19 @@ def test_layout_sp_innermost_then_dp_then_pp():
     assert dims.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     for rank in range(8):
         assert dims.rank_of(*dims.coordinates(rank)) == rank
+
+
+def test_tensor_parallel_size_is_innermost_and_validated():
+    dims = ParallelDims(world_size=8, sequence_parallel_size=2, tensor_parallel_size=2)  # dp = 2
+    assert dims.mesh_shape == (1, 2, 2, 2)
+    assert dims.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.sequence_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.data_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [dims.rank_of(*dims.coordinates(r), tp_rank=r % 2) for r in range(8)] == list(range(8))
+    with pytest.raises(TopologyError, match=r"tensor_parallel_size must be a positive integer"):
+        ParallelDims(world_size=4, tensor_parallel_size=0)
+    with pytest.raises(TopologyError, match=r"2 \* 1 \* 2 \* 2 = 8 != world_size=4 .*tensor_parallel_size=2"):
+        ParallelDims(world_size=4, sequence_parallel_size=2, data_parallel_size=2, tensor_parallel_size=2)
 
 
 def test_topology_needs_initialised_process_group():
@@ -111,3 +129,84 @@ def test_groups_across_four_processes():
         # DeepSpeed's data parallelism is the sequence-data group; no sequence methods (docs/sharding.md).
         assert r["mpu"] == (4, rank, 4, [0, 1, 2, 3], 1, 1, False)
         assert f"rank {rank} -> (pp 0, dp {rank // 2}, sp {rank % 2})" in r["describe"]
+
+
+def _members(group, world: int) -> list[int]:
+    """The global ranks of ``group``, found by a collective (not read from the group object)."""
+    t = torch.zeros(world)
+    t[dist.get_rank()] = 1
+    dist.all_reduce(t, group=group)
+    return [i for i in range(world) if t[i] > 0]
+
+
+def _mine(groups: list[list[int]], rank: int) -> list[int]:
+    return next(g for g in groups if rank in g)
+
+
+def mesh_worker(sp: int, pp: int, ulysses_degree: int) -> dict:
+    import datetime
+
+    init_gloo()
+    world = dist.get_world_size()
+    topology = Topology(ParallelDims(world_size=world, sequence_parallel_size=sp, pipeline_parallel_size=pp),
+                        timeout=datetime.timedelta(seconds=47))
+    mesh = topology.mesh
+    ulysses, ring = topology.hybrid_groups(ulysses_degree)
+    hybrid = topology.hybrid_mesh(ulysses_degree)
+    return {
+        "device_type": mesh.device_type,
+        "names": mesh.mesh_dim_names,
+        "shape": tuple(mesh.shape),
+        "hybrid_names": hybrid.mesh_dim_names,
+        "coords": (topology.pp_rank, topology.dp_rank, topology.sp_rank, topology.tp_rank),
+        "groups": {
+            "sp": _members(topology.sequence_group, world),
+            "dp": _members(topology.data_group, world),
+            "dp_sp": _members(topology.sequence_data_group, world),
+            "pp": _members(topology.pipeline_group, world),
+            "tp": _members(topology.tensor_group, world),
+            "ulysses": _members(ulysses, world),
+            "ring": _members(ring, world),
+        },
+        "same_objects": (mesh.get_group("sp") is topology.sequence_group, topology.dp_sp_mesh.get_group() is topology.sequence_data_group),
+        "cached": topology.hybrid_groups(ulysses_degree) == (ulysses, ring),
+        "timeout": topology.sequence_data_group._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
+        "ring_timeout": ring._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world, sp, pp, ulysses_degree", [(8, 2, 2, 1), (4, 4, 1, 2), (8, 4, 2, 2)])
+def test_mesh_groups_follow_the_layout_formula(world, sp, pp, ulysses_degree):
+    """Every group of the mesh (sp, dp, dp_sp, pp, tp, and ring x ulysses for hybrid) holds the ranks the documented
+    formula gives, checked by a collective over each group."""
+    results = run_distributed("tests.test_topology:mesh_worker", world, timeout=280, sp=sp, pp=pp, ulysses_degree=ulysses_degree)
+    dims = ParallelDims(world_size=world, sequence_parallel_size=sp, pipeline_parallel_size=pp)
+    for rank, r in enumerate(results):
+        assert r["device_type"] == "cpu"
+        assert r["names"] == ("pp", "dp", "sp", "tp") and r["shape"] == (pp, dims.dp, sp, 1)
+        assert r["hybrid_names"] == ("pp", "dp", "ring", "ulysses", "tp")
+        assert r["coords"] == (*dims.coordinates(rank), 0)
+        sequence = _mine(dims.sequence_groups(), rank)
+        assert sequence == [dims.rank_of(*dims.coordinates(rank)[:2], s) for s in range(sp)]
+        ulysses_groups, ring_groups = hybrid_rank_grid(sequence, ulysses_degree)
+        assert r["groups"] == {
+            "sp": sequence,
+            "dp": _mine(dims.data_groups(), rank),
+            "dp_sp": _mine(dims.sequence_data_groups(), rank),
+            "pp": _mine(dims.pipeline_groups(), rank),
+            "tp": [rank],
+            "ulysses": _mine(ulysses_groups, rank),
+            "ring": _mine(ring_groups, rank),
+        }
+        assert r["same_objects"] == (True, True) and r["cached"]
+        assert r["timeout"] == 47 and r["ring_timeout"] == 47  # the strategy's timeout reaches every group
+
+
+def test_hybrid_degree_must_divide_sp():
+    class Fake:
+        sp = 4
+
+    with pytest.raises(TopologyError, match=r"ulysses_degree=3 does not divide sequence_parallel_size=4"):
+        Topology.hybrid_mesh(Fake(), 3)  # type: ignore[arg-type]

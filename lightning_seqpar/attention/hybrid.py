@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
@@ -33,55 +32,7 @@ from lightning_seqpar.comm import (
     resolve_layout,
     sequence_to_head_shards,
 )
-
-
-def hybrid_rank_grid(sequence_ranks: Sequence[int], ulysses_degree: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The Ulysses groups (consecutive ranks) and ring groups (one rank of each Ulysses group) of one SP group.
-
-    >>> hybrid_rank_grid([0, 1, 2, 3, 4, 5], 2)
-    ([[0, 1], [2, 3], [4, 5]], [[0, 2, 4], [1, 3, 5]])
-    """
-    ranks = sorted(int(r) for r in sequence_ranks)
-    if not ranks:
-        raise ValueError("build_hybrid_groups needs at least one sequence-parallel rank, got an empty list.")
-    if len(set(ranks)) != len(ranks):
-        raise ValueError(f"sequence_ranks {list(sequence_ranks)} contains a rank more than once.")
-    if ulysses_degree < 1 or len(ranks) % ulysses_degree:
-        raise ValueError(
-            f"ulysses_degree={ulysses_degree} must be a positive divisor of the sequence-parallel size"
-            f" {len(ranks)}; the group is split into ulysses_degree x ring_degree ranks."
-        )
-    ring_degree = len(ranks) // ulysses_degree
-    ulysses = [ranks[i * ulysses_degree : (i + 1) * ulysses_degree] for i in range(ring_degree)]
-    ring = [ranks[j::ulysses_degree] for j in range(ulysses_degree)]
-    return ulysses, ring
-
-
-def build_hybrid_groups(
-    sequence_ranks: Sequence[int], ulysses_degree: int, **new_group_kwargs
-) -> tuple[ProcessGroup | None, ProcessGroup | None]:
-    """Create the Ulysses and ring sub-groups of one SP group; return the two that contain this rank.
-
-    Every rank of the default group must call this, for every SP group, in the same order (group creation
-    is collective); ranks outside ``sequence_ranks`` get ``(None, None)``.
-
-    Args:
-        sequence_ranks: Global ranks of one sequence-parallel group (sorted: SP rank order is rank order).
-        ulysses_degree: Ranks per Ulysses group u (innermost, consecutive); the ring degree is P / u.
-        new_group_kwargs: Passed to every ``torch.distributed.new_group`` (``backend``, ``timeout``, ...).
-
-    Raises:
-        ValueError: ``ulysses_degree`` does not divide the SP size, or the ranks are empty or repeated.
-    """
-    ulysses_ranks, ring_ranks = hybrid_rank_grid(sequence_ranks, ulysses_degree)
-    me = dist.get_rank()
-    mine: dict[str, ProcessGroup | None] = {"ulysses": None, "ring": None}
-    for kind, grid in (("ulysses", ulysses_ranks), ("ring", ring_ranks)):
-        for ranks in grid:
-            group = dist.new_group(ranks, **new_group_kwargs)
-            if me in ranks:
-                mine[kind] = group
-    return mine["ulysses"], mine["ring"]
+from lightning_seqpar.topology import build_hybrid_groups, hybrid_rank_grid  # noqa: F401 (moved to topology)
 
 
 def check_hybrid_heads(num_heads: int, ulysses_degree: int) -> None:

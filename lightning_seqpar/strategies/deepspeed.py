@@ -1,9 +1,5 @@
-"""The DeepSpeed half of SeqParStrategy: settings, engine creation from the Trainer, its optimizer step, sharded checkpoints.
-
-:class:`~lightning_seqpar.strategy.SeqParStrategy` inherits these helpers and calls them from its Lightning hooks
-when ``zero_stage > 0``, ``pipeline_stages > 1`` or a ``deepspeed_config`` is given (``self.uses_deepspeed``); the
-hooks themselves stay in strategy.py, so the DDP path reads in one place. See docs/sharding.md.
-"""
+"""The DeepSpeed ZeRO engine of SeqParStrategy: the engine from the Trainer's settings on the mesh's ``dp_sp`` ranks,
+its optimizer step, and sharded checkpoints (see docs/sharding.md)."""
 
 from __future__ import annotations
 
@@ -19,22 +15,36 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import pipeline, pipeline_stages, relayout
+from lightning_seqpar import relayout
 from lightning_seqpar.reliability import nonfinite_step_guard
+from lightning_seqpar.strategies.base import SeqParStrategy
+from lightning_seqpar.strategies.registry import check_pipeline_arguments
 
 
-class DeepSpeedEngineMixin:
-    """DeepSpeed helpers of :class:`~lightning_seqpar.strategy.SeqParStrategy` (mixed into it; not a strategy alone)."""
+class SeqParDeepSpeedStrategy(SeqParStrategy):
+    """Sequence parallelism with a DeepSpeed ZeRO engine over the ``dp_sp`` ranks (DeepSpeed's mpu is the mesh's).
 
-    def _init_deepspeed_settings(self, zero_stage, offload_optimizer, offload_parameters, pipeline_stages, micro_batches, deepspeed_config) -> None:
-        if not isinstance(pipeline_stages, int) or pipeline_stages < 1:
-            raise ValueError(f"SeqParStrategy: pipeline_stages must be a positive integer, got {pipeline_stages!r}.")
-        if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
-            raise ValueError(f"SeqParStrategy: micro_batches must be a positive integer, got {micro_batches!r}.")
-        if micro_batches is not None and pipeline_stages == 1:
-            raise ValueError("SeqParStrategy: micro_batches is for pipeline_stages > 1; use Trainer(accumulate_grad_batches=...) otherwise.")
+    Takes :class:`SeqParStrategy`'s arguments; ``SeqParStrategy(zero_stage=...)`` or ``SeqParStrategy(deepspeed_config=...)``
+    builds this class. ZeRO partitions over the flattened ``dp_sp`` mesh dimension
+    (:class:`~lightning_seqpar.topology.DeepSpeedMPU`); Lightning owns the accumulation schedule and tells the engine
+    each boundary. Checkpoints are DeepSpeed directories, re-laid out at load for another ``dp * sp`` or ZeRO stage.
+
+    Raises:
+        ValueError: ``pipeline_stages > 1`` with ZeRO 2/3, ``on_nonfinite="skip"`` (the engine has already accumulated
+            the gradients), or an invalid ``pipeline_stages`` / ``micro_batches``.
+        DeepSpeedConfigError: a ZeRO / offload / config combination DeepSpeed cannot run.
+    """
+
+    uses_deepspeed = True
+
+    @override
+    def _init_engine(self, *, zero_stage: Any, offload_optimizer: bool, offload_parameters: bool, pipeline_stages: Any,
+                     micro_batches: Any, deepspeed_config: Any) -> None:
+        name = type(self).__name__
+        check_pipeline_arguments(name, pipeline_stages, micro_batches)
         self.deepspeed_config = ds.load_user_config(deepspeed_config)
         # Validates the combination now (the Trainer-derived keys are filled in at setup).
         merged = ds.build_config(
@@ -44,27 +54,29 @@ class DeepSpeedEngineMixin:
         self.zero_stage = int(merged["zero_optimization"].get("stage", 0))
         if pipeline_stages > 1 and self.zero_stage >= 2:
             raise ValueError(
-                f"SeqParStrategy: zero_stage={self.zero_stage} cannot be combined with pipeline_stages={pipeline_stages}:"
+                f"{name}: zero_stage={self.zero_stage} cannot be combined with pipeline_stages={pipeline_stages}:"
                 " DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (ZeRO-2/3 partition the gradients and"
                 " parameters its stages exchange). Use zero_stage=1, or pipeline_stages=1 with ZeRO-3."
             )
         self.offload_optimizer, self.offload_parameters = offload_optimizer, offload_parameters
         self.pipeline_stages, self.micro_batches = pipeline_stages, micro_batches
-        self.uses_deepspeed = zero_stage != 0 or pipeline_stages > 1 or deepspeed_config is not None
-        if self.uses_deepspeed and self.on_nonfinite == "skip":
+        if self.on_nonfinite == "skip":
             raise ValueError(
-                "SeqParStrategy: on_nonfinite='skip' is not available with DeepSpeed (zero_stage, pipeline_stages or"
+                f"{name}: on_nonfinite='skip' is not available with DeepSpeed (zero_stage, pipeline_stages or"
                 " deepspeed_config): its engine has already accumulated the gradients. Use 'raise' or 'stop'."
             )
 
-    # --- the engine ---------------------------------------------------------------------------------------
-
     @property
     def deepspeed_engine(self) -> Any:
-        """The DeepSpeed engine (``PipelineEngine`` with pipelines) while fitting with DeepSpeed, else None."""
-        return self.model if self.uses_deepspeed and hasattr(self.model, "save_checkpoint") else None
+        """The DeepSpeed engine (``PipelineEngine`` with pipelines) while fitting, else None."""
+        return self.model if hasattr(self.model, "save_checkpoint") else None
 
-    def _setup_deepspeed(self, trainer: Trainer) -> None:
+    # --- setup -------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        self.prepare_module(trainer)
+        _refuse_lr_finder(trainer, self.zero_stage, self.pipeline_stages)
         assert self.accelerator is not None and self.topology is not None
         self.accelerator.setup(trainer)
         if not isinstance(self.precision_plugin, DeepSpeedPrecision):
@@ -73,41 +85,33 @@ class DeepSpeedEngineMixin:
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._initialize_engine(trainer)
-        elif self.pipeline_stages > 1:
-            # Evaluation runs the module's own steps through the stages, split as the fit split them (if any).
-            assert self.applied_plan is not None and self.topology is not None
-            bounds = getattr(self, "_pipeline_bounds", None)
-            self._pipeline = pipeline_stages.PipelineStages.automatic(self.lightning_module, self.topology, self.applied_plan.runtime.exit, bounds)
-            self.applied_plan.add_undo(self._pipeline.remove)
-            self._pipeline.check_weights()
-        elif ds.is_zero3_partitioned(self.lightning_module):
-            raise ValueError(
-                f"SeqParStrategy: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier fit."
-                " To validate, test or predict, load the full weights into a fresh module first:"
-                " fresh.load_state_dict(trainer.strategy.full_state_dict()) right after fit (on every rank), or"
-                " lightning_seqpar.consolidate_checkpoint(checkpoint_dir) from a checkpoint."
-            )
+        else:
+            self._setup_evaluation()
         self.setup_precision_plugin()
         self.barrier()
 
+    def _setup_evaluation(self) -> None:
+        """Before validate / test / predict: the ZeRO engine is for fitting; evaluation runs the plain module."""
+        if ds.is_zero3_partitioned(self.lightning_module):
+            raise ValueError(
+                f"{type(self).__name__}: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier"
+                " fit. To validate, test or predict, load the full weights into a fresh module first:"
+                " fresh.load_state_dict(trainer.strategy.full_state_dict()) right after fit (on every rank), or"
+                " lightning_seqpar.consolidate_checkpoint(checkpoint_dir) from a checkpoint."
+            )
+
+    def _gradient_accumulation_steps(self, trainer: Trainer) -> int:
+        return trainer.accumulate_grad_batches
+
+    def _config_zero_stage(self, trainer: Trainer) -> int:
+        return self.zero_stage
+
     def _trainer_config(self, trainer: Trainer) -> dict[str, Any]:
         """The DeepSpeed config: Trainer settings, then the strategy's, then the explicit ``deepspeed_config``."""
-        accumulate = trainer.accumulate_grad_batches
-        if self.pipeline_stages > 1:
-            if accumulate != 1:
-                raise pipeline.PipelineError(
-                    f"with pipeline_stages > 1 every DataLoader batch is one optimizer step, cut into micro-batches: set"
-                    f" SeqParStrategy(micro_batches={accumulate}) instead of Trainer(accumulate_grad_batches={accumulate})."
-                )
-            accumulate = self.micro_batches or 1
+        accumulate = self._gradient_accumulation_steps(trainer)
         algorithm = trainer.gradient_clip_algorithm
-        zero_stage = self.zero_stage
-        if self.pipeline_stages > 1 and trainer.gradient_clip_val and zero_stage == 0:
-            # DeepSpeed 0.19.8's stage-0 pipeline clipping leaves later stages out of the norm; ZeRO-1's norm is exact.
-            rank_zero_info("SeqParStrategy: gradient clipping with pipeline stages runs with ZeRO-1 (exact gradient norm).")
-            zero_stage = 1
         return ds.build_config(
-            zero_stage=zero_stage,
+            zero_stage=self._config_zero_stage(trainer),
             offload_optimizer=self.offload_optimizer,
             offload_parameters=self.offload_parameters,
             precision=self.precision_plugin.precision,
@@ -117,35 +121,28 @@ class DeepSpeedEngineMixin:
             user_config=self.deepspeed_config,
         )
 
+    def _client_optimizer(self, config: dict[str, Any]) -> tuple[Any, list]:
+        """The one optimizer (None with an ``"optimizer"`` section) and at most one scheduler of configure_optimizers."""
+        if "optimizer" in config:
+            return None, []
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        if len(optimizers) != 1 or len(schedulers) > 1:
+            raise ValueError(
+                f"{type(self).__name__} takes one optimizer and at most one LR scheduler from configure_optimizers;"
+                f" got {len(optimizers)} and {len(schedulers)}."
+            )
+        return optimizers[0], schedulers
+
+    def _build_engine(self, optimizer: Any, config: dict[str, Any]) -> tuple[Any, Any]:
+        assert self.topology is not None
+        return ds.initialize_engine(self.model, optimizer, config, self.topology.mpu)
+
     def _initialize_engine(self, trainer: Trainer) -> None:
         assert self.topology is not None
-        module = self.lightning_module
         config = self._trainer_config(trainer)
         self.zero_stage = int(config["zero_optimization"].get("stage", 0))
-        optimizer, schedulers = None, []
-        if "optimizer" not in config:
-            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-            if len(optimizers) != 1 or len(schedulers) > 1:
-                raise ValueError(
-                    f"SeqParStrategy with DeepSpeed takes one optimizer and at most one LR scheduler from configure_optimizers;"
-                    f" got {len(optimizers)} and {len(schedulers)}."
-                )
-            optimizer = optimizers[0]
-        if self.pipeline_stages > 1:
-            assert self.applied_plan is not None
-            net, self._pipeline = pipeline_stages.build_training_stages(module, self.topology, self.applied_plan)
-            self._pipeline_bounds = self._pipeline.bounds
-            # The names (in the LightningModule) of what this rank's stage trains: full_state_dict merges by them.
-            local = {id(t) for t in [*net.parameters(), *net.buffers()]}
-            self._stage_state_names = [name for name, t in module.state_dict(keep_vars=True).items() if id(t) in local]
-            if optimizer is not None:
-                ds.restrict_optimizer(optimizer, net.parameters())
-            engine, engine_optimizer = ds.initialize_engine(net, optimizer, config, mpu=None)
-            self._pipeline.match_engine_dtype(net)
-            if not self._pipeline.explicit:
-                self._pipeline.guard_first_step(engine)
-        else:
-            engine, engine_optimizer = ds.initialize_engine(self.model, optimizer, config, self.topology.mpu)
+        optimizer, schedulers = self._client_optimizer(config)
+        engine, engine_optimizer = self._build_engine(optimizer, config)
         if engine.lr_scheduler is not None:  # a "scheduler" section: Lightning steps it, per optimizer step
             schedulers = [LRSchedulerConfig(engine.lr_scheduler, interval="step")]
             engine.lr_scheduler = None
@@ -153,28 +150,16 @@ class DeepSpeedEngineMixin:
         self.optimizers = [engine_optimizer]
         self.lr_scheduler_configs = schedulers
         rank_zero_info(
-            f"SeqParStrategy: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks per stage,"
-            f" {self.topology.pp} pipeline stage(s)"
+            f"{type(self).__name__}: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks per"
+            f" stage, {self.topology.pp} pipeline stage(s)"
         )
 
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The LightningModule's full state dict on CPU, gathering ZeRO-3 partitions and, with pipeline stages, each
-        stage's trained layers from the ranks that own them (call on every rank)."""
-        state = ds.full_state_dict(self.lightning_module)
-        names = getattr(self, "_stage_state_names", None)
-        if self.pipeline_stages > 1 and names is not None:
-            assert self.topology is not None
-            import torch.distributed as dist
+    # --- steps -------------------------------------------------------------------------------------------
 
-            stages: list[dict[str, Tensor] | None] = [None] * self.topology.pp
-            dist.all_gather_object(stages, {name: state[name] for name in names}, group=self.topology.pipeline_group)
-            for stage_state in stages:  # each stage's own layers replace this rank's untrained copies
-                state.update(stage_state or {})
-        return state
-
-    def _deepspeed_backward_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Before ``engine.backward``: tell the engine whether this micro-batch ends the optimizer step, and keep it
-        from dividing the loss by the accumulation count a second time.
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """``engine.backward``, told whether this micro-batch ends the optimizer step, without dividing the loss by the
+        accumulation count a second time.
 
         Lightning's closure has already divided the loss by ``accumulate_grad_batches``; DeepSpeed's ``backward``
         divides by ``gradient_accumulation_steps`` again unless ``scale_wrt_gas=False`` (which would halve the update
@@ -185,22 +170,18 @@ class DeepSpeedEngineMixin:
         engine = self.deepspeed_engine
         if engine is not None and trainer is not None and trainer.training:
             engine.set_gradient_accumulation_boundary(not trainer.fit_loop._should_accumulate())
-        return {**kwargs, "scale_wrt_gas": False}
+        return super().backward(closure_loss, optimizer, *args, **{**kwargs, "scale_wrt_gas": False})
 
     @contextmanager
+    @override
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """Lightning's no-sync context for accumulating micro-batches. With DeepSpeed the engine is told the boundary
-        instead (ZeRO-2/3 refuse ``no_sync``; ZeRO-1 and 0 reduce only at the boundary)."""
-        if self.uses_deepspeed:
-            yield
-        else:
-            with super().block_backward_sync():  # type: ignore[misc]
-                yield
+        """Lightning's no-sync context for accumulating micro-batches: the engine is told the boundary instead (ZeRO-2/3
+        refuse ``no_sync``; ZeRO-1 and 0 reduce only at the boundary)."""
+        yield
 
-    def _deepspeed_optimizer_step(self, optimizer: Any, closure: Any, model: Any) -> Any:
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         model = model or self.lightning_module
-        if self.pipeline_stages > 1:
-            return closure()
         trainer = self.lightning_module.trainer
         guarded = nonfinite_step_guard(
             closure,
@@ -217,9 +198,43 @@ class DeepSpeedEngineMixin:
             return None
         return self.model.step()
 
-    def _save_deepspeed_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None) -> None:
+    # --- checkpoints: DeepSpeed writes each rank's partition itself ------------------------------------------
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        pass  # the engine loaded it (load_checkpoint)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        pass  # the engine loaded it (load_checkpoint)
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return {}  # DeepSpeed writes each rank's optimizer partition itself (save_checkpoint)
+
+    @override
+    def parallel_settings(self) -> dict[str, Any]:
+        """The base layout plus ``zero_stage`` and ``sequence_data_parallel_size`` (``dp * sp``: ZeRO's partitions)."""
+        assert self.topology is not None
+        return {**super().parallel_settings(), "zero_stage": self.zero_stage, "sequence_data_parallel_size": self.topology.dp * self.topology.sp}
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint["seqpar"] = self.parallel_settings()
+        if self.deepspeed_engine is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if storage_options is not None:
-            raise TypeError("SeqParStrategy with DeepSpeed writes through DeepSpeed, which takes no storage_options.")
+            raise TypeError(f"{type(self).__name__} writes through DeepSpeed, which takes no storage_options.")
         # A directory: every rank writes its ZeRO partition (or pipeline stage) under <filepath>/checkpoint/.
         filepath = self.broadcast(filepath)
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
@@ -228,13 +243,12 @@ class DeepSpeedEngineMixin:
             ds.write_layout(filepath, {**checkpoint["seqpar"], "client_keys": sorted(client_state)})
         self.barrier()
 
-    def _load_deepspeed_checkpoint(self, checkpoint_path: Any) -> dict[str, Any]:
-        if self.deepspeed_engine is None and self.pipeline_stages > 1:  # evaluation: the weights of every stage
-            return pipeline.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if self.deepspeed_engine is None:
             raise ValueError(
-                f"SeqParStrategy: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to validate,"
-                " test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
+                f"{type(self).__name__}: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to"
+                " validate, test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
             )
         checkpoint_path = self.broadcast(checkpoint_path)
         if Path(checkpoint_path).is_file():
@@ -250,7 +264,7 @@ class DeepSpeedEngineMixin:
             assert layout is not None
             shards = Path(checkpoint_path) / ds.CHECKPOINT_TAG
             rank_zero_info(
-                f"SeqParStrategy: re-laying out {checkpoint_path} (ZeRO-{layout.get('zero_stage')} over"
+                f"{type(self).__name__}: re-laying out {checkpoint_path} (ZeRO-{layout.get('zero_stage')} over"
                 f" {layout.get('sequence_data_parallel_size')} ranks) for ZeRO-{self.zero_stage} over"
                 f" {self.parallel_settings()['sequence_data_parallel_size']} ranks"
             )
@@ -264,8 +278,22 @@ class DeepSpeedEngineMixin:
             load_module_strict=self.lightning_module.strict_loading,
         )
         if client_state is None:
-            raise ValueError(f"SeqParStrategy: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
+            raise ValueError(f"{type(self).__name__}: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
         return client_state
+
+
+def _refuse_lr_finder(trainer: Trainer, zero_stage: int, pipeline_stages: int) -> None:
+    """The learning-rate finder drives the optimizer with its own torch LR scheduler, which DeepSpeed's optimizer
+    (not a ``torch.optim.Optimizer``) cannot take: say so before the engine is built, instead of a TypeError inside it."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    if any(isinstance(callback, LearningRateFinder) for callback in trainer.callbacks):
+        raise ValueError(
+            f"SeqParStrategy(zero_stage={zero_stage}, pipeline_stages={pipeline_stages}): the learning-rate finder"
+            " (Tuner.lr_find or the LearningRateFinder callback) cannot drive DeepSpeed's optimizer. Run the finder with"
+            " SeqParStrategy(zero_stage=0, pipeline_stages=1) on the same model, data and sequence_parallel_size (ZeRO"
+            " does not change the losses it measures), then train with the learning rate it suggests."
+        )
 
 
 def _convert_outside_metrics(precision_plugin: Any, module: Any) -> Any:
@@ -285,4 +313,3 @@ def _convert_outside_metrics(precision_plugin: Any, module: Any) -> Any:
     finally:
         for parent, name, child in parked:
             parent._modules[name] = child
-

@@ -1,0 +1,400 @@
+"""SeqParStrategy: the shared base of the sequence-parallel strategies (topology, plan, data, non-finite policy), and
+the constructor that picks the engine.
+
+What every engine does, in order (:meth:`SeqParStrategy.setup_distributed`, :meth:`SeqParStrategy.prepare_module`):
+
+1. initialise ``torch.distributed`` as DDP does, then build the :class:`~lightning_seqpar.topology.Topology`: one
+   named DeviceMesh (``pp``, ``dp``, ``sp``, ``tp``, and the flattened ``dp_sp``), exposed to the LightningModule as
+   ``self.device_mesh`` as Lightning's ``ModelParallelStrategy`` does;
+2. find the transformer in the LightningModule (or take the given plan) and apply the plan in place: tokens are
+   sharded on entry to the block stack, attention becomes distributed, tokens are gathered on exit;
+3. hand the model to the engine (:mod:`~lightning_seqpar.strategies.ddp`,
+   :mod:`~lightning_seqpar.strategies.deepspeed`, :mod:`~lightning_seqpar.strategies.deepspeed_pipeline`), which
+   averages gradients over the ``dp_sp`` ranks, so one optimizer step equals single-device training on the global batch;
+4. hand Lightning a sampler keyed to the ``dp`` coordinate, so all ranks of an SP group see the same samples.
+
+``SeqParStrategy(...)`` builds the engine class its arguments ask for (as ``pathlib.Path`` builds a ``PosixPath``):
+``pipeline_stages > 1`` -> :class:`~lightning_seqpar.strategies.deepspeed_pipeline.SeqParPipelineStrategy`,
+``zero_stage > 0`` or a ``deepspeed_config`` -> :class:`~lightning_seqpar.strategies.deepspeed.SeqParDeepSpeedStrategy`,
+else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all three are ``SeqParStrategy`` instances.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABCMeta
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from typing_extensions import override
+
+from lightning_seqpar import deepspeed_engine as ds
+from lightning_seqpar import reliability
+from lightning_seqpar.attention.local import AttentionBackend, check_backend_available
+from lightning_seqpar.attention.registry import check_attention_choice, get_attention_kind
+from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
+from lightning_seqpar.plan import (
+    SequenceParallelPlan,
+    attention_head_counts,
+    choose_attention,
+    infer_plan,
+)
+from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy
+from lightning_seqpar.strategies import data
+from lightning_seqpar.strategies.collectives import DataParallelReductions
+from lightning_seqpar.strategies.plan_roles import (
+    ACTIVATION_CHECKPOINTING,
+    ActivationCheckpointing,
+    with_block_role,
+    with_checkpoints,
+)
+from lightning_seqpar.strategies.registry import engine_class
+from lightning_seqpar.topology import ParallelDims, Topology
+
+
+class _SelectsEngine(ABCMeta):
+    """``SeqParStrategy(...)`` builds the engine class :func:`~lightning_seqpar.strategies.registry.engine_class` picks
+    (a metaclass rather than ``__new__``, so LightningCLI / jsonargparse read the arguments of ``__init__``)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is SeqParStrategy:
+            cls = engine_class(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
+    """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
+
+    Constructing ``SeqParStrategy(...)`` returns the engine class the arguments select (module docstring).
+
+    Args:
+        sequence_parallel_size: Ranks that share one sample's tokens; default: the devices of one node, so the
+            all-to-all stays on the fast intra-node links. ``world_size`` must be a multiple of it; the
+            remaining factor is data parallelism.
+        attention: Distributed attention: ``"auto"`` (default: chosen at setup from the model's head counts,
+            logged with the reason on rank 0: Ulysses when every attention has at least ``sequence_parallel_size``
+            heads, else hybrid with the largest Ulysses degree that divides ``sequence_parallel_size`` and is at
+            most the fewest heads (ring alone when that is 1), LSS when the backend cannot run a ring or no head
+            count is found; calls with attention dropout then use LSS, as the ring has no dropout), ``"ulysses"``
+            (all-to-all between token and head shards; needs at least ``sequence_parallel_size`` heads), ``"lss"``
+            (local queries, gathered keys and values), ``"ring"`` (key/value blocks passed around the group,
+            overlapped with compute) or ``"hybrid"`` (Ulysses inside groups of ``ulysses_degree`` ranks, ring across
+            them: the mesh's ``sp`` dimension unflattened into ``ring x ulysses``), or a kind added with
+            :func:`~lightning_seqpar.attention.register_attention_kind`. See docs/choosing-attention.md.
+        ulysses_degree: For ``attention="hybrid"``: ranks per Ulysses group (must divide
+            ``sequence_parallel_size``); default: the devices of one node, so the all-to-all stays intra-node
+            and the ring crosses nodes.
+        attention_backend: Local attention kernel: ``"auto"`` (flash-attn on CUDA when installed, else SDPA),
+            ``"flash_attn"``, ``"sdpa"``, ``"sdpa_cudnn"``, ``"sdpa_flash"``, ``"sdpa_efficient"`` or ``"math"``.
+        plan: Explicit plan ``{module path: role(s)}`` (see :mod:`lightning_seqpar.plan`); default: the model's own
+            ``sequence_parallel_plan()``, else the one :func:`~lightning_seqpar.plan.infer_plan` finds.
+        activation_checkpointing: Recompute each transformer block's activations in backward (less memory for
+            long sequences, about a third more compute): ``True`` / ``"full"``; ``"save_attention"`` keeps the
+            attention outputs so backward does not rerun attention; ``"offload"`` also keeps the block inputs in
+            pinned host memory (the leanest; see docs/performance.md).
+        compile_blocks: ``torch.compile`` each transformer block (the blocks activation checkpointing wraps):
+            LayerNorm, GELU, biases and residual additions are fused around the matrix products, while the
+            distributed attention stays eager, so its collectives and kernel are unchanged. ``True``, or a dict of
+            ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``). The first
+            steps pay the compilation; see docs/performance.md for what it buys.
+        process_group_backend: ``"nccl"`` or ``"gloo"``; default: NCCL on CUDA, gloo on CPU.
+        timeout: Timeout of every collective (every group of the mesh), as a ``timedelta`` or seconds: a rank that
+            dies makes the others fail after this long instead of hanging.
+        on_nonfinite: When the loss or a gradient is NaN/inf on any rank: ``"raise"`` on every rank, ``"skip"`` the
+            step on every rank (DDP engine only), ``"stop"`` training, or ``"ignore"``. The ranks agree before acting.
+        zero_stage: DeepSpeed ZeRO stage over the ``dp * sp`` ranks of a stage: 1 partitions optimizer state,
+            2 also gradients, 3 also parameters; 0 with ``pipeline_stages=1`` and no ``deepspeed_config`` is the
+            DDP engine. See docs/sharding.md for the memory per GPU.
+        offload_optimizer: Keep optimizer state and fp32 master weights in host memory (ZeRO >= 1); needs a
+            DeepSpeed CPU optimizer (``DeepSpeedCPUAdam`` in ``configure_optimizers``, or an ``"optimizer"`` section).
+        offload_parameters: Keep parameters in host memory between uses (ZeRO-3).
+        pipeline_stages: DeepSpeed pipeline stages the block stack is cut into (1 means disabled), with ZeRO 0 or 1.
+            Stages run the module's own steps with the blocks they do not own skipped
+            (:mod:`lightning_seqpar.pipeline_auto`), or its ``pipeline_layers()`` chain when it defines one
+            (:mod:`lightning_seqpar.pipeline`); validation, test and predict run through the stages too.
+        micro_batches: With pipelines: micro-batches each DataLoader batch is cut into (default 1), in training
+            and evaluation.
+        deepspeed_config: A DeepSpeed config (dict or JSON path) whose keys override the ones derived from the
+            Trainer; it may not set ``train_batch_size``.
+        **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
+
+    Raises:
+        ValueError: an argument out of its range, or a combination the selected engine cannot run.
+    """
+
+    strategy_name = "seqpar"
+    uses_deepspeed = False
+    """True for the DeepSpeed engines (ZeRO and pipeline)."""
+
+    def __init__(
+        self,
+        sequence_parallel_size: int | None = None,
+        attention: str = "auto",
+        ulysses_degree: int | None = None,
+        attention_backend: AttentionBackend = "auto",
+        plan: dict[str, str | list[str]] | None = None,
+        activation_checkpointing: ActivationCheckpointing = False,
+        compile_blocks: bool | dict[str, Any] = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | float = timedelta(minutes=30),
+        on_nonfinite: NonFinitePolicy = "raise",
+        zero_stage: Literal[0, 1, 2, 3] = 0,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        pipeline_stages: int = 1,
+        micro_batches: int | None = None,
+        deepspeed_config: str | dict[str, Any] | None = None,
+        accelerator=None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(timeout, timedelta):
+            timeout = timedelta(seconds=float(timeout))
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            **kwargs,
+        )
+        name = type(self).__name__
+        if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
+            raise ValueError(f"{name}: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
+        check_attention_choice(attention, attention_backend, ulysses_degree, owner=name)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"{name}: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"{name}: activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload',"
+                f" got {activation_checkpointing!r}."
+            )
+        if not isinstance(compile_blocks, (bool, dict)):
+            raise ValueError(f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}.")  # noqa: TRY004
+        self.ulysses_degree = ulysses_degree
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self._sequence_parallel_size = sequence_parallel_size
+        self.attention = attention
+        self.attention_backend = attention_backend
+        self._plan = SequenceParallelPlan(plan) if plan is not None else None
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile_blocks
+        self.topology: Topology | None = None
+        self.applied_plan: AppliedPlan | None = None
+        self._hybrid_groups: tuple[Any, Any] | None = None
+        self._data_seed: int | None = None
+        self._padding_steps = data.PaddingSteps()
+        self._batch_checks = data.BatchChecks()
+        self._zero_length_setting: bool | None = None
+        self.pipeline_stages: int = 1
+        self.zero_stage: int = 0
+        self._init_engine(
+            zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
+            pipeline_stages=pipeline_stages, micro_batches=micro_batches, deepspeed_config=deepspeed_config,
+        )
+
+    def _init_engine(self, **engine_arguments: Any) -> None:
+        """Validate and keep the engine's own arguments (``zero_stage``, ``offload_*``, ``pipeline_stages``,
+        ``micro_batches``, ``deepspeed_config``); called at the end of ``__init__``, after the shared settings."""
+        raise NotImplementedError(f"{type(self).__name__} is not an engine class; construct SeqParStrategy(...).")
+
+    # --- process groups ------------------------------------------------------------------------------
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """The ``sp`` size: the given one, else the processes of one node (divided among the pipeline stages)."""
+        if self._sequence_parallel_size:
+            return self._sequence_parallel_size
+        per_stage, rest = divmod(self.num_processes, self.pipeline_stages)
+        return per_stage if per_stage and not rest else self.num_processes
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The topology's DeviceMesh, dimensions ``("pp", "dp", "sp", "tp")`` (also ``LightningModule.device_mesh``).
+
+        Raises:
+            RuntimeError: before ``setup_distributed`` (as Lightning's ``ModelParallelStrategy``).
+        """
+        if self.topology is None:
+            raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
+        return self.topology.mesh
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        dims = ParallelDims(
+            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages
+        )
+        self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type)
+        if self.lightning_module is not None:  # users read it in configure_model, as with ModelParallelStrategy
+            self.lightning_module._device_mesh = self.topology.mesh
+        if self.attention != "auto" and get_attention_kind(self.attention).uses_ulysses_degree:
+            self._hybrid_groups = self._build_hybrid_groups()
+        self._data_seed = data.agree_on_data_seed(self.topology, self.root_device)
+        rank_zero_info(f"{type(self).__name__}: {self.topology.describe()}, attention={self.attention}")
+
+    def _build_hybrid_groups(self) -> tuple[Any, Any]:
+        """``(ulysses_group, ring_group)`` of this rank: the mesh's ``sp`` unflattened into ``ring x ulysses``."""
+        assert self.topology is not None
+        degree = self.ulysses_degree or min(self.topology.sp, self.num_processes)
+        groups = self.topology.hybrid_groups(degree)
+        rank_zero_info(f"{type(self).__name__}: hybrid attention, Ulysses degree {degree} x ring degree {self.topology.sp // degree}")
+        return groups
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        assert self.topology is not None, "distributed_sampler_kwargs needs setup_distributed() first"
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.stage not in (None, RunningStage.TRAINING):
+            # Evaluation: Lightning's sampler only gives the order; process_dataloader cuts it into one contiguous,
+            # non-overlapping shard per data-parallel rank (Lightning's own would repeat samples, or fail with fewer
+            # samples than ranks).
+            return {"num_replicas": 1, "rank": 0}
+        data_parallel_mesh = self.device_mesh["dp"]  # as Lightning's ModelParallelStrategy
+        return {"num_replicas": data_parallel_mesh.size(), "rank": data_parallel_mesh.get_local_rank()}
+
+    # --- the model -------------------------------------------------------------------------------------
+
+    def prepare_module(self, trainer: Trainer) -> None:
+        """What every engine's ``setup`` does first: apply the plan, reduce metrics over ``dp``, allow empty prediction
+        shards. Then the engine wraps the module."""
+        module = self.lightning_module
+        module._device_mesh = self.device_mesh
+        self._apply_plan(module)
+        self._reduce_metrics_over_data_group(module)
+        if trainer.state.fn == TrainerFn.PREDICTING:
+            # Fewer samples than data-parallel ranks leave a prediction shard empty; prediction needs no step on every
+            # rank, so that rank predicts nothing (Lightning refuses empty loaders unless told; restored at the end).
+            self._zero_length_setting = module.allow_zero_length_dataloader_with_multiple_devices
+            module.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def _apply_plan(self, module: LightningModule) -> None:
+        if self.applied_plan is not None:
+            return
+        assert self.topology is not None
+        # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
+        check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
+        plan = self._plan if self._plan is not None else infer_plan(module)
+        auto = self.attention == "auto"
+        if auto:
+            kind, degree, reason = choose_attention(
+                attention_head_counts(module, plan.resolve(module)), self.topology.sp, self.attention_backend
+            )
+            rank_zero_info(f"{type(self).__name__}: attention='auto' chose {kind!r}: {reason}")
+            self.attention, self.ulysses_degree = kind, degree
+            self._hybrid_groups = self._build_hybrid_groups() if get_attention_kind(kind).uses_ulysses_degree else None
+        if self.activation_checkpointing:
+            plan = with_checkpoints(plan, module, self.activation_checkpointing)
+        if self.compile_blocks:
+            plan = with_block_role(plan, module, "compile")
+        self.applied_plan = apply_sequence_parallel(
+            module, plan, self.topology.sequence_group, attention=self.attention, backend=self.attention_backend,
+            hybrid_groups=self._hybrid_groups,
+            compile_options=self.compile_blocks if isinstance(self.compile_blocks, dict) else None,
+        )
+        self.applied_plan.runtime.dropout_fallback = auto
+        rank_zero_info(f"{type(self).__name__}: sequence-parallel plan of {type(module).__name__}:\n{plan}")
+
+    def _reduce_metrics_over_data_group(self, module: LightningModule) -> None:
+        """torchmetrics sum their states over the world by default, which would count each sample once per SP rank."""
+        from torchmetrics import Metric
+
+        assert self.topology is not None
+        for metric in module.modules():
+            if isinstance(metric, Metric) and metric.process_group is None:
+                metric.process_group = self.topology.data_group
+
+    @override
+    def teardown(self) -> None:
+        self._padding_steps.end()  # an evaluation that failed in a padding step leaves module.log wrapped
+        if self.applied_plan is not None:
+            self.applied_plan.remove()
+            self.applied_plan = None
+        super().teardown()
+
+    def parallel_settings(self) -> dict[str, Any]:
+        """The layout recorded in every checkpoint under ``"seqpar"`` (sizes of the mesh and the attention)."""
+        assert self.topology is not None
+        return {
+            "world_size": self.world_size,
+            "sequence_parallel_size": self.topology.sp,
+            "data_parallel_size": self.topology.dp,
+            "pipeline_parallel_size": self.topology.pp,
+            "attention": self.attention,
+        }
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in the
+        engines that shard them; collective there: call on every rank)."""
+        return ds.full_state_dict(self.lightning_module)
+
+    # --- data -----------------------------------------------------------------------------------------
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Key every loader to the data-parallel rank (:func:`~lightning_seqpar.strategies.data.key_dataloader`), then
+        check that the ranks of each SP group (and pipeline) have loaders of the same length."""
+        if self.topology is not None and self._data_seed is not None:
+            stage = self.lightning_module.trainer.state.stage if self.lightning_module is not None else None
+            dataloader = data.key_dataloader(dataloader, self.topology, stage, self._data_seed)
+        if self.topology is not None:
+            reliability.check_loader_lengths(dataloader, self.topology, self.root_device)
+        return dataloader
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """Move the batch; on an evaluation shard's padding batch, keep the step out of logged sums and metrics
+        (:func:`~lightning_seqpar.sampling.padding_step`); check the first batch of each loader across the SP group."""
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or self.topology is None:
+            return batch
+        if trainer.state.stage == RunningStage.TRAINING:
+            data.mark_delivered(trainer)
+        elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
+            self._padding_steps.on_batch(self.lightning_module, data.evaluation_loader(trainer, dataloader_idx))
+        self._batch_checks.check(batch, self.topology, trainer, dataloader_idx, self.root_device)
+        return batch
+
+    @override
+    def on_validation_end(self) -> None:
+        self._padding_steps.end()
+        super().on_validation_end()
+
+    @override
+    def on_test_end(self) -> None:
+        self._padding_steps.end()
+        super().on_test_end()
+
+    @override
+    def on_predict_end(self) -> None:
+        if self._zero_length_setting is not None and self.lightning_module is not None:
+            self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = self._zero_length_setting
+            self._zero_length_setting = None
+        super().on_predict_end()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register every ``"seqpar*"`` name (:mod:`lightning_seqpar.strategies.registry`)."""
+        from lightning_seqpar.strategies.registry import register_strategies
+
+        register_strategies(strategy_registry)
+
+
+# inspect.signature(SeqParStrategy) would otherwise report the metaclass's (*args, **kwargs).
+SeqParStrategy.__signature__ = inspect.signature(SeqParStrategy.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(SeqParStrategy.__init__).parameters.values())[1:]
+)

@@ -1,0 +1,115 @@
+"""The strategy's data side: one data seed per sequence-parallel group, loaders keyed to the data-parallel rank, padding steps.
+
+Every rank of a sequence-parallel (SP) group, and every pipeline stage of a replica, must load the same samples:
+the sampler is keyed to the mesh's ``dp`` dimension (:mod:`lightning_seqpar.sampling`), data-loader workers are
+seeded per data-parallel rank from one seed the group agrees on, and map-style training loaders are made resumable
+mid-epoch (:mod:`lightning_seqpar.resumable`). Evaluation shards pad with batches that
+:func:`~lightning_seqpar.sampling.padding_step` keeps out of every sum.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DataLoader
+
+from lightning_seqpar import reliability, sampling
+from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
+from lightning_seqpar.topology import Topology
+
+
+def agree_on_data_seed(topology: Topology, device: torch.device) -> int:
+    """One seed in ``[0, 2**31 - 1)`` per SP group (and pipeline), drawn on the group's first rank and broadcast, so
+    that every rank of the group seeds its data-loader workers identically (collective over ``sp`` and ``pp``)."""
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    group = topology.sequence_group
+    dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+    if topology.pp > 1:  # every stage must draw the samples stage 0 draws
+        group = topology.pipeline_group
+        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+    return int(seed.item())
+
+
+def key_dataloader(dataloader: object, topology: Topology, stage: RunningStage | None, data_seed: int) -> object:
+    """``dataloader`` keyed to this rank's data-parallel coordinate (``topology.mesh["dp"]``).
+
+    Training: a user's ``DistributedSampler`` keyed to the global rank is re-keyed
+    (:func:`~lightning_seqpar.sampling.rekey_sampler`) and the loader made resumable. Validation and test: contiguous,
+    non-overlapping shards padded to equal step counts; prediction: the same shards, unpadded
+    (:func:`~lightning_seqpar.sampling.shard_for_evaluation`). Workers are seeded with ``data_seed + dp_rank``.
+    Anything but a ``DataLoader`` is returned unchanged.
+
+    Raises:
+        SamplerLayoutError: a sampler that would give the ranks of one SP group different samples.
+    """
+    if not isinstance(dataloader, DataLoader):
+        return dataloader
+    replica = topology.dp_rank  # the same on every SP rank and pipeline stage of a replica
+    training = stage is None or stage == RunningStage.TRAINING
+    if training:
+        dataloader = sampling.rekey_sampler(dataloader, topology.dp, replica)
+    else:
+        dataloader = sampling.shard_for_evaluation(dataloader, topology.dp, replica, pad=stage != RunningStage.PREDICTING)
+    dataloader.generator = torch.Generator().manual_seed(data_seed + replica)
+    init_fn = dataloader.worker_init_fn
+    if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
+        dataloader.worker_init_fn = partial(pl_worker_init_function, rank=replica)
+    return make_resumable(dataloader) if training else dataloader
+
+
+def mark_delivered(trainer: Trainer) -> None:
+    """Tell the resumable training loaders that a batch reached the model (the epoch position a checkpoint records)."""
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    for loader in combined.flattened if combined is not None else []:
+        if isinstance(loader, ResumableDataLoader):
+            loader.mark_delivered()
+
+
+def evaluation_loader(trainer: Trainer, dataloader_idx: int) -> Any:
+    """The processed loader the running validation or test loop is drawing from (None if there is none)."""
+    combined = getattr(trainer._evaluation_loop, "_combined_loader", None)
+    loaders = combined.flattened if combined is not None else []
+    return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+
+
+class PaddingSteps:
+    """The :func:`~lightning_seqpar.sampling.padding_step` context, entered on the first padding batch of an evaluation
+    shard and left on the next real batch or at the end of the loop (:meth:`end`)."""
+
+    def __init__(self) -> None:
+        self._context: Any = None
+
+    def on_batch(self, module: LightningModule, loader: Any) -> None:
+        """Enter or leave the padding context for the batch ``loader`` is about to deliver."""
+        padding = isinstance(loader, sampling.EvalShardDataLoader) and loader.next_is_padding()
+        if padding and self._context is None:
+            self._context = sampling.padding_step(module)
+            self._context.__enter__()
+        elif not padding:
+            self.end()
+
+    def end(self) -> None:
+        """Leave the padding context, if in it (idempotent)."""
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+
+class BatchChecks:
+    """Checks the first batch of each loader per stage and epoch across the SP group and pipeline, once."""
+
+    def __init__(self) -> None:
+        self._checked: set[tuple] = set()
+
+    def check(self, batch: Any, topology: Topology, trainer: Trainer, dataloader_idx: int, device: torch.device) -> None:
+        """Raise :class:`~lightning_seqpar.sampling.SamplerLayoutError` if the ranks hold different first batches."""
+        key = (str(trainer.state.stage), dataloader_idx, trainer.current_epoch)
+        if key not in self._checked:
+            self._checked.add(key)
+            reliability.check_same_batch(batch, topology, f"{trainer.state.stage} dataloader {dataloader_idx}", device)
