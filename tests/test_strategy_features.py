@@ -171,7 +171,7 @@ def test_trainer_level_errors(features):
     )
     assert errors["backend_unavailable"].startswith("BackendUnavailableError")
     assert "attention_backend='flash_attn'" in errors["backend_unavailable"]
-    assert "flash-attn package is not installed" in errors["backend_unavailable"]
+    assert "flash-attn is not installed" in errors["backend_unavailable"]
 
 
 def test_strategy_argument_errors():
