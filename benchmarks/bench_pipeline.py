@@ -7,8 +7,8 @@ Run one process per GPU (2 GPUs: 2 stages x sp 1 against ZeRO-3 over sp 2)::
 Both configurations train the same generic ViT (``--width``, ``--depth``, ``--heads``; about ``12 x depth x
 width^2`` parameters: 4.8e9 by default, 77 GB of model state in DDP at 16 bytes per parameter with AdamW;
 ``--depth 48`` gives 9.7e9, which fits neither one H200 nor ZeRO-3 over two, and trains through two stages:
-benchmarks/results/pipeline_n2_depth48.md) through Lightning's Trainer and the module's own ``training_step`` (no pipeline methods), on the same global batch
-of ``--batch`` samples of ``--tokens`` tokens, bf16-mixed, AdamW:
+benchmarks/results/pipeline_n2_depth48.md) through Lightning's Trainer and the module's own ``training_step`` (no
+pipeline methods), on the same global batch of ``--batch`` samples of ``--tokens`` tokens, bf16-mixed, AdamW:
 
 - ``pipeline``: ``SeqParStrategy(pipeline_stages=2, micro_batches=M, zero_stage=1)``, the rest of the world in sp;
 - ``zero3``: ``SeqParStrategy(zero_stage=3, sequence_parallel_size=world)``.
