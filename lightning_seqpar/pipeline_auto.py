@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_seqpar.wrapping import wrap_forward
 from lightning_seqpar.pipeline import PipelineError
 from lightning_seqpar.plan import find_block_stacks
+from lightning_seqpar.wrapping import wrap_forward
 
 
 class _StageDone(Exception):

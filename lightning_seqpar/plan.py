@@ -72,7 +72,7 @@ __all__ = [
     "choose_attention", "find_block_stacks", "infer_plan", "is_attention_module", "register_attention",
 ]
 
-PlanLike = Union["SequenceParallelPlan", Mapping[str, Union[str, Sequence[str]]]]
+PlanLike = Union["SequenceParallelPlan", Mapping[str, str | Sequence[str]]]
 
 
 class PlanError(ValueError):

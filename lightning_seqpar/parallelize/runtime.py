@@ -22,7 +22,14 @@ from torch.distributed import ProcessGroup
 from lightning_seqpar.adapters import disable_mha_fastpath
 from lightning_seqpar.attention import AttentionBackend
 from lightning_seqpar.attention.registry import AttentionGroups, AttentionKind, get_attention_kind
-from lightning_seqpar.comm import SequenceLayout, all_gather_sequence, gather_sequence, group_rank, group_size, shard_sequence
+from lightning_seqpar.comm import (
+    SequenceLayout,
+    all_gather_sequence,
+    gather_sequence,
+    group_rank,
+    group_size,
+    shard_sequence,
+)
 from lightning_seqpar.topology import ParallelDims
 
 
