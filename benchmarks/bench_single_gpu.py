@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import BenchModule, StepClock, StepTimer, bench_trainer, call_times, device_info, fmt  # noqa: E402
 
 from lightning_seqpar.memory import MasterWeightAdamW  # noqa: E402
-from lightning_seqpar.wrapping import checkpoint_module, chunk_module  # noqa: E402
 from lightning_seqpar.weather.models.layers import Block  # noqa: E402
+from lightning_seqpar.wrapping import checkpoint_module, chunk_module  # noqa: E402
 
 K = 1024
 OUT_DIM = 16  # regression target per token (a 4 x 4 patch), so input and target stay small next to [L, D]

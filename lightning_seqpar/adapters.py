@@ -1,4 +1,5 @@
-"""Interception of a module's attention core, so that its own forward runs on token-sharded inputs with a distributed core.
+"""Interception of a module's attention core, so that its own forward runs on token-sharded inputs with a distributed
+core.
 
 Intercept, don't imitate: the strategy never re-implements a third-party attention forward. While a module marked
 ``attention`` (or ``sdpa``) runs inside the sequence-parallel region, :class:`DistributedSDPA` (a
@@ -38,7 +39,8 @@ class UnsupportedAttentionError(ValueError):
 
 
 class AttentionRuntime(Protocol):
-    """What the interception needs from the applied plan (:class:`~lightning_seqpar.parallelize.SequenceParallelRuntime`)."""
+    """What the interception needs from the applied plan
+    (:class:`~lightning_seqpar.parallelize.SequenceParallelRuntime`)."""
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0,
                softmax_scale: float | None = None) -> Tensor: ...
@@ -57,8 +59,9 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 
 _MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
-_SDPA_PARAMETERS = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                     enable_gqa=False: None).parameters
+_SDPA_PARAMETERS = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
+).parameters
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _warned_need_weights = False
 
@@ -120,7 +123,9 @@ class DistributedSDPA(TorchFunctionMode):
             )
         if key.shape[1] != query.shape[1]:
             if not options.get("enable_gqa", False):
-                raise UnsupportedAttentionError("SDPA with fewer key/value heads than query heads needs enable_gqa=True")
+                raise UnsupportedAttentionError(
+                    "SDPA with fewer key/value heads than query heads needs enable_gqa=True"
+                )
             repeat = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)  # [B, H, L_r, d]
         out = self.attend(
@@ -189,13 +194,23 @@ class DistributedSDPA(TorchFunctionMode):
 
     def _matmul(self, func, a: Tensor, b: Tensor):
         lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
-        if lengths is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.dim() < 3 or a.dim() != b.dim():
+        if (
+            lengths is None
+            or not (isinstance(a, Tensor) and isinstance(b, Tensor))
+            or a.dim() < 3
+            or a.dim() != b.dim()
+        ):
             return func(a, b)
         local, total = lengths
         batch = a.shape[:-2]
         if b.shape[:-2] != batch:
             return func(a, b)
-        if self._pending_scores and self._pending_scores[-1] == (batch, total) and a.shape[-1] == total and b.shape[-2] == local:
+        if (
+            self._pending_scores
+            and self._pending_scores[-1] == (batch, total)
+            and a.shape[-1] == total
+            and b.shape[-2] == local
+        ):
             # P V: probabilities [*, L_r, L] times this rank's values [*, L_r, d] -> gather the values to [*, L, d].
             self._pending_scores.pop()
             return func(a, self.runtime.gather_tokens(b, -2, count=False))

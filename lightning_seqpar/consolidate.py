@@ -1,4 +1,5 @@
-"""``python -m lightning_seqpar.consolidate CHECKPOINT_DIR OUTPUT.pt``: one fp32 state dict from a sharded DeepSpeed checkpoint."""
+"""``python -m lightning_seqpar.consolidate CHECKPOINT_DIR OUTPUT.pt``: one fp32 state dict from a sharded DeepSpeed
+checkpoint."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="tag sub-directory (default: 'latest', else 'checkpoint')")
     args = parser.parse_args(argv)
     state_dict = consolidate_checkpoint(args.checkpoint_dir, args.output_file, tag=args.tag)
-    print(f"wrote {len(state_dict)} tensors ({sum(t.numel() for t in state_dict.values())} values) to {args.output_file}")
+    print(
+        f"wrote {len(state_dict)} tensors ({sum(t.numel() for t in state_dict.values())} values) to {args.output_file}"
+    )
     return 0
 
 

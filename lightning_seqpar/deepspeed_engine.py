@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO on the sequence-parallel groups: the engine config from Lightning's settings, the engine, full weights and checkpoints.
+"""DeepSpeed ZeRO on the sequence-parallel groups: the engine config from Lightning's settings, the engine, full weights
+and checkpoints.
 
 The engine sees the :class:`~lightning_seqpar.topology.DeepSpeedMPU` ("flat" mpu): DeepSpeed's data
 parallelism is our sequence-data group of ``dp * sp`` ranks, so ZeRO partitions parameters, gradients and
@@ -53,7 +54,9 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``override`` merged in, nested dicts key by key (the explicit config wins)."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, Mapping) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -88,14 +91,19 @@ def build_config(
     if offload_optimizer and zero_stage == 0:
         raise DeepSpeedConfigError("offload_optimizer=True needs zero_stage >= 1 (DeepSpeed offloads ZeRO partitions).")
     if offload_parameters and zero_stage != 3:
-        raise DeepSpeedConfigError(f"offload_parameters=True needs zero_stage=3 (parameters are only partitioned by ZeRO-3), got zero_stage={zero_stage}.")
+        raise DeepSpeedConfigError(
+            "offload_parameters=True needs zero_stage=3 (parameters are only partitioned by ZeRO-3), got"
+            f" zero_stage={zero_stage}."
+        )
     if gradient_clip_val and gradient_clip_algorithm not in (None, "norm"):
         raise DeepSpeedConfigError(
             f"DeepSpeed clips gradients by norm only; got gradient_clip_algorithm={gradient_clip_algorithm!r}."
             " Use Trainer(gradient_clip_algorithm='norm')."
         )
     if precision not in _PRECISION_KEYS:
-        raise DeepSpeedConfigError(f"precision {precision!r} is not supported with DeepSpeed; use 32-true, bf16-mixed, bf16-true or 16-mixed.")
+        raise DeepSpeedConfigError(
+            f"precision {precision!r} is not supported with DeepSpeed; use 32-true, bf16-mixed, bf16-true or 16-mixed."
+        )
     zero: dict[str, Any] = {"stage": zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -131,7 +139,9 @@ def attach_to_process_group() -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
 
-def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer | None, config: dict[str, Any], mpu: Any) -> tuple[Any, Any]:
+def initialize_engine(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, config: dict[str, Any], mpu: Any
+) -> tuple[Any, Any]:
     """``deepspeed.initialize`` on the existing process groups; returns ``(engine, engine optimizer)``.
 
     ``optimizer`` is the client optimizer from ``configure_optimizers`` (None when ``config`` has an
@@ -190,16 +200,24 @@ def read_layout(directory: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def layout_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[str]:
+def layout_differences(
+    saved: Mapping[str, Any] | None, current: Mapping[str, Any], keys: Iterable[str] | None = None
+) -> list[str]:
     """The settings in which a checkpoint's recorded layout (``checkpoint["seqpar"]`` or :func:`read_layout`) differs
     from this run's, one ``"key: checkpoint X, now Y"`` line each, over ``keys`` (default: every key of ``current``).
     Empty when nothing differs or nothing was recorded."""
     if not saved:
         return []
-    return [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in (keys or current) if saved.get(key) != current.get(key)]
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+        for key in (keys or current)
+        if saved.get(key) != current.get(key)
+    ]
 
 
-def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, load_universal: bool) -> bool:
+def check_resume_layout(
+    directory: str | os.PathLike, saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, load_universal: bool
+) -> bool:
     """Whether the ZeRO shards under ``directory`` must be re-laid out for this run (:mod:`lightning_seqpar.relayout`).
 
     Returns False when the shards load as they are (same ``dp * sp`` and ZeRO stage, or ``load_universal``) and
@@ -218,10 +236,10 @@ def check_resume_layout(directory: str | os.PathLike, saved: Mapping[str, Any] |
         written = ", ".join(f"{k}={saved.get(k)}" for k in keys)
         now = ", ".join(f"{k}={current.get(k)}" for k in keys)
         raise DeepSpeedConfigError(
-            f"checkpoint {str(directory)!r} was written with {written}; this run has {now}. Optimizer state moves between"
-            " ZeRO layouts (any data x sequence size, ZeRO stage 1-3) but not into or out of pipeline stages or ZeRO-0."
-            " Resume with the same settings, or start from its fp32 weights (the optimizer state restarts):"
-            f" python -m lightning_seqpar.consolidate {shlex.quote(str(directory))} weights.pt"
+            f"checkpoint {str(directory)!r} was written with {written}; this run has {now}. Optimizer state moves"
+            " between ZeRO layouts (any data x sequence size, ZeRO stage 1-3) but not into or out of pipeline stages"
+            " or ZeRO-0. Resume with the same settings, or start from its fp32 weights (the optimizer state"
+            f" restarts): python -m lightning_seqpar.consolidate {shlex.quote(str(directory))} weights.pt"
             " then module.load_state_dict(torch.load('weights.pt')['state_dict']) and fit without ckpt_path."
         )
     return True
@@ -250,14 +268,17 @@ def _lightning_state(checkpoint_dir: Path, tag: str | None) -> dict[str, Any]:
     return {}
 
 
-def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike | None = None, tag: str | None = None) -> dict[str, torch.Tensor]:
+def consolidate_checkpoint(
+    checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike | None = None, tag: str | None = None
+) -> dict[str, torch.Tensor]:
     """Rebuild the full fp32 ``state_dict`` of the LightningModule from a sharded DeepSpeed checkpoint (one process).
 
     Args:
         checkpoint_dir: The directory Lightning wrote (``.../epoch=0-step=4.ckpt/``), holding ``checkpoint/``.
         output_file: If given, save one Lightning checkpoint file there: the full ``state_dict`` with the rest of
             what Lightning saved (``hyper_parameters``, epoch and step, callbacks, a module's own keys), so that
-            ``LightningModule.load_from_checkpoint(output_file)``, ``load_state_dict`` and ``Trainer.test(ckpt_path=...)``
+            ``LightningModule.load_from_checkpoint(output_file)``, ``load_state_dict`` and
+            ``Trainer.test(ckpt_path=...)``
             read it. Optimizer states stay in the shards.
         tag: The tag sub-directory; default: DeepSpeed's ``latest`` file, else ``checkpoint``.
 

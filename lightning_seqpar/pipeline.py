@@ -83,7 +83,9 @@ def check_ownership(module: nn.Module, layers: Sequence[nn.Module]) -> None:
     if twice:
         problems.append(f"in more than one layer: {', '.join(twice)}")
     if foreign:
-        problems.append(f"layers {foreign} hold parameters that are not {type(module).__name__}'s (they would not be saved)")
+        problems.append(
+            f"layers {foreign} hold parameters that are not {type(module).__name__}'s (they would not be saved)"
+        )
     raise PipelineError(
         f"{type(module).__name__}.pipeline_layers() must hold every trainable parameter of the module exactly once;"
         f" parameters {'; '.join(problems)}. Register what a layer computes with as its submodules or parameters"
@@ -93,15 +95,17 @@ def check_ownership(module: nn.Module, layers: Sequence[nn.Module]) -> None:
 
 
 def pipeline_grid(topology: Topology) -> Any:
-    """DeepSpeed's ``PipeDataParallelTopology(num_pp=pp, num_dp=dp*sp)``, checked to number ranks as ``topology`` does."""
+    """DeepSpeed's ``PipeDataParallelTopology(num_pp=pp, num_dp=dp*sp)``, checked to number ranks as ``topology``
+    does."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     attach_to_process_group()
     grid = PipeDataParallelTopology(num_pp=topology.pp, num_dp=topology.dp * topology.sp)
     coordinate = grid.get_coord(topology.rank)
-    assert (coordinate.pipe, coordinate.data) == (topology.pp_rank, topology.dp_rank * topology.sp + topology.sp_rank), (
-        f"DeepSpeed's pipeline grid places rank {topology.rank} at {coordinate}, not at {topology.describe()}"
-    )
+    assert (coordinate.pipe, coordinate.data) == (
+        topology.pp_rank,
+        topology.dp_rank * topology.sp + topology.sp_rank,
+    ), f"DeepSpeed's pipeline grid places rank {topology.rank} at {coordinate}, not at {topology.describe()}"
     return grid
 
 
@@ -110,12 +114,14 @@ def declared_layers(module: nn.Module) -> list[nn.Module]:
     declare = getattr(module, "pipeline_layers", None)
     if not callable(declare):
         raise PipelineError(
-            f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_layers(): the forward as a list of"
-            " modules applied one after the other (layers before the block stack, the blocks, layers after it), and"
-            " pipeline_loss(outputs, targets). See docs/sharding.md, 'Pipeline stages'."
+            f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_layers(): the forward as a list"
+            " of modules applied one after the other (layers before the block stack, the blocks, layers after it),"
+            " and pipeline_loss(outputs, targets). See docs/sharding.md, 'Pipeline stages'."
         )
     if not callable(getattr(module, "pipeline_loss", None)):
-        raise PipelineError(f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_loss(outputs, targets).")
+        raise PipelineError(
+            f"SeqParStrategy(pipeline_stages>1) needs {type(module).__name__}.pipeline_loss(outputs, targets)."
+        )
     layers = list(declare())
     if not all(isinstance(layer, nn.Module) for layer in layers):
         raise PipelineError("pipeline_layers() must return nn.Module instances (wrap functions in a small module).")
@@ -126,7 +132,9 @@ def block_run(module: nn.Module, layers: Sequence[nn.Module], stages: int) -> tu
     """``(first, stop, blocks)``: where the largest block stack sits in ``layers``; raises if it is not one run."""
     stacks = find_block_stacks(module)
     if not stacks:
-        raise PipelineError(f"found no stack of repeated blocks in {type(module).__name__} to cut into pipeline stages.")
+        raise PipelineError(
+            f"found no stack of repeated blocks in {type(module).__name__} to cut into pipeline stages."
+        )
     path, stack = stacks[0]
     blocks = list(stack)
     positions = [next((i for i, layer in enumerate(layers) if layer is block), None) for block in blocks]
@@ -137,10 +145,15 @@ def block_run(module: nn.Module, layers: Sequence[nn.Module], stages: int) -> tu
             " each, in order and next to each other."
         )
     if len(blocks) < stages:
-        raise PipelineError(f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one.")
+        raise PipelineError(
+            f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one."
+        )
     others = [layer for layer in layers if not any(layer is b for b in blocks)]
     if any(type(layer) is type(blocks[0]) for layer in others):
-        raise PipelineError(f"a layer outside the block stack has the block class {type(blocks[0]).__name__}; wrap it in another module.")
+        raise PipelineError(
+            f"a layer outside the block stack has the block class {type(blocks[0]).__name__}; wrap it in another"
+            " module."
+        )
     return first, first + len(blocks), blocks
 
 
@@ -157,10 +170,19 @@ def build_pipeline_module(module: nn.Module, topology: Topology) -> tuple[Any, l
     grid = pipeline_grid(topology)
     # Blocks weigh 1, everything else 0: blocks spread evenly, the rest stays with its neighbouring blocks.
     name = type(blocks[0]).__name__
-    net = PipelineModule(layers=layers, num_stages=topology.pp, topology=grid, loss_fn=module.pipeline_loss, partition_method=f"type:^{name}$")
+    net = PipelineModule(
+        layers=layers,
+        num_stages=topology.pp,
+        topology=grid,
+        loss_fn=module.pipeline_loss,
+        partition_method=f"type:^{name}$",
+    )
     parts = [int(p) for p in net.parts]
     if parts[1] <= first or parts[-2] >= stop:
-        raise PipelineError(f"the stages {parts} put no block on the first or the last stage; layers: {len(layers)}, blocks at [{first}, {stop}).")
+        raise PipelineError(
+            f"the stages {parts} put no block on the first or the last stage; layers: {len(layers)}, blocks at"
+            f" [{first}, {stop})."
+        )
     return net, blocks
 
 
@@ -185,7 +207,8 @@ def enter_stage_regions(applied: AppliedPlan, net: nn.Module, blocks: Sequence[n
 
 
 def split_batch(batch: Any, micro_batches: int) -> list[Any]:
-    """Cut every tensor of ``batch`` (a tensor or a tuple/list of them) into ``micro_batches`` equal parts along dim 0."""
+    """Cut every tensor of ``batch`` (a tensor or a tuple/list of them) into ``micro_batches`` equal parts along dim
+    0."""
     tensors = [batch] if isinstance(batch, Tensor) else list(batch)
     size = tensors[0].shape[0]
     if size % micro_batches:
@@ -232,7 +255,9 @@ def load_pipeline_checkpoint(module: nn.Module, directory: Any, tag: str) -> dic
     folder = Path(directory) / tag
     files = sorted(folder.glob("layer_*-model_states.pt"))
     if not files:
-        raise PipelineError(f"{folder} holds no pipeline layer files (layer_XX-model_states.pt): not a checkpoint of pipeline stages.")
+        raise PipelineError(
+            f"{folder} holds no pipeline layer files (layer_XX-model_states.pt): not a checkpoint of pipeline stages."
+        )
     name_of = {id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]}
     if has_contract(module):
         layers = declared_layers(module)
@@ -248,7 +273,10 @@ def load_pipeline_checkpoint(module: nn.Module, directory: Any, tag: str) -> dic
         for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
             name = keys[index].get(key) if index < len(keys) else None
             if name is None:
-                raise PipelineError(f"{file.name} holds {key!r}, which matches no parameter of {type(module).__name__}: the checkpoint was written by another model or stage layout.")
+                raise PipelineError(
+                    f"{file.name} holds {key!r}, which matches no parameter of {type(module).__name__}: the checkpoint"
+                    " was written by another model or stage layout."
+                )
             target = targets[name]
             target.data = value.to(device=target.device, dtype=target.dtype)
             loaded.add(name)
@@ -256,4 +284,8 @@ def load_pipeline_checkpoint(module: nn.Module, directory: Any, tag: str) -> dic
     if missing:
         raise PipelineError(f"the pipeline checkpoint {folder} lacks {', '.join(missing)}.")
     client = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v for k, v in client.items() if k not in ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes")}
+    return {
+        k: v
+        for k, v in client.items()
+        if k not in ("module", "optimizer", "lr_scheduler", "buffer_names", "param_shapes")
+    }

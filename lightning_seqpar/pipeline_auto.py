@@ -1,4 +1,5 @@
-"""Pipeline stages from the LightningModule's own steps: each stage runs the step with the blocks it does not own skipped.
+"""Pipeline stages from the LightningModule's own steps: each stage runs the step with the blocks it does not own
+skipped.
 
 No ``pipeline_layers()`` needed. The block stack the sequence-parallel plan already found is split evenly over the
 stages; every stage calls the module's own ``training_step`` / ``validation_step`` / ``test_step`` /
@@ -32,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_seqpar.wrapping import wrap_forward
 from lightning_seqpar.pipeline import PipelineError
 from lightning_seqpar.plan import find_block_stacks
+from lightning_seqpar.wrapping import wrap_forward
 
 
 class _StageDone(Exception):
@@ -56,7 +57,8 @@ def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor | None, Callable[[T
 
 
 def block_stack(module: nn.Module, stages: int) -> tuple[str, list[nn.Module]]:
-    """``(path, blocks)`` of the largest block stack; raises :class:`PipelineError` if there is none or too few blocks."""
+    """``(path, blocks)`` of the largest block stack; raises :class:`PipelineError` if there is none or too few
+    blocks."""
     stacks = find_block_stacks(module)
     if not stacks:
         raise PipelineError(
@@ -68,12 +70,15 @@ def block_stack(module: nn.Module, stages: int) -> tuple[str, list[nn.Module]]:
     blocks = list(stack)
     if isinstance(blocks[0], (nn.ModuleList, nn.ModuleDict)):
         raise PipelineError(
-            f"the blocks of '{path}' in {type(module).__name__} are {type(blocks[0]).__name__} containers that their owner"
-            " loops over (with the residual additions in the owner's forward), so a stage cannot skip a block by"
-            " passing its input on. Write pipeline_layers() and pipeline_loss() (docs/sharding.md, 'Pipeline stages')."
+            f"the blocks of '{path}' in {type(module).__name__} are {type(blocks[0]).__name__} containers that their"
+            " owner loops over (with the residual additions in the owner's forward), so a stage cannot skip a block"
+            " by passing its input on. Write pipeline_layers() and pipeline_loss() (docs/sharding.md, 'Pipeline"
+            " stages')."
         )
     if len(blocks) < stages:
-        raise PipelineError(f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one.")
+        raise PipelineError(
+            f"pipeline_stages={stages} but '{path}' has only {len(blocks)} blocks: every stage needs one."
+        )
     return path, blocks
 
 
@@ -93,7 +98,10 @@ class StageRunner:
     ``bounds[s]:bounds[s+1]`` are the blocks of stage ``s``.
     """
 
-    def __init__(self, module: nn.Module, path: str, blocks: Sequence[nn.Module], bounds: Sequence[int], stage: int, on_region_end: Callable[[], None]) -> None:
+    def __init__(
+        self, module: nn.Module, path: str, blocks: Sequence[nn.Module], bounds: Sequence[int], stage: int,
+        on_region_end: Callable[[], None],
+    ) -> None:
         self.module_name, self.path, self.blocks = type(module).__name__, path, list(blocks)
         self.bounds, self.stage = list(bounds), stage
         self.stages = len(bounds) - 1
@@ -124,7 +132,10 @@ class StageRunner:
                 self._called(index)
                 x, _ = _first_tensor(args, kwargs)
                 if x is None:
-                    raise PipelineError(f"{self.path}.{index} was called without a tensor argument; pipeline stages pass the first tensor argument of each block on.")
+                    raise PipelineError(
+                        f"{self.path}.{index} was called without a tensor argument; pipeline stages pass the first"
+                        " tensor argument of each block on."
+                    )
                 return x  # a block of another stage: its input passes through
 
             return forward
@@ -143,7 +154,8 @@ class StageRunner:
             assert received is not None, "a later stage runs a step without the previous stage's activation"
             if local is None or local.shape != received.shape:
                 raise PipelineError(
-                    f"stage {self.stage} received an activation of shape {tuple(received.shape)} for {self.path}.{index},"
+                    f"stage {self.stage} received an activation of shape {tuple(received.shape)} for"
+                    f" {self.path}.{index},"
                     f" but {self.module_name}'s own forward gives that block an input of shape"
                     f" {None if local is None else tuple(local.shape)}. {self._chain_help()}"
                 )
@@ -154,15 +166,25 @@ class StageRunner:
     def _called(self, index: int) -> None:
         """Record a block call; a second call in one step (the model run twice) cannot be split into stages."""
         if index in self.calls:
-            raise PipelineError(f"{self.module_name}'s step called {self.path}.{index} twice (blocks so far: {self.calls}). {self._chain_help()}")
+            raise PipelineError(
+                f"{self.module_name}'s step called {self.path}.{index} twice (blocks so far: {self.calls})."
+                f" {self._chain_help()}"
+            )
         self.calls.append(index)
 
     def _leave(self, block: nn.Module, args: tuple, output: Any) -> None:
         if not self.active:
             return
-        tensor = output if isinstance(output, Tensor) else (output[0] if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) else None)
+        tensor = (
+            output
+            if isinstance(output, Tensor)
+            else (output[0] if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) else None)
+        )
         if tensor is None:
-            raise PipelineError(f"{self.path}.{self.stop - 1} returned {type(output).__name__}; pipeline stages need blocks that return a tensor (or a tuple starting with one).")
+            raise PipelineError(
+                f"{self.path}.{self.stop - 1} returned {type(output).__name__}; pipeline stages need blocks that"
+                " return a tensor (or a tuple starting with one)."
+            )
         # Sent to the next stage by a point-to-point collective, which needs one contiguous buffer: gloo refuses a
         # strided view and NCCL sends its storage as if it were contiguous (wrong values, no error). timm's
         # VisionTransformer hands its blocks such views.
@@ -176,7 +198,8 @@ class StageRunner:
         )
 
     def run(self, step: Callable[[], Any], received: Tensor | None) -> tuple[bool, Any]:
-        """Call ``step()`` as this stage: ``(False, activation to send)`` on a non-last stage, ``(True, step output)`` on the last."""
+        """Call ``step()`` as this stage: ``(False, activation to send)`` on a non-last stage, ``(True, step output)``
+        on the last."""
         self.active, self.received, self.calls = True, received, []
         try:
             output = step()
@@ -187,7 +210,10 @@ class StageRunner:
             self.active, self.received = False, None
             self._on_region_end()
         if not self.is_last:
-            raise PipelineError(f"{self.module_name}'s step returned before calling {self.path}.{self.stop - 1}, the last block of stage {self.stage}. {self._chain_help()}")
+            raise PipelineError(
+                f"{self.module_name}'s step returned before calling {self.path}.{self.stop - 1}, the last block of"
+                f" stage {self.stage}. {self._chain_help()}"
+            )
         self._check_calls(len(self.blocks))
         return True, output
 
@@ -202,7 +228,9 @@ class StageRunner:
 # --- ownership of the parameters ------------------------------------------------------------------------
 
 
-def stage_parameters(module: nn.Module, blocks: Sequence[nn.Module], bounds: Sequence[int]) -> list[list[tuple[str, nn.Parameter]]]:
+def stage_parameters(
+    module: nn.Module, blocks: Sequence[nn.Module], bounds: Sequence[int]
+) -> list[list[tuple[str, nn.Parameter]]]:
     """The ``(name, parameter)`` pairs each stage trains: its blocks; before the stack (by registration order) the
     first stage, after it the last. Every parameter of ``module`` appears exactly once."""
     stages = len(bounds) - 1
@@ -241,7 +269,9 @@ def split_micro_batches(batch: Any, micro_batches: int, *, equal: bool) -> list[
     leaves, spec = tree_flatten(batch)
     sizes = [leaf.shape[0] for leaf in leaves if isinstance(leaf, Tensor) and leaf.dim() > 0]
     if not sizes:
-        raise PipelineError(f"pipeline stages cut batches along dim 0, but this batch ({type(batch).__name__}) holds no tensor.")
+        raise PipelineError(
+            f"pipeline stages cut batches along dim 0, but this batch ({type(batch).__name__}) holds no tensor."
+        )
     size = sizes[0]
     if micro_batches == 1:
         return [batch]
@@ -251,8 +281,15 @@ def split_micro_batches(batch: Any, micro_batches: int, *, equal: bool) -> list[
             " batch size divisible by micro_batches (DeepSpeed's pipeline averages equal micro-batches)."
         )
     parts = min(micro_batches, size)
-    split = [list(leaf.tensor_split(parts, dim=0)) if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size else None for leaf in leaves]
-    return [tree_unflatten([s[i] if s is not None else leaf for s, leaf in zip(split, leaves)], spec) for i in range(parts)]
+    split = [
+        list(leaf.tensor_split(parts, dim=0))
+        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
+        else None
+        for leaf in leaves
+    ]
+    return [
+        tree_unflatten([s[i] if s is not None else leaf for s, leaf in zip(split, leaves)], spec) for i in range(parts)
+    ]
 
 
 def combine_outputs(outputs: Sequence[Any], sizes: Sequence[int]) -> Any:

@@ -82,7 +82,9 @@ class LastStageMirror:
             self._load_metric_states(received["metrics"])
         return received["records"], received["outputs"]
 
-    def replay(self, records: list, micro_batches: Sequence[Any], set_batch: Callable[[Any], None], device: torch.device) -> None:
+    def replay(
+        self, records: list, micro_batches: Sequence[Any], set_batch: Callable[[Any], None], device: torch.device
+    ) -> None:
         """Non-last stages: call ``module.log`` as the last stage did, micro-batch by micro-batch."""
         if self.is_last:
             return
@@ -120,14 +122,19 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 # --- forward-only schedule --------------------------------------------------------------------------------
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8, torch.int16]
+_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8,
+    torch.int8, torch.int16,
+]
 _HEADER = 10  # dtype, ndim, up to 8 dims
 
 
 def send_activation(tensor: Tensor, dst: int) -> None:
     """Send ``tensor`` (any shape and dtype) to global rank ``dst``: a small header with its shape, then the data."""
     if tensor.dim() > _HEADER - 2:
-        raise PipelineError(f"pipeline stages pass activations of at most {_HEADER - 2} dimensions, got {tensor.dim()}.")
+        raise PipelineError(
+            f"pipeline stages pass activations of at most {_HEADER - 2} dimensions, got {tensor.dim()}."
+        )
     header = torch.zeros(_HEADER, dtype=torch.int64, device=tensor.device)
     header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
     header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
@@ -161,7 +168,10 @@ class PipelineStages:
         explicit: True when the module trains through its own ``pipeline_layers()`` chain.
     """
 
-    def __init__(self, module: nn.Module, topology: Any, runtime_end: Callable[[], None], path: str, blocks: Sequence[nn.Module], bounds: Sequence[int], explicit: bool = False) -> None:
+    def __init__(
+        self, module: nn.Module, topology: Any, runtime_end: Callable[[], None], path: str,
+        blocks: Sequence[nn.Module], bounds: Sequence[int], explicit: bool = False,
+    ) -> None:
         self.module, self.topology, self.explicit = module, topology, explicit
         self.path, self.blocks, self.bounds = path, list(blocks), list(bounds)
         self.stage, self.stages = topology.pp_rank, topology.pp
@@ -173,7 +183,8 @@ class PipelineStages:
         self.mirror = LastStageMirror(module, dist.get_global_rank(group, self.stages - 1), group, self.is_last)
         every_stage = stage_parameters(module, blocks, bounds)
         self.owned: list[tuple[str, nn.Parameter]] = every_stage[self.stage]
-        self.owner: dict[int, int] = {id(p): s for s, pairs in enumerate(every_stage) for _, p in pairs}  # which stage trains each
+        # which stage trains each
+        self.owner: dict[int, int] = {id(p): s for s, pairs in enumerate(every_stage) for _, p in pairs}
         self._released: dict[int, torch.Size] = {}
         self._queue: Iterator[tuple[int, Any]] = iter(())
         self._step: Callable[[Any], Any] = lambda micro: None
@@ -183,7 +194,9 @@ class PipelineStages:
         """Free the parameters of the blocks other stages train: this rank never runs them, so a model too large for
         one device fits across the stages. :meth:`restore_full_weights` brings them back at the end of the fit."""
         prefix = f"{self.path}."
-        shared = {id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)}
+        shared = {
+            id(p) for name, p in self.module.named_parameters(remove_duplicate=False) if not name.startswith(prefix)
+        }
         for i, block in enumerate(self.blocks):
             if not self.runner.start <= i < self.runner.stop:
                 for p in block.parameters():
@@ -220,17 +233,23 @@ class PipelineStages:
 
     def check_weights(self) -> None:
         """Raise if a block this stage runs has released parameters (it was trained on another stage)."""
-        released = [f"{self.path}.{i}" for i in range(self.runner.start, self.runner.stop) if any(p.numel() == 0 for p in self.blocks[i].parameters())]
+        released = [
+            f"{self.path}.{i}"
+            for i in range(self.runner.start, self.runner.stop)
+            if any(p.numel() == 0 for p in self.blocks[i].parameters())
+        ]
         if released:
             raise PipelineError(
-                f"stage {self.stage} would run {', '.join(released)}, whose weights live on another stage since a fit with"
-                " pipeline stages. Evaluate with the Trainer that fitted (its stages keep their blocks), or load the full"
-                " weights first: module.load_state_dict(trainer.strategy.full_state_dict()) right after fit, or from"
-                " a checkpoint consolidated with python -m lightning_seqpar.consolidate."
+                f"stage {self.stage} would run {', '.join(released)}, whose weights live on another stage since a fit"
+                " with pipeline stages. Evaluate with the Trainer that fitted (its stages keep their blocks), or load"
+                " the full weights first: module.load_state_dict(trainer.strategy.full_state_dict()) right after fit,"
+                " or from a checkpoint consolidated with python -m lightning_seqpar.consolidate."
             )
 
     @classmethod
-    def automatic(cls, module: nn.Module, topology: Any, runtime_end: Callable[[], None], bounds: Sequence[int] | None = None) -> PipelineStages:
+    def automatic(
+        cls, module: nn.Module, topology: Any, runtime_end: Callable[[], None], bounds: Sequence[int] | None = None
+    ) -> PipelineStages:
         """Stages over the largest block stack, split evenly (or at ``bounds``)."""
         path, blocks = block_stack(module, topology.pp)
         return cls(module, topology, runtime_end, path, blocks, bounds or even_split(len(blocks), topology.pp))
@@ -248,9 +267,15 @@ class PipelineStages:
         """DeepSpeed's ``PipelineModule`` with one :class:`StageLayer` per stage (this rank builds only its own)."""
         from deepspeed.pipe import PipelineModule
 
-        layers = [StageLayer([p for _, p in self.owned], self._train_micro_batch) if s == self.stage else nn.Identity() for s in range(self.stages)]
+        layers = [
+            StageLayer([p for _, p in self.owned], self._train_micro_batch) if s == self.stage else nn.Identity()
+            for s in range(self.stages)
+        ]
         # uniform: one layer per stage; dynamic_shape: a smaller last batch sends its shapes again.
-        return PipelineModule(layers=layers, num_stages=self.stages, topology=grid, loss_fn=None, partition_method="uniform", dynamic_shape=True)
+        return PipelineModule(
+            layers=layers, num_stages=self.stages, topology=grid, loss_fn=None, partition_method="uniform",
+            dynamic_shape=True,
+        )
 
     def guard_first_step(self, engine: Any) -> None:
         """Before the engine's first optimizer step, check that no stage computed gradients for parameters it does
@@ -288,7 +313,8 @@ class PipelineStages:
         )
 
     def train(self, engine: Any, batch: Any, batch_idx: int, micro_batches: int, context: Callable[[], Any]) -> Tensor:
-        """One optimizer step on one DataLoader batch, cut into ``micro_batches``; returns the mean loss (every rank)."""
+        """One optimizer step on one DataLoader batch, cut into ``micro_batches``; returns the mean loss (every
+        rank)."""
         micro = split_micro_batches(batch, micro_batches, equal=True)
         self._queue, self._context = iter(enumerate(micro)), context
         self._step = lambda m: self.module.training_step(m, batch_idx)
@@ -313,13 +339,19 @@ class PipelineStages:
             return output
         loss = output.get("loss") if isinstance(output, dict) else output
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise PipelineError(f"with pipeline stages {type(self.module).__name__}.training_step must return the loss (a scalar tensor or a dict with 'loss'), got {type(output).__name__}.")
+            raise PipelineError(
+                f"with pipeline stages {type(self.module).__name__}.training_step must return the loss (a scalar"
+                f" tensor or a dict with 'loss'), got {type(output).__name__}."
+            )
         return loss.reshape(())
 
     # --- evaluation ---
 
-    def evaluate(self, hook: str, batch: Any, args: tuple, kwargs: dict, micro_batches: int, context: Callable[[], Any]) -> Any:
-        """``module.<hook>(batch, *args, **kwargs)`` through the stages, forward only; the output (same on every rank)."""
+    def evaluate(
+        self, hook: str, batch: Any, args: tuple, kwargs: dict, micro_batches: int, context: Callable[[], Any]
+    ) -> Any:
+        """``module.<hook>(batch, *args, **kwargs)`` through the stages, forward only; the output (same on every
+        rank)."""
         micro = split_micro_batches(batch, micro_batches, equal=False)
         step = getattr(self.module, hook)
         outputs, sizes = [], []
@@ -369,9 +401,14 @@ def build_training_stages(module: nn.Module, topology: Any, applied: Any) -> tup
         path, _ = find_block_stacks(module)[0]
         first = next(i for i, layer in enumerate(net._layer_specs) if layer is blocks[0])
         inner = [min(max(int(p) - first, 0), len(blocks)) for p in net.parts[1:-1]]
-        stages = PipelineStages(module, topology, applied.runtime.exit, path, blocks, [0, *inner, len(blocks)], explicit=True)
+        stages = PipelineStages(
+            module, topology, applied.runtime.exit, path, blocks, [0, *inner, len(blocks)], explicit=True
+        )
         parts = [int(p) for p in net.parts]  # layer i trains on the stage s with parts[s] <= i < parts[s + 1]
-        stages.owner = {id(p): s for s in range(topology.pp) for layer in net._layer_specs[parts[s] : parts[s + 1]] for p in layer.parameters()}
+        stages.owner = {
+            id(p): s for s in range(topology.pp) for layer in net._layer_specs[parts[s] : parts[s + 1]]
+            for p in layer.parameters()
+        }
     else:
         stages = PipelineStages.automatic(module, topology, applied.runtime.exit)
         net = stages.build_pipeline_module(pipeline.pipeline_grid(topology))

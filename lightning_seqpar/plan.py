@@ -1,4 +1,5 @@
-"""The sequence-parallel plan of a model: which module shards the tokens, which gathers them, which attentions become distributed.
+"""The sequence-parallel plan of a model: which module shards the tokens, which gathers them, which attentions become
+distributed.
 
 A plan is a mapping from a dotted path in the model (``fnmatch`` globs allowed) to one or more roles::
 
@@ -61,18 +62,18 @@ from torch import nn
 from lightning_seqpar.attention.registry import choose_attention
 
 RoleKind = Literal[
-    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "shard_arguments", "sequence_parameter",
-    "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
+    "shard_input", "shard_output", "gather_input", "gather_output", "attention", "sdpa", "shard_arguments",
+    "sequence_parameter", "checkpoint", "checkpoint_save_attention", "checkpoint_offload", "chunk", "compile",
 ]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
 _DIM_ROLES = {"shard_input", "shard_output", "gather_input", "gather_output", "sequence_parameter", "chunk"}
 
 __all__ = [
-    "ROLE_KINDS", "PlanError", "Role", "SequenceParallelPlan", "attention_adapter", "attention_head_counts", "block_paths",
-    "choose_attention", "find_block_stacks", "infer_plan", "is_attention_module", "register_attention",
+    "ROLE_KINDS", "PlanError", "Role", "SequenceParallelPlan", "attention_adapter", "attention_head_counts",
+    "block_paths", "choose_attention", "find_block_stacks", "infer_plan", "is_attention_module", "register_attention",
 ]
 
-PlanLike = Union["SequenceParallelPlan", Mapping[str, Union[str, Sequence[str]]]]
+PlanLike = Union["SequenceParallelPlan", Mapping[str, str | Sequence[str]]]
 
 
 class PlanError(ValueError):
@@ -90,7 +91,9 @@ class Role:
     def parse(cls, text: str) -> Role:
         name, _, dim = text.strip().partition(":")
         if name not in ROLE_KINDS:
-            raise PlanError(f"unknown plan role {text.strip()!r}; roles are {', '.join(ROLE_KINDS)} (with ':DIM' for shard/gather).")
+            raise PlanError(
+                f"unknown plan role {text.strip()!r}; roles are {', '.join(ROLE_KINDS)} (with ':DIM' for shard/gather)."
+            )
         if name in _DIM_ROLES:
             try:
                 value = int(dim) if dim else (None if name == "chunk" else 1)
@@ -163,7 +166,9 @@ class SequenceParallelPlan(Mapping[str, tuple[Role, ...]]):
                     )
                 resolved.extend((m, role) for m in matches)
         for path, role in resolved:
-            if role.kind in (_DIM_ROLES | {"compile"}) - {"sequence_parameter", "chunk"} and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
+            if role.kind in (_DIM_ROLES | {"compile"}) - {"sequence_parameter", "chunk"} and isinstance(
+                modules[path], (nn.ModuleList, nn.ModuleDict)
+            ):
                 raise PlanError(
                     f"plan entry {path!r} ({role}) is a {type(modules[path]).__name__}, which is never called, so the"
                     " role would never take effect there. Put it on the module that runs the blocks (or on each block)."
@@ -211,7 +216,11 @@ def is_attention_module(module: nn.Module) -> bool:
     """Whether ``module`` looks like the attention of a transformer block: a registered class,
     ``nn.MultiheadAttention``, or a class whose name contains "Attention" (timm ``Attention``/``EvaAttention``,
     Hugging Face ``ViTAttention``/``Dinov2Attention``, vit-pytorch ``Attention``)."""
-    return attention_adapter(module) is not None or isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+    return (
+        attention_adapter(module) is not None
+        or isinstance(module, nn.MultiheadAttention)
+        or "attention" in type(module).__name__.lower()
+    )
 
 
 def _outermost_attentions(block: nn.Module) -> list[str]:
@@ -269,7 +278,10 @@ def infer_plan(root: nn.Module) -> SequenceParallelPlan:
     # the region is then the module that owns the stack and loops over it.
     containers = isinstance(stack[0], (nn.ModuleList, nn.ModuleDict))
     if containers and not path:
-        raise PlanError(f"the block stack of {type(root).__name__} holds containers and has no owner to shard at; pass an explicit plan.")
+        raise PlanError(
+            f"the block stack of {type(root).__name__} holds containers and has no owner to shard at; pass an explicit"
+            " plan."
+        )
     entry, exit_ = (path.rpartition(".")[0],) * 2 if containers else (f"{prefix}0", f"{prefix}{len(stack) - 1}")
     if containers and not entry:
         raise PlanError(

@@ -36,8 +36,16 @@ class FullState:
 def _partition_states(shard: dict[str, Any], stage: int) -> tuple[list[Tensor], dict[int, dict[str, Any]], list[dict]]:
     """(fp32 partitions per group, base optimizer state per group, param groups) of one rank's optimizer file."""
     if stage <= 2:
-        return shard["single_partition_of_fp32_groups"], shard["base_optimizer_state"]["state"], shard["base_optimizer_state"]["param_groups"]
-    return shard["fp32_flat_groups"], shard["optimizer_state_dict"]["state"], shard["optimizer_state_dict"]["param_groups"]
+        return (
+            shard["single_partition_of_fp32_groups"],
+            shard["base_optimizer_state"]["state"],
+            shard["base_optimizer_state"]["param_groups"],
+        )
+    return (
+        shard["fp32_flat_groups"],
+        shard["optimizer_state_dict"]["state"],
+        shard["optimizer_state_dict"]["param_groups"],
+    )
 
 
 def read_full_state(ds_dir: str | os.PathLike) -> FullState:
@@ -50,7 +58,10 @@ def read_full_state(ds_dir: str | os.PathLike) -> FullState:
 
     model_files = z.get_model_state_files(str(ds_dir))
     zero_model_states = z.parse_model_states(model_files)
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in z.get_optim_files(str(ds_dir))]
+    shards = [
+        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for f in z.get_optim_files(str(ds_dir))
+    ]
     if not shards or "zero_stage" not in shards[0]:
         raise ValueError(f"{ds_dir} holds no ZeRO optimizer shards (*_optim_states.pt).")
     stage = int(shards[0]["zero_stage"])
@@ -69,7 +80,9 @@ def read_full_state(ds_dir: str | os.PathLike) -> FullState:
     for key, groups in flat_groups.items():
         state: dict[str, Any] = OrderedDict()
         if stage <= 2:
-            z._zero2_merge_trainable_params(state, world, groups, zero_model_states, shards[0].get("param_alignment_paddings"))
+            z._zero2_merge_trainable_params(
+                state, world, groups, zero_model_states, shards[0].get("param_alignment_paddings")
+            )
         else:
             z._zero3_merge_trainable_params(state, world, groups, zero_model_states)
             state = z.to_torch_tensor(state)
@@ -141,7 +154,9 @@ def _create_optimizer_state(engine: Any, base: torch.optim.Optimizer, state: Ful
     parameter afterwards) and scalars: torch optimizers create their state at the first step, DeepSpeed links
     its per-parameter views of it after that step, so neither exists yet on a fresh engine."""
     # ZeRO-3 keeps its flat partitions out of the optimizer's groups between steps.
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+        p for g in base.param_groups for p in g["params"]
+    ]
     for flat in flats:
         partition_state = base.state[flat]
         for key in state.optimizer:

@@ -187,8 +187,8 @@ def check_same_batch(batch: Any, topology: Topology, what: str, device: torch.de
         differing = _disagreement(_gather(checksum, group), group)
         if differing:
             raise SamplerLayoutError(
-                f"the ranks of one {name} group received different batches from the {what} (checksums: {differing}). They"
-                " share every sample, so their loaders must yield the same batches: key samplers to the data-parallel"
-                " rank (trainer.strategy.distributed_sampler_kwargs), not the global rank, and seed any randomness in"
-                " the dataset identically on these ranks."
+                f"the ranks of one {name} group received different batches from the {what} (checksums: {differing})."
+                " They share every sample, so their loaders must yield the same batches: key samplers to the"
+                " data-parallel rank (trainer.strategy.distributed_sampler_kwargs), not the global rank, and seed any"
+                " randomness in the dataset identically on these ranks."
             )

@@ -66,8 +66,9 @@ class ResumableDataLoader(DataLoader):
             samples = served * int(before)
             if samples % now:
                 raise ValueError(
-                    f"the checkpoint stopped after {samples} samples of the epoch ({served} batches of {before} samples over"
-                    f" all data-parallel ranks), which is not a whole number of this run's batches of {now}; resume with a"
+                    f"the checkpoint stopped after {samples} samples of the epoch ({served} batches of {before}"
+                    " samples over all data-parallel ranks), which is not a whole number of this run's batches of"
+                    f" {now}; resume with a"
                     " global batch size that divides it, or at an epoch boundary."
                 )
             served = samples // now
@@ -79,7 +80,9 @@ class ResumableDataLoader(DataLoader):
         if batch_size is None:
             return None
         sampler = getattr(self.batch_sampler, "sampler", None)
-        return int(batch_size) * int(getattr(sampler, "num_replicas", 1) if isinstance(sampler, DistributedSampler) else 1)
+        return int(batch_size) * int(
+            getattr(sampler, "num_replicas", 1) if isinstance(sampler, DistributedSampler) else 1
+        )
 
     def __iter__(self):
         self._consumed = 0

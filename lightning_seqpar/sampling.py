@@ -138,8 +138,9 @@ class EvalShardDataLoader(DataLoader):
 def _rebuild(loader: DataLoader, cls: type[DataLoader], **changes: Any) -> DataLoader:
     kwargs: dict[str, Any] = dict(
         num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-        generator=loader.generator, persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
     )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
@@ -164,8 +165,10 @@ def shard_for_evaluation(loader: DataLoader, num_replicas: int, rank: int, *, pa
     if batch_size is None or not isinstance(inner, (DistributedSampler, SequentialSampler, RandomSampler)):
         _refuse_global_rank_sampler(inner, num_replicas)
         return loader
-    sampler = EvalShardBatchSampler(inner, len(loader.dataset), int(batch_size), bool(getattr(batch_sampler, "drop_last", False)),  # type: ignore[arg-type]
-                                    num_replicas, rank, pad)
+    sampler = EvalShardBatchSampler(
+        inner, len(loader.dataset), int(batch_size), bool(getattr(batch_sampler, "drop_last", False)),  # type: ignore[arg-type]
+        num_replicas, rank, pad,
+    )
     return _rebuild(loader, EvalShardDataLoader, batch_sampler=sampler)
 
 
@@ -209,11 +212,13 @@ def rekey_sampler(loader: DataLoader, num_replicas: int, rank: int) -> DataLoade
         return _rebuild(loader, DataLoader, sampler=sampler, batch_size=None)
     if type(batch_sampler) is not BatchSampler:
         raise SamplerLayoutError(
-            f"the DataLoader's batch sampler {type(batch_sampler).__name__} wraps a DistributedSampler keyed to the global"
-            f" rank; build that DistributedSampler with num_replicas={num_replicas} (data-parallel size) and the"
-            " data-parallel rank (trainer.strategy.distributed_sampler_kwargs)."
+            f"the DataLoader's batch sampler {type(batch_sampler).__name__} wraps a DistributedSampler keyed to the"
+            f" global rank; build that DistributedSampler with num_replicas={num_replicas} (data-parallel size) and"
+            " the data-parallel rank (trainer.strategy.distributed_sampler_kwargs)."
         )
-    return _rebuild(loader, DataLoader, sampler=sampler, batch_size=batch_sampler.batch_size, drop_last=batch_sampler.drop_last)
+    return _rebuild(
+        loader, DataLoader, sampler=sampler, batch_size=batch_sampler.batch_size, drop_last=batch_sampler.drop_last
+    )
 
 
 # --- padding steps: the model runs, nothing is counted ---------------------------------------------------------

@@ -54,7 +54,9 @@ def save_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, dim: int = 1, out_dim: int | None = None) -> Tensor:
+def checkpointed_chunks(
+    fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, dim: int = 1, out_dim: int | None = None
+) -> Tensor:
     """``fn(x)`` for a token-local ``fn``, computed on ``chunks`` slices of ``dim``, each recomputed in backward.
 
     Only the slices' inputs are saved, so ``fn``'s intermediates (an MLP's [B, L, 4D] hidden) exist for one
@@ -64,7 +66,9 @@ def checkpointed_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunks: int, 
     if chunks <= 1 or not torch.is_grad_enabled() or x.shape[dim] < chunks:
         return fn(x)
     pieces = x.chunk(chunks, dim)  # [B, L/chunks, D] views
-    return torch.cat([checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim if out_dim is None else out_dim)
+    return torch.cat(
+        [checkpoint(fn, piece, use_reentrant=False) for piece in pieces], dim if out_dim is None else out_dim
+    )
 
 
 def wrap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Callable[[], None]:
@@ -92,7 +96,9 @@ def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | No
     return wrap_forward(module, lambda inner: lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))
 
 
-def offload_checkpoint(fn: Callable[..., Tensor], x: Tensor, *args: Any, context_fn: Callable | None = None, **kwargs: Any) -> Tensor:
+def offload_checkpoint(
+    fn: Callable[..., Tensor], x: Tensor, *args: Any, context_fn: Callable | None = None, **kwargs: Any
+) -> Tensor:
     """``fn(x, *args, **kwargs)`` recomputed in backward, with ``x`` (and any tensor in ``args``) kept in host memory.
 
     This is ``torch.utils.checkpoint.checkpoint(fn, x, ..., use_reentrant=False)`` inside

@@ -41,7 +41,9 @@ def group():
         yield dist.group.WORLD
         return
     with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        )
         yield dist.group.WORLD
         dist.destroy_process_group()
 
@@ -55,9 +57,14 @@ def test_builtin_kinds_in_order():
 
 def test_unknown_kind_names_the_registered_ones(group):
     listed = "ulysses, lss, ring, hybrid"
-    with pytest.raises(UnknownAttentionKindError, match=f"unknown sequence-parallel attention 'star'; the registered kinds are {listed}"):
+    with pytest.raises(
+        UnknownAttentionKindError,
+        match=f"unknown sequence-parallel attention 'star'; the registered kinds are {listed}",
+    ):
         get_attention_kind("star")
-    with pytest.raises(PlanError, match=f"unknown sequence-parallel attention 'star'; the registered kinds are {listed}"):
+    with pytest.raises(
+        PlanError, match=f"unknown sequence-parallel attention 'star'; the registered kinds are {listed}"
+    ):
         apply_sequence_parallel(TinyViT(), infer_plan(TinyViT()), group, attention="star")
     with pytest.raises(ValueError, match="attention must be 'auto', 'ulysses', 'lss', 'ring' or 'hybrid', got 'star'"):
         SeqParStrategy(attention="star")
@@ -92,7 +99,10 @@ def test_each_kind_checks_its_heads(name):
 
 def test_ring_kinds_refuse_kernels_without_log_sum_exp(group):
     for name in ("ring", "hybrid"):
-        with pytest.raises(ValueError, match=f"attention='{name}' runs its own block kernels; attention_backend must be one of auto, math"):
+        with pytest.raises(
+            ValueError,
+            match=f"attention='{name}' runs its own block kernels; attention_backend must be one of auto, math",
+        ):
             check_attention_choice(name, "sdpa_efficient")
     with pytest.raises(PlanError, match="attention='ring' runs its own block kernels"):
         apply_sequence_parallel(TinyViT(), infer_plan(TinyViT()), group, attention="ring", backend="sdpa")
@@ -129,9 +139,15 @@ def counted_kind():
 def test_user_kind_is_read_by_strategy_and_plan(group, counted_kind):
     strategy = SeqParStrategy(attention="my_lss", attention_backend="math")
     assert strategy.attention == "my_lss"
-    with pytest.raises(ValueError, match="attention='my_lss' runs on a subset of the local kernels; attention_backend must be one of auto, math, got 'sdpa'"):
+    with pytest.raises(
+        ValueError,
+        match="attention='my_lss' runs on a subset of the local kernels; attention_backend must be one of auto, math,"
+              " got 'sdpa'",
+    ):
         SeqParStrategy(attention="my_lss", attention_backend="sdpa")
-    with pytest.raises(ValueError, match="attention must be 'auto', 'ulysses', 'lss', 'ring', 'hybrid' or 'my_lss', got 'star'"):
+    with pytest.raises(
+        ValueError, match="attention must be 'auto', 'ulysses', 'lss', 'ring', 'hybrid' or 'my_lss', got 'star'"
+    ):
         SeqParStrategy(attention="star")
     torch.manual_seed(0)
     model, x = TinyViT(), torch.randn(2, 13, 6)
@@ -144,7 +160,9 @@ def test_user_kind_is_read_by_strategy_and_plan(group, counted_kind):
 
 def test_docs_table_is_the_registry():
     text = (DOCS / "choosing-attention.md").read_text()
-    assert markdown_table() in text, "docs/choosing-attention.md: paste lightning_seqpar.attention.registry.markdown_table()"
+    assert markdown_table() in text, (
+        "docs/choosing-attention.md: paste lightning_seqpar.attention.registry.markdown_table()"
+    )
     documented = re.findall(r"^\| `([a-z_]+)` \|", text.split(markdown_table().splitlines()[0])[1], flags=re.M)
     assert tuple(documented[: len(attention_kind_names())]) == attention_kind_names()
 
@@ -207,12 +225,19 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_import_graph_points_down():
-    above_attention = ("lightning_seqpar.plan", "lightning_seqpar.parallelize", "lightning_seqpar.strategy", "lightning_seqpar.pipeline")
+    above_attention = (
+        "lightning_seqpar.plan",
+        "lightning_seqpar.parallelize",
+        "lightning_seqpar.strategy",
+        "lightning_seqpar.pipeline",
+    )
     for path in (PACKAGE / "attention").glob("*.py"):
         bad = sorted(n for n in _imports(path) if n.startswith(above_attention))
         assert not bad, f"{path.name} imports {bad}: the attention layer sits below the plan and the strategy"
     for path in PACKAGE.rglob("*.py"):
         if "weather" in path.relative_to(PACKAGE).parts:
             continue
-        bad = sorted(n for n in _imports(path) if n.startswith("lightning_seqpar.weather") or n == "lightning_seqpar.weather")
+        bad = sorted(
+            n for n in _imports(path) if n.startswith("lightning_seqpar.weather") or n == "lightning_seqpar.weather"
+        )
         assert not bad, f"{path.relative_to(PACKAGE)} imports the weather application: {bad}"

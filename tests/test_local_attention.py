@@ -107,11 +107,17 @@ def test_strategy_backend_check_uses_the_same_rules():
     """The strategy's check before any tensor exists and resolve_backend read one list of rules (backend_problems)."""
     from lightning_seqpar.attention.local import backend_problems, check_backend_available
 
-    with pytest.raises(BackendUnavailableError, match=r"SeqParStrategy\(attention_backend='sdpa_cudnn'\): 'sdpa_cudnn' is a CUDA kernel but the inputs are on cpu, or use attention_backend='auto'"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"SeqParStrategy\(attention_backend='sdpa_cudnn'\): 'sdpa_cudnn' is a CUDA kernel but the inputs are on"
+              r" cpu, or use attention_backend='auto'",
+    ):
         check_backend_available("sdpa_cudnn", "cpu", "SeqParStrategy")
     with pytest.raises(BackendUnavailableError, match="the inputs are on cpu, flash-attn needs CUDA"):
         check_backend_available("flash_attn", "cpu", "SeqParStrategy")
     for backend in ("auto", "sdpa", "math"):
         check_backend_available(backend, "cpu", "SeqParStrategy")
     assert backend_problems("sdpa_cudnn", "cuda") == [] and backend_problems("sdpa_cudnn", "cpu")
-    assert "the inputs are torch.float32, flash-attn needs float16 or bfloat16" in backend_problems("flash_attn", "cuda", torch.float32)
+    assert "the inputs are torch.float32, flash-attn needs float16 or bfloat16" in backend_problems(
+        "flash_attn", "cuda", torch.float32
+    )

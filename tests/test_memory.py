@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_seqpar.memory import MasterWeightAdamW
-from lightning_seqpar.wrapping import checkpoint_module, checkpointed_chunks, chunk_module, offload_checkpoint
 from lightning_seqpar.weather.models.layers import Block
+from lightning_seqpar.wrapping import checkpoint_module, checkpointed_chunks, chunk_module, offload_checkpoint
 
 WIDTH, HEADS, TOKENS = 32, 4, 37  # 37 tokens: chunks of unequal length
 

@@ -41,7 +41,8 @@ def test_strategy_imports_without_the_weather_dependencies():
         "from lightning_seqpar import SeqParStrategy, apply_sequence_parallel, infer_plan\n"
         "from lightning.pytorch.strategies import StrategyRegistry\n"
         "assert 'seqpar' in StrategyRegistry, sorted(StrategyRegistry)\n"
-        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED or m.startswith('lightning_seqpar.weather'))\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED or"
+        " m.startswith('lightning_seqpar.weather'))\n"
         "assert not leaked, leaked\n"
         "print('core ok')\n"
     )
@@ -72,7 +73,8 @@ def test_the_weather_model_needs_torch_alone():
     code = _BLOCKER.format(blocked=WEATHER_ONLY) + (
         "from lightning_seqpar.weather.models import ClimaX\n"
         "import torch\n"
-        "model = ClimaX(default_variables=['t2m', 'u10'], img_size=(8, 16), patch_size=4, embed_dim=32, depth=1, num_heads=2)\n"
+        "model = ClimaX(default_variables=['t2m', 'u10'], img_size=(8, 16), patch_size=4, embed_dim=32, depth=1,"
+        " num_heads=2)\n"
         "print('model ok', tuple(model(torch.randn(1, 2, 8, 16), torch.zeros(1), ['t2m', 'u10'], ['t2m']).shape))\n"
     )
     result = _run(code)

@@ -1,4 +1,5 @@
-"""ParallelDims validation and rank layout (no process group), and Topology's DeviceMesh and groups across 4 and 8 gloo processes."""
+"""ParallelDims validation and rank layout (no process group), and Topology's DeviceMesh and groups across 4 and 8 gloo
+processes."""
 
 from __future__ import annotations
 
@@ -168,7 +169,10 @@ def mesh_worker(sp: int, pp: int, ulysses_degree: int) -> dict:
             "ulysses": _members(ulysses, world),
             "ring": _members(ring, world),
         },
-        "same_objects": (mesh.get_group("sp") is topology.sequence_group, topology.dp_sp_mesh.get_group() is topology.sequence_data_group),
+        "same_objects": (
+            mesh.get_group("sp") is topology.sequence_group,
+            topology.dp_sp_mesh.get_group() is topology.sequence_data_group,
+        ),
         "cached": topology.hybrid_groups(ulysses_degree) == (ulysses, ring),
         "timeout": topology.sequence_data_group._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
         "ring_timeout": ring._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
@@ -181,7 +185,9 @@ def mesh_worker(sp: int, pp: int, ulysses_degree: int) -> dict:
 def test_mesh_groups_follow_the_layout_formula(world, sp, pp, ulysses_degree):
     """Every group of the mesh (sp, dp, dp_sp, pp, tp, and ring x ulysses for hybrid) holds the ranks the documented
     formula gives, checked by a collective over each group."""
-    results = run_distributed("tests.test_topology:mesh_worker", world, timeout=280, sp=sp, pp=pp, ulysses_degree=ulysses_degree)
+    results = run_distributed(
+        "tests.test_topology:mesh_worker", world, timeout=280, sp=sp, pp=pp, ulysses_degree=ulysses_degree
+    )
     dims = ParallelDims(world_size=world, sequence_parallel_size=sp, pipeline_parallel_size=pp)
     for rank, r in enumerate(results):
         assert r["device_type"] == "cpu"

@@ -1,6 +1,7 @@
 """Attention: the local kernels one rank runs (:func:`local_attention`; flash-attn, torch SDPA, math) and the
 distributed attention kinds over them (Ulysses, LSS, ring, hybrid), listed in one registry (:mod:`.registry`)."""
 
+from lightning_seqpar.attention.hybrid import HybridAttention, build_hybrid_groups, hybrid_attention
 from lightning_seqpar.attention.local import (
     BACKENDS,
     AttentionBackend,
@@ -9,7 +10,6 @@ from lightning_seqpar.attention.local import (
     math_attention,
     resolve_backend,
 )
-from lightning_seqpar.attention.hybrid import HybridAttention, build_hybrid_groups, hybrid_attention
 from lightning_seqpar.attention.lss import LSSAttention, lss_attention
 from lightning_seqpar.attention.registry import (
     AttentionGroups,

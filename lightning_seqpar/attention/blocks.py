@@ -1,4 +1,5 @@
-"""Block kernels that return the log-sum-exp, the pieces ring attention merges: plain torch, PyTorch's flash op, and cuDNN.
+"""Block kernels that return the log-sum-exp, the pieces ring attention merges: plain torch, PyTorch's flash op, and
+cuDNN.
 
 Every kernel computes the attention of queries ``[B, L_q, H, d]`` over one key/value block ``[B, L_k, H, d]`` and
 returns the block's output in float32 (float64 for float64 inputs) with its log-sum-exp ``[B, H, L_q]`` (natural
@@ -54,7 +55,8 @@ def cudnn_runs(q: Tensor) -> bool:
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, diagonal: bool) -> Tensor:
-    """``[B, L_q, H, d] x [B, L_k, H, d] -> [B, H, L_q, L_k]`` in the compute dtype, top-left causal when ``diagonal``."""
+    """``[B, L_q, H, d] x [B, L_k, H, d] -> [B, H, L_q, L_k]`` in the compute dtype, top-left causal when
+    ``diagonal``."""
     dtype = compute_dtype(q.dtype)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
     if diagonal:
@@ -141,7 +143,10 @@ def _kernel(kernel: str, backward: bool):
     """The function of ``kernel``, looked up at call time (so that a test can stand in for one)."""
     if kernel not in BLOCK_KERNELS:
         raise ValueError(f"unknown block kernel {kernel!r}; choose one of {', '.join(BLOCK_KERNELS)}.")
-    return globals()[{"math": "math", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}[kernel] + ("_backward" if backward else "_forward")]
+    return globals()[
+        {"math": "math", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn"}[kernel]
+        + ("_backward" if backward else "_forward")
+    ]
 
 
 _warned: set[str] = set()

@@ -1,4 +1,5 @@
-"""Hybrid Ulysses x Ring attention (USP, arXiv 2405.07719): an all-to-all over heads inside small groups, ring attention across them.
+"""Hybrid Ulysses x Ring attention (USP, arXiv 2405.07719): an all-to-all over heads inside small groups, ring attention
+across them.
 
 The sequence-parallel group of P = u x r ranks is laid out with Ulysses innermost: SP rank
 ``p = i_ring * u + i_ulysses``, so each Ulysses group holds u consecutive ranks (inside one node) and each
@@ -87,7 +88,8 @@ def hybrid_attention(
     sequence_lengths: Sequence[int] | None = None,
     load_balance: bool = True,
 ) -> Tensor:
-    """Exact full attention over a sequence split across u x r ranks: Ulysses within ``ulysses_group``, ring across ``ring_group``.
+    """Exact full attention over a sequence split across u x r ranks: Ulysses within ``ulysses_group``, ring across
+    ``ring_group``.
 
     Args:
         q: This rank's queries ``[B, L_r, H, d]``.
@@ -137,7 +139,9 @@ class HybridAttention(nn.Module):
         backend: The ring's block kernel, see :func:`~lightning_seqpar.attention.ring.ring_attention`.
     """
 
-    def __init__(self, ulysses_group: ProcessGroup, ring_group: ProcessGroup, backend: AttentionBackend = "auto") -> None:
+    def __init__(
+        self, ulysses_group: ProcessGroup, ring_group: ProcessGroup, backend: AttentionBackend = "auto"
+    ) -> None:
         super().__init__()
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group

@@ -1,4 +1,5 @@
-"""Single-device attention kernels and the choice between them: flash-attn, torch SDPA (cuDNN / flash / efficient), or math.
+"""Single-device attention kernels and the choice between them: flash-attn, torch SDPA (cuDNN / flash / efficient), or
+math.
 
 All kernels take and return the layout of the distributed attentions: q ``[B, L_q, H, d]``, k and v
 ``[B, L_k, H, d]``, output ``[B, L_q, H, d]``.
@@ -43,7 +44,9 @@ def check_same_dtype_device(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def backend_problems(backend: str, device_type: str, dtype: torch.dtype | None = None, *, has_mask: bool = False) -> list[str]:
+def backend_problems(
+    backend: str, device_type: str, dtype: torch.dtype | None = None, *, has_mask: bool = False
+) -> list[str]:
     """Why the local kernel ``backend`` cannot run on inputs on ``device_type`` of ``dtype`` (None: not known yet,
     e.g. when the strategy checks its arguments); empty when it can. The one list of these rules."""
     problems = []
@@ -88,7 +91,9 @@ def resolve_backend(backend: str, q: Tensor, *, has_mask: bool = False) -> str:
             + ". Use backend='auto' to fall back to torch SDPA."
         )
     if problems:
-        raise BackendUnavailableError(f"attention backend {'; '.join(problems)}; use backend='sdpa' or 'math' on this device.")
+        raise BackendUnavailableError(
+            f"attention backend {'; '.join(problems)}; use backend='sdpa' or 'math' on this device."
+        )
     return backend
 
 
@@ -163,7 +168,9 @@ def local_attention(
         BackendUnavailableError: A forced backend cannot run on these inputs.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected q, k, v of shape [B, L, H, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+        raise ValueError(
+            f"expected q, k, v of shape [B, L, H, d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
     check_same_dtype_device(q, k, v)
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""LSS segment attention (arXiv 2311.02382): each rank attends with its own queries to keys and values gathered from the group.
+"""LSS segment attention (arXiv 2311.02382): each rank attends with its own queries to keys and values gathered from the
+group.
 
 Shape flow on rank r of a group of P ranks::
 
@@ -71,7 +72,9 @@ def lss_attention(
     """
     check_same_dtype_device(q, k, v)
     if group_size(group) == 1:
-        return local_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend)
+        return local_attention(
+            q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend
+        )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] != k.shape[1]:
         raise ValueError(
             f"lss_attention needs q, k, v of one shape [B, L_r, H, d], got {list(q.shape)}, {list(k.shape)},"

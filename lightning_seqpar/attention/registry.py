@@ -1,4 +1,5 @@
-"""One registry of the distributed attention kinds: for each name, how it runs, what it checks, which local kernels it takes.
+"""One registry of the distributed attention kinds: for each name, how it runs, what it checks, which local kernels it
+takes.
 
 Two words kept apart throughout the package:
 
@@ -166,17 +167,22 @@ def register_attention_kind(kind: AttentionKind, *, replace: bool = False) -> No
             in ``kind.backends`` is not a local kernel of :data:`~lightning_seqpar.attention.local.BACKENDS`.
     """
     if kind.name == AUTO:
-        raise ValueError("'auto' is not a kind: it is the strategy's choice among the registered kinds; pick another name.")
+        raise ValueError(
+            "'auto' is not a kind: it is the strategy's choice among the registered kinds; pick another name."
+        )
     if kind.name in _KINDS and not replace:
         raise ValueError(f"attention kind {kind.name!r} is already registered; pass replace=True to swap it.")
     unknown = [b for b in kind.backends if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"attention kind {kind.name!r} lists unknown local kernels {unknown}; they are {', '.join(BACKENDS)}.")
+        raise ValueError(
+            f"attention kind {kind.name!r} lists unknown local kernels {unknown}; they are {', '.join(BACKENDS)}."
+        )
     _KINDS[kind.name] = kind
 
 
 def unregister_attention_kind(name: str) -> None:
-    """Remove a kind added with :func:`register_attention_kind` (raises :class:`UnknownAttentionKindError` if absent)."""
+    """Remove a kind added with :func:`register_attention_kind` (raises :class:`UnknownAttentionKindError` if
+    absent)."""
     get_attention_kind(name)
     del _KINDS[name]
 
@@ -227,10 +233,14 @@ def check_attention_choice(attention: str, backend: str, ulysses_degree: int | N
         or not isinstance(ulysses_degree, int) or ulysses_degree < 1
     ):
         takers = " or ".join(f"attention={k.name!r}" for k in _KINDS.values() if k.uses_ulysses_degree)
-        raise ValueError(f"{_prefix(owner)}ulysses_degree={ulysses_degree!r} is only for {takers} and must be a positive integer.")
+        raise ValueError(
+            f"{_prefix(owner)}ulysses_degree={ulysses_degree!r} is only for {takers} and must be a positive integer."
+        )
 
 
-def choose_attention(heads: Sequence[int], sequence_parallel_size: int, backend: str = "auto") -> tuple[str, int | None, str]:
+def choose_attention(
+    heads: Sequence[int], sequence_parallel_size: int, backend: str = "auto"
+) -> tuple[str, int | None, str]:
     """``attention="auto"``: ``(kind, ulysses_degree, reason)`` for a model with these head counts.
 
     Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509) when every attention has at least ``sequence_parallel_size``
@@ -276,7 +286,8 @@ def markdown_table() -> str:
     for k in _KINDS.values():
         backends = ", ".join(f"`{b}`" for b in k.backends)
         rows.append(
-            f"| `{k.name}` | {k.description} | arXiv {k.paper} | {k.head_limit} | {'yes' if k.supports_dropout else 'no'} | {backends} |"
+            f"| `{k.name}` | {k.description} | arXiv {k.paper} | {k.head_limit} |"
+            f" {'yes' if k.supports_dropout else 'no'} | {backends} |"
         )
     return "\n".join(rows)
 
@@ -284,7 +295,8 @@ def markdown_table() -> str:
 for _kind in (
     AttentionKind(
         "ulysses", _ulysses, BACKENDS, paper="2309.14509", head_limit="`H >= P`", check_heads=_ulysses_heads,
-        description="one all-to-all trades token shards for head shards, the local kernel sees all L tokens of H/P heads",
+        description="one all-to-all trades token shards for head shards,"
+        " the local kernel sees all L tokens of H/P heads",
     ),
     AttentionKind(
         "lss", _lss, BACKENDS, paper="2311.02382",

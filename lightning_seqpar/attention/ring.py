@@ -1,4 +1,5 @@
-"""Ring attention (arXiv 2310.01889): keys and values travel around the sequence-parallel group while each rank keeps its queries.
+"""Ring attention (arXiv 2310.01889): keys and values travel around the sequence-parallel group while each rank keeps
+its queries.
 
 Shape flow on rank r of a group of P ranks (rank order = token order)::
 
@@ -85,7 +86,8 @@ def choose_kernel(q: Tensor, backend: str) -> tuple[str, bool]:
 
 
 class _RingExchange:
-    """One posted exchange: ``buffer`` goes to the next rank while a block of the same shape comes from the previous one."""
+    """One posted exchange: ``buffer`` goes to the next rank while a block of the same shape comes from the previous
+    one."""
 
     def __init__(self, buffer: Tensor, group: ProcessGroup, tag: int) -> None:
         world, rank = group_size(group), group_rank(group)
@@ -178,8 +180,12 @@ class _RingAttention(torch.autograd.Function):
             plan = _block_plan(rank, owner, layout.lengths, causal, chunks)
             if plan is not None:
                 first, n, diagonal = plan
-                block_out, block_lse = _block_forward(kernel, q[:, first:], kv[0, :, :n], kv[1, :, :n], scale, diagonal, fallback)
-                out[:, first:], lse[..., first:] = blocks.merge_block(out[:, first:], lse[..., first:], block_out, block_lse)
+                block_out, block_lse = _block_forward(
+                    kernel, q[:, first:], kv[0, :, :n], kv[1, :, :n], scale, diagonal, fallback
+                )
+                out[:, first:], lse[..., first:] = blocks.merge_block(
+                    out[:, first:], lse[..., first:], block_out, block_lse
+                )
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
@@ -296,7 +302,9 @@ def _zigzag(layout: SequenceLayout, rank: int, device: torch.device) -> _Zigzag:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_ring_arguments(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, backend: str, name: str = "ring_attention") -> None:
+def check_ring_arguments(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float, backend: str, name: str = "ring_attention"
+) -> None:
     """Raise a clear error for inputs ring attention does not support."""
     check_same_dtype_device(q, k, v)
     if q.dim() != 4 or not (q.shape == k.shape == v.shape):
@@ -332,7 +340,8 @@ def ring_attention(
     sequence_lengths: Sequence[int] | None = None,
     load_balance: bool = True,
 ) -> Tensor:
-    """Exact full attention over a sequence whose tokens are split across ``group``, by passing keys and values around a ring.
+    """Exact full attention over a sequence whose tokens are split across ``group``, by passing keys and values around a
+    ring.
 
     Args:
         q: This rank's queries ``[B, L_r, H, d]``.
@@ -361,7 +370,8 @@ def ring_attention(
     Communication per rank: forward P-1 exchanges with the ring neighbours of ``2 B L_max H d`` elements,
     each overlapped with the attention of the block already here; backward the same P-1 exchanges plus
     P-1 of the dK/dV accumulators (same size, compute dtype). Balanced causal adds one all-to-all of q, k, v
-    (half of this rank's tokens move on 2 ranks, up to all of them on more) and one of the output, each way. No head limit; memory holds two
+    (half of this rank's tokens move on 2 ranks, up to all of them on more) and one of the output, each way. No head
+    limit; memory holds two
     blocks of keys and values (current and incoming) and, with the math kernel, one ``[B, H, L_r, L_max]`` score
     block at a time.
     """

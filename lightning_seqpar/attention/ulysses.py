@@ -69,7 +69,9 @@ def ulysses_attention(
     """
     check_same_dtype_device(q, k, v)
     if group_size(group) == 1:
-        return local_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend)
+        return local_attention(
+            q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=backend
+        )
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
             f"ulysses_attention needs q, k, v of one shape [B, L_r, H, d], got {list(q.shape)}, {list(k.shape)},"

@@ -1,4 +1,5 @@
-"""Per-token tensors a block receives besides its tokens (rotary tables, per-token biases): sliced with the tokens, or refused.
+"""Per-token tensors a block receives besides its tokens (rotary tables, per-token biases): sliced with the tokens, or
+refused.
 
 The plan role ``shard_arguments`` installs :func:`shard_arguments_hook` on a block; every tensor argument but the
 tokens goes through :func:`shard_token_argument`. Letters: B batch, L tokens, L_r this rank's tokens, H heads,
@@ -17,7 +18,9 @@ from lightning_seqpar.comm import shard_sequence
 from lightning_seqpar.parallelize.runtime import SequenceParallelRuntime
 
 
-def shard_arguments_hook(runtime: SequenceParallelRuntime, path: str) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+def shard_arguments_hook(
+    runtime: SequenceParallelRuntime, path: str
+) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
     """A forward pre-hook (``with_kwargs=True``) for the block at ``path``: inside the region, every tensor argument
     but the tokens (the first tensor, which the shard point shards) goes through :func:`shard_token_argument`;
     outside it, the call is unchanged."""
@@ -32,8 +35,14 @@ def shard_arguments_hook(runtime: SequenceParallelRuntime, path: str) -> Callabl
         batch = tokens.shape[0] if isinstance(tokens, Tensor) else None
         # torch's convention: with is_causal=True a mask is only a hint of causality (torch asks for one and drops it).
         hint = kwargs.get("is_causal") is True
-        new_args = tuple(a if i == first else _map_tensors(a, f"{path} argument {i}", runtime, batch, hint) for i, a in enumerate(args))
-        new_kwargs = {k: v if k == skip else _map_tensors(v, f"{path} argument {k!r}", runtime, batch, hint) for k, v in kwargs.items()}
+        new_args = tuple(
+            a if i == first else _map_tensors(a, f"{path} argument {i}", runtime, batch, hint)
+            for i, a in enumerate(args)
+        )
+        new_kwargs = {
+            k: v if k == skip else _map_tensors(v, f"{path} argument {k!r}", runtime, batch, hint)
+            for k, v in kwargs.items()
+        }
         return new_args, new_kwargs
 
     return hook

@@ -40,7 +40,8 @@ class RoleApplication:
 class AttentionRole(RoleApplication):
     """``attention``: the forward registered for the module's class with
     :func:`~lightning_seqpar.plan.register_attention` runs instead of its own, calling the plan's distributed
-    attention; a module with no registered forward runs its own with its attention core intercepted (:class:`SdpaRole`)."""
+    attention; a module with no registered forward runs its own with its attention core intercepted
+    (:class:`SdpaRole`)."""
 
     kinds = ("attention",)
 
@@ -56,7 +57,8 @@ class AttentionRole(RoleApplication):
 
 class SdpaRole(RoleApplication):
     """``sdpa``: the module's own forward runs with every attention core inside it (SDPA, a hand-written
-    ``softmax(Q K^T) V``, torch's multi-head attention) made distributed (:class:`~lightning_seqpar.adapters.DistributedSDPA`).
+    ``softmax(Q K^T) V``, torch's multi-head attention) made distributed
+    (:class:`~lightning_seqpar.adapters.DistributedSDPA`).
 
     Raises:
         UnsupportedAttentionError: The module holds an ``nn.MultiheadAttention(batch_first=False)``, whose tokens
@@ -72,7 +74,8 @@ class SdpaRole(RoleApplication):
                 where = ".".join(p for p in (path, name) if p) or type(module).__name__
                 raise UnsupportedAttentionError(
                     f"{where} is nn.MultiheadAttention(batch_first=False) (sequence-first [L, B, D]); under sequence"
-                    " parallelism tokens are dimension 1: build it (or its TransformerEncoderLayer) with batch_first=True."
+                    " parallelism tokens are dimension 1: build it (or its TransformerEncoderLayer) with"
+                    " batch_first=True."
                 )
         runtime = applied.runtime
 
@@ -195,7 +198,9 @@ ROLE_ORDER: tuple[RoleApplication, ...] = (
 )
 
 _covered = [kind for application in ROLE_ORDER for kind in application.kinds]
-assert sorted(_covered) == sorted(ROLE_KINDS), f"plan roles without exactly one application: {set(ROLE_KINDS) ^ set(_covered)}"
+assert sorted(_covered) == sorted(ROLE_KINDS), (
+    f"plan roles without exactly one application: {set(ROLE_KINDS) ^ set(_covered)}"
+)
 
 
 def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:

@@ -22,7 +22,14 @@ from torch.distributed import ProcessGroup
 from lightning_seqpar.adapters import disable_mha_fastpath
 from lightning_seqpar.attention import AttentionBackend
 from lightning_seqpar.attention.registry import AttentionGroups, AttentionKind, get_attention_kind
-from lightning_seqpar.comm import SequenceLayout, all_gather_sequence, gather_sequence, group_rank, group_size, shard_sequence
+from lightning_seqpar.comm import (
+    SequenceLayout,
+    all_gather_sequence,
+    gather_sequence,
+    group_rank,
+    group_size,
+    shard_sequence,
+)
 from lightning_seqpar.topology import ParallelDims
 
 
@@ -165,7 +172,10 @@ class SequenceParallelRuntime:
     # --- attention inside the region ---------------------------------------------------------------------
 
     @torch.compiler.disable
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0,
+        softmax_scale: float | None = None,
+    ) -> Tensor:
         """Distributed attention on ``[B, L_r, H, d]`` q, k, v with this plan's kind and the region's layout.
 
         Never traced by ``torch.compile``: a compiled block breaks its graph here and calls this eagerly, so the
@@ -184,10 +194,13 @@ class SequenceParallelRuntime:
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         layout = self._layout
-        lengths = layout.lengths if layout is not None and layout.lengths[group_rank(self.group)] == q.shape[1] else None
+        lengths = (
+            layout.lengths if layout is not None and layout.lengths[group_rank(self.group)] == q.shape[1] else None
+        )
         kind = self.kind
         if self.dropout_fallback and dropout_p > 0.0 and not kind.supports_dropout:
-            kind = get_attention_kind("lss")  # attention="auto" chose a kind without dropout; LSS has it, and no head limit
+            # attention="auto" chose a kind without dropout; LSS has it, and no head limit
+            kind = get_attention_kind("lss")
         return kind.attend(
             q, k, v, self.groups, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, backend=self.backend,
             sequence_lengths=lengths,

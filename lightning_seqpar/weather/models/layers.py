@@ -107,7 +107,8 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
         )  # [B, H, L, d]
-        x = x.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # [B, H, L, d] -> [B, L, H d] (H d = D, or D / tp)
+        # [B, H, L, d] -> [B, L, H d] (H d = D, or D / tp)
+        x = x.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         x = self.norm(x)
         return self.proj_drop(self.proj(x))
 
