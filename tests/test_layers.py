@@ -45,7 +45,8 @@ def _imports(path):
                 for alias in node.names:
                     submodule = PACKAGE / f"{alias.name}.py"
                     subpackage = PACKAGE / alias.name / "__init__.py"
-                    yield f"lightning_seqpar.{alias.name}" if submodule.exists() or subpackage.exists() else "lightning_seqpar"
+                    is_module = submodule.exists() or subpackage.exists()
+                    yield f"lightning_seqpar.{alias.name}" if is_module else "lightning_seqpar"
             elif node.module.startswith("lightning_seqpar."):
                 yield node.module
 
@@ -63,5 +64,6 @@ def test_imports_never_point_up():
         for target in _imports(path):
             name, layer = _layer_of(target)
             if layer > source_layer:
-                up.append(f"{path.relative_to(REPO_ROOT)} (layer {source_layer}, {source}) imports {target} (layer {layer})")
+                where = f"{path.relative_to(REPO_ROOT)} (layer {source_layer}, {source})"
+                up.append(f"{where} imports {target} (layer {layer})")
     assert not up, "imports that point up a layer:\n" + "\n".join(up)
