@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from lightning_seqpar.comm import split_sizes
 
-__all__ = ["TileLayout", "TiledDataset", "run_tiled", "tiled_mse"]
+__all__ = ["TileLayout", "TiledDataset", "forward_tiles", "run_tiled", "tiled_mse"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,24 @@ def run_tiled(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, lead_time_ho
     step = max_tiles_per_call or tiles.shape[0]
     outs = [model(tiles[i : i + step], lead[i : i + step]) for i in range(0, tiles.shape[0], step)]
     return layout.stitch(torch.cat(outs))
+
+
+def forward_tiles(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, lead_time_hours: Tensor, layout: TileLayout | None,
+                  max_tiles_per_call: int | None = None) -> Tensor:
+    """``model(x, lead)`` for tiles and whole fields alike: what the forecasting module calls.
+
+    No layout: ``model`` directly. A whole field ``[B, V, H, W]``: every tile, stitched (:func:`run_tiled`).
+    A batch of tiles ``[n, V, Th, Tw]`` (training on :class:`TiledDataset`): ``model`` directly.
+
+    Raises:
+        ValueError: the input is neither the layout's grid nor its tile shape.
+    """
+    if layout is None or tuple(x.shape[-2:]) == layout.tile_shape:
+        return model(x, lead_time_hours)
+    if tuple(x.shape[-2:]) == layout.grid:
+        return run_tiled(model, x, lead_time_hours, layout, max_tiles_per_call)
+    raise ValueError(f"tiled forecasting with {layout.tiles} x {layout.tiles} tiles (halo {layout.halo}) takes whole fields "
+                     f"{layout.grid} or tiles {layout.tile_shape}, got input of shape {tuple(x.shape)}")
 
 
 def tiled_mse(pred: Tensor, target: Tensor, cell_weights: Tensor, field_weights: Tensor | None = None) -> Tensor:

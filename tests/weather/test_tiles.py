@@ -84,3 +84,85 @@ def test_tiled_dataset_yields_every_tile_of_every_sample():
     assert int(item["tile"]) == 2 and int(item["index"]) == 1
     assert torch.equal(item["input"], layout.split(fields[1:2, :3])[2])
     assert torch.equal(item["target"], layout.split(fields[1:2, 3:])[2])
+
+
+# --- the hooks in ERA5DataModule and ForecastModule ---
+
+
+class Copy(torch.nn.Module):
+    """Forecasts each output field as its input field (persistence without the residual path): an identity model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, lead_time_hours, variables, out_variables):
+        return x[:, [list(variables).index(f) for f in out_variables]] + 0 * self.unused
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
+
+    path = tmp_path_factory.mktemp("era5") / "tiny.zarr"
+    return write_synthetic_era5(path, years=[2000, 2001], step_hours=24, grid=(8, 16), progress=False)
+
+
+def tiled_datamodule(store, **kwargs):
+    from lightning_seqpar.weather.data.era5 import ERA5DataModule
+
+    args = dict(variables=["2m_temperature", "geopotential_500"], out_variables=["geopotential_500"], lead_time_hours=24,
+                train_years="2000", val_years="2001", batch_size=4, tiles=3, tile_halo=2)
+    return ERA5DataModule(str(store), **{**args, **kwargs})
+
+
+def test_stitched_identity_model_scores_exactly_as_persistence(store, tmp_path):
+    """An 8 x 16 grid in 3 x 3 tiles (neither axis divides): the stitched fields of an identity model are the input."""
+    from lightning.pytorch import Trainer
+
+    from lightning_seqpar.weather.forecast import ForecastModule
+
+    dm = tiled_datamodule(store)
+    module = ForecastModule(Copy(), tiles=3, tile_halo=2)
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, limit_val_batches=3)
+    (metrics,) = trainer.validate(module, datamodule=dm)
+    model_rmse = {k: v for k, v in metrics.items() if k.startswith("val/rmse/")}
+    assert model_rmse and all(v > 0 for v in model_rmse.values())
+    for key, value in model_rmse.items():
+        assert value == metrics[key.replace("val/", "val/persistence/")], key
+
+
+def test_fit_on_tiles_and_validate_on_stitched_fields(store, tmp_path):
+    from lightning.pytorch import Callback, Trainer
+
+    from lightning_seqpar.weather.forecast import ForecastModule
+    from lightning_seqpar.weather.models import ClimaX
+
+    torch.manual_seed(0)
+    dm = tiled_datamodule(store, tiles=2, tile_halo=1)
+    dm.setup("fit")
+    layout = dm.tile_layout
+    assert len(dm.datasets["train"]) == 4 * len(dm.datasets["train"].dataset)
+    shapes = []
+
+    class Shapes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            shapes.append((tuple(batch["input"].shape[-2:]), "tile" in batch))
+
+    model = ClimaX(dm.variables, layout.tile_shape, patch_size=2, embed_dim=32, depth=1, decoder_depth=1, num_heads=2)
+    module = ForecastModule(model, warmup_steps=1, max_steps=2, tiles=2, tile_halo=1)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False, callbacks=[Shapes()])
+    trainer.fit(module, datamodule=dm)
+    assert shapes == [(layout.tile_shape, True)] * 2  # training sees tiles
+    assert torch.isfinite(trainer.callback_metrics["val/rmse/geopotential_500/24h"])  # scored on stitched fields
+
+
+def test_datamodule_and_module_must_tile_alike(store, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_seqpar.weather.forecast import ForecastModule
+
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, limit_val_batches=1)
+    with pytest.raises(ValueError, match="the datamodule cuts training samples into .* but the ForecastModule tiles as None"):
+        trainer.validate(ForecastModule(Copy()), datamodule=tiled_datamodule(store))
