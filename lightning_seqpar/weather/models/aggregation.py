@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
-from lightning_seqpar.memory import checkpointed_chunks
 from lightning_seqpar.comm import SequenceLayout, all_gather_sequence, group_rank, group_size, split_sizes
 from lightning_seqpar.weather.models.layers import trunc_normal_init
 
@@ -116,10 +115,10 @@ class VariableAggregation(nn.Module):
         L = x.shape[2]
         if self.chunk_tokens is None or L <= self.chunk_tokens:
             return self._aggregate(x)
-        chunks = math.ceil(L / self.chunk_tokens)
+        pieces = x.chunk(math.ceil(L / self.chunk_tokens), dim=2)  # [B, V, L/chunks, D] views
         if torch.is_grad_enabled():
-            return checkpointed_chunks(self._aggregate, x, chunks, dim=2, out_dim=1)
-        return torch.cat([self._aggregate(piece) for piece in x.chunk(chunks, dim=2)], dim=1)
+            return torch.cat([checkpoint(self._aggregate, piece, use_reentrant=False) for piece in pieces], dim=1)
+        return torch.cat([self._aggregate(piece) for piece in pieces], dim=1)
 
     def _aggregate(self, x: Tensor) -> Tensor:
         B, V, L, D = x.shape
