@@ -28,7 +28,7 @@ OUT = ["geopotential_500", "temperature_850", "2m_temperature"]
 RUNS = {
     "flat": {"aggregation": "flat"},
     "hierarchical (groups of 3)": {"aggregation": "hierarchical", "aggregation_group_size": 3},
-    "flat, TILES 2 x 2, halo 2": {"aggregation": "flat", "tiles": 2},
+    "flat + TILES 2x2 halo 2": {"aggregation": "flat", "tiles": 2},
 }
 
 
@@ -67,13 +67,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma list of run names (default: all)")
     args = parser.parse_args()
     from lightning_seqpar.weather.data.synthetic import write_synthetic_era5
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         store = write_synthetic_era5(Path(tmp) / "synthetic.zarr", years=[2000, 2001], step_hours=12, progress=False)
-        for name, options in RUNS.items():
+        for name in args.runs.split(","):
+            options = RUNS[name]
             results.append(train(store, name, dict(options), args.epochs, args.batch, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
     out = Path(args.out)
