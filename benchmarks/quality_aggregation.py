@@ -28,6 +28,8 @@ OUT = ["geopotential_500", "temperature_850", "2m_temperature"]
 RUNS = {
     "flat": {"aggregation": "flat"},
     "hierarchical (groups of 3)": {"aggregation": "hierarchical", "aggregation_group_size": 3},
+    "hierarchical linear (groups of 3)": {"aggregation": "hierarchical", "aggregation_group_size": 3,
+                                          "partial_aggregation": "linear"},
     "flat + TILES 2x2 halo 2": {"aggregation": "flat", "tiles": 2},
 }
 
