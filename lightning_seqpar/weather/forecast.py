@@ -27,6 +27,7 @@ from lightning_seqpar.weather.forecast_checkpoint import (
 )
 from lightning_seqpar.weather.metrics import ForecastSkill, latitude_weighted_mse, latitude_weights
 from lightning_seqpar.weather.plots import rmse_table, write_test_figures
+from lightning_seqpar.weather.tiles import TiledDataset, TileLayout, forward_tiles, tiled_mse
 
 __all__ = ["ForecastModule", "latitude_weighted_mse", "warmup_cosine"]
 
@@ -69,6 +70,12 @@ class ForecastModule(LightningModule):
             rescaled to mean 1 over the output fields. Use it to up-weight fields whose change over one lead
             time is small next to their variability (normalised MSE then undervalues them).
         plot_variable: the one field drawn in the forecast map written after testing; None means every output field.
+        tiles: TILES (ORBIT-2, arXiv 2505.04802): cut every field into ``tiles`` x ``tiles`` tiles with a halo and run
+            each as its own sequence; the model is built for the tile shape (``TileLayout.tile_shape``). Training
+            batches of tiles (``ERA5DataModule(tiles=...)``) are scored on the tiles' cores; validation, test,
+            prediction and `forecast` run every tile of a whole field and stitch the cores (metrics on the stitched
+            field). None: whole fields. See `lightning_seqpar.weather.tiles`.
+        tile_halo: cells of context around each tile's core (cropped when stitching).
     """
 
     def __init__(
@@ -83,6 +90,8 @@ class ForecastModule(LightningModule):
         residual: bool = False,
         loss_weights: dict[str, float] | None = None,
         plot_variable: str | None = None,
+        tiles: int | None = None,
+        tile_halo: int = 2,
     ) -> None:
         super().__init__()
         if warmup_steps < 0:
@@ -109,6 +118,7 @@ class ForecastModule(LightningModule):
         self.latitudes = np.zeros(0)
         self.longitudes = np.zeros(0)
         self._plot_sample: dict[str, Any] | None = None
+        self.tile_layout: TileLayout | None = None
 
     # --- wiring to the data ---
 
@@ -131,6 +141,10 @@ class ForecastModule(LightningModule):
         data = TrainedData.from_datamodule(dm)
         self._use_data(self.trained_data or data, data)
         self._build_metrics_and_baselines(data, getattr(dm, "out_valid_mask", None))
+        data_tiles = getattr(dm, "tile_layout", None)  # TILES: the datamodule's training tiles must be the module's
+        if data_tiles is not None and data_tiles != self.tile_layout:
+            raise ValueError(f"the datamodule cuts training samples into {data_tiles} but the ForecastModule tiles as "
+                             f"{self.tile_layout}; give both the same tiles and tile_halo")
 
     def _use_data(self, trained: TrainedData, data: TrainedData) -> None:
         """Batches of `data` feed the model trained on `trained`: fields mapped by name, units converted (buffers)."""
@@ -170,6 +184,9 @@ class ForecastModule(LightningModule):
         self.variables, self.out_variables = list(data.variables), list(data.out_variables)
         self.lead_times_hours = list(data.lead_times_hours)
         self.latitudes, self.longitudes = np.asarray(data.latitudes), np.asarray(data.longitudes)
+        if self.hparams.get("tiles") is not None:
+            grid = (len(self.latitudes), len(self.longitudes))
+            self.tile_layout = TileLayout(grid, self.hparams.tiles, self.hparams.tile_halo)
         unknown = sorted(set(self.hparams.loss_weights or {}) - set(self.out_variables))
         if unknown:
             raise ValueError(f"loss_weights names {unknown}, which are not output fields {self.out_variables}")
@@ -238,9 +255,10 @@ class ForecastModule(LightningModule):
         if not self.data_mapping.identity:  # the trained order and units; exact, field by field
             x = x[:, self.in_index] * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
         trained = self.trained_data
-        pred = self.model(
-            x, batch["lead_time_hours"], trained.variables, trained.out_variables
-        )  # [B, V_out_trained, H, W]
+        def run(inputs: Tensor, lead: Tensor) -> Tensor:
+            return self.model(inputs, lead, trained.variables, trained.out_variables)  # [B, V_out_trained, H, W]
+
+        pred = forward_tiles(run, x, batch["lead_time_hours"], self.tile_layout)  # TILES: tiles run, fields stitched
         if self.hparams.residual:
             # The inputs are normalised with the same per-field statistics as the targets.
             pred = pred + x[:, self.trained_persist_pos].to(pred.dtype)
@@ -282,10 +300,17 @@ class ForecastModule(LightningModule):
         return pred.float() * self.out_std + self.out_mean
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Latitude-weighted MSE (scalar, normalised units) of the forecast of one batch; logs ``train/loss``."""
-        loss = latitude_weighted_mse(
-            self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask
-        )
+        if "tile" in batch:  # TILES: a batch of tiles, scored on their cores with their own latitudes
+            if self.tile_layout is None:
+                raise ValueError(
+                    "the datamodule yields tiles (tiles=...) but the ForecastModule has tiles=None; set both"
+                )
+            weights = TiledDataset.cell_weights(self.tile_layout, self.lat_weights, batch["tile"], self.valid_mask)
+            loss = tiled_mse(self(batch), batch["target"], weights, self.field_weights)
+        else:
+            loss = latitude_weighted_mse(
+                self(batch), batch["target"], self.lat_weights, self.field_weights, self.valid_mask
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input"].shape[0])
         return loss
 

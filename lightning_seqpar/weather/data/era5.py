@@ -21,6 +21,7 @@ from lightning_seqpar.weather.data.chunks import DEFAULT_CACHE_MB
 from lightning_seqpar.weather.data.samples import ERA5ForecastDataset, forecast_pairs, lead_steps, parse_years
 from lightning_seqpar.weather.data.stats import STATS_SUFFIX, FieldStatistics, load_or_compute_statistics
 from lightning_seqpar.weather.data.store import ERA5Store, StoreReadError
+from lightning_seqpar.weather.tiles import TiledDataset, TileLayout
 
 __all__ = ["ERA5DataModule", "ERA5ForecastDataset", "ERA5Store", "StoreReadError", "parse_years"]
 
@@ -73,6 +74,11 @@ class ERA5DataModule(LightningDataModule):
             day and hour: for yearly files whose time axis was relabelled, as in the shipped WeatherBench sample.
         chunk_cache_mb: MiB of decoded multi-time zarr chunks kept per process, so that samples sharing a
             chunk decode it once; 0 turns the cache off (see :mod:`lightning_seqpar.weather.data.chunks`).
+        tiles: TILES (ORBIT-2): the train split yields every ``tiles`` x ``tiles`` tile of every sample as a sample
+            of its own (:class:`~lightning_seqpar.weather.tiles.TiledDataset`, with a ``tile`` index); validation,
+            test and prediction keep whole fields, which a ``ForecastModule`` with the same ``tiles`` stitches.
+            None: whole fields everywhere.
+        tile_halo: cells of context around each tile's core.
     """
 
     def __init__(
@@ -96,6 +102,8 @@ class ERA5DataModule(LightningDataModule):
         masked_variables: list[str] | None = None,
         years_from_file_names: bool = False,
         chunk_cache_mb: float = DEFAULT_CACHE_MB,
+        tiles: int | None = None,
+        tile_halo: int = 2,
     ):
         super().__init__()
         self.save_hyperparameters()  # recorded in checkpoints and by LightningCLI
@@ -129,7 +137,8 @@ class ERA5DataModule(LightningDataModule):
         self._static_inputs: np.ndarray | None = None
         self.static_mean: dict[str, float] = {}
         self.static_std: dict[str, float] = {}
-        self.datasets: dict[str, ERA5ForecastDataset] = {}
+        self.datasets: dict[str, ERA5ForecastDataset | TiledDataset] = {}
+        self.tiles, self.tile_halo = tiles, tile_halo
 
     # --- metadata, available before setup() (opens the store's coordinates only) ---
 
@@ -201,6 +210,11 @@ class ERA5DataModule(LightningDataModule):
     def grid_shape(self) -> tuple[int, int]:
         """``(H, W)``."""
         return len(self.store.latitudes), len(self.store.longitudes)
+
+    @property
+    def tile_layout(self) -> TileLayout | None:
+        """The TILES layout of the train split (``tiles`` x ``tiles`` over :attr:`grid_shape`), or None."""
+        return None if self.tiles is None else TileLayout(self.grid_shape, self.tiles, self.tile_halo)
 
     @property
     def time_step_hours(self) -> float:
@@ -342,6 +356,8 @@ class ERA5DataModule(LightningDataModule):
             if self.split_years[split] is None and split != "train":
                 continue
             self.datasets[split] = self._make_dataset(split, steps, stats)
+            if split == "train" and self.tile_layout is not None:  # TILES: every tile of every sample
+                self.datasets[split] = TiledDataset(self.datasets[split], self.tile_layout)
         for split in ("val", "test"):
             shared = sorted(set(self.split_years["train"] or []) & set(self.split_years[split] or []))
             if shared:

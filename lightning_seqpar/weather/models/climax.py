@@ -12,16 +12,16 @@ again (after the prediction head). Everything in between is token-local; docs/mo
 
 from __future__ import annotations
 
-import math
-
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
-from lightning_seqpar.wrapping import checkpointed_chunks
+from lightning_seqpar.weather.models.aggregation import HierarchicalAggregation, PartialKind, VariableAggregation
 from lightning_seqpar.weather.models.layers import Block, sincos_1d, sincos_2d, trunc_normal_init
 
 __all__ = ["ClimaX", "Patchify", "VariableAggregation", "VariableTokenEmbed"]
@@ -94,68 +94,6 @@ class VariableTokenEmbed(nn.Module):
         return tokens + self.bias[var_ids].unsqueeze(1)  # + [V, 1, D]
 
 
-class VariableAggregation(nn.Module):
-    """Cross-attention of one learnable query over the V variable tokens of each patch: [B, V, L, D] -> [B, L, D].
-
-    It attends over variables, never over tokens, so it is token-local and must not be swapped for a
-    sequence-parallel attention. The query is shared by all patches and starts at zero (uniform weights over
-    the variables at initialisation, as in ClimaX).
-    """
-
-    MAX_ATTENTION_ROWS = 32768
-    """Rows (patches x batch) per fused attention call: cuDNN and flash kernels failed at 65,536 rows on the H100
-    (benchmarks/NOTES.md), so longer inputs are attended in slices (exactly the same result)."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        chunk_tokens: int | None = 16384,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"VariableAggregation width {dim} is not divisible by num_heads={num_heads}")
-        factory = {"device": device, "dtype": dtype}
-        self.chunk_tokens = chunk_tokens
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.query = nn.Parameter(torch.empty(1, dim, **factory))
-        self.q = nn.Linear(dim, dim, **factory)
-        self.kv = nn.Linear(dim, 2 * dim, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.query)
-        for linear in (self.q, self.kv, self.proj):
-            trunc_normal_init(linear)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, V, L, D] -> [B, L, D]; more than `chunk_tokens` tokens are aggregated in slices, each recomputed in
-        backward, so the [B, V, L, D] key/value projection exists for one slice at a time (ClimaX's memory hog)."""
-        L = x.shape[2]
-        if self.chunk_tokens is None or L <= self.chunk_tokens:
-            return self._aggregate(x)
-        chunks = math.ceil(L / self.chunk_tokens)
-        if torch.is_grad_enabled():
-            return checkpointed_chunks(self._aggregate, x, chunks, dim=2, out_dim=1)
-        return torch.cat([self._aggregate(piece) for piece in x.chunk(chunks, dim=2)], dim=1)
-
-    def _aggregate(self, x: Tensor) -> Tensor:
-        B, V, L, D = x.shape
-        H, d = self.num_heads, self.head_dim
-        x = x.transpose(1, 2).reshape(B * L, V, D)  # [B, V, L, D] -> [B*L, V, D]
-        kv = self.kv(x).reshape(B * L, V, 2, H, d).permute(2, 0, 3, 1, 4)  # [2, B*L, H, V, d]
-        q = self.q(self.query).reshape(1, H, 1, d).expand(B * L, H, 1, d)  # same query for every patch
-        rows = self.MAX_ATTENTION_ROWS
-        out = torch.cat(
-            [F.scaled_dot_product_attention(q[i : i + rows], kv[0, i : i + rows], kv[1, i : i + rows]) for i in range(0, B * L, rows)]
-        )  # [B*L, H, 1, d]
-        return self.proj(out.reshape(B, L, D))  # [B*L, H, 1, d] -> [B, L, D]
-
-
 class ClimaX(nn.Module):
     """ClimaX-style forecasting ViT over any subset of `default_variables` on a fixed grid.
 
@@ -174,6 +112,13 @@ class ClimaX(nn.Module):
         drop_rate: dropout after the embeddings and inside attention projection / MLP.
         aggregation_chunk_tokens: aggregate the variables of at most this many tokens at a time (recomputed in
             backward), which bounds the [B, V, L, D] key/value projection; None aggregates all tokens at once.
+        aggregation: ``"flat"`` (ClimaX: one cross-attention over all V variable tokens of a patch) or
+            ``"hierarchical"`` (D-CHAG, arXiv 2506.21411: partial aggregation of groups of
+            `aggregation_group_size` variables, each group tokenised and aggregated on its own and recomputed in
+            backward, then a cross-attention over the groups; see `HierarchicalAggregation`). Only the
+            hierarchical form can be split across ranks by channel (`set_channel_parallel`).
+        aggregation_group_size: variables per group of the hierarchical aggregation.
+        partial_aggregation: ``"cross_attention"`` or ``"linear"``, the per-group aggregation of the hierarchical form.
         device: where the parameters are created (use "meta" to build without memory, then `to_empty` and
             `init_weights`).
         dtype: parameter dtype.
@@ -196,6 +141,9 @@ class ClimaX(nn.Module):
         drop_path: float = 0.1,
         drop_rate: float = 0.0,
         aggregation_chunk_tokens: int | None = 16384,
+        aggregation: Literal["flat", "hierarchical"] = "flat",
+        aggregation_group_size: int = 8,
+        partial_aggregation: PartialKind = "cross_attention",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -206,6 +154,9 @@ class ClimaX(nn.Module):
             "num_heads": num_heads, "mlp_ratio": mlp_ratio, "drop_path": drop_path, "drop_rate": drop_rate,
             "aggregation_chunk_tokens": aggregation_chunk_tokens,
         }
+        if aggregation != "flat":  # flat configurations stay exactly as before (and load into older versions)
+            self.config.update(aggregation=aggregation, aggregation_group_size=aggregation_group_size,
+                               partial_aggregation=partial_aggregation)
         self.default_variables = list(default_variables)
         if not self.default_variables:
             raise ValueError("ClimaX needs at least one default variable")
@@ -223,7 +174,17 @@ class ClimaX(nn.Module):
         self.patchify = Patchify(self.img_size, patch_size)
         self.token_embed = VariableTokenEmbed(num_vars, patch_size, embed_dim, **factory)
         self.var_embed = nn.Parameter(torch.empty(1, num_vars, embed_dim, **factory))  # [1, V_all, D]
-        self.var_agg = VariableAggregation(embed_dim, num_heads, chunk_tokens=aggregation_chunk_tokens, **factory)
+        self.aggregation = aggregation
+        self.var_agg: nn.Module
+        if aggregation == "flat":
+            self.var_agg = VariableAggregation(embed_dim, num_heads, chunk_tokens=aggregation_chunk_tokens, **factory)
+        elif aggregation == "hierarchical":
+            self.var_agg = HierarchicalAggregation(
+                embed_dim, num_heads, aggregation_group_size, partial_aggregation, chunk_tokens=aggregation_chunk_tokens,
+                **factory,
+            )
+        else:
+            raise ValueError(f"aggregation must be 'flat' or 'hierarchical', got {aggregation!r}")
         self.pos_embed = nn.Parameter(torch.empty(1, self.patchify.num_patches, embed_dim, **factory))  # [1, L, D]
         self.lead_time_embed = nn.Linear(1, embed_dim, **factory)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -260,7 +221,24 @@ class ClimaX(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that are embeddings or biases and so take no weight decay (timm convention; 1-D ones are implied)."""
-        return {"pos_embed", "var_embed", "var_agg.query", "token_embed.bias"}
+        queries = {"var_agg.query"} if self.aggregation == "flat" else {"var_agg.partial.query", "var_agg.final.query"}
+        return {"pos_embed", "var_embed", "token_embed.bias", *queries}
+
+    def set_channel_parallel(self, group: ProcessGroup | None) -> None:
+        """Split the variable groups of the hierarchical aggregation across the ranks of ``group`` (None: undo).
+
+        Each rank then tokenises and partially aggregates only its share of the variable groups and one all-gather
+        brings the partial aggregates together before the final cross-attention (D-CHAG, arXiv 2506.21411). The
+        ranks of ``group`` must hold the same samples. When ``group`` is also the sequence-parallel group,
+        `sequence_parallel_plan` moves the token shard from after `patchify` to after `var_agg`, so that every
+        rank aggregates its channels of all L tokens before the tokens are split; docs/model.md says when this pays.
+
+        Raises:
+            ValueError: the model was built with ``aggregation="flat"``.
+        """
+        if not isinstance(self.var_agg, HierarchicalAggregation):
+            raise ValueError("channel parallelism needs ClimaX(aggregation='hierarchical'); this model aggregates flat")
+        self.var_agg.set_channel_group(group)
 
     def sequence_parallel_plan(self) -> dict[str, str]:
         """Where a sequence-parallel strategy shards, swaps and gathers; paths are relative to this module.
@@ -272,9 +250,13 @@ class ClimaX(nn.Module):
         - `blocks.*.attn` are the only modules that mix tokens.
         - `head` output [B, L_r, V_all*p*p] is gathered along L: the final norm and the head stay token-local
           and split across ranks, and for the usual V_all*p*p <= D the gathered tensor is smaller than [B, L, D].
+
+        Under channel parallelism (`set_channel_parallel`) the shard point is `var_agg`'s output [B, L, D] instead:
+        the ranks split the variables, not the tokens, until the aggregation is done.
         """
+        channel_parallel = getattr(self.var_agg, "channel_group", None) is not None
         return {
-            "patchify": "shard_output:2",
+            **({"var_agg": "shard_output:1"} if channel_parallel else {"patchify": "shard_output:2"}),
             "pos_embed": "sequence_parameter:1",
             "blocks.*.attn": "attention",
             "head": "gather_output:1",
@@ -292,11 +274,17 @@ class ClimaX(nn.Module):
             self._var_id_cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._var_id_cache[key]
 
+    def tokenize(self, patches: Tensor, var_ids: Tensor) -> Tensor:
+        """Per-variable tokens with their variable embedding: [B, V, L_r, p*p] -> [B, V, L_r, D]."""
+        tokens = self.token_embed(patches, var_ids)  # [B, V, L_r, D]
+        return tokens + self.var_embed[:, var_ids].unsqueeze(2)  # + [1, V, 1, D]
+
     def embed(self, patches: Tensor, var_ids: Tensor, lead_time_hours: Tensor) -> Tensor:
         """Token-local embedding of (this rank's) patches: [B, V, L_r, p*p] -> [B, L_r, D]."""
-        tokens = self.token_embed(patches, var_ids)  # [B, V, L_r, D]
-        tokens = tokens + self.var_embed[:, var_ids].unsqueeze(2)  # + [1, V, 1, D]
-        x = self.var_agg(tokens)  # [B, L_r, D]
+        if isinstance(self.var_agg, HierarchicalAggregation):
+            x = self.var_agg(patches, var_ids, self.tokenize)  # [B, L_r, D], one variable group at a time
+        else:
+            x = self.var_agg(self.tokenize(patches, var_ids))  # [B, V, L_r, D] -> [B, L_r, D]
         pos_embed = self.pos_embed  # [1, L_r, D]: a sequence-parallel strategy slices it to this rank's tokens
         if pos_embed.shape[1] != x.shape[1]:
             raise RuntimeError(
