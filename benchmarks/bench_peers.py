@@ -18,7 +18,7 @@ writes ``peers_n<N>.json``, ``peers_n<N>.md`` and ``peers_n<N>.png``. Sections:
 - ``vit``: a whole training step of the generic ViT (width 1024, depth 8, fused qkv, bf16 autocast, fused AdamW),
   tokens sharded over the N ranks, only the attention call swapped between rows; the parameter gradients are
   all-reduced over the group (one flat all-reduce, the same for every row). Model TFLOP/s per GPU as in
-  ``bench_single_gpu.vit_flops`` / N. Blocks are recomputed in backward (activation checkpointing) when a GPU
+  ``workloads.vit_flops`` / N. Blocks are recomputed in backward (activation checkpointing) when a GPU
   holds more than ``--checkpoint-above`` tokens.
 
 Methods: this project's ``ulysses``, ``lss``, ``ring`` and ``hybrid`` (Ulysses degree u x ring degree r); peers:
@@ -54,7 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bench_device, call_times, device_info, fmt  # noqa: E402
-from bench_single_gpu import OUT_DIM, GenericViT, vit_flops  # noqa: E402
+from workloads import OUT_DIM, GenericViT, vit_flops  # noqa: E402
 
 K = 1024
 TOLERANCE = 2e-2
