@@ -1,8 +1,8 @@
 """What the benchmark scripts share: the device, timing (per-call and per-training-step), and one Lightning setup.
 
-``bench_single_gpu.py``, ``bench_multi_gpu.py``, ``bench_pipeline.py``, ``bench_peers.py`` and ``profile_step.py``
-import it from this folder (they put it on ``sys.path``). Times are milliseconds: CUDA events on a GPU,
-``time.perf_counter`` on the CPU (``--smoke`` runs).
+``bench_single_gpu.py``, ``bench_multi_gpu.py``, ``bench_pipeline.py``, ``bench_peers.py``, ``profile_step.py`` and
+their pieces (``single_gpu_trials.py``, ``peer_measure.py``, ...) import it from this folder (they put it on
+``sys.path``). Times are milliseconds: CUDA events on a GPU, ``time.perf_counter`` on the CPU (``--smoke`` runs).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BenchModule, StepClock, StepTimer, bench_device, bench_trainer, device_info, fmt  # noqa: E402
-from bench_single_gpu import _init_optimizer_state, build, climax_flops, vit_flops  # noqa: E402
+from single_gpu_trials import _init_optimizer_state  # noqa: E402
+from workloads import build, climax_flops, vit_flops  # noqa: E402
 
 K = 1024
 GIB = 2**30

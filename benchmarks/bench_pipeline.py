@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BenchModule, StepClock, StepTimer, bench_device, bench_trainer  # noqa: E402
-from bench_single_gpu import OUT_DIM, GenericViT  # noqa: E402
+from workloads import OUT_DIM, GenericViT  # noqa: E402
 
 GIB = 2**30
 

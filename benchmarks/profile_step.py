@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import call_times, device_info  # noqa: E402
-from bench_single_gpu import (  # noqa: E402
+from workloads import (  # noqa: E402
     OUT_DIM,
     GenericViT,
     Sizes,
