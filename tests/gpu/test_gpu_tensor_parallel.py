@@ -39,7 +39,8 @@ def build():
 
 def batches(device):
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(BATCH, 3, 64, 128, generator=g), torch.randint(0, 10, (BATCH,), generator=g)) for _ in range(STEPS)]
+    data = [(torch.randn(BATCH, 3, 64, 128, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+            for _ in range(STEPS)]
     return [(x.to(device), y.to(device)) for x, y in data]
 
 
