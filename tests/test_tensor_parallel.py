@@ -236,3 +236,28 @@ def test_equals_single_process(layout_runs, layout, index):
         heads = per_rank[0]["local_heads"]
         assert heads and all(h == 2 for h in heads[-2:]), heads  # 4 heads / tp 2 in the split blocks
     check_against_single_process(per_rank, run["name"], run.get("optimizer", "sgd"))
+
+
+def test_mixed_dtensor_groups_step_per_parameter_and_fused_is_refused():
+    """CUDA's multi-tensor optimizer kernels refuse lists that mix DTensors and plain tensors (seen with the real
+    timm ViT on two H200s); the groups holding the mix step parameter by parameter, a fused group is refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_seqpar.tensor_parallel.optim import step_per_parameter_where_mixed
+    from tests.dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 2), mesh, [Shard(0)]))
+        plain, other = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+        opt = torch.optim.SGD([{"params": [sharded, plain]}, {"params": [other]}], lr=0.1)
+        assert step_per_parameter_where_mixed(opt) == [0]
+        assert opt.param_groups[0]["foreach"] is False and opt.param_groups[1]["foreach"] is None
+        fused = torch.optim.AdamW([sharded, plain], lr=0.1, fused=True)
+        with pytest.raises(ValueError, match="fused=True.*FSDP2"):
+            step_per_parameter_where_mixed(fused)
+    finally:
+        dist.destroy_process_group()

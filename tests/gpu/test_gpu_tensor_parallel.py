@@ -45,7 +45,10 @@ def batches(device):
 
 
 def train(model, data, autocast: bool):
+    from lightning_seqpar.tensor_parallel.optim import step_per_parameter_where_mixed
+
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    step_per_parameter_where_mixed(opt)  # tp: sharded DTensors beside plain tensors (CUDA's foreach refuses the mix)
     losses = []
     for x, y in data:
         opt.zero_grad()
