@@ -10,6 +10,11 @@ from lightning_seqpar.deepspeed_engine import consolidate_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of ``python -m lightning_seqpar.consolidate``; returns the exit status (0 on success).
+
+    Raises:
+        SystemExit: on bad arguments (argparse).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m lightning_seqpar.consolidate",
         description="Merge the ZeRO shards of a checkpoint written by SeqParStrategy(zero_stage>0) into one fp32"

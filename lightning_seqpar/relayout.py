@@ -178,4 +178,5 @@ def checkpoint_client_state(ds_dir: str | os.PathLike, keys: list[str]) -> dict[
 
 
 def shard_directory(checkpoint_dir: str | os.PathLike, tag: str) -> Path:
+    """The directory DeepSpeed writes the shards of checkpoint ``tag`` to: ``checkpoint_dir / tag``."""
     return Path(checkpoint_dir) / tag

@@ -66,6 +66,11 @@ def _scores(q: Tensor, k: Tensor, scale: float, diagonal: bool) -> Tensor:
 
 
 def math_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """Reference block kernel in plain PyTorch: attention of ``q`` [B, L_q, H, d] over ``k``, ``v`` [B, L_k, H, d].
+
+    Returns ``(out [B, L_q, H, d], lse [B, H, L_q])`` in the compute dtype (float32 for half inputs), the log-sum-exp
+    being what the ring merge of arXiv 2310.01889 needs; ``diagonal`` masks top-left causal within the block.
+    """
     scores = _scores(q, k, scale, diagonal)  # [B, H, L_q, L_k]
     lse = scores.logsumexp(dim=-1)  # [B, H, L_q]
     probs = (scores - lse.unsqueeze(-1)).exp()
@@ -75,6 +80,8 @@ def math_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) 
 def math_backward(
     q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, diagonal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)``, each shaped like its input, of :func:`math_forward` from ``grad_out`` and the saved
+    ``out`` / ``lse`` (FlashAttention-2's recomputation, arXiv 2307.08691: probabilities rebuilt from the lse)."""
     dtype = compute_dtype(q.dtype)
     q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
     delta = (grad_out * out.to(dtype)).sum(dim=-1).transpose(1, 2)  # rowsum(dO * O): [B, H, L_q]
@@ -98,6 +105,8 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`math_forward` on PyTorch's FlashAttention-2 op (CUDA, fp16/bf16): ``(out [B, L_q, H, d] float32,
+    lse [B, H, L_q] float32)``."""
     out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, diagonal, False, scale=scale
     )  # [B, H, L_q, d], [B, H, L_q]
@@ -107,6 +116,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool)
 def flash_backward(
     q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, diagonal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` [B, L, H, d] of :func:`flash_forward` through the op's own backward (no dropout)."""
     seed, offset = _rng_state(q.device)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
@@ -121,6 +131,8 @@ def flash_backward(
 
 
 def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`math_forward` on the cuDNN attention op under SDPA (CUDA, fp16/bf16; ``compute_log_sumexp=True``, as
+    PyTorch's context parallelism uses it): ``(out [B, L_q, H, d] float32, lse [B, H, L_q] float32)``."""
     out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, diagonal, False, scale=scale
     )  # [B, H, L_q, d], [B, H, L_q, 1]
@@ -130,6 +142,7 @@ def cudnn_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, diagonal: bool)
 def cudnn_backward(
     q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, diagonal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` [B, L, H, d] of :func:`cudnn_forward` through the cuDNN op's backward (no dropout)."""
     seed, offset = (torch.zeros((), dtype=torch.int64, device=q.device) for _ in range(2))
     grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),

@@ -31,6 +31,7 @@ class BackendUnavailableError(RuntimeError):
 
 @functools.cache
 def flash_attn_installed() -> bool:
+    """True when the optional ``flash_attn`` package is importable (``pip install "lightning-seqpar[flash]"``)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
