@@ -55,11 +55,23 @@ def grid_for(tokens: int, patch: int = 2) -> tuple[int, int]:
     return patch * h, patch * (tokens // h)
 
 
-def build(variables: int, tokens: int, aggregation: str, cfg: dict, device, depth: int | None = None, grid=None) -> ClimaX:
+def build(
+    variables: int, tokens: int, aggregation: str, cfg: dict, device, depth: int | None = None, grid=None
+) -> ClimaX:
     torch.manual_seed(0)
     names = [f"v{i}" for i in range(variables)]
-    return ClimaX(names, grid or grid_for(tokens), patch_size=2, embed_dim=cfg["width"], depth=cfg["depth"] if depth is None else depth,
-                  num_heads=cfg["heads"], drop_path=0.0, aggregation=aggregation, aggregation_group_size=cfg["group"], device=device)
+    return ClimaX(
+        names,
+        grid or grid_for(tokens),
+        patch_size=2,
+        embed_dim=cfg["width"],
+        depth=cfg["depth"] if depth is None else depth,
+        num_heads=cfg["heads"],
+        drop_path=0.0,
+        aggregation=aggregation,
+        aggregation_group_size=cfg["group"],
+        device=device,
+    )
 
 
 def sync(device) -> None:
@@ -110,8 +122,15 @@ def embed_trial(variables: int, tokens: int, mode: str, cfg: dict, device, reps:
     step()  # allocate the parameter gradients outside the measurement
     peak = peak_above(step, device)
     seconds = timed(step, device, reps)
-    return {"section": "embed", "variables": variables, "tokens": tokens, "mode": mode, "bytes_per_token": peak / tokens,
-            "peak_gib": peak / 2**30, "seconds": seconds}
+    return {
+        "section": "embed",
+        "variables": variables,
+        "tokens": tokens,
+        "mode": mode,
+        "bytes_per_token": peak / tokens,
+        "peak_gib": peak / 2**30,
+        "seconds": seconds,
+    }
 
 
 def train_step_fn(model: ClimaX, device):
@@ -168,7 +187,8 @@ def longest_trial(variables: int, tokens: int, mode: str, cfg: dict, device) -> 
 
 
 def tiles_trial(tokens: int, tile_cells: int, halo: int, cfg: dict, device, reps: int, variables: int) -> list[dict]:
-    """Training step (forward + backward) over one whole field: full attention vs every tile of it at a fixed tile size."""
+    """Training step (forward + backward) over one whole field: full attention vs every tile of it at a fixed
+    tile size."""
     grid = grid_for(tokens)
     tiles = max(1, grid[0] // tile_cells)
     layout = TileLayout(grid, tiles, halo)
@@ -180,15 +200,24 @@ def tiles_trial(tokens: int, tile_cells: int, halo: int, cfg: dict, device, reps
         x = field if mode == "full" else layout.split(field)  # [1 or T, V, H or Th, W or Tw]
         lead = torch.full((x.shape[0],), 72.0, device=device)
 
-        def step():
+        def step(model=model, x=x, lead=lead, names=names):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(x, lead, names, names)
             out.float().square().mean().backward()
 
         seconds = timed(step, device, reps if tokens < 256 * K else 1)
-        rows.append({"section": "tiles", "tokens": tokens, "mode": mode, "tiles": layout.num_tiles if mode == "tiled" else 1,
-                     "tokens_per_sequence": model.num_patches, "seconds": seconds, "variables": variables})
-        del model
+        rows.append(
+            {
+                "section": "tiles",
+                "tokens": tokens,
+                "mode": mode,
+                "tiles": layout.num_tiles if mode == "tiled" else 1,
+                "tokens_per_sequence": model.num_patches,
+                "seconds": seconds,
+                "variables": variables,
+            }
+        )
+        del model, step  # step's defaults hold the model too: free it before the next build
     return rows
 
 
@@ -197,7 +226,9 @@ def run(args) -> None:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cfg = SMOKE if args.smoke else FULL
@@ -237,7 +268,9 @@ def run(args) -> None:
         for tokens in (16 * K, 64 * K, 256 * K):
             if time.monotonic() > deadline:
                 break
-            for row in tiles_trial(scale(tokens), 8 if args.smoke else 128, 4, tile_cfg, device, args.reps, variables=8):
+            for row in tiles_trial(
+                scale(tokens), 8 if args.smoke else 128, 4, tile_cfg, device, args.reps, variables=8
+            ):
                 record(row)
     if rank == 0:
         out = Path(args.out)
@@ -251,7 +284,8 @@ def run(args) -> None:
 
 
 def report(out: Path) -> None:
-    """aggregation.md (tables) and aggregation.png (memory per token of the embedding stage, TILES time) from the JSON."""
+    """aggregation.md (tables) and aggregation.png (memory per token of the embedding stage, TILES time) from the
+    JSON."""
     rows, metas = [], []
     for name in ("aggregation.json", "aggregation_cp.json"):
         if (out / name).exists():
@@ -259,21 +293,61 @@ def report(out: Path) -> None:
             rows += [{**r, "world": data["meta"]["world_size"]} for r in data["results"]]
             metas.append(data["meta"])
     kb = lambda r: f"{r['bytes_per_token'] / 1024:,.1f}"  # noqa: E731
-    lines = ["# Variable aggregation and TILES benchmark", "", f"Devices: {[m['device'] for m in metas]}; config {metas[0]['config'] if metas else {}}.", "",
-             "## Tokenise + aggregate (forward + backward), memory per token above the weights", "",
-             "| variables | tokens | mode | ranks | KiB / token | peak GiB | time (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['variables']} | {r['tokens']:,} | {r['mode']} | {r['world']} | {kb(r)} | {r['peak_gib']:.2f} | {1e3 * r['seconds']:.1f} |"
-              for r in rows if r["section"] == "embed"]
-    lines += ["", "## Whole training step (bf16 autocast, checkpointed blocks, AdamW), memory per token above weights, gradients and optimizer state", "",
-              "| variables | tokens | mode | ranks | KiB / token | peak GiB | step (s) | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['variables']} | {r['tokens']:,} | {r['mode']} | {r['world']} | {kb(r)} | {r['peak_gib']:.2f} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} |"
-              for r in rows if r["section"] == "step"]
-    lines += ["", "## Longest ClimaX sequence, 48 variables, one GPU (one training step)", "", "| mode | tokens | status | total peak GiB | step (s) |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['mode']} | {r['tokens']:,} | {r['status']} | {r.get('total_peak_gib', float('nan')):.1f} | {r.get('seconds', float('nan')):.1f} |"
-              for r in rows if r["section"] == "longest"]
-    lines += ["", "## TILES: forward + backward over one whole field, full attention vs all tiles (fixed tile size)", "",
-              "| field tokens | mode | tiles | tokens / sequence | time (s) |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['tokens']:,} | {r['mode']} | {r['tiles']} | {r['tokens_per_sequence']:,} | {r['seconds']:.3f} |" for r in rows if r["section"] == "tiles"]
+    lines = [
+        "# Variable aggregation and TILES benchmark",
+        "",
+        f"Devices: {[m['device'] for m in metas]}; config {metas[0]['config'] if metas else {}}.",
+        "",
+        "## Tokenise + aggregate (forward + backward), memory per token above the weights",
+        "",
+        "| variables | tokens | mode | ranks | KiB / token | peak GiB | time (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['variables']} | {r['tokens']:,} | {r['mode']} | {r['world']} | {kb(r)} | {r['peak_gib']:.2f} | "
+        f"{1e3 * r['seconds']:.1f} |"
+        for r in rows
+        if r["section"] == "embed"
+    ]
+    lines += [
+        "",
+        "## Whole training step (bf16 autocast, checkpointed blocks, AdamW), memory per token above weights, "
+        "gradients and optimizer state",
+        "",
+        "| variables | tokens | mode | ranks | KiB / token | peak GiB | step (s) | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['variables']} | {r['tokens']:,} | {r['mode']} | {r['world']} | {kb(r)} | {r['peak_gib']:.2f} | "
+        f"{r['seconds']:.3f} | {r['tokens_per_s']:,.0f} |"
+        for r in rows
+        if r["section"] == "step"
+    ]
+    lines += [
+        "",
+        "## Longest ClimaX sequence, 48 variables, one GPU (one training step)",
+        "",
+        "| mode | tokens | status | total peak GiB | step (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['mode']} | {r['tokens']:,} | {r['status']} | {r.get('total_peak_gib', float('nan')):.1f} | "
+        f"{r.get('seconds', float('nan')):.1f} |"
+        for r in rows
+        if r["section"] == "longest"
+    ]
+    lines += [
+        "",
+        "## TILES: forward + backward over one whole field, full attention vs all tiles (fixed tile size)",
+        "",
+        "| field tokens | mode | tiles | tokens / sequence | time (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['tokens']:,} | {r['mode']} | {r['tiles']} | {r['tokens_per_sequence']:,} | {r['seconds']:.3f} |"
+        for r in rows
+        if r["section"] == "tiles"
+    ]
     (out / "aggregation.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -283,7 +357,11 @@ def report(out: Path) -> None:
     except ImportError:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    embed = [r for r in rows if r["section"] == "embed" and r["tokens"] == max(x["tokens"] for x in rows if x["section"] == "embed")]
+    embed = [
+        r
+        for r in rows
+        if r["section"] == "embed" and r["tokens"] == max(x["tokens"] for x in rows if x["section"] == "embed")
+    ]
     labels = [f"{r['variables']}v {r['mode']}" for r in embed]
     left.barh(labels, [r["bytes_per_token"] / 1024 for r in embed])
     left.set_xlabel("KiB per token (tokenise + aggregate, fwd + bwd)")
@@ -303,11 +381,17 @@ def report(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--sections", default="embed,step,longest,tiles", help="comma list of embed, step, longest, tiles, cp")
+    parser.add_argument(
+        "--sections", default="embed,step,longest,tiles", help="comma list of embed, step, longest, tiles, cp"
+    )
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=240.0, help="skip the remaining long trials after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, default=240.0, help="skip the remaining long trials after this many seconds"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device")
-    parser.add_argument("--report", action="store_true", help="only merge the JSON files in --out into markdown and a plot")
+    parser.add_argument(
+        "--report", action="store_true", help="only merge the JSON files in --out into markdown and a plot"
+    )
     args = parser.parse_args()
     if args.report:
         report(Path(args.out))

@@ -22,8 +22,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-FIELDS = ["2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind", "geopotential_500", "geopotential_850",
-          "temperature_500", "temperature_850"]
+FIELDS = [
+    "2m_temperature",
+    "10m_u_component_of_wind",
+    "10m_v_component_of_wind",
+    "geopotential_500",
+    "geopotential_850",
+    "temperature_500",
+    "temperature_850",
+]
 OUT = ["geopotential_500", "temperature_850", "2m_temperature"]
 RUNS = {
     "flat": {"aggregation": "flat"},
@@ -51,17 +58,31 @@ def train(store: Path, name: str, options: dict, epochs: int, batch: int, root: 
     model = ClimaX(dm.variables, grid, patch_size=2, embed_dim=64, depth=2, decoder_depth=1, num_heads=4, drop_path=0.0,
                    **options)
     module = ForecastModule(model, lr=1e-3, warmup_steps=20, residual=True, tiles=tiles, tile_halo=2)
-    trainer = Trainer(default_root_dir=root / name.split()[0], max_epochs=epochs, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, num_sanity_val_steps=0, check_val_every_n_epoch=epochs)
+    trainer = Trainer(
+        default_root_dir=root / name.split()[0],
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=epochs,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
     rmse = {f: metrics[f"val/rmse/{f}/24h"] for f in OUT}
     persistence = {f: metrics[f"val/persistence/rmse/{f}/24h"] for f in OUT}
-    return {"run": name, "rmse": rmse, "persistence_rmse": persistence, "train_seconds": seconds,
-            "steps": trainer.global_step, "tokens_per_sequence": model.num_patches, "parameters": sum(p.numel() for p in model.parameters()),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "run": name,
+        "rmse": rmse,
+        "persistence_rmse": persistence,
+        "train_seconds": seconds,
+        "steps": trainer.global_step,
+        "tokens_per_sequence": model.num_patches,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -82,12 +103,18 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "aggregation_quality.json").write_text(json.dumps({"epochs": args.epochs, "batch_fields": args.batch, "results": results}, indent=1))
+    (out / "aggregation_quality.json").write_text(
+        json.dumps({"epochs": args.epochs, "batch_fields": args.batch, "results": results}, indent=1)
+    )
     lines = ["| run | tokens / sequence | steps | " + " | ".join(f"RMSE {f}" for f in OUT) + " | train s (CPU) |",
              "| --- | --- | --- | " + " | ".join("---" for _ in OUT) + " | --- |"]
-    lines += [f"| {r['run']} | {r['tokens_per_sequence']} | {r['steps']} | " + " | ".join(f"{r['rmse'][f]:.3g}" for f in OUT)
-              + f" | {r['train_seconds']:.0f} |" for r in results]
-    lines += [f"| persistence | | | " + " | ".join(f"{results[0]['persistence_rmse'][f]:.3g}" for f in OUT) + " | |"]
+    lines += [
+        f"| {r['run']} | {r['tokens_per_sequence']} | {r['steps']} | "
+        + " | ".join(f"{r['rmse'][f]:.3g}" for f in OUT)
+        + f" | {r['train_seconds']:.0f} |"
+        for r in results
+    ]
+    lines += ["| persistence | | | " + " | ".join(f"{results[0]['persistence_rmse'][f]:.3g}" for f in OUT) + " | |"]
     (out / "aggregation_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

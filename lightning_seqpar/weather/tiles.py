@@ -57,7 +57,10 @@ class TileLayout:
         if self.halo < 0:
             raise ValueError(f"tile halo must be >= 0 cells, got {self.halo}")
         if self.tiles > min(self.grid):
-            raise ValueError(f"{self.tiles} tiles per axis do not fit a {self.grid[0]} x {self.grid[1]} grid; use at most {min(self.grid)}")
+            raise ValueError(
+                f"{self.tiles} tiles per axis do not fit a {self.grid[0]} x {self.grid[1]} grid; "
+                f"use at most {min(self.grid)}"
+            )
 
     @property
     def num_tiles(self) -> int:
@@ -76,12 +79,15 @@ class TileLayout:
         row_starts = [sum(row_sizes[:i]) for i in range(self.tiles)]
         col_starts = [sum(col_sizes[:i]) for i in range(self.tiles)]
         return tuple(
-            (row_starts[i], row_sizes[i], col_starts[j], col_sizes[j]) for i in range(self.tiles) for j in range(self.tiles)
+            (row_starts[i], row_sizes[i], col_starts[j], col_sizes[j])
+            for i in range(self.tiles)
+            for j in range(self.tiles)
         )
 
     @cached_property
     def indices(self) -> tuple[Tensor, Tensor]:
-        """``rows [T, Th]`` and ``cols [T, Tw]``: grid cell of every window cell (latitudes clamped, longitudes wrapped)."""
+        """``rows [T, Th]`` and ``cols [T, Tw]``: grid cell of every window cell (latitudes clamped, longitudes
+        wrapped)."""
         (H, W), (Th, Tw) = self.grid, self.tile_shape
         offsets_h, offsets_w = torch.arange(Th) - self.halo, torch.arange(Tw) - self.halo
         rows = torch.stack([(r0 + offsets_h).clamp(0, H - 1) for r0, _, _, _ in self.cores])  # [T, Th], poles repeated
@@ -114,8 +120,10 @@ class TileLayout:
     def stitch(self, tiles: Tensor) -> Tensor:
         """Crop every tile's halo and put the cores together: ``[B*T, C, Th, Tw] -> [B, C, H, W]``."""
         if tiles.shape[0] % self.num_tiles or tuple(tiles.shape[-2:]) != self.tile_shape:
-            raise ValueError(f"stitch expects [B*{self.num_tiles}, C, {self.tile_shape[0]}, {self.tile_shape[1]}] tiles, "
-                             f"got {tuple(tiles.shape)}")
+            raise ValueError(
+                f"stitch expects [B*{self.num_tiles}, C, {self.tile_shape[0]}, {self.tile_shape[1]}] tiles, "
+                f"got {tuple(tiles.shape)}"
+            )
         B, C = tiles.shape[0] // self.num_tiles, tiles.shape[1]
         per_field = tiles.reshape(B, self.num_tiles, C, *self.tile_shape)  # [B, T, C, Th, Tw]
         out = tiles.new_empty(B, C, *self.grid)
@@ -146,8 +154,13 @@ def run_tiled(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, lead_time_ho
     return layout.stitch(torch.cat(outs))
 
 
-def forward_tiles(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, lead_time_hours: Tensor, layout: TileLayout | None,
-                  max_tiles_per_call: int | None = None) -> Tensor:
+def forward_tiles(
+    model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    lead_time_hours: Tensor,
+    layout: TileLayout | None,
+    max_tiles_per_call: int | None = None,
+) -> Tensor:
     """``model(x, lead)`` for tiles and whole fields alike: what the forecasting module calls.
 
     No layout: ``model`` directly. A whole field ``[B, V, H, W]``: every tile, stitched (:func:`run_tiled`).
@@ -160,8 +173,10 @@ def forward_tiles(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, lead_tim
         return model(x, lead_time_hours)
     if tuple(x.shape[-2:]) == layout.grid:
         return run_tiled(model, x, lead_time_hours, layout, max_tiles_per_call)
-    raise ValueError(f"tiled forecasting with {layout.tiles} x {layout.tiles} tiles (halo {layout.halo}) takes whole fields "
-                     f"{layout.grid} or tiles {layout.tile_shape}, got input of shape {tuple(x.shape)}")
+    raise ValueError(
+        f"tiled forecasting with {layout.tiles} x {layout.tiles} tiles (halo {layout.halo}) takes whole fields "
+        f"{layout.grid} or tiles {layout.tile_shape}, got input of shape {tuple(x.shape)}"
+    )
 
 
 def tiled_mse(pred: Tensor, target: Tensor, cell_weights: Tensor, field_weights: Tensor | None = None) -> Tensor:
@@ -179,7 +194,9 @@ def tiled_mse(pred: Tensor, target: Tensor, cell_weights: Tensor, field_weights:
         equals ``latitude_weighted_mse`` of the stitched fields.
     """
     w = cell_weights.float().expand_as(pred)
-    per_field = ((pred.float() - target.float()).square() * w).sum(dim=(0, 2, 3)) / w.sum(dim=(0, 2, 3)).clamp_min(1e-12)
+    per_field = ((pred.float() - target.float()).square() * w).sum(dim=(0, 2, 3)) / w.sum(dim=(0, 2, 3)).clamp_min(
+        1e-12
+    )
     if field_weights is not None:
         per_field = per_field * field_weights.float()
     return per_field.mean()
@@ -207,7 +224,9 @@ class TiledDataset(Dataset):
         return item
 
     @staticmethod
-    def cell_weights(layout: TileLayout, lat_weights: Tensor, tiles: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+    def cell_weights(
+        layout: TileLayout, lat_weights: Tensor, tiles: Tensor, valid_mask: Tensor | None = None
+    ) -> Tensor:
         """Loss weight of every cell of a batch of tiles: ``[n, 1 or V_out, Th, Tw]``.
 
         Args:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_seqpar.weather.models import ClimaX, HierarchicalAggregation
+from lightning_seqpar.weather.models import ClimaX
 from lightning_seqpar.weather.models.aggregation import channel_group_sizes, local_channel_groups
 from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed
 
@@ -177,7 +177,7 @@ def channel_parallel_worker(num_vars: int, group_size: int, partial: str, steps:
                 dist.all_reduce(p.grad)
                 p.grad /= world
         errors["forward"] = max(errors["forward"], relative_error(out.detach(), expected.detach()))
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        for (_name, p), q in zip(model.named_parameters(), reference.parameters()):
             if q.grad is not None and q.grad.norm() > 0:
                 errors["grad"] = max(errors["grad"], relative_error(p.grad, q.grad))
         for optimizer in optimizers:
@@ -276,8 +276,11 @@ def strategy_worker(num_vars: int, group_size: int, steps: int = 3) -> dict:
 
     seed_everything(0)
     generator = torch.Generator().manual_seed(3)
-    data = TensorDataset(torch.randn(8, num_vars, 10, 12, generator=generator), torch.randn(8, num_vars, 10, 12, generator=generator),
-                         torch.arange(8))
+    data = TensorDataset(
+        torch.randn(8, num_vars, 10, 12, generator=generator),
+        torch.randn(8, num_vars, 10, 12, generator=generator),
+        torch.arange(8),
+    )
     module = Module()
     reference = copy.deepcopy(module.model)
     trainer = Trainer(accelerator="cpu", devices=2, strategy=SeqParStrategy(sequence_parallel_size=2, timeout=60),
@@ -292,7 +295,9 @@ def strategy_worker(num_vars: int, group_size: int, steps: int = 3) -> dict:
         out = reference(x, torch.full((len(indices),), 24.0), names(num_vars), names(num_vars))
         torch.nn.functional.mse_loss(out, y).backward()
         optimizer.step()
-    error = max(relative_error(p.detach(), q.detach()) for p, q in zip(module.model.parameters(), reference.parameters()))
+    error = max(
+        relative_error(p.detach(), q.detach()) for p, q in zip(module.model.parameters(), reference.parameters())
+    )
     return {"error": error, "plan": plan, "steps": len(module.seen)}
 
 
@@ -300,7 +305,9 @@ def strategy_worker(num_vars: int, group_size: int, steps: int = 3) -> dict:
 @pytest.mark.timeout(600)
 def test_channel_parallel_under_the_strategy():
     """7 variables in groups of 2 split over the 2 ranks of the SP group (shard after var_agg), 3 SGD steps."""
-    for result in run_distributed("tests.weather.test_aggregation:strategy_worker", 2, timeout=540, num_vars=7, group_size=2):
+    for result in run_distributed(
+        "tests.weather.test_aggregation:strategy_worker", 2, timeout=540, num_vars=7, group_size=2
+    ):
         assert result["steps"] == 3
         assert "var_agg" in result["plan"] and "patchify" not in result["plan"], result["plan"]
         assert result["error"] < 1e-5, result

@@ -9,7 +9,9 @@ from lightning_seqpar.weather.metrics import latitude_weights
 from lightning_seqpar.weather.tiles import TiledDataset, TileLayout, run_tiled, tiled_mse
 
 
-@pytest.mark.parametrize(("grid", "tiles", "halo"), [((32, 64), 3, 2), ((33, 65), 4, 3), ((7, 11), 2, 0), ((32, 64), 1, 0), ((5, 9), 5, 6)])
+@pytest.mark.parametrize(
+    ("grid", "tiles", "halo"), [((32, 64), 3, 2), ((33, 65), 4, 3), ((7, 11), 2, 0), ((32, 64), 1, 0), ((5, 9), 5, 6)]
+)
 def test_identity_model_stitches_back_exactly(grid, tiles, halo):
     layout = TileLayout(grid, tiles, halo)
     x = torch.randn(2, 3, *grid)
@@ -35,7 +37,9 @@ def test_halo_wraps_longitude_and_repeats_the_pole_rows():
     first = layout.tile(x, 0)  # core rows 0-3, columns 0-5: the halo crosses the south pole and the dateline
     assert torch.equal(first[0, 2:6, 2:8], x[0, 0:4, 0:6])  # the core
     assert torch.equal(first[0, 2:6, 0:2], x[0, 0:4, 10:12])  # west halo = easternmost columns (periodic)
-    assert torch.equal(first[0, 0], first[0, 2]) and torch.equal(first[0, 1], first[0, 2])  # rows beyond the pole repeat it
+    assert torch.equal(first[0, 0], first[0, 2]) and torch.equal(
+        first[0, 1], first[0, 2]
+    )  # rows beyond the pole repeat it
     last = layout.tile(x, 3)  # core rows 4-7, columns 6-11
     assert torch.equal(last[0, 2:6, 8:10], x[0, 4:8, 0:2])  # east halo wraps to the westernmost columns
     assert torch.equal(last[0, 7], x[0, 7, torch.arange(4, 14) % 12])  # beyond the north pole: last row repeated
@@ -77,7 +81,10 @@ def test_tiled_loss_of_all_tiles_equals_the_whole_field_loss():
 def test_tiled_dataset_yields_every_tile_of_every_sample():
     layout = TileLayout((6, 10), 2, 1)
     fields = torch.randn(3, 4, 6, 10)
-    samples = [{"input": f[:3], "target": f[3:], "lead_time_hours": torch.tensor(6.0), "index": torch.tensor(i)} for i, f in enumerate(fields)]
+    samples = [
+        {"input": f[:3], "target": f[3:], "lead_time_hours": torch.tensor(6.0), "index": torch.tensor(i)}
+        for i, f in enumerate(fields)
+    ]
     dataset = TiledDataset(samples, layout)
     assert len(dataset) == 3 * 4
     item = dataset[6]  # sample 1, tile 2
@@ -111,8 +118,16 @@ def store(tmp_path_factory):
 def tiled_datamodule(store, **kwargs):
     from lightning_seqpar.weather.data.era5 import ERA5DataModule
 
-    args = dict(variables=["2m_temperature", "geopotential_500"], out_variables=["geopotential_500"], lead_time_hours=24,
-                train_years="2000", val_years="2001", batch_size=4, tiles=3, tile_halo=2)
+    args = dict(
+        variables=["2m_temperature", "geopotential_500"],
+        out_variables=["geopotential_500"],
+        lead_time_hours=24,
+        train_years="2000",
+        val_years="2001",
+        batch_size=4,
+        tiles=3,
+        tile_halo=2,
+    )
     return ERA5DataModule(str(store), **{**args, **kwargs})
 
 
@@ -164,5 +179,7 @@ def test_datamodule_and_module_must_tile_alike(store, tmp_path):
     from lightning_seqpar.weather.forecast import ForecastModule
 
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, limit_val_batches=1)
-    with pytest.raises(ValueError, match="the datamodule cuts training samples into .* but the ForecastModule tiles as None"):
+    with pytest.raises(
+        ValueError, match="the datamodule cuts training samples into .* but the ForecastModule tiles as None"
+    ):
         trainer.validate(ForecastModule(Copy()), datamodule=tiled_datamodule(store))

@@ -57,7 +57,8 @@ def channel_group_sizes(num_channels: int, group_size: int) -> list[int]:
 
 
 def local_channel_groups(num_groups: int, ranks: int, rank: int) -> tuple[int, int]:
-    """``(first, count)``: the channel groups rank ``rank`` of ``ranks`` aggregates (contiguous, first ranks get one more).
+    """``(first, count)``: the channel groups rank ``rank`` of ``ranks`` aggregates (contiguous, first ranks get one
+    more).
 
     Raises:
         ValueError: fewer groups than ranks (a rank would have no channel); lower ``group_size``.
@@ -128,7 +129,10 @@ class VariableAggregation(nn.Module):
         q = self.q(self.query).reshape(1, H, 1, d).expand(B * L, H, 1, d)  # same query for every patch
         rows = self.MAX_ATTENTION_ROWS
         out = torch.cat(
-            [F.scaled_dot_product_attention(q[i : i + rows], kv[0, i : i + rows], kv[1, i : i + rows]) for i in range(0, B * L, rows)]
+            [
+                F.scaled_dot_product_attention(q[i : i + rows], kv[0, i : i + rows], kv[1, i : i + rows])
+                for i in range(0, B * L, rows)
+            ]
         )  # [B*L, H, 1, d]
         return self.proj(out.reshape(B, L, D))  # [B*L, H, 1, d] -> [B, L, D]
 
@@ -230,13 +234,17 @@ class HierarchicalAggregation(nn.Module):
         if ranks > 1:
             first, count = local_channel_groups(len(sizes), ranks, group_rank(group))
         partials = [
-            self._partial_group(patches[:, starts[i] : starts[i] + sizes[i]], var_ids[starts[i] : starts[i] + sizes[i]], tokenize)
+            self._partial_group(
+                patches[:, starts[i] : starts[i] + sizes[i]], var_ids[starts[i] : starts[i] + sizes[i]], tokenize
+            )
             for i in range(first, first + count)
         ]  # G_r x [B, L, D]
         local = torch.stack(partials, dim=1)  # [B, G_r, L, D]
         if ranks > 1:
             layout = SequenceLayout(tuple(split_sizes(len(sizes), ranks)))
-            local = all_gather_sequence(local.contiguous(), group, dim=1, layout=layout)  # [B, G_r, L, D] -> [B, G, L, D]
+            local = all_gather_sequence(
+                local.contiguous(), group, dim=1, layout=layout
+            )  # [B, G_r, L, D] -> [B, G, L, D]
         return self.final(local)  # [B, G, L, D] -> [B, L, D]
 
     def _partial_group(self, patches: Tensor, var_ids: Tensor, tokenize: Tokenize) -> Tensor:

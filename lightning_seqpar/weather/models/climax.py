@@ -180,7 +180,11 @@ class ClimaX(nn.Module):
             self.var_agg = VariableAggregation(embed_dim, num_heads, chunk_tokens=aggregation_chunk_tokens, **factory)
         elif aggregation == "hierarchical":
             self.var_agg = HierarchicalAggregation(
-                embed_dim, num_heads, aggregation_group_size, partial_aggregation, chunk_tokens=aggregation_chunk_tokens,
+                embed_dim,
+                num_heads,
+                aggregation_group_size,
+                partial_aggregation,
+                chunk_tokens=aggregation_chunk_tokens,
                 **factory,
             )
         else:
@@ -220,7 +224,8 @@ class ClimaX(nn.Module):
             self.var_embed.copy_(torch.from_numpy(var).to(self.var_embed.dtype).unsqueeze(0))
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that are embeddings or biases and so take no weight decay (timm convention; 1-D ones are implied)."""
+        """Parameters that are embeddings or biases and so take no weight decay (timm convention; 1-D ones are
+        implied)."""
         queries = {"var_agg.query"} if self.aggregation == "flat" else {"var_agg.partial.query", "var_agg.final.query"}
         return {"pos_embed", "var_embed", "token_embed.bias", *queries}
 
