@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lightning_seqpar.memory import wrap_forward
+from lightning_seqpar.wrapping import wrap_forward
 from lightning_seqpar.plan import find_block_stacks, is_attention_module
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
