@@ -316,8 +316,11 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
             apply_tensor_parallel_to_module(module, self.topology, self.tp_plan, type(self).__name__)
-            # Lightning broadcasts a module it does not wrap from rank 0 of the world: not the tp shards.
-            module._ddp_params_and_buffers_to_ignore = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+        # Lightning broadcasts a module it does not wrap from rank 0 of the world: never DTensor shards (tp, FSDP2).
+        shards = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+        if shards:
+            ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+            module._ddp_params_and_buffers_to_ignore = ignored + [n for n in shards if n not in ignored]
         plan = self._plan if self._plan is not None else infer_plan(module)
         auto = self.attention == "auto"
         if auto:

@@ -64,6 +64,11 @@ class SeqParDDPStrategy(SeqParStrategy):
         rank_zero_info(f"{type(self).__name__}: tensor parallelism: gradients averaged over dp_sp after backward, without DDP")
         return model
 
+    @override
+    def _register_ddp_hooks(self) -> None:
+        if self.topology is None or self.topology.tp == 1:  # no DDP wrapper (and so no communication hooks) with tp
+            super()._register_ddp_hooks()
+
     def _averaging(self, closure: Any, optimizer: Any) -> Any:
         """``closure`` followed, with tensor parallelism (no DDP wrapper), by the gradient average over ``dp_sp``."""
         if self.topology is None or self.topology.tp == 1:

@@ -24,8 +24,10 @@ _LIGHTNING_STATE_FILE = "lightning_state.pt"
 class SeqParFSDPStrategy(SeqParStrategy):
     """Sequence parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``) over the ``dp_sp`` ranks (``fsdp=True``).
 
-    Each transformer block is one FSDP2 unit, the rest of the model the root unit
-    (:func:`lightning_seqpar.fsdp.apply_fsdp`): parameters, gradients and optimizer state are sharded over the
+    Each transformer block is one FSDP2 unit, and each child module of the LightningModule that holds parameters a
+    root unit around them (:func:`lightning_seqpar.fsdp.apply_fsdp`; Lightning calls ``training_step``, not the
+    LightningModule, so the children ``training_step`` calls are the roots whose call gathers their parameters;
+    parameters registered on the LightningModule itself are refused): parameters, gradients and optimizer state are sharded over the
     ``dp * sp`` ranks of a stage, gradients reduce-scattered as averages, so one optimizer step equals single-device
     training on the global batch (the torch-native counterpart of ZeRO-3). With ``tensor_parallel_size > 1`` the
     tensor-parallel DTensors are sharded again over ``dp_sp`` (FSDP2 x TP, as Lightning's ``ModelParallelStrategy``).
@@ -37,7 +39,8 @@ class SeqParFSDPStrategy(SeqParStrategy):
     ``lightning_seqpar.fsdp.consolidate_checkpoint`` turns them into one file.
 
     Raises:
-        ValueError: a DeepSpeed argument (``zero_stage``, ``pipeline_stages > 1``, ``deepspeed_config``, offloading).
+        ValueError: a DeepSpeed argument (``zero_stage``, ``pipeline_stages > 1``, ``deepspeed_config``, offloading);
+            at setup, parameters registered on the LightningModule itself.
     """
 
     uses_fsdp = True
@@ -59,11 +62,27 @@ class SeqParFSDPStrategy(SeqParStrategy):
             )
 
     @override
+    def setup(self, trainer: Trainer) -> None:
+        self.prepare_module(trainer)  # tensor parallelism, then the sequence-parallel plan
+        super().setup(trainer)  # DDPStrategy.setup: _setup_model (FSDP2 here), then the optimizers
+
+    @override
     def _setup_model(self, model: Any) -> Any:
         assert self.topology is not None
         precision = str(getattr(self.precision_plugin, "precision", "32-true"))
         param_dtype, reduce_dtype = mixed_precision_dtypes(precision)
-        fsdp2.apply_fsdp(model, self.topology.dp_sp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        own = [name for name, _ in model.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"{type(self).__name__}: parameters {own} are registered on the LightningModule itself; FSDP2 gathers a"
+                " module's parameters when the module is called, and Lightning calls training_step, not the"
+                " LightningModule. Move them into a submodule (e.g. self.model) that training_step calls."
+            )
+        # Lightning calls training_step, not the LightningModule, so each child the step calls is an FSDP2 root (its
+        # call gathers its parameters); the blocks inside are units of their own.
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fsdp2.apply_fsdp(child, self.topology.dp_sp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         rank_zero_info(
             f"{type(self).__name__}: FSDP2 over dp_sp={self.topology.dp_sp_mesh.size()} ranks"
             f" (precision {precision}: param_dtype={param_dtype}, reduce_dtype={reduce_dtype})"
