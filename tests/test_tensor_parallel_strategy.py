@@ -41,6 +41,9 @@ class TensorParallelModule(LightningModule):
         self.samples.update(torch.tensor(float(len(batch["x"]))))
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.mse_loss(self.model(batch["x"]), batch["y"]), sync_dist=True)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
@@ -79,7 +82,13 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
                 refused = str(error)
             trainer.save_checkpoint(path, weights_only=True)
             trainer.strategy.barrier()
-            saved = {"refused": refused, "state_dict": torch.load(path, weights_only=False)["state_dict"]}
+            # ... and loads them into a fresh module split over tp (validate restores the weights only).
+            fresh = TensorParallelModule()
+            evaluator = Trainer(accelerator="cpu", devices=world, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, strategy=SeqParStrategy(timeout=120, **config))
+            evaluator.validate(fresh, DataLoader(dataset("block"), batch_size=BATCH, shuffle=False), ckpt_path=path)
+            saved = {"refused": refused, "state_dict": torch.load(path, weights_only=False)["state_dict"],
+                     "reloaded": evaluator.strategy.full_state_dict()}
         results.append({
             "saved": saved,
             "engine": type(trainer.strategy).__name__,
@@ -124,6 +133,9 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
             assert "saving the optimizer state with tensor_parallel_size > 1 is not supported" in ranks[0]["saved"]["refused"]
             err, key = max_rel_error(ranks[0]["saved"]["state_dict"], reference.state)
             assert err < TOLERANCE, f"{config}: saved weights differ at {key} by {err:.2e}"
+            for r in ranks:  # the weights loaded into a freshly split module are exactly those saved
+                err, key = max_rel_error(r["saved"]["reloaded"], r["saved"]["state_dict"])
+                assert err == 0.0, f"{config}: weights loaded from the checkpoint differ at {key}"
         worst = 0.0
         for rank, r in enumerate(ranks):
             err, key = max_rel_error(r["final"], reference.state)
