@@ -3,7 +3,10 @@
 Unit tests: the argument errors (tp with DeepSpeed, fsdp with DeepSpeed, bad sizes and plans, world sizes that do not
 factor) and the engine each argument set builds. Multi-process (CPU, gloo, 4 ranks): tp 2 x sp 2 and tp 2 x dp 2 on
 the DDP engine, FSDP2 over sp 2 x dp 2, and tp 2 x sp 2 with FSDP2 over the sp ranks, on the bundled timm-shaped
-ViT (4 heads, 13 tokens: sp shards are uneven), 2 samples per data-parallel rank, SGD with momentum, 3 steps.
+ViT (4 heads, 13 tokens: sp shards are uneven); the real Hugging Face ViTModel at tp 2 x sp 2 (DDP engine) and
+tp 2 x FSDP2 2; 2 samples per data-parallel rank, SGD with momentum, 3 steps. On the DDP engine with tp, the
+weights-only checkpoint holds whole tensors and loads back exactly; the optimizer state is refused. FSDP2: a
+checkpoint directory saved at dp 2 resumes at sp 2.
 Each: every rank's whole (gathered) parameters within relative error 1e-5 of single-process training on the same
 global batches (the contract's measure), the batches each rank saw (the ranks of one dp coordinate the same samples),
 and the logged sample count equal to the global batch (not multiplied by sp or tp).
@@ -25,11 +28,11 @@ SEED, STEPS, BATCH, TOLERANCE = 1234, 3, 2, 1e-5
 class TensorParallelModule(LightningModule):
     """The bundled-Block ViT of tests/tp_workers.py (built from the same seed on every rank), MSE, SGD with momentum."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "block") -> None:
         super().__init__()
         from tests.tp_workers import build
 
-        self.model = build("block")
+        self.model = build(model_name)
         self.seen: list[list[int]] = []
         self.samples = torchmetrics.SumMetric()
 
@@ -63,13 +66,15 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
     world = int(os.environ["WORLD_SIZE"])  # read once: Lightning's teardown removes it
     results = []
     for config in configs:
-        module = TensorParallelModule()
+        config = dict(config)
+        model_name = config.pop("model", "block")
+        module = TensorParallelModule(model_name)
         trainer = Trainer(
             accelerator="cpu", devices=world, max_steps=STEPS, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             strategy=SeqParStrategy(timeout=120, **config),
         )
-        trainer.fit(module, DataLoader(dataset("block"), batch_size=BATCH))
+        trainer.fit(module, DataLoader(dataset(model_name), batch_size=BATCH))
         topology = trainer.strategy.topology
         saved = None
         if config.get("tensor_parallel_size", 1) > 1 and not config.get("fsdp"):
@@ -83,10 +88,10 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
             trainer.save_checkpoint(path, weights_only=True)
             trainer.strategy.barrier()
             # ... and loads them into a fresh module split over tp (validate restores the weights only).
-            fresh = TensorParallelModule()
+            fresh = TensorParallelModule(model_name)
             evaluator = Trainer(accelerator="cpu", devices=world, logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, strategy=SeqParStrategy(timeout=120, **config))
-            evaluator.validate(fresh, DataLoader(dataset("block"), batch_size=BATCH, shuffle=False), ckpt_path=path)
+            evaluator.validate(fresh, DataLoader(dataset(model_name), batch_size=BATCH, shuffle=False), ckpt_path=path)
             saved = {"refused": refused, "state_dict": torch.load(path, weights_only=False)["state_dict"],
                      "reloaded": evaluator.strategy.full_state_dict()}
         results.append({
@@ -128,7 +133,8 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
         assert all(len(r["seen"]) == STEPS and r["plan_applied"] for r in ranks), config
         if tp > 1 or config.get("fsdp"):
             assert ranks[0]["split"], f"{config}: no DTensor parameter: the module was not split or sharded"
-        reference = train_single_process(TensorParallelModule, global_batches, dataset("block"), seed=None)
+        name = config.get("model", "block")
+        reference = train_single_process(lambda: TensorParallelModule(name), global_batches, dataset(name), seed=None)
         if ranks[0]["saved"] is not None:
             assert "saving the optimizer state with tensor_parallel_size > 1 is not supported" in ranks[0]["saved"]["refused"]
             err, key = max_rel_error(ranks[0]["saved"]["state_dict"], reference.state)
@@ -154,14 +160,21 @@ FSDP_CONFIGS = [
 ]
 
 
+# The real Hugging Face ViTModel (separate q/k/v projections, SDPA intercepted), on both engines.
+HF_CONFIGS = [
+    {"model": "hf_vit", "tensor_parallel_size": 2, "sequence_parallel_size": 2, "attention": "ulysses"},
+    {"model": "hf_vit", "fsdp": True, "tensor_parallel_size": 2, "sequence_parallel_size": 1},
+]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("configs", [DDP_CONFIGS, FSDP_CONFIGS], ids=["ddp-tp2xsp2-tp2xdp2", "fsdp-sp2xdp2-tp2xsp2"])
+@pytest.mark.parametrize("configs", [DDP_CONFIGS, FSDP_CONFIGS, HF_CONFIGS],
+                         ids=["ddp-tp2xsp2-tp2xdp2", "fsdp-sp2xdp2-tp2xsp2", "hf_vit-ddp-tp2xsp2-fsdp-tp2xdp2"])
 def test_training_equals_single_process(configs):
     per_rank = run_distributed("tests.test_tensor_parallel_strategy:strategy_worker", 4, timeout=840, configs=configs)
-    assert {r[i]["engine"] for r in per_rank for i in range(len(configs))} == (
-        {"SeqParFSDPStrategy"} if configs[0].get("fsdp") else {"SeqParDDPStrategy"}
-    )
+    engines = [r[i]["engine"] for r in per_rank for i in range(len(configs))]
+    assert engines == [("SeqParFSDPStrategy" if c.get("fsdp") else "SeqParDDPStrategy") for _ in per_rank for c in configs]
     check_against_single_process(per_rank, configs)
 
 
