@@ -134,7 +134,7 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
         if tp > 1 or config.get("fsdp"):
             assert ranks[0]["split"], f"{config}: no DTensor parameter: the module was not split or sharded"
         name = config.get("model", "block")
-        reference = train_single_process(lambda: TensorParallelModule(name), global_batches, dataset(name), seed=None)
+        reference = train_single_process(lambda name=name: TensorParallelModule(name), global_batches, dataset(name), seed=None)
         if ranks[0]["saved"] is not None:
             assert "saving the optimizer state with tensor_parallel_size > 1 is not supported" in ranks[0]["saved"]["refused"]
             err, key = max_rel_error(ranks[0]["saved"]["state_dict"], reference.state)
