@@ -27,6 +27,7 @@ from lightning_seqpar.plan import (
 from lightning_seqpar.strategies import (
     SeqParDDPStrategy,
     SeqParDeepSpeedStrategy,
+    SeqParFSDPStrategy,
     SeqParPipelineStrategy,
     SeqParStrategy,
     register_strategies,
@@ -53,6 +54,7 @@ __all__ = [
     "PlanError",
     "SeqParDDPStrategy",
     "SeqParDeepSpeedStrategy",
+    "SeqParFSDPStrategy",
     "SeqParPipelineStrategy",
     "SeqParStrategy",
     "SequenceParallelPlan",

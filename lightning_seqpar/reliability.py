@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lightning_seqpar.sampling import SamplerLayoutError
 from lightning_seqpar.topology import Topology
@@ -49,7 +50,10 @@ def _local_nonfinite(loss: Any, parameters: Iterable[torch.nn.Parameter], device
     checks = []
     if isinstance(loss, Tensor):
         checks.append(loss.detach().float().reshape(-1).to(device))
-    grads = [p.grad for p in parameters if p.grad is not None]
+    # The local shard of a DTensor gradient (tensor parallel, FSDP2): every rank checks its own (FSDP2 leaves some
+    # shards of small tensors empty), the ranks then agree.
+    grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in parameters) if g is not None]
+    grads = [g for g in grads if g.numel()]
     if grads:
         checks += [n.float().reshape(1).to(device) for n in torch._foreach_norm(grads, float("inf"))]
     if not checks:

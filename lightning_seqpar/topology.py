@@ -5,8 +5,8 @@ parallel (DP), then pipeline parallel (PP) outermost::
 
     global_rank = ((pp_rank * dp + dp_rank) * sp + sp_rank) * tp + tp_rank
 
-(``tp`` is 1 until tensor parallelism lands, so ``global_rank = pp_rank * (dp * sp) + dp_rank * sp + sp_rank``):
-the ranks of one SP group are contiguous (and, with one process per GPU, on one node, where the all-to-all of
+(with ``tp`` 1, ``global_rank = pp_rank * (dp * sp) + dp_rank * sp + sp_rank``): the ranks of one TP group, then
+of one SP group, are contiguous (and, with one process per GPU, on one node, where the all-to-all of
 Ulysses is cheapest). One :class:`~torch.distributed.device_mesh.DeviceMesh` with the dimensions
 ``("pp", "dp", "sp", "tp")`` owns every group (torchtitan ``ParallelDims.build_mesh``):
 
@@ -16,7 +16,8 @@ Ulysses is cheapest). One :class:`~torch.distributed.device_mesh.DeviceMesh` wit
 - ``dp_sp`` (``sequence_data_group``, flattened from ``dp`` and ``sp``): the ranks of one pipeline stage, over
   which gradients are averaged and ZeRO partitions;
 - ``pp`` (``pipeline_group``): the ranks holding the same (dp, sp) position in successive stages;
-- ``tp``: size 1 for now (the tensor-parallel dimension, a real one-rank group DeepSpeed's mpu reports).
+- ``tp`` (``tensor_group``): the ranks that split each block's weights (``tensor_parallel_size``; with the
+  DeepSpeed engines it stays 1, a real one-rank group DeepSpeed's mpu reports).
 
 Nothing here is global state: each :class:`Topology` builds its own mesh and groups, so two can live in one process.
 Needs torch >= 2.9 (``DeviceMesh._flatten``/``_unflatten`` and ``backend_override``).

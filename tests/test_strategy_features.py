@@ -230,6 +230,7 @@ def test_strategy_builds_one_class_per_engine():
     from lightning_seqpar import (
         SeqParDDPStrategy,
         SeqParDeepSpeedStrategy,
+        SeqParFSDPStrategy,
         SeqParPipelineStrategy,
         SeqParStrategy,
     )
@@ -241,7 +242,8 @@ def test_strategy_builds_one_class_per_engine():
     assert type(SeqParStrategy(deepspeed_config={"zero_optimization": {"stage": 0}})) is SeqParDeepSpeedStrategy
     assert type(SeqParStrategy(pipeline_stages=2, micro_batches=2)) is SeqParPipelineStrategy
     expected = {"seqpar_zero1": SeqParDeepSpeedStrategy, "seqpar_zero2": SeqParDeepSpeedStrategy,
-                "seqpar_zero3": SeqParDeepSpeedStrategy, "seqpar_zero3_offload": SeqParDeepSpeedStrategy}
+                "seqpar_zero3": SeqParDeepSpeedStrategy, "seqpar_zero3_offload": SeqParDeepSpeedStrategy,
+                "seqpar_fsdp": SeqParFSDPStrategy}
     for name in STRATEGY_NAMES:
         strategy = StrategyRegistry.get(name)
         assert type(strategy) is expected.get(name, SeqParDDPStrategy), name

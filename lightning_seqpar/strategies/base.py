@@ -14,9 +14,10 @@ What every engine does, in order (:meth:`SeqParStrategy.setup_distributed`, :met
 4. hand Lightning a sampler keyed to the ``dp`` coordinate, so all ranks of an SP group see the same samples.
 
 ``SeqParStrategy(...)`` builds the engine class its arguments ask for (as ``pathlib.Path`` builds a ``PosixPath``):
+``fsdp=True`` -> :class:`~lightning_seqpar.strategies.fsdp.SeqParFSDPStrategy`,
 ``pipeline_stages > 1`` -> :class:`~lightning_seqpar.strategies.deepspeed_pipeline.SeqParPipelineStrategy`,
 ``zero_stage > 0`` or a ``deepspeed_config`` -> :class:`~lightning_seqpar.strategies.deepspeed.SeqParDeepSpeedStrategy`,
-else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all three are ``SeqParStrategy`` instances.
+else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all are ``SeqParStrategy`` instances.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
@@ -48,6 +50,11 @@ from lightning_seqpar.plan import (
 from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy
 from lightning_seqpar.strategies import data
 from lightning_seqpar.strategies.collectives import DataParallelReductions
+from lightning_seqpar.strategies.model_parallel import (
+    apply_tensor_parallel_to_module,
+    check_tensor_parallel_arguments,
+    has_dtensor_parameters,
+)
 from lightning_seqpar.strategies.plan_roles import (
     ACTIVATION_CHECKPOINTING,
     ActivationCheckpointing,
@@ -122,6 +129,15 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
             and evaluation.
         deepspeed_config: A DeepSpeed config (dict or JSON path) whose keys override the ones derived from the
             Trainer; it may not set ``train_batch_size``.
+        tensor_parallel_size: Ranks that split each transformer block's weights (the mesh's innermost ``tp``
+            dimension; 1 means disabled): Megatron-style through ``torch.distributed.tensor.parallel``, applied
+            before the sequence-parallel plan, so sequence parallelism runs on each rank's ``H / tp`` heads
+            (docs/tensor-parallel.md). Not with DeepSpeed (``zero_stage``, ``pipeline_stages``).
+        tp_plan: ``{module path: ParallelStyle}`` replacing the inferred tensor-parallel plan
+            (:func:`~lightning_seqpar.tensor_parallel.apply_tensor_parallel`).
+        fsdp: Shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``) over the ``dp_sp``
+            ranks instead of replicating them (the torch-native alternative to ZeRO-3), with the mixed-precision
+            policy of the Trainer's precision; 2-D with ``tensor_parallel_size``.
         **kwargs: Passed to :class:`torch.nn.parallel.DistributedDataParallel` (e.g. ``static_graph=True``).
 
     Raises:
@@ -131,6 +147,8 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
     strategy_name = "seqpar"
     uses_deepspeed = False
     """True for the DeepSpeed engines (ZeRO and pipeline)."""
+    uses_fsdp = False
+    """True for the FSDP2 engine."""
 
     def __init__(
         self,
@@ -150,6 +168,9 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         pipeline_stages: int = 1,
         micro_batches: int | None = None,
         deepspeed_config: str | dict[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
+        tp_plan: dict[str, Any] | None = None,
+        fsdp: bool = False,
         accelerator=None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -182,6 +203,11 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
             )
         if not isinstance(compile_blocks, (bool, dict)):
             raise ValueError(f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}.")  # noqa: TRY004
+        check_tensor_parallel_arguments(name, tensor_parallel_size, tp_plan, zero_stage=zero_stage,
+                                        pipeline_stages=pipeline_stages, deepspeed_config=deepspeed_config)
+        if fsdp and not self.uses_fsdp:
+            raise ValueError(f"{name} does not shard with FSDP2; construct SeqParStrategy(fsdp=True, ...), which builds SeqParFSDPStrategy.")
+        self.tensor_parallel_size, self.tp_plan = tensor_parallel_size, tp_plan
         self.ulysses_degree = ulysses_degree
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self._sequence_parallel_size = sequence_parallel_size
@@ -213,11 +239,12 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
 
     @property
     def sequence_parallel_size(self) -> int:
-        """The ``sp`` size: the given one, else the processes of one node (divided among the pipeline stages)."""
+        """The ``sp`` size: the given one, else the processes of one node (divided among the pipeline stages and the
+        tensor-parallel ranks)."""
         if self._sequence_parallel_size:
             return self._sequence_parallel_size
-        per_stage, rest = divmod(self.num_processes, self.pipeline_stages)
-        return per_stage if per_stage and not rest else self.num_processes
+        per_stage, rest = divmod(self.num_processes, self.pipeline_stages * self.tensor_parallel_size)
+        return per_stage if per_stage and not rest else max(self.num_processes // self.tensor_parallel_size, 1)
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -234,7 +261,8 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
     def setup_distributed(self) -> None:
         super().setup_distributed()
         dims = ParallelDims(
-            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages
+            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
         self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type)
         if self.lightning_module is not None:  # users read it in configure_model, as with ModelParallelStrategy
@@ -286,6 +314,13 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         assert self.topology is not None
         # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
+        if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
+            apply_tensor_parallel_to_module(module, self.topology, self.tp_plan, type(self).__name__)
+        # Lightning broadcasts a module it does not wrap from rank 0 of the world: never DTensor shards (tp, FSDP2).
+        shards = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+        if shards:
+            ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+            module._ddp_params_and_buffers_to_ignore = ignored + [n for n in shards if n not in ignored]
         plan = self._plan if self._plan is not None else infer_plan(module)
         auto = self.attention == "auto"
         if auto:
@@ -332,12 +367,16 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
             "sequence_parallel_size": self.topology.sp,
             "data_parallel_size": self.topology.dp,
             "pipeline_parallel_size": self.topology.pp,
+            "tensor_parallel_size": self.topology.tp,
             "attention": self.attention,
         }
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in the
         engines that shard them; collective there: call on every rank)."""
+        if has_dtensor_parameters(self.lightning_module):
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                    for k, v in self.lightning_module.state_dict().items()}
         return ds.full_state_dict(self.lightning_module)
 
     # --- data -----------------------------------------------------------------------------------------

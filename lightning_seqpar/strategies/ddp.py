@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar.reliability import nonfinite_step_guard
 from lightning_seqpar.strategies.base import SeqParStrategy
+from lightning_seqpar.strategies.model_parallel import average_gradients, broadcast_module_state
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
 
 
@@ -19,7 +20,12 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     Gradients are averaged over the ``dp * sp`` ranks of the flattened ``dp_sp`` mesh dimension, which makes one
     optimizer step equal to single-device training on the global batch. Takes :class:`SeqParStrategy`'s arguments;
-    ``SeqParStrategy(...)`` builds this class when no DeepSpeed setting is given.
+    ``SeqParStrategy(...)`` builds this class when no DeepSpeed or FSDP2 setting is given.
+
+    With ``tensor_parallel_size > 1`` the split parameters are DTensors, which ``DistributedDataParallel`` cannot
+    bucket: the module is then not wrapped; its parameters are broadcast from the first rank of each ``dp_sp`` group
+    (as DDP does), and after the last backward of each optimizer step the gradients' local shards are averaged over
+    ``dp_sp`` in one flat all-reduce per dtype. Checkpoints then hold whole tensors (gathered over ``tp``).
 
     Raises:
         ValueError: a DeepSpeed argument (``zero_stage``, ``pipeline_stages > 1``, ``deepspeed_config``) is given.
@@ -50,10 +56,36 @@ class SeqParDDPStrategy(SeqParStrategy):
         super().setup(trainer)  # DDPStrategy: wrap in DistributedDataParallel (process_group: dp_sp)
 
     @override
+    def _setup_model(self, model: Any) -> Any:
+        assert self.topology is not None
+        if self.topology.tp == 1:
+            return super()._setup_model(model)
+        broadcast_module_state(model, self.topology.sequence_data_group)
+        rank_zero_info(f"{type(self).__name__}: tensor parallelism: gradients averaged over dp_sp after backward, without DDP")
+        return model
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        if self.topology is None or self.topology.tp == 1:  # no DDP wrapper (and so no communication hooks) with tp
+            super()._register_ddp_hooks()
+
+    def _averaging(self, closure: Any, optimizer: Any) -> Any:
+        """``closure`` followed, with tensor parallelism (no DDP wrapper), by the gradient average over ``dp_sp``."""
+        if self.topology is None or self.topology.tp == 1:
+            return closure
+
+        def run() -> Any:
+            result = closure()
+            average_gradients((p for group in optimizer.param_groups for p in group["params"]), self.topology.sequence_data_group)
+            return result
+
+        return run
+
+    @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         trainer = self.lightning_module.trainer
         guarded = nonfinite_step_guard(
-            closure,
+            self._averaging(closure, optimizer),
             policy=self.on_nonfinite,
             parameters=lambda: (p for group in optimizer.param_groups for p in group["params"]),
             device=self.root_device,
@@ -62,6 +94,33 @@ class SeqParDDPStrategy(SeqParStrategy):
             zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
         )
         return super().optimizer_step(optimizer, guarded, model, **kwargs)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state dict, with tensor-parallel DTensors gathered into whole tensors (a collective over ``tp``:
+        Lightning calls this on every rank)."""
+        return self.full_state_dict() if self.topology is not None and self.topology.tp > 1 else super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        if self.topology is not None and self.topology.tp > 1:
+            raise NotImplementedError(
+                f"{type(self).__name__}: saving the optimizer state with tensor_parallel_size > 1 is not supported by the"
+                " DDP engine (its state holds tp shards); use SeqParStrategy(fsdp=True, tensor_parallel_size=...), or"
+                " Trainer(enable_checkpointing=False) / ModelCheckpoint(save_weights_only=True)."
+            )
+        return super().optimizer_state(optimizer)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if self.topology is None or self.topology.tp == 1:
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Whole tensors into this run's tp shards (fused rows reordered by the tensor-parallel state-dict hooks).
+        set_model_state_dict(self.lightning_module, dict(checkpoint["state_dict"]),
+                             options=StateDictOptions(full_state_dict=True, strict=strict))
+        return None
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

@@ -19,6 +19,7 @@ STRATEGY_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
         f"seqpar_zero{stage}": (f"Sequence parallelism with DeepSpeed ZeRO-{stage} ({what} sharded)", {"zero_stage": stage})
         for stage, what in ((1, "optimizer state"), (2, "optimizer state and gradients"), (3, "optimizer state, gradients and parameters"))
     },
+    "seqpar_fsdp": ("Sequence parallelism with FSDP2: parameters, gradients and optimizer state sharded", {"fsdp": True}),
     "seqpar_zero3_offload": (
         "Sequence parallelism with DeepSpeed ZeRO-3, parameters and optimizer state in host memory",
         {"zero_stage": 3, "offload_optimizer": True, "offload_parameters": True},
@@ -39,9 +40,9 @@ def check_pipeline_arguments(name: str, pipeline_stages: Any, micro_batches: Any
 
 
 def engine_class(*args: Any, **kwargs: Any) -> type[SeqParStrategy]:
-    """The engine class a ``SeqParStrategy(*args, **kwargs)`` call builds: pipeline (``pipeline_stages > 1``), DeepSpeed
-    ZeRO (``zero_stage != 0`` or a ``deepspeed_config``), else DDP. Invalid values go to the DDP class, whose
-    constructor names them.
+    """The engine class a ``SeqParStrategy(*args, **kwargs)`` call builds: FSDP2 (``fsdp=True``; its constructor refuses
+    DeepSpeed arguments), pipeline (``pipeline_stages > 1``), DeepSpeed ZeRO (``zero_stage != 0`` or a
+    ``deepspeed_config``), else DDP. Invalid values go to the DDP class, whose constructor names them.
 
     Raises:
         TypeError: the arguments do not fit ``SeqParStrategy``'s signature.
@@ -50,9 +51,12 @@ def engine_class(*args: Any, **kwargs: Any) -> type[SeqParStrategy]:
     from lightning_seqpar.strategies.ddp import SeqParDDPStrategy
     from lightning_seqpar.strategies.deepspeed import SeqParDeepSpeedStrategy
     from lightning_seqpar.strategies.deepspeed_pipeline import SeqParPipelineStrategy
+    from lightning_seqpar.strategies.fsdp import SeqParFSDPStrategy
 
     bound = inspect.signature(SeqParStrategy.__init__).bind_partial(None, *args, **kwargs).arguments
     zero_stage, pipeline_stages = bound.get("zero_stage", 0), bound.get("pipeline_stages", 1)
+    if bound.get("fsdp") is True:
+        return SeqParFSDPStrategy
     if isinstance(pipeline_stages, int) and pipeline_stages > 1:
         return SeqParPipelineStrategy
     if zero_stage != 0 or bound.get("deepspeed_config") is not None:
@@ -63,7 +67,7 @@ def engine_class(*args: Any, **kwargs: Any) -> type[SeqParStrategy]:
 def register_strategies(strategy_registry: Any) -> None:
     """Register every name of :data:`STRATEGY_NAMES` with ``strategy_registry`` (Lightning's ``StrategyRegistry``).
 
-    Each name builds ``SeqParStrategy(**arguments)``, which picks the engine class (DDP, DeepSpeed ZeRO or pipeline).
+    Each name builds ``SeqParStrategy(**arguments)``, which picks the engine class (DDP, FSDP2, DeepSpeed ZeRO or pipeline).
     """
     from lightning_seqpar.strategies.base import SeqParStrategy
 
