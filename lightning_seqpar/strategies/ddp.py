@@ -13,6 +13,7 @@ from lightning_seqpar.reliability import nonfinite_step_guard
 from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.model_parallel import average_gradients, broadcast_module_state
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
+from lightning_seqpar.tensor_parallel.optim import step_per_parameter_where_mixed
 
 
 class SeqParDDPStrategy(SeqParStrategy):
@@ -54,6 +55,11 @@ class SeqParDDPStrategy(SeqParStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.prepare_module(trainer)
         super().setup(trainer)  # DDPStrategy: wrap in DistributedDataParallel (process_group: dp_sp)
+        if self.topology is not None and self.topology.tp > 1:
+            # Split projections are DTensors beside plain parameters; CUDA's multi-tensor (foreach) optimizer kernels
+            # refuse that mix (seen with the real timm ViT on 2 H200s), so those groups step parameter by parameter.
+            for optimizer in self.optimizers:
+                step_per_parameter_where_mixed(optimizer)
 
     @override
     def _setup_model(self, model: Any) -> Any:
