@@ -191,22 +191,34 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
             **kwargs,
         )
         name = type(self).__name__
-        if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
-            raise ValueError(f"{name}: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
+        if sequence_parallel_size is not None and (
+            not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1
+        ):
+            raise ValueError(
+                f"{name}: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}."
+            )
         check_attention_choice(attention, attention_backend, ulysses_degree, owner=name)
         if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"{name}: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
+            raise ValueError(
+                f"{name}: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}."
+            )
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(
                 f"{name}: activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload',"
                 f" got {activation_checkpointing!r}."
             )
         if not isinstance(compile_blocks, (bool, dict)):
-            raise ValueError(f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}.")  # noqa: TRY004
+            raise ValueError(
+                f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got"
+                f" {compile_blocks!r}."
+            )  # noqa: TRY004
         check_tensor_parallel_arguments(name, tensor_parallel_size, tp_plan, zero_stage=zero_stage,
                                         pipeline_stages=pipeline_stages, deepspeed_config=deepspeed_config)
         if fsdp and not self.uses_fsdp:
-            raise ValueError(f"{name} does not shard with FSDP2; construct SeqParStrategy(fsdp=True, ...), which builds SeqParFSDPStrategy.")
+            raise ValueError(
+                f"{name} does not shard with FSDP2; construct SeqParStrategy(fsdp=True, ...), which builds"
+                " SeqParFSDPStrategy."
+            )
         self.tensor_parallel_size, self.tp_plan = tensor_parallel_size, tp_plan
         self.ulysses_degree = ulysses_degree
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
@@ -261,10 +273,14 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
     def setup_distributed(self) -> None:
         super().setup_distributed()
         dims = ParallelDims(
-            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages,
+            world_size=self.world_size,
+            sequence_parallel_size=self.sequence_parallel_size,
+            pipeline_parallel_size=self.pipeline_stages,
             tensor_parallel_size=self.tensor_parallel_size,
         )
-        self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type)
+        self.topology = Topology(
+            dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type
+        )
         if self.lightning_module is not None:  # users read it in configure_model, as with ModelParallelStrategy
             self.lightning_module._device_mesh = self.topology.mesh
         if self.attention != "auto" and get_attention_kind(self.attention).uses_ulysses_degree:
@@ -277,7 +293,10 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         assert self.topology is not None
         degree = self.ulysses_degree or min(self.topology.sp, self.num_processes)
         groups = self.topology.hybrid_groups(degree)
-        rank_zero_info(f"{type(self).__name__}: hybrid attention, Ulysses degree {degree} x ring degree {self.topology.sp // degree}")
+        rank_zero_info(
+            f"{type(self).__name__}: hybrid attention, Ulysses degree {degree} x ring degree"
+            f" {self.topology.sp // degree}"
+        )
         return groups
 
     @property
@@ -372,8 +391,8 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         }
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in the
-        engines that shard them; collective there: call on every rank)."""
+        """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in
+        the engines that shard them; collective there: call on every rank)."""
         if has_dtensor_parameters(self.lightning_module):
             return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
                     for k, v in self.lightning_module.state_dict().items()}

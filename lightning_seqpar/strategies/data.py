@@ -1,4 +1,5 @@
-"""The strategy's data side: one data seed per sequence-parallel group, loaders keyed to the data-parallel rank, padding steps.
+"""The strategy's data side: one data seed per sequence-parallel group, loaders keyed to the data-parallel rank, padding
+steps.
 
 Every rank of a sequence-parallel (SP) group, and every pipeline stage of a replica, must load the same samples:
 the sampler is keyed to the mesh's ``dp`` dimension (:mod:`lightning_seqpar.sampling`), data-loader workers are
@@ -55,7 +56,9 @@ def key_dataloader(dataloader: object, topology: Topology, stage: RunningStage |
     if training:
         dataloader = sampling.rekey_sampler(dataloader, topology.dp, replica)
     else:
-        dataloader = sampling.shard_for_evaluation(dataloader, topology.dp, replica, pad=stage != RunningStage.PREDICTING)
+        dataloader = sampling.shard_for_evaluation(
+            dataloader, topology.dp, replica, pad=stage != RunningStage.PREDICTING
+        )
     dataloader.generator = torch.Generator().manual_seed(data_seed + replica)
     init_fn = dataloader.worker_init_fn
     if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
@@ -107,7 +110,9 @@ class BatchChecks:
     def __init__(self) -> None:
         self._checked: set[tuple] = set()
 
-    def check(self, batch: Any, topology: Topology, trainer: Trainer, dataloader_idx: int, device: torch.device) -> None:
+    def check(
+        self, batch: Any, topology: Topology, trainer: Trainer, dataloader_idx: int, device: torch.device
+    ) -> None:
         """Raise :class:`~lightning_seqpar.sampling.SamplerLayoutError` if the ranks hold different first batches."""
         key = (str(trainer.state.stage), dataloader_idx, trainer.current_epoch)
         if key not in self._checked:
