@@ -79,7 +79,9 @@ def apply_fsdp(
     return model
 
 
-def materialize_meta_model(model: nn.Module, device: torch.device | str, init_fn: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+def materialize_meta_model(
+    model: nn.Module, device: torch.device | str, init_fn: Callable[[nn.Module], Any] | None = None
+) -> nn.Module:
     """Allocate a model built on the meta device (after it was split and sharded) and initialise it in place.
 
     Build the model under ``torch.device("meta")`` (or with ``device="meta"``), apply tensor parallelism and
@@ -122,7 +124,12 @@ class _CopyIntoShards(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is Tensor.copy_ and isinstance(args[0], DTensor) and isinstance(args[1], Tensor) and not isinstance(args[1], DTensor):
+        if (
+            func is Tensor.copy_
+            and isinstance(args[0], DTensor)
+            and isinstance(args[1], Tensor)
+            and not isinstance(args[1], DTensor)
+        ):
             dest, src = args[0], args[1]
             whole = src.to(device=dest.device, dtype=dest.dtype).expand(dest.shape).contiguous()
             piece = distribute_tensor(whole, dest.device_mesh, dest.placements, src_data_rank=None).to_local()
@@ -182,7 +189,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         state: dict[str, Any] = {"model": get_model_state_dict(model), **(extra or {})}
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": _optimizer_rows(model, optim_state, to_original=True), **(extra or {})}
+        state = {
+            "model": model_state,
+            "optimizer": _optimizer_rows(model, optim_state, to_original=True),
+            **(extra or {}),
+        }
     dcp.save(state, checkpoint_id=os.fspath(path))
 
 

@@ -55,11 +55,16 @@ class ParallelDims:
             self.tensor_parallel_size,
             self.world_size,
         )
-        factors = f"world_size={world}, sequence_parallel_size={sp}, pipeline_parallel_size={pp}, data_parallel_size={dp}"
+        factors = (
+            f"world_size={world}, sequence_parallel_size={sp}, pipeline_parallel_size={pp}, data_parallel_size={dp}"
+        )
         if tp != 1:
             factors += f", tensor_parallel_size={tp}"
         for name, value in (
-            ("world_size", world), ("sequence_parallel_size", sp), ("pipeline_parallel_size", pp), ("tensor_parallel_size", tp)
+            ("world_size", world),
+            ("sequence_parallel_size", sp),
+            ("pipeline_parallel_size", pp),
+            ("tensor_parallel_size", tp),
         ):
             if not isinstance(value, int) or value < 1:
                 raise TopologyError(f"{name} must be a positive integer ({factors}).")

@@ -126,8 +126,8 @@ class Topology:
         self.pp_rank, self.dp_rank, self.sp_rank = (self.mesh.get_local_rank(name) for name in ("pp", "dp", "sp"))
         self.tp_rank = self.mesh.get_local_rank("tp")
         assert (self.pp_rank, self.dp_rank, self.sp_rank) == dims.coordinates(self.rank), (
-            f"the DeviceMesh places rank {self.rank} at {(self.pp_rank, self.dp_rank, self.sp_rank)}, the layout formula"
-            f" at {dims.coordinates(self.rank)}"
+            f"the DeviceMesh places rank {self.rank} at {(self.pp_rank, self.dp_rank, self.sp_rank)}, the layout"
+            f" formula at {dims.coordinates(self.rank)}"
         )
         self.sequence_group: ProcessGroup = self.mesh.get_group("sp")
         self.data_group: ProcessGroup = self.mesh.get_group("dp")
@@ -273,7 +273,11 @@ def hybrid_rank_grid(sequence_ranks: Sequence[int], ulysses_degree: int) -> tupl
 
 
 def build_hybrid_groups(
-    sequence_ranks: Sequence[int], ulysses_degree: int, *, backend: str | None = None, timeout: datetime.timedelta | None = None,
+    sequence_ranks: Sequence[int],
+    ulysses_degree: int,
+    *,
+    backend: str | None = None,
+    timeout: datetime.timedelta | None = None,
     device_type: str | None = None,
 ) -> tuple[ProcessGroup | None, ProcessGroup | None]:
     """The Ulysses and ring groups of one SP group outside a :class:`Topology` (attention used on its own).

@@ -26,8 +26,16 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
 LAYOUTS = {
     "fsdp2": (2, {"dp": 2}, [{"name": "block", "fsdp": True}, {"name": "hf_vit", "fsdp": True}]),
-    "fsdp2-over-sp2xdp2": (4, {"dp": 2, "sp": 2}, [{"name": "block", "fsdp": True}, {"name": "torch_encoder", "fsdp": True}]),
-    "tp2xfsdp2": (4, {"dp": 2, "tp": 2}, [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_vit", "fsdp": True}]),
+    "fsdp2-over-sp2xdp2": (
+        4,
+        {"dp": 2, "sp": 2},
+        [{"name": "block", "fsdp": True}, {"name": "torch_encoder", "fsdp": True}],
+    ),
+    "tp2xfsdp2": (
+        4,
+        {"dp": 2, "tp": 2},
+        [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_vit", "fsdp": True}],
+    ),
 }
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
 
@@ -45,7 +53,9 @@ def layout_runs():
     return get
 
 
-@pytest.mark.parametrize("layout,index", CASES, ids=[f"{l}-{LAYOUTS[l][2][i]['name']}" for l, i in CASES])
+@pytest.mark.parametrize(
+    "layout,index", CASES, ids=[f"{layout}-{LAYOUTS[layout][2][i]['name']}" for layout, i in CASES]
+)
 def test_fsdp2_equals_single_process(layout_runs, layout, index):
     per_rank = [ranks[index] for ranks in layout_runs(layout)]
     check_against_single_process(per_rank, LAYOUTS[layout][2][index]["name"])
@@ -66,7 +76,11 @@ def meta_worker() -> dict:
     apply_fsdp(model, mesh)
     shard = model.pos_embed.to_local()
     materialize_meta_model(model, "cpu")
-    return {"full": full_state_dict(model), "local_rows": model.blocks[0].attn.qkv.weight.to_local().shape[0], "meta": shard.is_meta}
+    return {
+        "full": full_state_dict(model),
+        "local_rows": model.blocks[0].attn.qkv.weight.to_local().shape[0],
+        "meta": shard.is_meta,
+    }
 
 
 def test_meta_device_model_is_materialised_sharded_with_its_own_init():

@@ -47,7 +47,9 @@ def without_key_bias(state: dict) -> dict:
     return out
 
 
-def check_against_single_process(per_rank: list[dict], name: str, optimizer: str = "sgd", tolerance: float = TOLERANCE) -> float:
+def check_against_single_process(
+    per_rank: list[dict], name: str, optimizer: str = "sgd", tolerance: float = TOLERANCE
+) -> float:
     reference = train_single_process(name, optimizer)
     if optimizer == "adamw":
         reference["final"] = without_key_bias(reference["final"])
@@ -105,15 +107,37 @@ def _hf_layer():
 @pytest.mark.parametrize(
     "make,expected",
     [
-        (lambda: __import__("lightning_seqpar.weather.models.layers", fromlist=["Block"]).Block(32, 4),
-         {"attn.qkv": "fused:3", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
-        (lambda: nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
-         {"self_attn": "multihead_attention", "linear1": "colwise", "linear2": "rowwise"}),
-        (_hf_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
-                     "attention.o_proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
-        (_dinov2_swiglu_layer, {"attention.q_proj": "colwise", "attention.k_proj": "colwise", "attention.v_proj": "colwise",
-                                "attention.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-                                "mlp.down_proj": "rowwise"}),
+        (
+            lambda: __import__("lightning_seqpar.weather.models.layers", fromlist=["Block"]).Block(32, 4),
+            {"attn.qkv": "fused:3", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"},
+        ),
+        (
+            lambda: nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
+            {"self_attn": "multihead_attention", "linear1": "colwise", "linear2": "rowwise"},
+        ),
+        (
+            _hf_layer,
+            {
+                "attention.q_proj": "colwise",
+                "attention.k_proj": "colwise",
+                "attention.v_proj": "colwise",
+                "attention.o_proj": "rowwise",
+                "mlp.fc1": "colwise",
+                "mlp.fc2": "rowwise",
+            },
+        ),
+        (
+            _dinov2_swiglu_layer,
+            {
+                "attention.q_proj": "colwise",
+                "attention.k_proj": "colwise",
+                "attention.v_proj": "colwise",
+                "attention.o_proj": "rowwise",
+                "mlp.gate_proj": "colwise",
+                "mlp.up_proj": "colwise",
+                "mlp.down_proj": "rowwise",
+            },
+        ),
     ],
     ids=["bundled-block", "torch-encoder-layer", "hugging-face-vit", "hugging-face-dinov2-swiglu"],
 )
@@ -166,7 +190,10 @@ def test_attention_reshaping_to_the_input_width_fails_with_a_clear_error():
     localize_heads(attention, 2)
     assert attention.num_heads == 2
     _explain_width_errors(attention, "blocks.0.attn", 2)
-    with pytest.raises(TensorParallelError, match=r"blocks.0.attn \(FusedQKVAttention\) failed under tensor parallelism.*reshape\(B, N, C\)"):
+    with pytest.raises(
+        TensorParallelError,
+        match=r"blocks.0.attn \(FusedQKVAttention\) failed under tensor parallelism.*reshape\(B, N, C\)",
+    ):
         attention(torch.randn(2, 5, 32))
 
 
@@ -189,7 +216,9 @@ def test_heads_that_do_not_divide_by_tp_are_refused(name, module):
     model = build(name)  # 4 heads of width 8
     plan = infer_tensor_parallel_plan(model)
     assert len(check_heads(model, plan, 2)) == 2  # one attention per block
-    with pytest.raises(TensorParallelError, match=rf"{module} \(\w+\) has \w+=4 heads, which do not divide by tensor_parallel_size=3"):
+    with pytest.raises(
+        TensorParallelError, match=rf"{module} \(\w+\) has \w+=4 heads, which do not divide by tensor_parallel_size=3"
+    ):
         check_heads(model, plan, 3)
 
 
@@ -200,11 +229,24 @@ def test_heads_that_do_not_divide_by_tp_are_refused(name, module):
 WORKER = "tests.tp_workers:parallel_worker"
 # One launch per layout, several models in it (process start-up dominates on a loaded 2-core machine).
 LAYOUTS = {
-    "tp2": (2, {"tp": 2}, [{"name": "block", "reload": True}, {"name": "block", "optimizer": "adamw"},
-                            {"name": "torch_encoder", "reload": True}, {"name": "hf_vit", "reload": True}, {"name": "climax"}]),
+    "tp2": (
+        2,
+        {"tp": 2},
+        [
+            {"name": "block", "reload": True},
+            {"name": "block", "optimizer": "adamw"},
+            {"name": "torch_encoder", "reload": True},
+            {"name": "hf_vit", "reload": True},
+            {"name": "climax"},
+        ],
+    ),
     "tp2xdp2": (4, {"tp": 2, "dp": 2}, [{"name": "block"}, {"name": "hf_vit"}]),
     # Heads split over tp first (4 -> 2 per rank), then the distributed attention over the sp ranks on those heads.
-    "tp2xsp2": (4, {"tp": 2, "sp": 2}, [{"name": "block"}, {"name": "torch_encoder", "attention": "lss"}, {"name": "hf_vit"}]),
+    "tp2xsp2": (
+        4,
+        {"tp": 2, "sp": 2},
+        [{"name": "block"}, {"name": "torch_encoder", "attention": "lss"}, {"name": "hf_vit"}],
+    ),
 }
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
 
@@ -228,7 +270,14 @@ def layout_runs():
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout,index", CASES, ids=[f"{l}-{LAYOUTS[l][2][i]['name']}-{LAYOUTS[l][2][i].get('optimizer', 'sgd')}" for l, i in CASES])
+@pytest.mark.parametrize(
+    "layout,index",
+    CASES,
+    ids=[
+        f"{layout}-{LAYOUTS[layout][2][i]['name']}-{LAYOUTS[layout][2][i].get('optimizer', 'sgd')}"
+        for layout, i in CASES
+    ],
+)
 def test_equals_single_process(layout_runs, layout, index):
     per_rank = [ranks[index] for ranks in layout_runs(layout)]
     run = LAYOUTS[layout][2][index]

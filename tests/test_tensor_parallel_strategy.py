@@ -121,7 +121,9 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
         tp, sp = config.get("tensor_parallel_size", 1), config.get("sequence_parallel_size", 1)
         dp = world // (tp * sp)
         # Rank layout ((dp_rank * sp + sp_rank) * tp + tp_rank) and the mesh (pp, dp, sp, tp).
-        assert [r["coordinates"] for r in ranks] == [((k // tp) // sp, (k // tp) % sp, k % tp) for k in range(world)], config
+        assert [r["coordinates"] for r in ranks] == [((k // tp) // sp, (k // tp) % sp, k % tp) for k in range(world)], (
+            config
+        )
         assert all(r["mesh_shape"] == (1, dp, sp, tp) for r in ranks), config
         if tp > 1 and not config.get("fsdp"):  # DTensors beside plain tensors: no CUDA multi-tensor kernel (GPU fault)
             assert all(r["foreach"] == [False] for r in ranks), [r["foreach"] for r in ranks]
@@ -137,9 +139,14 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
         if tp > 1 or config.get("fsdp"):
             assert ranks[0]["split"], f"{config}: no DTensor parameter: the module was not split or sharded"
         name = config.get("model", "block")
-        reference = train_single_process(lambda name=name: TensorParallelModule(name), global_batches, dataset(name), seed=None)
+        reference = train_single_process(
+            lambda name=name: TensorParallelModule(name), global_batches, dataset(name), seed=None
+        )
         if ranks[0]["saved"] is not None:
-            assert "saving the optimizer state with tensor_parallel_size > 1 is not supported" in ranks[0]["saved"]["refused"]
+            assert (
+                "saving the optimizer state with tensor_parallel_size > 1 is not supported"
+                in ranks[0]["saved"]["refused"]
+            )
             err, key = max_rel_error(ranks[0]["saved"]["state_dict"], reference.state)
             assert err < TOLERANCE, f"{config}: saved weights differ at {key} by {err:.2e}"
             for r in ranks:  # the weights loaded into a freshly split module are exactly those saved
@@ -177,7 +184,9 @@ HF_CONFIGS = [
 def test_training_equals_single_process(configs):
     per_rank = run_distributed("tests.test_tensor_parallel_strategy:strategy_worker", 4, timeout=840, configs=configs)
     engines = [r[i]["engine"] for r in per_rank for i in range(len(configs))]
-    assert engines == [("SeqParFSDPStrategy" if c.get("fsdp") else "SeqParDDPStrategy") for _ in per_rank for c in configs]
+    assert engines == [
+        ("SeqParFSDPStrategy" if c.get("fsdp") else "SeqParDDPStrategy") for _ in per_rank for c in configs
+    ]
     check_against_single_process(per_rank, configs)
 
 
@@ -210,14 +219,23 @@ def test_registered_names_build_their_engines():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"tensor_parallel_size": 2, "zero_stage": 3}, r"tensor_parallel_size=2 cannot run with DeepSpeed \(zero_stage=3\).*fsdp=True"),
+        (
+            {"tensor_parallel_size": 2, "zero_stage": 3},
+            r"tensor_parallel_size=2 cannot run with DeepSpeed \(zero_stage=3\).*fsdp=True",
+        ),
         ({"tensor_parallel_size": 2, "pipeline_stages": 2}, r"cannot run with DeepSpeed \(pipeline_stages=2\)"),
         ({"tensor_parallel_size": 2, "deepspeed_config": {}}, r"cannot run with DeepSpeed \(deepspeed_config\)"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive integer"),
         ({"tensor_parallel_size": True}, "tensor_parallel_size must be a positive integer"),
-        ({"tensor_parallel_size": 2, "tp_plan": {"blocks.*.mlp.fc1": "colwise"}}, "tp_plan must be a dict {module path: ParallelStyle}"),
+        (
+            {"tensor_parallel_size": 2, "tp_plan": {"blocks.*.mlp.fc1": "colwise"}},
+            "tp_plan must be a dict {module path: ParallelStyle}",
+        ),
         ({"tp_plan": {}}, "tp_plan is given but tensor_parallel_size=1"),
-        ({"fsdp": True, "zero_stage": 3}, r"SeqParFSDPStrategy \(fsdp=True\) shards with FSDP2; zero_stage=3 configure DeepSpeed"),
+        (
+            {"fsdp": True, "zero_stage": 3},
+            r"SeqParFSDPStrategy \(fsdp=True\) shards with FSDP2; zero_stage=3 configure DeepSpeed",
+        ),
         ({"fsdp": True, "pipeline_stages": 2}, r"pipeline_stages=2 configure DeepSpeed"),
         ({"fsdp": True, "offload_optimizer": True}, r"offload_optimizer=True configure DeepSpeed"),
     ],
@@ -232,7 +250,9 @@ def test_argument_errors(kwargs, match):
 def test_engine_class_refuses_fsdp_it_does_not_run():
     from lightning_seqpar import SeqParDDPStrategy
 
-    with pytest.raises(ValueError, match=r"SeqParDDPStrategy does not shard with FSDP2; construct SeqParStrategy\(fsdp=True"):
+    with pytest.raises(
+        ValueError, match=r"SeqParDDPStrategy does not shard with FSDP2; construct SeqParStrategy\(fsdp=True"
+    ):
         SeqParDDPStrategy(fsdp=True)
 
 
@@ -240,7 +260,9 @@ def test_world_that_does_not_factor():
     """What setup_distributed raises for 6 processes with tp 4: every factor printed."""
     from lightning_seqpar import ParallelDims, TopologyError
 
-    with pytest.raises(TopologyError, match=r"world_size=6 is not divisible by .* \* tensor_parallel_size = 1 \* 1 \* 4 = 4"):
+    with pytest.raises(
+        TopologyError, match=r"world_size=6 is not divisible by .* \* tensor_parallel_size = 1 \* 1 \* 4 = 4"
+    ):
         ParallelDims(world_size=6, sequence_parallel_size=1, tensor_parallel_size=4)
 
 
@@ -300,7 +322,9 @@ def test_fsdp_checkpoint_resumes_at_another_layout(tmp_path):
     from tests.test_tensor_parallel import max_rel_error
     from tests.tp_workers import dataset
 
-    per_rank = run_distributed("tests.test_tensor_parallel_strategy:resume_worker", 2, timeout=560, directory=str(tmp_path))
+    per_rank = run_distributed(
+        "tests.test_tensor_parallel_strategy:resume_worker", 2, timeout=560, directory=str(tmp_path)
+    )
     assert "lightning_state.pt" in per_rank[0]["files"] and ".metadata" in per_rank[0]["files"]
     first = [r["seen"][0] for r in per_rank]
     resumed = per_rank[0]["seen"][1]

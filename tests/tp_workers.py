@@ -74,14 +74,20 @@ def train_single_process(name: str, optimizer: str = "sgd", steps: int = STEPS) 
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return {"initial": initial, "final": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses}
+    return {
+        "initial": initial,
+        "final": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "losses": losses,
+    }
 
 
 def full_state_dict(model: nn.Module) -> dict:
     """Every entry of ``model.state_dict()`` whole (DTensors gathered), in the single-device layout."""
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()
+    }
 
 
 def average_gradients(model: nn.Module, group) -> None:
@@ -130,7 +136,12 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
     model, data = build(name), dataset(name)
     single_device = {k: v.clone() for k, v in model.state_dict().items()}
     tp_plan = describe_plan(apply_tensor_parallel(model, mesh["tp"])) if tp > 1 else None
-    local_heads = [getattr(m, a) for m in model.modules() for a in ("num_heads", "num_attention_heads") if isinstance(getattr(m, a, None), int)]
+    local_heads = [
+        getattr(m, a)
+        for m in model.modules()
+        for a in ("num_heads", "num_attention_heads")
+        if isinstance(getattr(m, a, None), int)
+    ]
     after_split = full_state_dict(model)
     if sp > 1:
         apply_sequence_parallel(model, infer_plan(model), mesh["sp"].get_group(), attention=attention)

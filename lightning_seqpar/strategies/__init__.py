@@ -1,7 +1,8 @@
 """The Lightning strategies: a shared base (topology, plan, data, non-finite policy) and one class per engine.
 
-``SeqParStrategy(...)`` builds :class:`SeqParDDPStrategy`, :class:`SeqParFSDPStrategy`, :class:`SeqParDeepSpeedStrategy` (ZeRO) or
-:class:`SeqParPipelineStrategy` from its arguments; ``import lightning_seqpar`` registers the ``"seqpar*"`` names.
+``SeqParStrategy(...)`` builds :class:`SeqParDDPStrategy`, :class:`SeqParFSDPStrategy`, :class:`SeqParDeepSpeedStrategy`
+(ZeRO) or :class:`SeqParPipelineStrategy` from its arguments; ``import lightning_seqpar`` registers the ``"seqpar*"``
+names.
 """
 
 from lightning_seqpar.strategies.base import SeqParStrategy

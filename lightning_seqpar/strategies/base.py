@@ -37,9 +37,8 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar import reliability
 from lightning_seqpar.attention.local import AttentionBackend, check_backend_available
-from lightning_seqpar.attention.registry import check_attention_choice, get_attention_kind
+from lightning_seqpar.attention.registry import get_attention_kind
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import (
     SequenceParallelPlan,
@@ -47,16 +46,15 @@ from lightning_seqpar.plan import (
     choose_attention,
     infer_plan,
 )
-from lightning_seqpar.reliability import NONFINITE_POLICIES, NonFinitePolicy
+from lightning_seqpar.reliability import NonFinitePolicy
 from lightning_seqpar.strategies import data
+from lightning_seqpar.strategies.arguments import check_shared_arguments
 from lightning_seqpar.strategies.collectives import DataParallelReductions
 from lightning_seqpar.strategies.model_parallel import (
     apply_tensor_parallel_to_module,
-    check_tensor_parallel_arguments,
     has_dtensor_parameters,
 )
 from lightning_seqpar.strategies.plan_roles import (
-    ACTIVATION_CHECKPOINTING,
     ActivationCheckpointing,
     with_block_role,
     with_checkpoints,
@@ -75,7 +73,7 @@ class _SelectsEngine(ABCMeta):
         return super().__call__(*args, **kwargs)
 
 
-class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
+class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsEngine):
     """Sequence-parallel training: the tokens of every sample are split across the ranks of a sequence-parallel group.
 
     Constructing ``SeqParStrategy(...)`` returns the engine class the arguments select (module docstring).
@@ -190,23 +188,23 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
             timeout=timeout,
             **kwargs,
         )
-        name = type(self).__name__
-        if sequence_parallel_size is not None and (not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1):
-            raise ValueError(f"{name}: sequence_parallel_size must be a positive integer, got {sequence_parallel_size!r}.")
-        check_attention_choice(attention, attention_backend, ulysses_degree, owner=name)
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"{name}: on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {on_nonfinite!r}.")
-        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(
-                f"{name}: activation_checkpointing must be False, True, 'full', 'save_attention' or 'offload',"
-                f" got {activation_checkpointing!r}."
-            )
-        if not isinstance(compile_blocks, (bool, dict)):
-            raise ValueError(f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}.")  # noqa: TRY004
-        check_tensor_parallel_arguments(name, tensor_parallel_size, tp_plan, zero_stage=zero_stage,
-                                        pipeline_stages=pipeline_stages, deepspeed_config=deepspeed_config)
-        if fsdp and not self.uses_fsdp:
-            raise ValueError(f"{name} does not shard with FSDP2; construct SeqParStrategy(fsdp=True, ...), which builds SeqParFSDPStrategy.")
+        check_shared_arguments(
+            type(self).__name__,
+            sequence_parallel_size=sequence_parallel_size,
+            attention=attention,
+            ulysses_degree=ulysses_degree,
+            attention_backend=attention_backend,
+            activation_checkpointing=activation_checkpointing,
+            compile_blocks=compile_blocks,
+            on_nonfinite=on_nonfinite,
+            tensor_parallel_size=tensor_parallel_size,
+            tp_plan=tp_plan,
+            zero_stage=zero_stage,
+            pipeline_stages=pipeline_stages,
+            deepspeed_config=deepspeed_config,
+            fsdp=fsdp,
+            uses_fsdp=self.uses_fsdp,
+        )
         self.tensor_parallel_size, self.tp_plan = tensor_parallel_size, tp_plan
         self.ulysses_degree = ulysses_degree
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
@@ -261,10 +259,14 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
     def setup_distributed(self) -> None:
         super().setup_distributed()
         dims = ParallelDims(
-            world_size=self.world_size, sequence_parallel_size=self.sequence_parallel_size, pipeline_parallel_size=self.pipeline_stages,
+            world_size=self.world_size,
+            sequence_parallel_size=self.sequence_parallel_size,
+            pipeline_parallel_size=self.pipeline_stages,
             tensor_parallel_size=self.tensor_parallel_size,
         )
-        self.topology = Topology(dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type)
+        self.topology = Topology(
+            dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type
+        )
         if self.lightning_module is not None:  # users read it in configure_model, as with ModelParallelStrategy
             self.lightning_module._device_mesh = self.topology.mesh
         if self.attention != "auto" and get_attention_kind(self.attention).uses_ulysses_degree:
@@ -277,7 +279,10 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         assert self.topology is not None
         degree = self.ulysses_degree or min(self.topology.sp, self.num_processes)
         groups = self.topology.hybrid_groups(degree)
-        rank_zero_info(f"{type(self).__name__}: hybrid attention, Ulysses degree {degree} x ring degree {self.topology.sp // degree}")
+        rank_zero_info(
+            f"{type(self).__name__}: hybrid attention, Ulysses degree {degree} x ring degree"
+            f" {self.topology.sp // degree}"
+        )
         return groups
 
     @property
@@ -372,57 +377,12 @@ class SeqParStrategy(DataParallelReductions, metaclass=_SelectsEngine):
         }
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in the
-        engines that shard them; collective there: call on every rank)."""
+        """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in
+        the engines that shard them; collective there: call on every rank)."""
         if has_dtensor_parameters(self.lightning_module):
             return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
                     for k, v in self.lightning_module.state_dict().items()}
         return ds.full_state_dict(self.lightning_module)
-
-    # --- data -----------------------------------------------------------------------------------------
-
-    @override
-    def process_dataloader(self, dataloader: object) -> object:
-        """Key every loader to the data-parallel rank (:func:`~lightning_seqpar.strategies.data.key_dataloader`), then
-        check that the ranks of each SP group (and pipeline) have loaders of the same length."""
-        if self.topology is not None and self._data_seed is not None:
-            stage = self.lightning_module.trainer.state.stage if self.lightning_module is not None else None
-            dataloader = data.key_dataloader(dataloader, self.topology, stage, self._data_seed)
-        if self.topology is not None:
-            reliability.check_loader_lengths(dataloader, self.topology, self.root_device)
-        return dataloader
-
-    @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        """Move the batch; on an evaluation shard's padding batch, keep the step out of logged sums and metrics
-        (:func:`~lightning_seqpar.sampling.padding_step`); check the first batch of each loader across the SP group."""
-        batch = super().batch_to_device(batch, device, dataloader_idx)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or self.topology is None:
-            return batch
-        if trainer.state.stage == RunningStage.TRAINING:
-            data.mark_delivered(trainer)
-        elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
-            self._padding_steps.on_batch(self.lightning_module, data.evaluation_loader(trainer, dataloader_idx))
-        self._batch_checks.check(batch, self.topology, trainer, dataloader_idx, self.root_device)
-        return batch
-
-    @override
-    def on_validation_end(self) -> None:
-        self._padding_steps.end()
-        super().on_validation_end()
-
-    @override
-    def on_test_end(self) -> None:
-        self._padding_steps.end()
-        super().on_test_end()
-
-    @override
-    def on_predict_end(self) -> None:
-        if self._zero_length_setting is not None and self.lightning_module is not None:
-            self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = self._zero_length_setting
-            self._zero_length_setting = None
-        super().on_predict_end()
 
     @classmethod
     @override

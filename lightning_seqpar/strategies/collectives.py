@@ -1,4 +1,5 @@
-"""How the strategies reduce what Lightning asks them to: values over the mesh's ``dp`` dimension, decisions over the world.
+"""How the strategies reduce what Lightning asks them to: values over the mesh's ``dp`` dimension, decisions over the
+world.
 
 Values (logged metrics, gathered outputs, predictions) reduce over the data-parallel group: the ranks of an SP group
 hold the same value, so each sample counts once. Decisions reduce over the world, and ``broadcast`` / ``barrier``
@@ -30,7 +31,11 @@ class DataParallelReductions(DDPStrategy):
         """Reduce over the data-parallel group by default: the ranks of an SP group hold the same value."""
         if group is None and self.topology is not None:
             group = self.topology.data_group
-        if isinstance(tensor, Tensor) and not tensor.is_floating_point() and str(reduce_op).lower() in ("mean", "avg", "reduceop.avg"):
+        if (
+            isinstance(tensor, Tensor)
+            and not tensor.is_floating_point()
+            and str(reduce_op).lower() in ("mean", "avg", "reduceop.avg")
+        ):
             # An integer mean floors: Lightning's epoch mean divides the mean of the summed values by the mean of the
             # (integer) batch counts, which is off when the ranks ran different numbers of samples (evaluation shards).
             tensor = tensor.double()

@@ -1,4 +1,5 @@
-"""The strategy's data side: one data seed per sequence-parallel group, loaders keyed to the data-parallel rank, padding steps.
+"""The strategy's data side: one data seed per sequence-parallel group, loaders keyed to the data-parallel rank, padding
+steps.
 
 Every rank of a sequence-parallel (SP) group, and every pipeline stage of a replica, must load the same samples:
 the sampler is keyed to the mesh's ``dp`` dimension (:mod:`lightning_seqpar.sampling`), data-loader workers are
@@ -16,8 +17,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_seqpar import reliability, sampling
 from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
@@ -55,7 +58,9 @@ def key_dataloader(dataloader: object, topology: Topology, stage: RunningStage |
     if training:
         dataloader = sampling.rekey_sampler(dataloader, topology.dp, replica)
     else:
-        dataloader = sampling.shard_for_evaluation(dataloader, topology.dp, replica, pad=stage != RunningStage.PREDICTING)
+        dataloader = sampling.shard_for_evaluation(
+            dataloader, topology.dp, replica, pad=stage != RunningStage.PREDICTING
+        )
     dataloader.generator = torch.Generator().manual_seed(data_seed + replica)
     init_fn = dataloader.worker_init_fn
     if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
@@ -107,9 +112,66 @@ class BatchChecks:
     def __init__(self) -> None:
         self._checked: set[tuple] = set()
 
-    def check(self, batch: Any, topology: Topology, trainer: Trainer, dataloader_idx: int, device: torch.device) -> None:
+    def check(
+        self, batch: Any, topology: Topology, trainer: Trainer, dataloader_idx: int, device: torch.device
+    ) -> None:
         """Raise :class:`~lightning_seqpar.sampling.SamplerLayoutError` if the ranks hold different first batches."""
         key = (str(trainer.state.stage), dataloader_idx, trainer.current_epoch)
         if key not in self._checked:
             self._checked.add(key)
             reliability.check_same_batch(batch, topology, f"{trainer.state.stage} dataloader {dataloader_idx}", device)
+
+
+class DataHooks(DDPStrategy):
+    """The data hooks of :class:`~lightning_seqpar.strategies.base.SeqParStrategy`: loaders keyed to the data-parallel
+    rank, padding steps of evaluation shards, first-batch checks (the state is set by its ``__init__`` and
+    ``setup_distributed``)."""
+
+    topology: Topology | None = None
+    _data_seed: int | None
+    _padding_steps: PaddingSteps
+    _batch_checks: BatchChecks
+    _zero_length_setting: bool | None
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Key every loader to the data-parallel rank (:func:`~lightning_seqpar.strategies.data.key_dataloader`), then
+        check that the ranks of each SP group (and pipeline) have loaders of the same length."""
+        if self.topology is not None and self._data_seed is not None:
+            stage = self.lightning_module.trainer.state.stage if self.lightning_module is not None else None
+            dataloader = key_dataloader(dataloader, self.topology, stage, self._data_seed)
+        if self.topology is not None:
+            reliability.check_loader_lengths(dataloader, self.topology, self.root_device)
+        return dataloader
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """Move the batch; on an evaluation shard's padding batch, keep the step out of logged sums and metrics
+        (:func:`~lightning_seqpar.sampling.padding_step`); check the first batch of each loader across the SP group."""
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or self.topology is None:
+            return batch
+        if trainer.state.stage == RunningStage.TRAINING:
+            mark_delivered(trainer)
+        elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
+            self._padding_steps.on_batch(self.lightning_module, evaluation_loader(trainer, dataloader_idx))
+        self._batch_checks.check(batch, self.topology, trainer, dataloader_idx, self.root_device)
+        return batch
+
+    @override
+    def on_validation_end(self) -> None:
+        self._padding_steps.end()
+        super().on_validation_end()
+
+    @override
+    def on_test_end(self) -> None:
+        self._padding_steps.end()
+        super().on_test_end()
+
+    @override
+    def on_predict_end(self) -> None:
+        if self._zero_length_setting is not None and self.lightning_module is not None:
+            self.lightning_module.allow_zero_length_dataloader_with_multiple_devices = self._zero_length_setting
+            self._zero_length_setting = None
+        super().on_predict_end()

@@ -1,4 +1,5 @@
-"""The DDP engine of SeqParStrategy: ``DistributedDataParallel`` over the mesh's ``dp_sp`` ranks, single-file checkpoints."""
+"""The DDP engine of SeqParStrategy: ``DistributedDataParallel`` over the mesh's ``dp_sp`` ranks, single-file
+checkpoints."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class SeqParDDPStrategy(SeqParStrategy):
         if zero_stage != 0 or pipeline_stages != 1 or deepspeed_config is not None:
             raise ValueError(
                 f"{name} is the DDP engine; zero_stage={zero_stage!r}, pipeline_stages={pipeline_stages!r} and"
-                " deepspeed_config need DeepSpeed: construct SeqParStrategy(...) with them, which builds the DeepSpeed engine."
+                " deepspeed_config need DeepSpeed: construct SeqParStrategy(...) with them, which builds the DeepSpeed"
+                " engine."
             )
 
     @override
@@ -67,7 +69,9 @@ class SeqParDDPStrategy(SeqParStrategy):
         if self.topology.tp == 1:
             return super()._setup_model(model)
         broadcast_module_state(model, self.topology.sequence_data_group)
-        rank_zero_info(f"{type(self).__name__}: tensor parallelism: gradients averaged over dp_sp after backward, without DDP")
+        rank_zero_info(
+            f"{type(self).__name__}: tensor parallelism: gradients averaged over dp_sp after backward, without DDP"
+        )
         return model
 
     @override
@@ -82,7 +86,9 @@ class SeqParDDPStrategy(SeqParStrategy):
 
         def run() -> Any:
             result = closure()
-            average_gradients((p for group in optimizer.param_groups for p in group["params"]), self.topology.sequence_data_group)
+            average_gradients(
+                (p for group in optimizer.param_groups for p in group["params"]), self.topology.sequence_data_group
+            )
             return result
 
         return run
@@ -105,15 +111,19 @@ class SeqParDDPStrategy(SeqParStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The module's state dict, with tensor-parallel DTensors gathered into whole tensors (a collective over ``tp``:
         Lightning calls this on every rank)."""
-        return self.full_state_dict() if self.topology is not None and self.topology.tp > 1 else super().lightning_module_state_dict()
+        return (
+            self.full_state_dict()
+            if self.topology is not None and self.topology.tp > 1
+            else super().lightning_module_state_dict()
+        )
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         if self.topology is not None and self.topology.tp > 1:
             raise NotImplementedError(
-                f"{type(self).__name__}: saving the optimizer state with tensor_parallel_size > 1 is not supported by the"
-                " DDP engine (its state holds tp shards); use SeqParStrategy(fsdp=True, tensor_parallel_size=...), or"
-                " Trainer(enable_checkpointing=False) / ModelCheckpoint(save_weights_only=True)."
+                f"{type(self).__name__}: saving the optimizer state with tensor_parallel_size > 1 is not supported by"
+                " the DDP engine (its state holds tp shards); use SeqParStrategy(fsdp=True, tensor_parallel_size=...),"
+                " or Trainer(enable_checkpointing=False) / ModelCheckpoint(save_weights_only=True)."
             )
         return super().optimizer_state(optimizer)
 
@@ -136,7 +146,9 @@ class SeqParDDPStrategy(SeqParStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # A directory of ZeRO shards cannot feed this engine's optimizer: this raises with the command that can.
-        ds.check_resume_layout(checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=False)
+        ds.check_resume_layout(
+            checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=False
+        )
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         for difference in ds.layout_differences(checkpoint.get("seqpar"), self.parallel_settings()):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.

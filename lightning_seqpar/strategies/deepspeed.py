@@ -27,10 +27,11 @@ from lightning_seqpar.strategies.registry import check_pipeline_arguments
 class SeqParDeepSpeedStrategy(SeqParStrategy):
     """Sequence parallelism with a DeepSpeed ZeRO engine over the ``dp_sp`` ranks (DeepSpeed's mpu is the mesh's).
 
-    Takes :class:`SeqParStrategy`'s arguments; ``SeqParStrategy(zero_stage=...)`` or ``SeqParStrategy(deepspeed_config=...)``
-    builds this class. ZeRO partitions over the flattened ``dp_sp`` mesh dimension
-    (:class:`~lightning_seqpar.topology.DeepSpeedMPU`); Lightning owns the accumulation schedule and tells the engine
-    each boundary. Checkpoints are DeepSpeed directories, re-laid out at load for another ``dp * sp`` or ZeRO stage.
+    Takes :class:`SeqParStrategy`'s arguments; ``SeqParStrategy(zero_stage=...)`` or
+    ``SeqParStrategy(deepspeed_config=...)`` builds this class. ZeRO partitions over the flattened ``dp_sp`` mesh
+    dimension (:class:`~lightning_seqpar.topology.DeepSpeedMPU`); Lightning owns the accumulation schedule and tells the
+    engine each boundary. Checkpoints are DeepSpeed directories, re-laid out at load for another ``dp * sp`` or ZeRO
+    stage.
 
     Raises:
         ValueError: ``pipeline_stages > 1`` with ZeRO 2/3, ``on_nonfinite="skip"`` (the engine has already accumulated
@@ -94,8 +95,8 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
         """Before validate / test / predict: the ZeRO engine is for fitting; evaluation runs the plain module."""
         if ds.is_zero3_partitioned(self.lightning_module):
             raise ValueError(
-                f"{type(self).__name__}: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an earlier"
-                " fit. To validate, test or predict, load the full weights into a fresh module first:"
+                f"{type(self).__name__}: this {type(self.lightning_module).__name__} holds ZeRO-3 partitions from an"
+                " earlier fit. To validate, test or predict, load the full weights into a fresh module first:"
                 " fresh.load_state_dict(trainer.strategy.full_state_dict()) right after fit (on every rank), or"
                 " lightning_seqpar.consolidate_checkpoint(checkpoint_dir) from a checkpoint."
             )
@@ -122,7 +123,8 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
         )
 
     def _client_optimizer(self, config: dict[str, Any]) -> tuple[Any, list]:
-        """The one optimizer (None with an ``"optimizer"`` section) and at most one scheduler of configure_optimizers."""
+        """The one optimizer (None with an ``"optimizer"`` section) and at most one scheduler of
+        configure_optimizers."""
         if "optimizer" in config:
             return None, []
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
@@ -150,8 +152,8 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
         self.optimizers = [engine_optimizer]
         self.lr_scheduler_configs = schedulers
         rank_zero_info(
-            f"{type(self).__name__}: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks per"
-            f" stage, {self.topology.pp} pipeline stage(s)"
+            f"{type(self).__name__}: DeepSpeed ZeRO-{self.zero_stage} over {self.topology.dp * self.topology.sp} ranks"
+            f" per stage, {self.topology.pp} pipeline stage(s)"
         )
 
     # --- steps -------------------------------------------------------------------------------------------
@@ -226,7 +228,11 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
     def parallel_settings(self) -> dict[str, Any]:
         """The base layout plus ``zero_stage`` and ``sequence_data_parallel_size`` (``dp * sp``: ZeRO's partitions)."""
         assert self.topology is not None
-        return {**super().parallel_settings(), "zero_stage": self.zero_stage, "sequence_data_parallel_size": self.topology.dp * self.topology.sp}
+        return {
+            **super().parallel_settings(),
+            "zero_stage": self.zero_stage,
+            "sequence_data_parallel_size": self.topology.dp * self.topology.sp,
+        }
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -247,16 +253,18 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if self.deepspeed_engine is None:
             raise ValueError(
-                f"{type(self).__name__}: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only; to"
-                " validate, test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and load OUT.pt."
+                f"{type(self).__name__}: {checkpoint_path} is a DeepSpeed checkpoint, which loads while fitting only;"
+                " to validate, test or predict, consolidate it (python -m lightning_seqpar.consolidate DIR OUT.pt) and"
+                " load OUT.pt."
             )
         checkpoint_path = self.broadcast(checkpoint_path)
         if Path(checkpoint_path).is_file():
             raise ds.DeepSpeedConfigError(
-                f"{checkpoint_path} is a single-file checkpoint of the DDP path (zero_stage=0); DeepSpeed resumes from its own"
-                " shard directories. Resume it with SeqParStrategy(zero_stage=0), or start from its weights (the optimizer"
-                f" state restarts): module.load_state_dict(torch.load({str(checkpoint_path)!r})['state_dict']) and fit"
-                " without ckpt_path."
+                f"{checkpoint_path} is a single-file checkpoint of the DDP path (zero_stage=0); DeepSpeed resumes from"
+                " its own shard directories. Resume it with SeqParStrategy(zero_stage=0), or start from its weights"
+                " (the optimizer state restarts):"
+                f" module.load_state_dict(torch.load({str(checkpoint_path)!r})['state_dict']) and fit without"
+                " ckpt_path."
             )
         load_universal = bool(self.deepspeed_engine.config.get("checkpoint", {}).get("load_universal", False))
         layout = ds.read_layout(checkpoint_path)
@@ -278,21 +286,24 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
             load_module_strict=self.lightning_module.strict_loading,
         )
         if client_state is None:
-            raise ValueError(f"{type(self).__name__}: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}.")
+            raise ValueError(
+                f"{type(self).__name__}: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}."
+            )
         return client_state
 
 
 def _refuse_lr_finder(trainer: Trainer, zero_stage: int, pipeline_stages: int) -> None:
     """The learning-rate finder drives the optimizer with its own torch LR scheduler, which DeepSpeed's optimizer
-    (not a ``torch.optim.Optimizer``) cannot take: say so before the engine is built, instead of a TypeError inside it."""
+    (not a ``torch.optim.Optimizer``) cannot take: say so before the engine is built, instead of a TypeError inside
+    it."""
     from lightning.pytorch.callbacks import LearningRateFinder
 
     if any(isinstance(callback, LearningRateFinder) for callback in trainer.callbacks):
         raise ValueError(
             f"SeqParStrategy(zero_stage={zero_stage}, pipeline_stages={pipeline_stages}): the learning-rate finder"
-            " (Tuner.lr_find or the LearningRateFinder callback) cannot drive DeepSpeed's optimizer. Run the finder with"
-            " SeqParStrategy(zero_stage=0, pipeline_stages=1) on the same model, data and sequence_parallel_size (ZeRO"
-            " does not change the losses it measures), then train with the learning rate it suggests."
+            " (Tuner.lr_find or the LearningRateFinder callback) cannot drive DeepSpeed's optimizer. Run the finder"
+            " with SeqParStrategy(zero_stage=0, pipeline_stages=1) on the same model, data and sequence_parallel_size"
+            " (ZeRO does not change the losses it measures), then train with the learning rate it suggests."
         )
 
 
@@ -305,7 +316,12 @@ def _convert_outside_metrics(precision_plugin: Any, module: Any) -> Any:
     """
     from torchmetrics import Metric
 
-    parked = [(parent, name, child) for parent in module.modules() for name, child in parent._modules.items() if isinstance(child, Metric)]
+    parked = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent._modules.items()
+        if isinstance(child, Metric)
+    ]
     for parent, name, _ in parked:
         parent._modules[name] = None  # Module._apply skips empty slots
     try:

@@ -27,7 +27,8 @@ class SeqParPipelineStrategy(SeqParDeepSpeedStrategy):
 
     Raises:
         ValueError: ZeRO 2/3 with pipeline stages, or the errors of :class:`SeqParDeepSpeedStrategy`.
-        PipelineError: ``Trainer(accumulate_grad_batches > 1)`` (use ``micro_batches``), or a model the stages cannot cut.
+        PipelineError: ``Trainer(accumulate_grad_batches > 1)`` (use ``micro_batches``), or a model the stages cannot
+            cut.
     """
 
     @override
@@ -69,7 +70,9 @@ class SeqParPipelineStrategy(SeqParDeepSpeedStrategy):
     def _config_zero_stage(self, trainer: Trainer) -> int:
         if trainer.gradient_clip_val and self.zero_stage == 0:
             # DeepSpeed 0.19.8's stage-0 pipeline clipping leaves later stages out of the norm; ZeRO-1's norm is exact.
-            rank_zero_info(f"{type(self).__name__}: gradient clipping with pipeline stages runs with ZeRO-1 (exact gradient norm).")
+            rank_zero_info(
+                f"{type(self).__name__}: gradient clipping with pipeline stages runs with ZeRO-1 (exact gradient norm)."
+            )
             return 1
         return self.zero_stage
 
@@ -114,7 +117,9 @@ class SeqParPipelineStrategy(SeqParDeepSpeedStrategy):
         if self._pipeline.explicit:
             return pipeline.train_batch(self.model, self.lightning_module, args[0], self.micro_batches or 1)
         batch, batch_idx = args[0], (args[1] if len(args) > 1 else kwargs.get("batch_idx", 0))
-        return self._pipeline.train(self.model, batch, batch_idx, self.micro_batches or 1, self.precision_plugin.train_step_context)
+        return self._pipeline.train(
+            self.model, batch, batch_idx, self.micro_batches or 1, self.precision_plugin.train_step_context
+        )
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:

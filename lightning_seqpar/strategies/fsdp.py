@@ -22,17 +22,18 @@ _LIGHTNING_STATE_FILE = "lightning_state.pt"
 
 
 class SeqParFSDPStrategy(SeqParStrategy):
-    """Sequence parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``) over the ``dp_sp`` ranks (``fsdp=True``).
+    """Sequence parallelism with FSDP2 (``torch.distributed.fsdp.fully_shard``) over the ``dp_sp`` ranks
+    (``fsdp=True``).
 
     Each transformer block is one FSDP2 unit, and each child module of the LightningModule that holds parameters a
     root unit around them (:func:`lightning_seqpar.fsdp.apply_fsdp`; Lightning calls ``training_step``, not the
     LightningModule, so the children ``training_step`` calls are the roots whose call gathers their parameters;
-    parameters registered on the LightningModule itself are refused): parameters, gradients and optimizer state are sharded over the
-    ``dp * sp`` ranks of a stage, gradients reduce-scattered as averages, so one optimizer step equals single-device
-    training on the global batch (the torch-native counterpart of ZeRO-3). With ``tensor_parallel_size > 1`` the
-    tensor-parallel DTensors are sharded again over ``dp_sp`` (FSDP2 x TP, as Lightning's ``ModelParallelStrategy``).
-    The Trainer's precision gives the ``MixedPrecisionPolicy``: ``"bf16-mixed"`` gathers parameters in bf16 and
-    reduces gradients in fp32; fp32 master weights and optimizer state stay sharded.
+    parameters registered on the LightningModule itself are refused): parameters, gradients and optimizer state are
+    sharded over the ``dp * sp`` ranks of a stage, gradients reduce-scattered as averages, so one optimizer step equals
+    single-device training on the global batch (the torch-native counterpart of ZeRO-3). With
+    ``tensor_parallel_size > 1`` the tensor-parallel DTensors are sharded again over ``dp_sp`` (FSDP2 x TP, as
+    Lightning's ``ModelParallelStrategy``). The Trainer's precision gives the ``MixedPrecisionPolicy``: ``"bf16-mixed"``
+    gathers parameters in bf16 and reduces gradients in fp32; fp32 master weights and optimizer state stay sharded.
 
     Checkpoints are directories: the model and optimizer in ``torch.distributed.checkpoint`` format, keyed and laid out
     as on a single device (:func:`lightning_seqpar.fsdp.save_checkpoint`), so they load at another (dp, sp, tp) layout;
@@ -57,8 +58,8 @@ class SeqParFSDPStrategy(SeqParStrategy):
             used.append("deepspeed_config")
         if used:
             raise ValueError(
-                f"{name} (fsdp=True) shards with FSDP2; {', '.join(used)} configure DeepSpeed. Choose one: drop fsdp=True"
-                " to use DeepSpeed ZeRO / pipelines, or drop the DeepSpeed arguments."
+                f"{name} (fsdp=True) shards with FSDP2; {', '.join(used)} configure DeepSpeed. Choose one: drop"
+                " fsdp=True to use DeepSpeed ZeRO / pipelines, or drop the DeepSpeed arguments."
             )
 
     @override
@@ -130,13 +131,17 @@ class SeqParFSDPStrategy(SeqParStrategy):
         """Write ``filepath`` as a directory: the model and optimizer shards of every rank (DCP), and rank 0's
         ``lightning_state.pt`` with the Trainer's other entries and the layout under ``"seqpar"``."""
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options (got {storage_options!r}).")
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint does not take storage_options (got {storage_options!r})."
+            )
         path = Path(filepath)
         if path.is_file():
             raise FileExistsError(f"{type(self).__name__}: {path} is a file; FSDP2 checkpoints are directories.")
         optimizers = self.optimizers
         if len(optimizers) > 1:
-            raise NotImplementedError(f"{type(self).__name__}: checkpoints of more than one optimizer are not supported.")
+            raise NotImplementedError(
+                f"{type(self).__name__}: checkpoints of more than one optimizer are not supported."
+            )
         fsdp2.save_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)
         checkpoint = dict(checkpoint)  # its state_dict and optimizer_states are empty (see above)
         checkpoint["seqpar"] = self.parallel_settings()
@@ -146,12 +151,14 @@ class SeqParFSDPStrategy(SeqParStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load the model and optimizer shards into this run's layout (a collective), and return the Trainer's entries."""
+        """Load the model and optimizer shards into this run's layout (a collective), and return the Trainer's
+        entries."""
         path = Path(checkpoint_path)
         if not (path / _LIGHTNING_STATE_FILE).is_file():
             raise FileNotFoundError(
-                f"{type(self).__name__}: {path} is not a checkpoint of this engine (a directory with {_LIGHTNING_STATE_FILE}"
-                " and DCP shards); to start from a single-file checkpoint, load its state_dict into the module before fit."
+                f"{type(self).__name__}: {path} is not a checkpoint of this engine (a directory with"
+                f" {_LIGHTNING_STATE_FILE} and DCP shards); to start from a single-file checkpoint, load its state_dict"
+                " into the module before fit."
             )
         optimizers = self.optimizers
         fsdp2.load_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)

@@ -31,7 +31,9 @@ def check_tensor_parallel_arguments(name: str, tensor_parallel_size: Any, tp_pla
     ``tp_plan`` is None or a dict of ``ParallelStyle``, and ``tensor_parallel_size > 1`` comes without DeepSpeed
     (``zero_stage``, ``pipeline_stages > 1``, ``deepspeed_config``), which splits no DTensor parameters."""
     if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
-        raise ValueError(f"{name}: tensor_parallel_size must be a positive integer (1 means disabled), got {tensor_parallel_size!r}.")
+        raise ValueError(
+            f"{name}: tensor_parallel_size must be a positive integer (1 means disabled), got {tensor_parallel_size!r}."
+        )
     if tp_plan is not None:
         if not isinstance(tp_plan, Mapping) or not all(isinstance(s, ParallelStyle) for s in tp_plan.values()):
             raise ValueError(
@@ -39,15 +41,17 @@ def check_tensor_parallel_arguments(name: str, tensor_parallel_size: Any, tp_pla
                 f" ColwiseParallel(), RowwiseParallel(), ...), got {tp_plan!r}."
             )
         if tensor_parallel_size == 1:
-            raise ValueError(f"{name}: tp_plan is given but tensor_parallel_size=1; set tensor_parallel_size > 1 to use it.")
+            raise ValueError(
+                f"{name}: tp_plan is given but tensor_parallel_size=1; set tensor_parallel_size > 1 to use it."
+            )
     if tensor_parallel_size > 1:
         used = [f"{k}={v!r}" for k, v, off in (("zero_stage", zero_stage, 0), ("pipeline_stages", pipeline_stages, 1))
                 if v != off] + (["deepspeed_config"] if deepspeed_config is not None else [])
         if used:
             raise ValueError(
-                f"{name}: tensor_parallel_size={tensor_parallel_size} cannot run with DeepSpeed ({', '.join(used)}): its"
-                " ZeRO and pipeline engines do not handle DTensor parameters. Use fsdp=True for sharded parameters and"
-                " optimizer state with tensor parallelism, or drop tensor_parallel_size to use DeepSpeed."
+                f"{name}: tensor_parallel_size={tensor_parallel_size} cannot run with DeepSpeed ({', '.join(used)}):"
+                " its ZeRO and pipeline engines do not handle DTensor parameters. Use fsdp=True for sharded parameters"
+                " and optimizer state with tensor parallelism, or drop tensor_parallel_size to use DeepSpeed."
             )
 
 

@@ -1,4 +1,5 @@
-"""The strategy's additions to a sequence-parallel plan: activation checkpointing and compilation of every transformer block."""
+"""The strategy's additions to a sequence-parallel plan: activation checkpointing and compilation of every transformer
+block."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from lightning_seqpar.plan import PlanError, SequenceParallelPlan, block_paths
 
 ActivationCheckpointing = bool | Literal["full", "save_attention", "offload"]
 ACTIVATION_CHECKPOINTING: tuple[object, ...] = (False, True, "full", "save_attention", "offload")
-_CHECKPOINT_ROLES = {True: "checkpoint", "full": "checkpoint", "save_attention": "checkpoint_save_attention", "offload": "checkpoint_offload"}
+_CHECKPOINT_ROLES = {
+    True: "checkpoint",
+    "full": "checkpoint",
+    "save_attention": "checkpoint_save_attention",
+    "offload": "checkpoint_offload",
+}
 
 
-def with_checkpoints(plan: SequenceParallelPlan, module: nn.Module, mode: ActivationCheckpointing = True) -> SequenceParallelPlan:
+def with_checkpoints(
+    plan: SequenceParallelPlan, module: nn.Module, mode: ActivationCheckpointing = True
+) -> SequenceParallelPlan:
     """``plan`` with every transformer block marked for activation checkpointing in ``mode``
     (``True``/``"full"``, ``"save_attention"`` or ``"offload"``).
 

@@ -1,5 +1,5 @@
-"""Which strategy class runs: the engine picked from ``SeqParStrategy``'s arguments, and the ``"seqpar*"`` names registered
-with Lightning's ``StrategyRegistry`` on ``import lightning_seqpar``."""
+"""Which strategy class runs: the engine picked from ``SeqParStrategy``'s arguments, and the ``"seqpar*"`` names
+registered with Lightning's ``StrategyRegistry`` on ``import lightning_seqpar``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,20 @@ STRATEGY_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "seqpar_ring": ("Sequence parallelism with ring attention", {"attention": "ring"}),
     "seqpar_hybrid": ("Sequence parallelism, Ulysses within a node x ring across nodes", {"attention": "hybrid"}),
     **{
-        f"seqpar_zero{stage}": (f"Sequence parallelism with DeepSpeed ZeRO-{stage} ({what} sharded)", {"zero_stage": stage})
-        for stage, what in ((1, "optimizer state"), (2, "optimizer state and gradients"), (3, "optimizer state, gradients and parameters"))
+        f"seqpar_zero{stage}": (
+            f"Sequence parallelism with DeepSpeed ZeRO-{stage} ({what} sharded)",
+            {"zero_stage": stage},
+        )
+        for stage, what in (
+            (1, "optimizer state"),
+            (2, "optimizer state and gradients"),
+            (3, "optimizer state, gradients and parameters"),
+        )
     },
-    "seqpar_fsdp": ("Sequence parallelism with FSDP2: parameters, gradients and optimizer state sharded", {"fsdp": True}),
+    "seqpar_fsdp": (
+        "Sequence parallelism with FSDP2: parameters, gradients and optimizer state sharded",
+        {"fsdp": True},
+    ),
     "seqpar_zero3_offload": (
         "Sequence parallelism with DeepSpeed ZeRO-3, parameters and optimizer state in host memory",
         {"zero_stage": 3, "offload_optimizer": True, "offload_parameters": True},
@@ -36,7 +46,9 @@ def check_pipeline_arguments(name: str, pipeline_stages: Any, micro_batches: Any
     if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
         raise ValueError(f"{name}: micro_batches must be a positive integer, got {micro_batches!r}.")
     if micro_batches is not None and pipeline_stages == 1:
-        raise ValueError(f"{name}: micro_batches is for pipeline_stages > 1; use Trainer(accumulate_grad_batches=...) otherwise.")
+        raise ValueError(
+            f"{name}: micro_batches is for pipeline_stages > 1; use Trainer(accumulate_grad_batches=...) otherwise."
+        )
 
 
 def engine_class(*args: Any, **kwargs: Any) -> type[SeqParStrategy]:
@@ -67,7 +79,8 @@ def engine_class(*args: Any, **kwargs: Any) -> type[SeqParStrategy]:
 def register_strategies(strategy_registry: Any) -> None:
     """Register every name of :data:`STRATEGY_NAMES` with ``strategy_registry`` (Lightning's ``StrategyRegistry``).
 
-    Each name builds ``SeqParStrategy(**arguments)``, which picks the engine class (DDP, FSDP2, DeepSpeed ZeRO or pipeline).
+    Each name builds ``SeqParStrategy(**arguments)``, which picks the engine class (DDP, FSDP2, DeepSpeed ZeRO or
+    pipeline).
     """
     from lightning_seqpar.strategies.base import SeqParStrategy
 

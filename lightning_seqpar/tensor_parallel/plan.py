@@ -33,32 +33,59 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lightning_seqpar.wrapping import wrap_forward
 from lightning_seqpar.plan import find_block_stacks, is_attention_module
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
     MultiheadAttentionParallel,
     TensorParallelError,
 )
+from lightning_seqpar.wrapping import wrap_forward
 
 TensorParallelPlan = dict[str, ParallelStyle]
 
 # Per block kind, paths relative to one block. The first table whose required paths all exist wins; "?"-prefixed
 # entries are applied where present (with parameters). Attention and MLP are matched separately.
 _ATTENTION_TABLES: list[tuple[str, dict[str, str]]] = [
-    ("timm-style attention (fused qkv)", {"attn.qkv": "fused:3", "attn.proj": "rowwise", "?attn.q_norm": "head_norm:1", "?attn.k_norm": "head_norm:1"}),
-    ("Hugging Face ViT/ViTMAE/Dinov2 attention (transformers 5)", {"attention.q_proj": "colwise", "attention.k_proj": "colwise",
-                                                                   "attention.v_proj": "colwise", "attention.o_proj": "rowwise"}),
-    ("Llama-style self_attn.q_proj/k_proj/v_proj/o_proj", {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise",
-                                                           "self_attn.v_proj": "colwise", "self_attn.o_proj": "rowwise"}),
-    ("Hugging Face ViT/ViTMAE/Dinov2 attention (transformers 4)", {"attention.attention.query": "colwise", "attention.attention.key": "colwise",
-                                                  "attention.attention.value": "colwise", "attention.output.dense": "rowwise"}),
+    (
+        "timm-style attention (fused qkv)",
+        {"attn.qkv": "fused:3", "attn.proj": "rowwise", "?attn.q_norm": "head_norm:1", "?attn.k_norm": "head_norm:1"},
+    ),
+    (
+        "Hugging Face ViT/ViTMAE/Dinov2 attention (transformers 5)",
+        {
+            "attention.q_proj": "colwise",
+            "attention.k_proj": "colwise",
+            "attention.v_proj": "colwise",
+            "attention.o_proj": "rowwise",
+        },
+    ),
+    (
+        "Llama-style self_attn.q_proj/k_proj/v_proj/o_proj",
+        {
+            "self_attn.q_proj": "colwise",
+            "self_attn.k_proj": "colwise",
+            "self_attn.v_proj": "colwise",
+            "self_attn.o_proj": "rowwise",
+        },
+    ),
+    (
+        "Hugging Face ViT/ViTMAE/Dinov2 attention (transformers 4)",
+        {
+            "attention.attention.query": "colwise",
+            "attention.attention.key": "colwise",
+            "attention.attention.value": "colwise",
+            "attention.output.dense": "rowwise",
+        },
+    ),
     ("torch nn.MultiheadAttention", {"self_attn": "multihead_attention"}),
 ]
 _MLP_TABLES: list[tuple[str, dict[str, str]]] = [
     ("timm SwiGLU MLP", {"mlp.fc1_g": "colwise", "mlp.fc1_x": "colwise", "mlp.fc2": "rowwise"}),
     ("timm-style MLP", {"mlp.fc1": "colwise", "mlp.fc2": "rowwise"}),
-    ("gated MLP (Hugging Face Dinov2 SwiGLU, Llama)", {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"}),
+    (
+        "gated MLP (Hugging Face Dinov2 SwiGLU, Llama)",
+        {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
+    ),
     ("Hugging Face Dinov2 SwiGLU MLP (transformers 4)", {"mlp.weights_in": "fused:2", "mlp.weights_out": "rowwise"}),
     ("Hugging Face ViT MLP", {"intermediate.dense": "colwise", "output.dense": "rowwise"}),
     ("torch TransformerEncoderLayer MLP", {"linear1": "colwise", "linear2": "rowwise"}),
@@ -70,7 +97,8 @@ _HEAD_WIDTH_ATTRIBUTES = ("all_head_size", "attn_dim", "inner_dim")
 
 
 def make_style(name: str) -> ParallelStyle:
-    """The ParallelStyle of a table entry: ``colwise``, ``rowwise``, ``fused:C``, ``head_norm:DIM``, ``multihead_attention``."""
+    """The ParallelStyle of a table entry: ``colwise``, ``rowwise``, ``fused:C``, ``head_norm:DIM``,
+    ``multihead_attention``."""
     kind, _, arg = name.partition(":")
     if kind == "colwise":
         return ColwiseParallel()
@@ -97,7 +125,9 @@ def _match(block: nn.Module, tables: list[tuple[str, dict[str, str]]]) -> tuple[
     for kind, table in tables:
         required = [p for p in table if not p.startswith("?")]
         if all(_has(block, p) for p in required):
-            return kind, {p.lstrip("?"): s for p, s in table.items() if not p.startswith("?") or _has(block, p[1:], True)}
+            return kind, {
+                p.lstrip("?"): s for p, s in table.items() if not p.startswith("?") or _has(block, p[1:], True)
+            }
     return None
 
 
@@ -140,20 +170,25 @@ def infer_tensor_parallel_plan(model: nn.Module) -> TensorParallelPlan:
     stacks = find_block_stacks(model)
     if not stacks:
         raise TensorParallelError(
-            f"found no stack of repeated transformer blocks in {type(model).__name__} to split; pass tp_plan={{path: ParallelStyle}}."
+            f"found no stack of repeated transformer blocks in {type(model).__name__} to split; pass"
+            " tp_plan={path: ParallelStyle}."
         )
     path, stack = stacks[0]
     plan: dict[str, str] | None = None
     for i, block in enumerate(stack):
         _, entries = block_plan(block, f"{path}.{i}" if path else str(i))
         if plan is not None and entries != plan:
-            raise TensorParallelError(f"blocks of {path or type(model).__name__} need different tensor-parallel plans; pass tp_plan.")
+            raise TensorParallelError(
+                f"blocks of {path or type(model).__name__} need different tensor-parallel plans; pass tp_plan."
+            )
         plan = entries
     prefix = f"{path}.*." if path else "*."
     return {prefix + p: make_style(s) for p, s in (plan or {}).items()}
 
 
-def check_heads(model: nn.Module, plan: Mapping[str, ParallelStyle], tensor_parallel_size: int) -> list[tuple[str, nn.Module]]:
+def check_heads(
+    model: nn.Module, plan: Mapping[str, ParallelStyle], tensor_parallel_size: int
+) -> list[tuple[str, nn.Module]]:
     """The attention modules whose heads the plan splits (the nearest attention-like ancestor with a head-count
     attribute of each column-parallel projection, or a planned ``nn.MultiheadAttention``), after checking that
     their head counts and widths divide by ``tensor_parallel_size``.
@@ -177,7 +212,9 @@ def check_heads(model: nn.Module, plan: Mapping[str, ParallelStyle], tensor_para
             for cut in range(len(parts) - 1, 0, -1):
                 ancestor_path = ".".join(parts[:cut])
                 ancestor = modules[ancestor_path]
-                if is_attention_module(ancestor) and any(isinstance(getattr(ancestor, a, None), int) for a in _HEAD_ATTRIBUTES):
+                if is_attention_module(ancestor) and any(
+                    isinstance(getattr(ancestor, a, None), int) for a in _HEAD_ATTRIBUTES
+                ):
                     split[ancestor_path] = ancestor
                     break
     for path, module in split.items():
@@ -210,8 +247,11 @@ def localize_heads(module: nn.Module, tensor_parallel_size: int) -> None:
             setattr(module, attribute, value // tensor_parallel_size)
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, tp_plan: Mapping[str, ParallelStyle] | None = None) -> TensorParallelPlan:
-    """Split ``model``'s transformer blocks over the ranks of ``tp_mesh`` in place (Megatron-style, see the module docstring).
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, tp_plan: Mapping[str, ParallelStyle] | None = None
+) -> TensorParallelPlan:
+    """Split ``model``'s transformer blocks over the ranks of ``tp_mesh`` in place (Megatron-style, see the module
+    docstring).
 
     Call it on every rank of the mesh, before sequence parallelism
     (:func:`~lightning_seqpar.parallelize.apply_sequence_parallel`, which then runs its distributed attention on each
@@ -235,7 +275,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, tp_plan: Mappin
             mesh that is not one-dimensional.
     """
     if tp_mesh.ndim != 1:
-        raise TensorParallelError(f"apply_tensor_parallel needs a one-dimensional mesh (device_mesh['tp']), got {tp_mesh.ndim} dimensions.")
+        raise TensorParallelError(
+            f"apply_tensor_parallel needs a one-dimensional mesh (device_mesh['tp']), got {tp_mesh.ndim} dimensions."
+        )
     size = tp_mesh.size()
     plan = dict(infer_tensor_parallel_plan(model) if tp_plan is None else tp_plan)
     if size == 1:

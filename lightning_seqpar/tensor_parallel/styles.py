@@ -45,7 +45,8 @@ class TensorParallelError(ValueError):
 
 
 def fused_row_permutation(rows: int, chunks: int, tensor_parallel_size: int) -> Tensor:
-    """Row order ``[chunk 0 of rank 0, .., chunk c-1 of rank 0, chunk 0 of rank 1, ..]`` of a fused ``[c D, ..]`` tensor.
+    """Row order ``[chunk 0 of rank 0, .., chunk c-1 of rank 0, chunk 0 of rank 1, ..]`` of a fused ``[c D, ..]``
+    tensor.
 
     Returns ``perm`` (int64, ``[c D]``) with ``permuted = original[perm]``; ``original = permuted[argsort(perm)]``.
 
@@ -151,7 +152,9 @@ class MultiheadAttentionParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, nn.MultiheadAttention):
-            raise TensorParallelError(f"MultiheadAttentionParallel needs an nn.MultiheadAttention, got {type(module).__name__}.")
+            raise TensorParallelError(
+                f"MultiheadAttentionParallel needs an nn.MultiheadAttention, got {type(module).__name__}."
+            )
         if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
             raise TensorParallelError(
                 "nn.MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or add_zero_attn is not supported"
@@ -171,10 +174,18 @@ class MultiheadAttentionParallel(ParallelStyle):
         return module
 
 
-def _multihead_attention_forward(module: nn.MultiheadAttention, mesh: DeviceMesh, query: Tensor, key: Tensor, value: Tensor,
-                                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
-                                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                                 is_causal: bool = False) -> tuple[Tensor, None]:
+def _multihead_attention_forward(
+    module: nn.MultiheadAttention,
+    mesh: DeviceMesh,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, None]:
     global _warned_need_weights
     if key_padding_mask is not None or (attn_mask is not None and not is_causal):
         raise TensorParallelError(
@@ -182,9 +193,13 @@ def _multihead_attention_forward(module: nn.MultiheadAttention, mesh: DeviceMesh
             " support; use is_causal=True for causal masking, or leave this module out of the tp_plan."
         )
     if not (query is key and key is value):
-        raise TensorParallelError("a tensor-parallel nn.MultiheadAttention supports self-attention only (query is key is value).")
+        raise TensorParallelError(
+            "a tensor-parallel nn.MultiheadAttention supports self-attention only (query is key is value)."
+        )
     if need_weights and not _warned_need_weights:
-        log.warning("tensor-parallel nn.MultiheadAttention: need_weights=True is ignored (the weights returned are None).")
+        log.warning(
+            "tensor-parallel nn.MultiheadAttention: need_weights=True is ignored (the weights returned are None)."
+        )
         _warned_need_weights = True
     x = query if module.batch_first else query.transpose(0, 1)  # [B, L, D]
     B, L, _ = x.shape
@@ -192,6 +207,8 @@ def _multihead_attention_forward(module: nn.MultiheadAttention, mesh: DeviceMesh
     replicated = DTensor.from_local(x, mesh, [Replicate()], run_check=False)  # backward all-reduces dx over tp
     qkv = F.linear(replicated, module.in_proj_weight, module.in_proj_bias).to_local()  # [B, L, 3 H_t d] as [q|k|v]
     q, k, v = qkv.view(B, L, 3, H_t, d).permute(2, 0, 3, 1, 4)  # [3, B, H_t, L, d]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=module.dropout if module.training else 0.0, is_causal=is_causal)
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=module.dropout if module.training else 0.0, is_causal=is_causal
+    )
     out = module.out_proj(out.transpose(1, 2).reshape(B, L, H_t * d))  # row-parallel: all-reduce -> [B, L, D]
     return (out if module.batch_first else out.transpose(0, 1)), None
