@@ -32,6 +32,7 @@ from lightning_seqpar.strategies import (
     SeqParStrategy,
     register_strategies,
 )
+from lightning_seqpar.tensor_parallel import TensorParallelError
 from lightning_seqpar.topology import (
     DeepSpeedMPU,
     ParallelDims,
@@ -58,6 +59,7 @@ __all__ = [
     "SeqParPipelineStrategy",
     "SeqParStrategy",
     "SequenceParallelPlan",
+    "TensorParallelError",
     "Topology",
     "TopologyError",
     "UnsupportedAttentionError",

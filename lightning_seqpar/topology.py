@@ -188,7 +188,8 @@ class Topology:
         tp = f" x tp {self.tp}" if self.tp != 1 else ""
         return (
             f"world={self.dims.world_size} = pp {self.pp} x dp {self.dp} x sp {self.sp}{tp};"
-            f" rank {self.rank} -> (pp {self.pp_rank}, dp {self.dp_rank}, sp {self.sp_rank})"
+            f" rank {self.rank} -> (pp {self.pp_rank}, dp {self.dp_rank}, sp {self.sp_rank}"
+            + (f", tp {self.tp_rank})" if self.tp != 1 else ")")
         )
 
     def __repr__(self) -> str:

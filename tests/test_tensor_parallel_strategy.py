@@ -335,3 +335,16 @@ def test_fsdp_checkpoint_resumes_at_another_layout(tmp_path):
     for rank, r in enumerate(per_rank):
         err, key = max_rel_error(r["final"], reference.state)
         assert err < TOLERANCE, f"rank {rank}: parameter {key} off by relative error {err:.2e} after the resume"
+
+
+def test_full_checkpoints_with_tp_on_ddp_are_refused_before_training():
+    """A default ModelCheckpoint would fail at its first save (after an epoch) under tp on the DDP engine: refused at
+    setup, naming the ways out; weights-only checkpoints pass (a new user hit this with the default Trainer)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_seqpar.strategies.ddp import check_checkpoints_without_optimizer_state
+
+    with pytest.raises(ValueError, match=r"ModelCheckpoint.*save_weights_only=True.*enable_checkpointing=False.*fsdp"):
+        check_checkpoints_without_optimizer_state([ModelCheckpoint()])
+    check_checkpoints_without_optimizer_state([ModelCheckpoint(save_weights_only=True)])
+    check_checkpoints_without_optimizer_state([])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
@@ -55,6 +56,8 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
+        if self.topology is not None and self.topology.tp > 1 and trainer.state.fn == TrainerFn.FITTING:
+            check_checkpoints_without_optimizer_state(trainer.checkpoint_callbacks, owner=type(self).__name__)
         self.prepare_module(trainer)
         super().setup(trainer)  # DDPStrategy: wrap in DistributedDataParallel (process_group: dp_sp)
         if self.topology is not None and self.topology.tp > 1:
@@ -154,3 +157,29 @@ class SeqParDDPStrategy(SeqParStrategy):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
             rank_zero_info(f"{type(self).__name__}: resuming {checkpoint_path} with a different layout: {difference}")
         return checkpoint
+
+
+def check_checkpoints_without_optimizer_state(callbacks: Any, owner: str = "SeqParDDPStrategy") -> None:
+    """Refuse, before training starts, checkpoint callbacks that would save the optimizer state under tensor
+    parallelism.
+
+    The DDP engine with ``tensor_parallel_size > 1`` saves whole weights but not the optimizer state (it holds tp
+    shards), so a ``ModelCheckpoint`` without ``save_weights_only=True`` (Lightning adds one by default) would fail at
+    its first save, after an epoch of compute. Checked at setup instead.
+
+    Args:
+        callbacks: the Trainer's checkpoint callbacks (``trainer.checkpoint_callbacks``).
+        owner: the strategy class named in the message.
+
+    Raises:
+        ValueError: naming the callbacks and the three ways out.
+    """
+    full = [type(c).__name__ for c in callbacks if not getattr(c, "save_weights_only", False)]
+    if full:
+        raise ValueError(
+            f"{owner}: with tensor_parallel_size > 1 the DDP engine cannot save the optimizer state, but the Trainer"
+            f" has checkpoint callbacks that would ({', '.join(full)}; Lightning adds a ModelCheckpoint by default)."
+            " Use"
+            " ModelCheckpoint(save_weights_only=True), Trainer(enable_checkpointing=False), or"
+            " SeqParStrategy(fsdp=True, tensor_parallel_size=...), whose checkpoints hold the optimizer state."
+        )
