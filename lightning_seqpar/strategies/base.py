@@ -320,6 +320,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
+            module.to(self.root_device)  # shards of a CUDA mesh on the CPU fail at the first collective (seen on GPUs)
             apply_tensor_parallel_to_module(module, self.topology, self.tp_plan, type(self).__name__)
         # Lightning broadcasts a module it does not wrap from rank 0 of the world: never DTensor shards (tp, FSDP2).
         shards = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
@@ -379,10 +380,19 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
     def full_state_dict(self) -> dict[str, Tensor]:
         """The LightningModule's full state dict on CPU (gathering ZeRO-3 partitions, and pipeline stages' layers, in
         the engines that shard them; collective there: call on every rank)."""
-        if has_dtensor_parameters(self.lightning_module):
-            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
-                    for k, v in self.lightning_module.state_dict().items()}
-        return ds.full_state_dict(self.lightning_module)
+        module = self.lightning_module
+        if has_dtensor_parameters(module):
+            # Lightning's teardown moved the module to the CPU, where a CUDA mesh's shards cannot be gathered (GPUs).
+            away = [p for p in module.parameters() if isinstance(p, DTensor) and p.device.type != self.root_device.type]
+            if away:
+                module.to(self.root_device)
+            try:
+                return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                        for k, v in module.state_dict().items()}
+            finally:
+                if away:
+                    module.cpu()
+        return ds.full_state_dict(module)
 
     @classmethod
     @override

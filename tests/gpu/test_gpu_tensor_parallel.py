@@ -125,3 +125,64 @@ def test_tensor_parallel_and_fsdp2_with_real_timm_equal_one_gpu():
             assert loss_error < 2e-2, (kind, loss_error)
         for other in per_rank[1:]:  # every rank holds the same whole model
             assert all(torch.equal(other[(kind, precision)]["final"][k], v) for k, v in run["final"].items())
+
+
+def strategy_worker() -> dict:
+    """The same timm ViT through ``Trainer(strategy=SeqParStrategy(tensor_parallel_size=2 | fsdp=True))``, then the
+    same batches (in the order the strategy's sampler gave them) on this GPU alone."""
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_seqpar import SeqParStrategy
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(BATCH * STEPS, 3, 64, 128, generator=g), torch.randint(0, 10, (BATCH * STEPS,), generator=g)
+
+    class Data(Dataset):
+        def __len__(self):
+            return len(xs)
+
+        def __getitem__(self, i):
+            return {"index": i, "x": xs[i], "y": ys[i]}
+
+    class Module(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.seen = build(), []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["index"].tolist())
+            return F.cross_entropy(self.model(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+    out = {}
+    for name, kwargs in (("tp2", {"tensor_parallel_size": 2}), ("fsdp2", {"fsdp": True})):
+        module = Module()
+        trainer = Trainer(accelerator="gpu", devices=2, precision="32-true", max_steps=STEPS, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          strategy=SeqParStrategy(timeout=120, **kwargs))
+        trainer.fit(module, DataLoader(Data(), batch_size=BATCH))
+        final = {k: v.float().cpu() for k, v in trainer.strategy.full_state_dict().items()}
+        final = {k.removeprefix("model."): v for k, v in final.items()}
+        device = torch.device("cuda", torch.cuda.current_device())
+        reference = build().to(device)
+        data = [(xs[i].to(device), ys[i].to(device)) for i in (torch.tensor(s) for s in module.seen)]
+        train(reference, data, autocast=False)
+        expected = full_state(reference)
+        worst = max((final[k] - v).norm().item() / max(v.norm().item(), 1e-12) for k, v in expected.items())
+        out[name] = {"worst": worst, "engine": type(trainer.strategy).__name__, "seen": module.seen}
+    return out
+
+
+def test_strategy_line_with_real_timm_equals_one_gpu():
+    per_rank = run_distributed("tests.gpu.test_gpu_tensor_parallel:strategy_worker", 2, timeout=500,
+                               env={"NCCL_NVLS_ENABLE": "0"})
+    for name, engine in (("tp2", "SeqParDDPStrategy"), ("fsdp2", "SeqParFSDPStrategy")):
+        for rank in per_rank:
+            print(f"{name} ({rank[name]['engine']}): worst parameter relative error {rank[name]['worst']:.2e}")
+            assert rank[name]["engine"] == engine
+            assert rank[name]["worst"] < 1e-4, (name, rank[name]["worst"])
+        assert per_rank[0][name]["seen"] == per_rank[1][name]["seen"]  # dp = 1: both ranks hold the same samples
