@@ -320,7 +320,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
-            module.to(self.root_device)  # shards of a CUDA mesh on the CPU fail at the first collective (seen on GPUs)
+            module.to(self.root_device)  # split where it trains: the shards live on the mesh's device from the start
             apply_tensor_parallel_to_module(module, self.topology, self.tp_plan, type(self).__name__)
         # Lightning broadcasts a module it does not wrap from rank 0 of the world: never DTensor shards (tp, FSDP2).
         shards = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
