@@ -61,7 +61,8 @@ def test_killed_rank_fails_fast_and_relaunch_resumes_to_the_same_weights(tmp_pat
     if zero_stage == 0:
         checkpoint = torch.load(interrupted / "last.ckpt", weights_only=False)
         assert checkpoint["seqpar"] == {"world_size": 2, "sequence_parallel_size": 2, "data_parallel_size": 1,
-                                        "pipeline_parallel_size": 1, "attention": "ulysses"}
+                                        "pipeline_parallel_size": 1, "tensor_parallel_size": 1,
+                                        "attention": "ulysses"}
     else:
         assert (interrupted / "last.ckpt").is_dir()  # DeepSpeed's sharded checkpoint
 
