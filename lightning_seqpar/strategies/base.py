@@ -46,7 +46,7 @@ from lightning_seqpar.plan import (
     choose_attention,
     infer_plan,
 )
-from lightning_seqpar.reliability import NonFinitePolicy
+from lightning_seqpar.reliability import NonFinitePolicy, nonfinite_step_guard
 from lightning_seqpar.strategies import data
 from lightning_seqpar.strategies.arguments import check_shared_arguments
 from lightning_seqpar.strategies.collectives import DataParallelReductions
@@ -364,6 +364,20 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             self.applied_plan.remove()
             self.applied_plan = None
         super().teardown()
+
+    def guard_parameter_step(self, closure: Any, optimizer: Any) -> Any:
+        """``closure`` under the non-finite policy, checking the gradients of ``optimizer``'s parameters (the engines
+        whose gradients live on the parameters: DDP and FSDP2)."""
+        trainer = self.lightning_module.trainer
+        return nonfinite_step_guard(
+            closure,
+            policy=self.on_nonfinite,
+            parameters=lambda: (p for group in optimizer.param_groups for p in group["params"]),
+            device=self.root_device,
+            step=trainer.global_step,
+            request_stop=lambda: setattr(trainer, "should_stop", True),
+            zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
+        )
 
     def parallel_settings(self) -> dict[str, Any]:
         """The layout recorded in every checkpoint under ``"seqpar"`` (sizes of the mesh and the attention)."""

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
-from lightning_seqpar.reliability import nonfinite_step_guard
 from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.model_parallel import average_gradients, broadcast_module_state
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
@@ -98,16 +97,7 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        trainer = self.lightning_module.trainer
-        guarded = nonfinite_step_guard(
-            self._averaging(closure, optimizer),
-            policy=self.on_nonfinite,
-            parameters=lambda: (p for group in optimizer.param_groups for p in group["params"]),
-            device=self.root_device,
-            step=trainer.global_step,
-            request_stop=lambda: setattr(trainer, "should_stop", True),
-            zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
-        )
+        guarded = self.guard_parameter_step(self._averaging(closure, optimizer), optimizer)
         return super().optimizer_step(optimizer, guarded, model, **kwargs)
 
     @override

@@ -12,7 +12,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_seqpar import fsdp as fsdp2
-from lightning_seqpar.reliability import nonfinite_step_guard
 from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.model_parallel import mixed_precision_dtypes
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
@@ -96,16 +95,7 @@ class SeqParFSDPStrategy(SeqParStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        trainer = self.lightning_module.trainer
-        guarded = nonfinite_step_guard(
-            closure,
-            policy=self.on_nonfinite,
-            parameters=lambda: (p for group in optimizer.param_groups for p in group["params"]),
-            device=self.root_device,
-            step=trainer.global_step,
-            request_stop=lambda: setattr(trainer, "should_stop", True),
-            zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
-        )
+        guarded = self.guard_parameter_step(closure, optimizer)
         return super().optimizer_step(optimizer, guarded, model, **kwargs)
 
     # --- checkpoints: a DCP directory, written and read by every rank ------------------------------------------
