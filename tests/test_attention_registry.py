@@ -4,14 +4,11 @@ layering of the package (no process group beyond a one-rank gloo group)."""
 from __future__ import annotations
 
 import ast
-import datetime
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_seqpar import PlanError, SeqParStrategy, apply_sequence_parallel, infer_plan
 from lightning_seqpar.attention import (
@@ -33,19 +30,6 @@ from tests.models import TinyViT
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_seqpar"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
-        )
-        yield dist.group.WORLD
-        dist.destroy_process_group()
 
 
 # --- the registry ----------------------------------------------------------------------------------------

@@ -5,12 +5,8 @@ Runs in one process with a world-1 gloo group, so the whole distributed code pat
 
 from __future__ import annotations
 
-import datetime
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,19 +20,6 @@ from lightning_seqpar import (
     register_attention,
 )
 from tests.models import ManualSoftmaxAttention, TinyViT, TorchEncoderModel
-
-
-@pytest.fixture(scope="module")
-def group():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{f.name}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
-        )
-        yield dist.group.WORLD
-        dist.destroy_process_group()
 
 
 def test_role_strings_parse_and_print():
