@@ -61,6 +61,7 @@ class Result:
     sp: int
     dp: int
     length: int  # tokens per sample (per SP group)
+    aggregation: str = ""  # ClimaX's variable aggregation (flat | hierarchical); "" for the generic ViT
     status: str = "ok"  # ok | oom | error | skipped
     checkpointing: bool = False
     step_ms: float | None = None
@@ -88,6 +89,8 @@ class Sizes:
     strong_length: int = 256 * K
     longest: tuple[int, ...] = (512 * K, 1024 * K, 2048 * K)
     climax_longest: tuple[int, ...] = (256 * K, 512 * K, 1024 * K)
+    climax_aggregation: str = "flat"  # ClimaX's variable aggregation: flat | hierarchical (D-CHAG)
+    aggregation_group_size: int = 8  # variables per group of the hierarchical aggregation
     weak_steps: tuple[int, int] = (2, 4)  # (warm-up, timed); one more step is profiled
     strong_steps: tuple[int, int] = (1, 2)
 
@@ -112,7 +115,8 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
     from lightning_seqpar import SeqParStrategy
 
     world = int(os.environ["WORLD_SIZE"])
-    result = Result(section, model_kind, attention, world, sp, world // sp, length, checkpointing=checkpointing)
+    result = Result(section, model_kind, attention, world, sp, world // sp, length, checkpointing=checkpointing,
+                    aggregation=sizes.climax_aggregation if model_kind == "climax" else "")
     if device.type == "cuda":
         torch.cuda.synchronize()
         result.resident_gib = torch.cuda.memory_allocated() / GIB
@@ -160,8 +164,10 @@ def run_one(section: str, model_kind: str, attention: str, sp: int, length: int,
     result.step_ms_all = [round(t, 3) for t in times]
     result.step_ms = statistics.median(times)
     result.tokens_per_s = length * result.dp / (result.step_ms / 1e3)
-    flops = vit_flops(length, sizes.width, sizes.depth) if model_kind == "vit" else climax_flops(
-        length, sizes.width, sizes.depth, sizes.variables)
+    if model_kind == "vit" or result.aggregation == "hierarchical":  # hierarchical: the block stack's FLOPs only
+        flops = vit_flops(length, sizes.width, sizes.depth)
+    else:
+        flops = climax_flops(length, sizes.width, sizes.depth, sizes.variables)
     result.tflops_per_gpu = flops * result.dp / world / (result.step_ms / 1e3) / 1e12
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated() / GIB
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--climax-attention", nargs="*", default=["ulysses"], help="attention kinds of ClimaX's longest rows"
     )
+    parser.add_argument("--climax-aggregation", choices=("flat", "hierarchical"), default="flat",
+                        help="ClimaX's variable aggregation in the longest rows (hierarchical: D-CHAG, groups of 8)")
+    parser.add_argument("--climax-lengths", default=None,
+                        help="comma-separated lengths of ClimaX's longest ladder (default 256K, 512K, 1M)")
     parser.add_argument("--sections", default="weak,strong,longest")
     parser.add_argument("--longest-models", default="vit,climax", help="models of the longest section, in this order")
     parser.add_argument(
@@ -278,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     sizes = Sizes.smoke() if args.smoke else Sizes()
+    sizes.climax_aggregation = args.climax_aggregation
+    if args.smoke:
+        sizes.aggregation_group_size = 2
+    if args.climax_lengths:
+        sizes.climax_longest = tuple(int(x) for x in args.climax_lengths.split(","))
     device = bench_device(args.smoke)
     use_cuda = device.type == "cuda"
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB if use_cuda else None
@@ -339,7 +354,8 @@ def markdown(payload: dict) -> str:
     for r in payload["results"]:
         step = fmt(r["step_ms"], ".1f") if r["status"] == "ok" else r["status"]
         rows.append(
-            f"| {r['section']} | {r['model']} | {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | "
+            f"| {r['section']} | {r['model']}{' (' + r['aggregation'] + ')' if r.get('aggregation') else ''} |"
+            f" {r['attention']} | {r['world']} | {r['sp']} x {r['dp']} | "
             f"{r['length']:,} | "
             f"{step} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | "
             f"{fmt(r['peak_gib'], '.1f')} | "

@@ -129,8 +129,10 @@ def build(kind: str, sizes: Sizes, length: int, device: torch.device, dtype=None
 
     names = [f"var{i}" for i in range(sizes.variables)]
     h, w = climax_grid(length)
+    aggregation = {"aggregation": "hierarchical", "aggregation_group_size": sizes.aggregation_group_size} if getattr(
+        sizes, "climax_aggregation", "flat") == "hierarchical" else {}
     model = ClimaX(names, (2 * h, 2 * w), patch_size=2, embed_dim=sizes.width, depth=sizes.depth,
-                   num_heads=sizes.heads, drop_path=0.0, device=device, dtype=dtype)
+                   num_heads=sizes.heads, drop_path=0.0, device=device, dtype=dtype, **aggregation)
     x = torch.randn(1, len(names), 2 * h, 2 * w, device=device)  # [B, V, Hg, Wg]
     lead = torch.full((1,), 72.0, device=device)
     y = torch.randn(1, len(names), 2 * h, 2 * w, device=device)
