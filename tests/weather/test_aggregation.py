@@ -40,6 +40,13 @@ def test_group_sizes_and_rank_shares():
     assert [local_channel_groups(4, 3, r) for r in range(3)] == [(0, 2), (2, 1), (3, 1)]
     with pytest.raises(ValueError, match="at least 3 channel groups but there are 2"):
         local_channel_groups(2, 3, 0)
+    # The advice names the group size that works: 4 channels over 3 ranks need groups of 1 (groups of 2 give 2)
+    with pytest.raises(ValueError, match="aggregation_group_size to at most 1 for 4 channels"):
+        local_channel_groups(2, 3, 0, num_channels=4)
+    with pytest.raises(ValueError, match="aggregation_group_size to at most 6 for 7 channels"):
+        local_channel_groups(1, 2, 0, num_channels=7)
+    with pytest.raises(ValueError, match=r"1 channel\(s\) cannot fill 2 ranks"):
+        local_channel_groups(1, 2, 0, num_channels=1)
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         channel_group_sizes(4, 0)
 

@@ -56,17 +56,26 @@ def channel_group_sizes(num_channels: int, group_size: int) -> list[int]:
     return [group_size] * full + ([rest] if rest else [])
 
 
-def local_channel_groups(num_groups: int, ranks: int, rank: int) -> tuple[int, int]:
+def local_channel_groups(num_groups: int, ranks: int, rank: int, num_channels: int | None = None) -> tuple[int, int]:
     """``(first, count)``: the channel groups rank ``rank`` of ``ranks`` aggregates (contiguous, first ranks get one
     more).
 
     Raises:
-        ValueError: fewer groups than ranks (a rank would have no channel); lower ``group_size``.
+        ValueError: fewer groups than ranks (a rank would have no channel); the message names the largest
+            ``aggregation_group_size`` that gives every rank a group (from ``num_channels``), or, with fewer
+            channels than ranks, the most ranks the channels can fill.
     """
     if num_groups < ranks:
+        advice = "lower aggregation_group_size"
+        if num_channels is not None and num_channels < ranks:
+            advice = (f"{num_channels} channel(s) cannot fill {ranks} ranks: split them over at most"
+                      f" {num_channels} rank(s) (a smaller channel-parallel group)")
+        elif num_channels is not None:
+            largest = max(g for g in range(1, num_channels + 1) if -(-num_channels // g) >= ranks)
+            advice = f"set aggregation_group_size to at most {largest} for {num_channels} channels"
         raise ValueError(
-            f"channel-parallel aggregation over {ranks} ranks needs at least {ranks} channel groups but there are "
-            f"{num_groups}; lower the aggregation group size to at most ceil(channels / {ranks})"
+            f"channel-parallel aggregation over {ranks} ranks needs at least {ranks} channel groups but there are"
+            f" {num_groups}: {advice}."
         )
     shares = split_sizes(num_groups, ranks)
     return sum(shares[:rank]), shares[rank]
@@ -232,7 +241,7 @@ class HierarchicalAggregation(nn.Module):
         group = self.channel_group
         ranks = group_size(group) if group is not None else 1
         if ranks > 1:
-            first, count = local_channel_groups(len(sizes), ranks, group_rank(group))
+            first, count = local_channel_groups(len(sizes), ranks, group_rank(group), patches.shape[1])
         partials = [
             self._partial_group(
                 patches[:, starts[i] : starts[i] + sizes[i]], var_ids[starts[i] : starts[i] + sizes[i]], tokenize
