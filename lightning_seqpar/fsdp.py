@@ -24,9 +24,12 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
@@ -168,6 +171,49 @@ def _optimizer_rows(model: nn.Module, optim_state: dict, to_original: bool, like
                 else:
                     state[fqn][key] = reorder_rows(value, permutation, like=like[fqn][key])
     return optim_state
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state in the single-device layout, on rank 0's CPU; a collective (every rank calls).
+
+    Tensor-parallel (and FSDP2) state tensors are gathered into whole tensors, fused projections' rows put back in
+    their original order, and the state keyed by parameter name (``get_optimizer_state_dict`` with
+    ``full_state_dict=True, cpu_offload=True``): a ``torch.save`` checkpoint that :func:`load_full_optimizer_state`
+    restores at any tensor-parallel size, 1 included. Ranks other than 0 get an empty state (they do not write).
+    """
+    state = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _optimizer_rows(model, state, to_original=True)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a :func:`full_optimizer_state` (whole tensors keyed by parameter name, or ``optimizer.state_dict()``'s
+    own numbering from a run without tensor parallelism) into ``optimizer`` at this run's layout; every rank passes
+    the same ``state``.
+
+    Raises:
+        ValueError: ``state`` numbers more parameters than the optimizer holds.
+    """
+    state = {"state": dict(state.get("state", {})), "param_groups": [dict(g) for g in state.get("param_groups", [])]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if any(isinstance(key, int) for key in state["state"]) or any(
+        isinstance(i, int) for g in state["param_groups"] for i in g.get("params", [])
+    ):  # optimizer.state_dict() numbering: parameter i of the groups in order
+        if len(ordered) < max([*state["state"], -1]) + 1:
+            raise ValueError(
+                f"the saved optimizer state numbers {max(state['state']) + 1} parameters, this optimizer holds"
+                f" {len(ordered)}: it was saved for another model."
+            )
+        state["state"] = {ordered[i]: v for i, v in state["state"].items()}
+        for group in state["param_groups"]:
+            group["params"] = [ordered[i] for i in group["params"]]
+    for fqn, permutation in _row_layouts(model).items():  # original rows -> this run's
+        for key, value in list(state["state"].get(fqn, {}).items()):
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == permutation.numel():
+                state["state"][fqn] = dict(state["state"][fqn])
+                state["state"][fqn][key] = reorder_rows(value, permutation)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

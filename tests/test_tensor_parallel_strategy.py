@@ -5,7 +5,7 @@ factor) and the engine each argument set builds. Multi-process (CPU, gloo, 4 ran
 the DDP engine, FSDP2 over sp 2 x dp 2, and tp 2 x sp 2 with FSDP2 over the sp ranks, on the bundled timm-shaped
 ViT (4 heads, 13 tokens: sp shards are uneven); the real Hugging Face ViTModel at tp 2 x sp 2 (DDP engine) and
 tp 2 x FSDP2 2; 2 samples per data-parallel rank, SGD with momentum, 3 steps. On the DDP engine with tp, the
-weights-only checkpoint holds whole tensors and loads back exactly; the optimizer state is refused. FSDP2: a
+weights-only checkpoint holds whole tensors and loads back exactly; a full one also holds the optimizer state. FSDP2: a
 checkpoint directory saved at dp 2 resumes at sp 2.
 Each: every rank's whole (gathered) parameters within relative error 1e-5 of single-process training on the same
 global batches (the contract's measure), the batches each rank saw (the ranks of one dp coordinate the same samples),
@@ -80,11 +80,8 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
         if config.get("tensor_parallel_size", 1) > 1 and not config.get("fsdp"):
             # The DDP engine saves whole weights (gathered over tp: every rank calls) and refuses the optimizer state.
             path = os.path.join(os.environ["SEQPAR_TEST_OUT"], f"weights{len(results)}.ckpt")
-            refused = None
-            try:
-                trainer.save_checkpoint(path)
-            except NotImplementedError as error:
-                refused = str(error)
+            trainer.save_checkpoint(path)  # whole weights and the whole optimizer state (tests/test_tp_checkpoint.py)
+            optimizer_keys = sorted(torch.load(path, weights_only=False)["optimizer_states"][0]["state"])
             trainer.save_checkpoint(path, weights_only=True)
             trainer.strategy.barrier()
             # ... and loads them into a fresh module split over tp (validate restores the weights only).
@@ -92,7 +89,7 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
             evaluator = Trainer(accelerator="cpu", devices=world, logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, strategy=SeqParStrategy(timeout=120, **config))
             evaluator.validate(fresh, DataLoader(dataset(model_name), batch_size=BATCH, shuffle=False), ckpt_path=path)
-            saved = {"refused": refused, "state_dict": torch.load(path, weights_only=False)["state_dict"],
+            saved = {"optimizer_keys": optimizer_keys, "state_dict": torch.load(path, weights_only=False)["state_dict"],
                      "reloaded": evaluator.strategy.full_state_dict()}
         results.append({
             "saved": saved,
@@ -143,10 +140,9 @@ def check_against_single_process(per_rank: list[list[dict]], configs: list[dict]
             lambda name=name: TensorParallelModule(name), global_batches, dataset(name), seed=None
         )
         if ranks[0]["saved"] is not None:
-            assert (
-                "saving the optimizer state with tensor_parallel_size > 1 is not supported"
-                in ranks[0]["saved"]["refused"]
-            )
+            # The full checkpoint's optimizer state is keyed by parameter name, one entry per parameter
+            params = [k for k, v in reference.module.named_parameters()]
+            assert ranks[0]["saved"]["optimizer_keys"] == sorted(params), ranks[0]["saved"]["optimizer_keys"]
             err, key = max_rel_error(ranks[0]["saved"]["state_dict"], reference.state)
             assert err < TOLERANCE, f"{config}: saved weights differ at {key} by {err:.2e}"
             for r in ranks:  # the weights loaded into a freshly split module are exactly those saved
@@ -335,16 +331,3 @@ def test_fsdp_checkpoint_resumes_at_another_layout(tmp_path):
     for rank, r in enumerate(per_rank):
         err, key = max_rel_error(r["final"], reference.state)
         assert err < TOLERANCE, f"rank {rank}: parameter {key} off by relative error {err:.2e} after the resume"
-
-
-def test_full_checkpoints_with_tp_on_ddp_are_refused_before_training():
-    """A default ModelCheckpoint would fail at its first save (after an epoch) under tp on the DDP engine: refused at
-    setup, naming the ways out; weights-only checkpoints pass (a new user hit this with the default Trainer)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_seqpar.strategies.ddp import check_checkpoints_without_optimizer_state
-
-    with pytest.raises(ValueError, match=r"ModelCheckpoint.*save_weights_only=True.*enable_checkpointing=False.*fsdp"):
-        check_checkpoints_without_optimizer_state([ModelCheckpoint()])
-    check_checkpoints_without_optimizer_state([ModelCheckpoint(save_weights_only=True)])
-    check_checkpoints_without_optimizer_state([])

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
+from lightning_seqpar import fsdp as fsdp2
 from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.model_parallel import average_gradients, broadcast_module_state
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
@@ -27,7 +27,8 @@ class SeqParDDPStrategy(SeqParStrategy):
     With ``tensor_parallel_size > 1`` the split parameters are DTensors, which ``DistributedDataParallel`` cannot
     bucket: the module is then not wrapped; its parameters are broadcast from the first rank of each ``dp_sp`` group
     (as DDP does), and after the last backward of each optimizer step the gradients' local shards are averaged over
-    ``dp_sp`` in one flat all-reduce per dtype. Checkpoints then hold whole tensors (gathered over ``tp``).
+    ``dp_sp`` in one flat all-reduce per dtype. Checkpoints then hold whole tensors (gathered over ``tp``), the
+    optimizer state too (keyed by parameter name), so they resume at any tensor-parallel size.
 
     Raises:
         ValueError: a DeepSpeed argument (``zero_stage``, ``pipeline_stages > 1``, ``deepspeed_config``) is given.
@@ -55,8 +56,6 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        if self.topology is not None and self.topology.tp > 1 and trainer.state.fn == TrainerFn.FITTING:
-            check_checkpoints_without_optimizer_state(trainer.checkpoint_callbacks, owner=type(self).__name__)
         self.prepare_module(trainer)
         super().setup(trainer)  # DDPStrategy: wrap in DistributedDataParallel (process_group: dp_sp)
         if self.topology is not None and self.topology.tp > 1:
@@ -112,13 +111,29 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """With tensor parallelism: the whole optimizer state in the single-device layout, keyed by parameter name
+        (:func:`lightning_seqpar.fsdp.full_optimizer_state`, a collective over ``tp``: Lightning calls this on every
+        rank), so that the checkpoint resumes at any tensor-parallel size; otherwise the optimizer's own."""
         if self.topology is not None and self.topology.tp > 1:
-            raise NotImplementedError(
-                f"{type(self).__name__}: saving the optimizer state with tensor_parallel_size > 1 is not supported by"
-                " the DDP engine (its state holds tp shards); use SeqParStrategy(fsdp=True, tensor_parallel_size=...),"
-                " or Trainer(enable_checkpointing=False) / ModelCheckpoint(save_weights_only=True)."
-            )
+            return fsdp2.full_optimizer_state(self.lightning_module, optimizer)
         return super().optimizer_state(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        """Name-keyed states (saved with tensor parallelism) load at this run's layout; a state in the optimizer's
+        own numbering loads as usual without tensor parallelism and is renamed by parameter order with it."""
+        saved = checkpoint.get("optimizer_states", [])
+        name_keyed = any(isinstance(k, str) for state in saved for k in state.get("state", {}))
+        if not name_keyed and (self.topology is None or self.topology.tp == 1):
+            return super().load_optimizer_state_dict(checkpoint)
+        if len(saved) != len(self.optimizers):
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint holds {len(saved)} optimizer states for"
+                f" {len(self.optimizers)} optimizers."
+            )
+        for optimizer, state in zip(self.optimizers, saved):
+            fsdp2.load_full_optimizer_state(self.lightning_module, optimizer, state)
+        return None
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -147,29 +162,3 @@ class SeqParDDPStrategy(SeqParStrategy):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
             rank_zero_info(f"{type(self).__name__}: resuming {checkpoint_path} with a different layout: {difference}")
         return checkpoint
-
-
-def check_checkpoints_without_optimizer_state(callbacks: Any, owner: str = "SeqParDDPStrategy") -> None:
-    """Refuse, before training starts, checkpoint callbacks that would save the optimizer state under tensor
-    parallelism.
-
-    The DDP engine with ``tensor_parallel_size > 1`` saves whole weights but not the optimizer state (it holds tp
-    shards), so a ``ModelCheckpoint`` without ``save_weights_only=True`` (Lightning adds one by default) would fail at
-    its first save, after an epoch of compute. Checked at setup instead.
-
-    Args:
-        callbacks: the Trainer's checkpoint callbacks (``trainer.checkpoint_callbacks``).
-        owner: the strategy class named in the message.
-
-    Raises:
-        ValueError: naming the callbacks and the three ways out.
-    """
-    full = [type(c).__name__ for c in callbacks if not getattr(c, "save_weights_only", False)]
-    if full:
-        raise ValueError(
-            f"{owner}: with tensor_parallel_size > 1 the DDP engine cannot save the optimizer state, but the Trainer"
-            f" has checkpoint callbacks that would ({', '.join(full)}; Lightning adds a ModelCheckpoint by default)."
-            " Use"
-            " ModelCheckpoint(save_weights_only=True), Trainer(enable_checkpointing=False), or"
-            " SeqParStrategy(fsdp=True, tensor_parallel_size=...), whose checkpoints hold the optimizer state."
-        )
