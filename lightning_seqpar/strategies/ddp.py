@@ -12,7 +12,11 @@ from typing_extensions import override
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import fsdp as fsdp2
 from lightning_seqpar.strategies.base import SeqParStrategy
-from lightning_seqpar.strategies.model_parallel import average_gradients, broadcast_module_state
+from lightning_seqpar.strategies.model_parallel import (
+    average_gradients,
+    average_unsplit_gradients_over_tensor_parallel,
+    broadcast_module_state,
+)
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
 from lightning_seqpar.tensor_parallel.optim import step_per_parameter_where_mixed
 
@@ -81,15 +85,17 @@ class SeqParDDPStrategy(SeqParStrategy):
             super()._register_ddp_hooks()
 
     def _averaging(self, closure: Any, optimizer: Any) -> Any:
-        """``closure`` followed, with tensor parallelism (no DDP wrapper), by the gradient average over ``dp_sp``."""
+        """``closure`` followed, with tensor parallelism (no DDP wrapper), by the gradient average over ``dp_sp``, and
+        that of the parameters ``tp`` does not split over ``tp``
+        (:func:`~lightning_seqpar.strategies.model_parallel.average_unsplit_gradients_over_tensor_parallel`)."""
         if self.topology is None or self.topology.tp == 1:
             return closure
 
         def run() -> Any:
             result = closure()
-            average_gradients(
-                (p for group in optimizer.param_groups for p in group["params"]), self.topology.sequence_data_group
-            )
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            average_gradients(params, self.topology.sequence_data_group)
+            average_unsplit_gradients_over_tensor_parallel(params, self.topology.tensor_group)
             return result
 
         return run

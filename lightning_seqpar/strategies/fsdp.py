@@ -13,7 +13,10 @@ from typing_extensions import override
 
 from lightning_seqpar import fsdp as fsdp2
 from lightning_seqpar.strategies.base import SeqParStrategy
-from lightning_seqpar.strategies.model_parallel import mixed_precision_dtypes
+from lightning_seqpar.strategies.model_parallel import (
+    average_unsplit_gradients_over_tensor_parallel,
+    mixed_precision_dtypes,
+)
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
 
 _LIGHTNING_STATE_FILE = "lightning_state.pt"
@@ -95,6 +98,16 @@ class SeqParFSDPStrategy(SeqParStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.topology is not None and self.topology.tp > 1:
+            inner = closure
+
+            def closure() -> Any:  # FSDP2 reduced over dp_sp during backward; the unsplit parameters also over tp
+                result = inner()
+                average_unsplit_gradients_over_tensor_parallel(
+                    [p for group in optimizer.param_groups for p in group["params"]], self.topology.tensor_group
+                )
+                return result
+
         guarded = self.guard_parameter_step(closure, optimizer)
         return super().optimizer_step(optimizer, guarded, model, **kwargs)
 

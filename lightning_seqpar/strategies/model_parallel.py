@@ -107,6 +107,31 @@ def average_gradients(parameters: Iterable[Tensor], group: ProcessGroup) -> None
             grad.copy_(averaged)
 
 
+def unsplit_over_tensor_parallel(parameters: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters that tensor parallelism does not split: plain tensors, and DTensors whose mesh has no ``tp``
+    dimension (FSDP2 over ``dp_sp`` only) or that are ``Replicate`` on it."""
+    from torch.distributed.tensor import Replicate
+
+    unsplit = []
+    for p in parameters:
+        names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
+        if not isinstance(p, DTensor) or "tp" not in names or isinstance(p.placements[names.index("tp")], Replicate):
+            unsplit.append(p)
+    return unsplit
+
+
+def average_unsplit_gradients_over_tensor_parallel(parameters: Iterable[Tensor], tensor_group: ProcessGroup) -> None:
+    """Average over the ``tp`` ranks the gradients of the parameters tensor parallelism does not split.
+
+    Megatron-style tensor parallelism leaves them with equal gradients on every ``tp`` rank (the column-wise layers
+    all-reduce their input gradients), so the average changes nothing there but rounding. It is what makes other
+    splits over the ``tp`` ranks correct: channel-parallel variable aggregation (D-CHAG, arXiv 2506.21411) on the
+    ``tp`` group gives each rank the gradient of its own channels only, scaled by the group size by the all-gather's
+    backward; averaging over the group sums them into the single-device gradient. Local shards for FSDP2's
+    DTensors (every ``tp`` rank holds the same ``dp_sp`` shard of them)."""
+    average_gradients(unsplit_over_tensor_parallel(parameters), tensor_group)
+
+
 def mixed_precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
     """``(param_dtype, reduce_dtype)`` of FSDP2's ``MixedPrecisionPolicy`` for a Lightning precision string:
     ``"bf16-mixed"`` -> (bf16, fp32), ``"16-mixed"`` -> (fp16, fp32), otherwise (None, None) (the stored dtype,
