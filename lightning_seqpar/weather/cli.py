@@ -213,7 +213,8 @@ class SeqParCLI(LightningCLI):
             ("data.variables", "data.out_variables"), "model.model.init_args.default_variables",
             compute_fn=_model_variables, apply_on="instantiate",
         )
-        parser.link_arguments("data.grid_shape", "model.model.init_args.img_size", apply_on="instantiate")
+        # With TILES the model sees one tile with its halo, not the whole grid.
+        parser.link_arguments("data.model_grid_shape", "model.model.init_args.img_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         """Writes the synthetic store if asked, derives and checks the data, model and strategy options, and

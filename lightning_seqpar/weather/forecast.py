@@ -145,6 +145,14 @@ class ForecastModule(LightningModule):
         if data_tiles is not None and data_tiles != self.tile_layout:
             raise ValueError(f"the datamodule cuts training samples into {data_tiles} but the ForecastModule tiles as "
                              f"{self.tile_layout}; give both the same tiles and tile_halo")
+        built_for = getattr(self.model, "img_size", None)
+        if self.tile_layout is not None and built_for is not None and tuple(built_for) != self.tile_layout.tile_shape:
+            raise ValueError(
+                f"the model was built for a {tuple(built_for)} grid but with TILES it sees tiles of"
+                f" {self.tile_layout.tile_shape} ({self.tile_layout}); build it with"
+                f" img_size={list(self.tile_layout.tile_shape)} (ERA5DataModule.model_grid_shape; the seqpar command"
+                " does this when data.tiles is set)"
+            )
 
     def _use_data(self, trained: TrainedData, data: TrainedData) -> None:
         """Batches of `data` feed the model trained on `trained`: fields mapped by name, units converted (buffers)."""

@@ -212,6 +212,13 @@ class ERA5DataModule(LightningDataModule):
         return len(self.store.latitudes), len(self.store.longitudes)
 
     @property
+    def model_grid_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the fields the model sees: :attr:`grid_shape`, or with TILES one tile with its halo
+        (``tile_layout.tile_shape``). The ``seqpar`` command builds the model's ``img_size`` from it."""
+        layout = self.tile_layout
+        return self.grid_shape if layout is None else tuple(layout.tile_shape)
+
+    @property
     def tile_layout(self) -> TileLayout | None:
         """The TILES layout of the train split (``tiles`` x ``tiles`` over :attr:`grid_shape`), or None."""
         return None if self.tiles is None else TileLayout(self.grid_shape, self.tiles, self.tile_halo)
