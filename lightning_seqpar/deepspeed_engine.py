@@ -205,13 +205,15 @@ def layout_differences(
 ) -> list[str]:
     """The settings in which a checkpoint's recorded layout (``checkpoint["seqpar"]`` or :func:`read_layout`) differs
     from this run's, one ``"key: checkpoint X, now Y"`` line each, over ``keys`` (default: every key of ``current``).
-    Empty when nothing differs or nothing was recorded."""
+    Empty when nothing differs or nothing was recorded. ``attention="auto"`` on either side matches any kind (it is
+    resolved only once the model is known, after a checkpoint may have been read)."""
     if not saved:
         return []
     return [
         f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
         for key in (keys or current)
         if saved.get(key) != current.get(key)
+        and not (key == "attention" and "auto" in (saved.get(key), current.get(key)))
     ]
 
 

@@ -9,6 +9,7 @@ that many *index* batches (no sample is loaded to skip it).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,11 +46,18 @@ class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` whose position in the epoch is saved in checkpoints and restored on resume.
 
     The position counts batches the training loop has received (with workers, prefetched batches are not
-    counted), so a checkpoint written after batch k resumes with batch k + 1.
+    counted), so a checkpoint written after batch k resumes with batch k + 1. It belongs to the sampler's epoch:
+    when the resumed run starts another epoch, nothing is skipped (a checkpoint written at the end of an epoch holds
+    the whole epoch's count; skipping would leave out batches never seen), with a warning when the saved epoch was
+    not finished. The strategies resume a ``max_steps`` stop inside the epoch it stopped
+    (:func:`lightning_seqpar.strategies.data.continue_stopped_epoch`).
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_served": self._position(), "samples_per_batch": self._samples_per_batch()}
+        """``batches_served`` this epoch, ``samples_per_batch`` over all data-parallel ranks, and the sampler's
+        ``epoch`` (None when it has none)."""
+        return {"batches_served": self._position(), "samples_per_batch": self._samples_per_batch(),
+                "epoch": getattr(self, "_epoch", None)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Skip what the checkpoint's run consumed. Written on another layout (another data-parallel size or batch
@@ -73,6 +81,7 @@ class ResumableDataLoader(DataLoader):
                 )
             served = samples // now
         self.batch_sampler.skip = served  # type: ignore[union-attr]
+        self._skip_epoch = state.get("epoch")
 
     def _samples_per_batch(self) -> int | None:
         """Samples one batch of this loader stands for over all data-parallel ranks (None if unknown)."""
@@ -87,6 +96,18 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self):
         self._consumed = 0
         self._delivered: int | None = None
+        self._epoch = getattr(getattr(self.batch_sampler, "sampler", None), "epoch", None)
+        saved_epoch, self._skip_epoch = getattr(self, "_skip_epoch", None), None
+        skip = served = self.batch_sampler.skip  # type: ignore[union-attr]
+        if skip and saved_epoch is not None and self._epoch is not None and self._epoch != saved_epoch:
+            self.batch_sampler.skip = skip = 0  # type: ignore[union-attr]
+            if served < len(self.batch_sampler):  # the saved epoch was not finished
+                warnings.warn(
+                    f"resuming at epoch {self._epoch} from a checkpoint written after {served} batches of epoch"
+                    f" {saved_epoch}, whose other batches are not trained; epoch {self._epoch} starts from its first"
+                    " batch.",
+                    stacklevel=2,
+                )
         self._start = self.batch_sampler.skip  # type: ignore[union-attr]
         for batch in super().__iter__():
             self._consumed += 1

@@ -34,12 +34,48 @@ def test_resume_continues_with_the_next_batch():
     it = iter(first)
     seen = [next(it)[0].tolist(), next(it)[0].tolist()]
     state = first.state_dict()
-    assert state == {"batches_served": 2, "samples_per_batch": 6}
+    assert state == {"batches_served": 2, "samples_per_batch": 6, "epoch": 1}
     second = make_resumable(_loader())
     second.load_state_dict(state)
     rest = _epoch(second, 1)
     assert seen + rest == full
     assert _epoch(second, 2) == _epoch(make_resumable(_loader()), 2)  # the skip applies once
+
+
+def test_a_position_of_another_epoch_is_not_skipped():
+    """Lightning ends the epoch when fit stops at max_steps mid-epoch and resumes at the next one: the position of
+    the stopped epoch must not skip the first batches of the new epoch (they were never seen); a warning says the
+    rest of the stopped epoch is not trained."""
+    import pytest
+
+    first = make_resumable(_loader())
+    first.batch_sampler.sampler.set_epoch(0)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches_served"] == 2
+    second = make_resumable(_loader())
+    second.load_state_dict(state)
+    with pytest.warns(UserWarning, match="2 batches of epoch 0, whose other batches are not trained"):
+        epoch1 = _epoch(second, 1)
+    assert epoch1 == _epoch(make_resumable(_loader()), 1)  # the whole of epoch 1, from its first batch
+    assert second.state_dict()["batches_served"] == len(epoch1) and second.state_dict()["epoch"] == 1
+
+
+def test_a_finished_epoch_skips_nothing_of_the_next():
+    """A checkpoint written at the end of an epoch holds the whole epoch's count: the next epoch starts at its first
+    batch, silently."""
+    import warnings
+
+    first = make_resumable(_loader())
+    whole = _epoch(first, 0)
+    state = first.state_dict()
+    assert state["batches_served"] == len(whole) and state["epoch"] == 0
+    second = make_resumable(_loader())
+    second.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _epoch(second, 1) == _epoch(make_resumable(_loader()), 1)
 
 
 def test_position_counts_delivered_batches_with_workers():
@@ -75,7 +111,7 @@ def test_position_moves_in_samples_to_another_data_parallel_size():
     it = iter(first)
     next(it), next(it)
     state = first.state_dict()
-    assert state == {"batches_served": 2, "samples_per_batch": 4}
+    assert state == {"batches_served": 2, "samples_per_batch": 4, "epoch": 0}
     rest = []
     for rank in range(2):
         loader = _dp_loader(2, rank, 2)

@@ -230,10 +230,10 @@ def test_registered_names_build_their_engines():
         ({"tp_plan": {}}, "tp_plan is given but tensor_parallel_size=1"),
         (
             {"fsdp": True, "zero_stage": 3},
-            r"SeqParFSDPStrategy \(fsdp=True\) shards with FSDP2; zero_stage=3 configure DeepSpeed",
+            r"SeqParFSDPStrategy \(fsdp=True\) shards with FSDP2; zero_stage=3 configures DeepSpeed",
         ),
-        ({"fsdp": True, "pipeline_stages": 2}, r"pipeline_stages=2 configure DeepSpeed"),
-        ({"fsdp": True, "offload_optimizer": True}, r"offload_optimizer=True configure DeepSpeed"),
+        ({"fsdp": True, "pipeline_stages": 2}, r"pipeline_stages=2 configures DeepSpeed"),
+        ({"fsdp": True, "offload_optimizer": True}, r"offload_optimizer=True configures DeepSpeed"),
     ],
 )
 def test_argument_errors(kwargs, match):

@@ -19,6 +19,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -66,6 +67,37 @@ def key_dataloader(dataloader: object, topology: Topology, stage: RunningStage |
     if isinstance(init_fn, partial) and init_fn.func is pl_worker_init_function:
         dataloader.worker_init_fn = partial(pl_worker_init_function, rank=replica)
     return make_resumable(dataloader) if training else dataloader
+
+
+def continue_stopped_epoch(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Let a run resumed from a checkpoint written when ``fit`` stopped at ``max_steps`` mid-epoch continue that
+    epoch. Returns ``checkpoint``, changed in place where it applies.
+
+    Lightning runs its end-of-epoch hooks when ``max_steps`` stops an epoch early, so a checkpoint written there
+    (``ModelCheckpoint``'s at the end of fit, ``save_last``) counts the epoch as processed; resumed, Lightning starts
+    the next epoch with the stopped epoch's batch count, and the rest of the stopped epoch is never trained (with
+    the resumable loader's position, the first batches of the next epoch were skipped as well). When the training
+    loader recorded a position inside its epoch and the last batch was not reached, the epoch is marked unfinished
+    again, so that the resumed run continues with the next unseen batch of the same epoch, as from a checkpoint
+    written during the epoch. Checkpoints without that position (plain loaders) are left as they are.
+    """
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop:
+        return checkpoint
+    epochs, batches = fit_loop.get("epoch_progress"), fit_loop.get("epoch_loop.batch_progress")
+    loaders = (fit_loop.get("state_dict") or {}).get("combined_loader") or []
+    mid_epoch = any(isinstance(s, dict) and int(s.get("batches_served", 0) or 0) > 0 for s in loaders)
+    if not (epochs and batches and mid_epoch) or batches.get("is_last_batch", True):
+        return checkpoint
+    current = epochs["current"]
+    if current["processed"] == current["completed"] + 1 and current["started"] == current["processed"]:
+        for key in ("current", "total"):
+            epochs[key]["processed"] -= 1
+        rank_zero_info(
+            "seqpar: the checkpoint was written when fit stopped at max_steps in the middle of an epoch; resuming"
+            " continues that epoch with its next unseen batch."
+        )
+    return checkpoint
 
 
 def mark_delivered(trainer: Trainer) -> None:

@@ -3,6 +3,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -12,6 +13,7 @@ from typing_extensions import override
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import fsdp as fsdp2
 from lightning_seqpar.strategies.base import SeqParStrategy
+from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.model_parallel import (
     average_gradients,
     average_unsplit_gradients_over_tensor_parallel,
@@ -159,6 +161,12 @@ class SeqParDDPStrategy(SeqParStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if (Path(checkpoint_path) / "lightning_state.pt").is_file():
+            raise ValueError(
+                f"{type(self).__name__}: {checkpoint_path} is a checkpoint directory of the FSDP2 engine (DCP shards"
+                " and lightning_state.pt); resume it with SeqParStrategy(fsdp=True, ...) (any dp, sp, tp), or turn it"
+                " into one file with lightning_seqpar.fsdp.consolidate_checkpoint and load its weights."
+            )
         # A directory of ZeRO shards cannot feed this engine's optimizer: this raises with the command that can.
         ds.check_resume_layout(
             checkpoint_path, ds.read_layout(checkpoint_path), self.parallel_settings(), load_universal=False
@@ -167,4 +175,4 @@ class SeqParDDPStrategy(SeqParStrategy):
         for difference in ds.layout_differences(checkpoint.get("seqpar"), self.parallel_settings()):
             # Weights are replicated here, so any layout can resume; the global batch may change with dp.
             rank_zero_info(f"{type(self).__name__}: resuming {checkpoint_path} with a different layout: {difference}")
-        return checkpoint
+        return continue_stopped_epoch(checkpoint)

@@ -21,6 +21,7 @@ from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import relayout
 from lightning_seqpar.reliability import nonfinite_step_guard
 from lightning_seqpar.strategies.base import SeqParStrategy
+from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
 
 
@@ -277,7 +278,7 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
                 f" {self.parallel_settings()['sequence_data_parallel_size']} ranks"
             )
             relayout.load_full_state(self.deepspeed_engine, relayout.read_full_state(shards))
-            return relayout.checkpoint_client_state(shards, layout.get("client_keys", []))
+            return continue_stopped_epoch(relayout.checkpoint_client_state(shards, layout.get("client_keys", [])))
         _, client_state = self.deepspeed_engine.load_checkpoint(
             checkpoint_path,
             tag=ds.CHECKPOINT_TAG,
@@ -289,7 +290,7 @@ class SeqParDeepSpeedStrategy(SeqParStrategy):
             raise ValueError(
                 f"{type(self).__name__}: DeepSpeed found no checkpoint under {checkpoint_path}/{ds.CHECKPOINT_TAG}."
             )
-        return client_state
+        return continue_stopped_epoch(client_state)
 
 
 def _refuse_lr_finder(trainer: Trainer, zero_stage: int, pipeline_stages: int) -> None:

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar import pipeline, pipeline_stages
+from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.deepspeed import SeqParDeepSpeedStrategy
 
 
@@ -157,5 +158,7 @@ class SeqParPipelineStrategy(SeqParDeepSpeedStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if self.deepspeed_engine is None:  # evaluation: the weights of every stage
-            return pipeline.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
+            return continue_stopped_epoch(
+                pipeline.load_pipeline_checkpoint(self.lightning_module, checkpoint_path, ds.CHECKPOINT_TAG)
+            )
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)

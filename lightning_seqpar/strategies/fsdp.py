@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_seqpar import fsdp as fsdp2
 from lightning_seqpar.strategies.base import SeqParStrategy
+from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.model_parallel import (
     average_unsplit_gradients_over_tensor_parallel,
     mixed_precision_dtypes,
@@ -60,8 +61,9 @@ class SeqParFSDPStrategy(SeqParStrategy):
             used.append("deepspeed_config")
         if used:
             raise ValueError(
-                f"{name} (fsdp=True) shards with FSDP2; {', '.join(used)} configure DeepSpeed. Choose one: drop"
-                " fsdp=True to use DeepSpeed ZeRO / pipelines, or drop the DeepSpeed arguments."
+                f"{name} (fsdp=True) shards with FSDP2; {', '.join(used)}"
+                f" {'configures' if len(used) == 1 else 'configure'} DeepSpeed. Choose one: drop fsdp=True to use"
+                " DeepSpeed ZeRO / pipelines, or drop the DeepSpeed arguments."
             )
 
     @override
@@ -169,7 +171,7 @@ class SeqParFSDPStrategy(SeqParStrategy):
         saved = checkpoint.get("seqpar") or {}
         if saved and saved != self.parallel_settings():
             rank_zero_info(f"{type(self).__name__}: resumed {path} saved at {saved} into {self.parallel_settings()}")
-        return checkpoint
+        return continue_stopped_epoch(checkpoint)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
