@@ -56,7 +56,8 @@ class ParallelDims:
             self.world_size,
         )
         factors = (
-            f"world_size={world}, sequence_parallel_size={sp}, pipeline_parallel_size={pp}, data_parallel_size={dp}"
+            f"world_size={world}, sequence_parallel_size={sp}, pipeline_parallel_size={pp}, data_parallel_size="
+            + ("inferred" if dp == -1 else str(dp))
         )
         if tp != 1:
             factors += f", tensor_parallel_size={tp}"
