@@ -97,15 +97,24 @@ def run_distributed_each(
     """Run each ``("module:function", kwargs)`` of ``calls`` in order, in ONE launch of ``world_size`` processes.
 
     Returns, per call, each rank's result in rank order. ``timeout`` bounds the whole launch. The workers share the
-    default process group (:func:`init_gloo` initialises it once) and the process, so a worker must not depend on
-    state another one leaves (seeds are set by each worker)."""
+    default process group (:func:`init_gloo` initialises it once, a Lightning Trainer finds it initialised) and the
+    process; each starts from the launch's environment variables, and must not depend on other state an earlier one
+    leaves (seeds are set by each worker)."""
     per_rank = run_distributed("tests.dist_utils:call_each", world_size, timeout=timeout, env=env, calls=calls)
     return [[ranks[i] for ranks in per_rank] for i in range(len(calls))]
 
 
 def call_each(calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """Worker of :func:`run_distributed_each`: call each target with its kwargs in order; the list of results."""
-    return [_resolve(target)(**kwargs) for target, kwargs in calls]
+    """Worker of :func:`run_distributed_each`: call each target with its kwargs in order; the list of results.
+
+    Each target starts from the launch's environment variables (Lightning's teardown deletes ``WORLD_SIZE``)."""
+    results = []
+    for target, kwargs in calls:
+        environment = dict(os.environ)
+        results.append(_resolve(target)(**kwargs))
+        os.environ.clear()
+        os.environ.update(environment)
+    return results
 
 
 def _resolve(target: str):

@@ -193,7 +193,6 @@ CHANNEL_CASES = [(2, 7, 2, "cross_attention"), (3, 7, 2, "linear"), (3, 11, 3, "
 # The other multi-process tests' workers, by world size: (key, target, kwargs).
 OTHER_WORKERS = {
     3: [("sequence_parallel", "sequence_parallel_worker", {"num_vars": 7, "group_size": 2})],
-    # Last in its launch: a Lightning fit, whose teardown may edit the environment (WORLD_SIZE) the others read.
     2: [("strategy", "strategy_worker", {"num_vars": 7, "group_size": 2})],
 }
 
