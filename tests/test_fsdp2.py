@@ -22,7 +22,7 @@ from tests.test_tensor_parallel import (
 )
 
 WORKER = "tests.tp_workers:parallel_worker"
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1800)]  # the first test waits for all three launches
 
 
 LAYOUTS = {

@@ -262,14 +262,14 @@ def layout_runs():
             world = LAYOUTS[layout][0]
             names = [name for name, (w, _, _) in LAYOUTS.items() if w == world]
             calls = [(WORKER, {"runs": LAYOUTS[name][2], **LAYOUTS[name][1]}) for name in names]
-            cache.update(zip(names, run_distributed_each(calls, world, timeout=800)))
+            cache.update(zip(names, run_distributed_each(calls, world, timeout=400 * (len(calls) + 1))))
         return cache[layout]
 
     return get
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize(
     "layout,index",
     CASES,

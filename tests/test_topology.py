@@ -138,14 +138,14 @@ def launches():
                     keys.append(case)
                     calls.append(("tests.test_topology:mesh_worker",
                                   {"sp": case[1], "pp": case[2], "ulysses_degree": case[3]}))
-            cache[world] = dict(zip(keys, run_distributed_each(calls, world, timeout=500)))
+            cache[world] = dict(zip(keys, run_distributed_each(calls, world, timeout=300 * len(calls))))
         return cache[world]
 
     return get
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_groups_across_four_processes(launches):
     results = launches(4)["topology"]
     for rank, r in enumerate(results):
@@ -207,7 +207,7 @@ def mesh_worker(sp: int, pp: int, ulysses_degree: int) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("world, sp, pp, ulysses_degree", MESH_CASES)
 def test_mesh_groups_follow_the_layout_formula(launches, world, sp, pp, ulysses_degree):
     """Every group of the mesh (sp, dp, dp_sp, pp, tp, and ring x ulysses for hybrid) holds the ranks the documented
