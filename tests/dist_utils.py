@@ -5,6 +5,10 @@ Each rank runs ``python -m tests.dist_utils MODULE:FUNCTION`` with the torchrun 
 processes as launched externally. The function gets ``**kwargs`` and its return value comes back to the
 test through ``torch.save``. A hung collective cannot outlive ``timeout``: every process is killed and the
 test fails with the tail of each rank's output.
+
+Process start-up (importing torch, Lightning, DeepSpeed) dominates a launch on a loaded 2-core machine, so tests that
+need several workers of one world size run them in one launch with :func:`run_distributed_each` (the ranks call each
+worker in turn on the same default process group) and assert on each worker's results separately.
 """
 
 from __future__ import annotations
@@ -86,6 +90,38 @@ def run_distributed(
         return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+def run_distributed_each(
+    calls: list[tuple[str, dict[str, Any]]], world_size: int, *, timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+) -> list[list[Any]]:
+    """Run each ``("module:function", kwargs)`` of ``calls`` in order, in ONE launch of ``world_size`` processes.
+
+    Returns, per call, each rank's result in rank order. ``timeout`` bounds the whole launch. The workers share the
+    default process group (:func:`init_gloo` initialises it once, a Lightning Trainer finds it initialised) and the
+    process; each starts from the launch's environment variables, and must not depend on other state an earlier one
+    leaves (seeds are set by each worker)."""
+    per_rank = run_distributed("tests.dist_utils:call_each", world_size, timeout=timeout, env=env, calls=calls)
+    return [[ranks[i] for ranks in per_rank] for i in range(len(calls))]
+
+
+def call_each(calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    """Worker of :func:`run_distributed_each`: call each target with its kwargs in order; the list of results.
+
+    Each target starts from the launch's environment variables (Lightning's teardown deletes ``WORLD_SIZE``)."""
+    results = []
+    for target, kwargs in calls:
+        environment = dict(os.environ)
+        results.append(_resolve(target)(**kwargs))
+        os.environ.clear()
+        os.environ.update(environment)
+    return results
+
+
+def _resolve(target: str):
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> str:
     import time
 
@@ -115,8 +151,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def init_gloo() -> None:
-    """Initialise the default gloo group from the environment, with a short timeout."""
-    dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    """Initialise the default gloo group from the environment, with a short timeout (once: several workers of one
+    launch, :func:`run_distributed_each`, each call this)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
 class CollectiveCounter:
@@ -173,9 +211,7 @@ def _main() -> None:
     out = Path(os.environ["SEQPAR_TEST_OUT"])
     kwargs = pickle.loads((out / "kwargs.pkl").read_bytes())
     kwargs.pop("cwd", None)
-    module_name, fn_name = target.split(":")
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    result = fn(**kwargs)
+    result = _resolve(target)(**kwargs)
     torch.save(result, out / f"result{os.environ['RANK']}.pt")
     with contextlib.suppress(Exception):
         if dist.is_initialized():

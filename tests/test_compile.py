@@ -3,14 +3,15 @@
 The blocks run through ``torch.compile`` (inductor, CPU) while the distributed attention stays eager, so the
 contract of tests/test_strategy_contract.py must still hold: parameters after three SGD-with-momentum steps
 within relative error 1e-5 of single-process training, with and without activation checkpointing around the
-compiled blocks, for an attention adapter (timm-shaped) and for SDPA interception.
+compiled blocks, for an attention adapter (timm-shaped) and for SDPA interception. Both variants run in one
+launch.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed_each
 from tests.models import build_dataset, train_reference
 from tests.test_strategy_contract import BATCH, SEED, STEPS, _max_rel_error
 
@@ -19,11 +20,35 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
 CONFIGS = [("timm_vit", "ulysses"), ("sdpa_vit", "lss")]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["compiled", "compiled+checkpoint"])
-def test_compiled_blocks_train_like_one_process(checkpointing):
-    kwargs = {"compile_blocks": True, "activation_checkpointing": checkpointing}
-    per_rank = run_distributed("tests.test_strategy_contract:contract_worker", 2, timeout=400, sp=2, configs=CONFIGS,
-                               strategy_kwargs=kwargs)
+CHECKPOINTING = [False, True]
+
+
+def fresh_contract_worker(**kwargs) -> dict:
+    """contract_worker after ``torch._dynamo.reset()``: blocks compile from scratch, as in a fresh process (the
+    variants share a launch, and dynamo's caches would otherwise serve a variant the graphs of the one before)."""
+    import torch._dynamo
+
+    from tests.test_strategy_contract import contract_worker
+
+    torch._dynamo.reset()
+    return contract_worker(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def launch() -> list:
+    """Per CHECKPOINTING variant, each rank's results; both variants in ONE launch of 2 ranks, in turn."""
+    calls = [
+        ("tests.test_compile:fresh_contract_worker",
+         {"sp": 2, "configs": CONFIGS, "strategy_kwargs": {"compile_blocks": True, "activation_checkpointing": c}})
+        for c in CHECKPOINTING
+    ]
+    return run_distributed_each(calls, 2, timeout=800)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING, ids=["compiled", "compiled+checkpoint"])
+def test_compiled_blocks_train_like_one_process(launch, checkpointing):
+    per_rank = launch[CHECKPOINTING.index(checkpointing)]
     for config in CONFIGS:
         ranks = [r[config] for r in per_rank]
         # The blocks really were compiled (graphs produced), and broke their graph at the eager attention call.

@@ -5,6 +5,7 @@ FSDP2 2, each 3 steps compared with single-process training (parameters within r
 built on the meta device, sharded, then materialised with its own ``init_weights``. A DCP checkpoint written at
 tp 2 x FSDP2 2 (4 ranks, AdamW state included) resumed at FSDP2 over 2 ranks and on 1 rank, each continuing exactly
 as the uninterrupted run, and consolidated into one ``torch.save`` file that holds the single-device state dict.
+All of it in three launches (4, 2 and 1 ranks), each rank running its layouts in turn.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, run_distributed_each
 from tests.test_tensor_parallel import (
     TOLERANCE,
     check_against_single_process,
@@ -21,7 +22,7 @@ from tests.test_tensor_parallel import (
 )
 
 WORKER = "tests.tp_workers:parallel_worker"
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1800)]  # the first test waits for all three launches
 
 
 LAYOUTS = {
@@ -40,24 +41,44 @@ LAYOUTS = {
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
 
 
+DCP_RUN = {"name": "block", "optimizer": "adamw", "fsdp": True, "at_step": 2}
+
+
 @pytest.fixture(scope="module")
-def layout_runs():
-    cache: dict[str, list] = {}
+def launches(tmp_path_factory):
+    """Three launches (process start-up dominates on a loaded 2-core machine), each rank running in turn:
 
-    def get(layout):
-        if layout not in cache:
-            world, sizes, runs = LAYOUTS[layout]
-            cache[layout] = run_distributed(WORKER, world, timeout=800, runs=runs, **sizes)
-        return cache[layout]
+    - 4 ranks: the sp 2 x dp 2 layout's runs; the tp 2 x dp 2 layout's runs and the uninterrupted tp 2 x FSDP2 2
+      AdamW run writing a DCP checkpoint after step 2;
+    - 2 ranks: the dp 2 layout's runs and that checkpoint resumed under FSDP2 over 2 ranks; the meta-device ClimaX;
+    - 1 rank: the checkpoint resumed on one rank.
 
-    return get
+    Returns ``{"layouts": {layout: per-rank lists of results}, "dcp": (path, saved, on_two, on_one), "meta": ...}``."""
+    path = str(tmp_path_factory.mktemp("dcp") / "step2")
+
+    def call(layout: str, *extra: dict) -> tuple[str, dict]:
+        _, sizes, runs = LAYOUTS[layout]
+        return WORKER, {"runs": [*runs, *extra], **sizes}
+
+    over_sp, over_tp = run_distributed_each(
+        [call("fsdp2-over-sp2xdp2"), call("tp2xfsdp2", dict(DCP_RUN, save=path))], 4, timeout=800
+    )
+    over_dp, meta = run_distributed_each(
+        [call("fsdp2", dict(DCP_RUN, load=path)), ("tests.test_fsdp2:meta_worker", {})], 2, timeout=600
+    )
+    on_one = [r[0] for r in run_distributed(WORKER, 1, timeout=600, runs=[dict(DCP_RUN, load=path, fsdp=False)])]
+    layouts = {
+        "fsdp2-over-sp2xdp2": over_sp, "tp2xfsdp2": [r[:-1] for r in over_tp], "fsdp2": [r[:-1] for r in over_dp]
+    }
+    dcp = (path, [r[-1] for r in over_tp], [r[-1] for r in over_dp], on_one)
+    return {"layouts": layouts, "dcp": dcp, "meta": meta}
 
 
 @pytest.mark.parametrize(
     "layout,index", CASES, ids=[f"{layout}-{LAYOUTS[layout][2][i]['name']}" for layout, i in CASES]
 )
-def test_fsdp2_equals_single_process(layout_runs, layout, index):
-    per_rank = [ranks[index] for ranks in layout_runs(layout)]
+def test_fsdp2_equals_single_process(launches, layout, index):
+    per_rank = [ranks[index] for ranks in launches["layouts"][layout]]
     check_against_single_process(per_rank, LAYOUTS[layout][2][index]["name"])
 
 
@@ -83,10 +104,10 @@ def meta_worker() -> dict:
     }
 
 
-def test_meta_device_model_is_materialised_sharded_with_its_own_init():
+def test_meta_device_model_is_materialised_sharded_with_its_own_init(launches):
     from lightning_seqpar.weather.models import ClimaX
 
-    per_rank = run_distributed("tests.test_fsdp2:meta_worker", 2, timeout=300)
+    per_rank = launches["meta"]
     single = ClimaX(["t2m", "z500", "t850"], (12, 20), patch_size=4, embed_dim=32, depth=2, num_heads=4).state_dict()
     for r in per_rank:
         assert r["meta"] and r["local_rows"] == 96 // 2  # each rank allocated half of qkv's [3 D, D]
@@ -100,19 +121,8 @@ def test_meta_device_model_is_materialised_sharded_with_its_own_init():
     torch.testing.assert_close(per_rank[0]["full"], per_rank[1]["full"])
 
 
-@pytest.fixture(scope="module")
-def dcp_runs(tmp_path_factory):
-    """Uninterrupted tp 2 x FSDP2 2 run (writing a checkpoint after step 2), resumed on 2 ranks and on 1."""
-    path = str(tmp_path_factory.mktemp("dcp") / "step2")
-    run = {"name": "block", "optimizer": "adamw", "fsdp": True, "at_step": 2}
-    saved = [r[0] for r in run_distributed(WORKER, 4, timeout=800, runs=[dict(run, save=path)], tp=2, dp=2)]
-    on_two = [r[0] for r in run_distributed(WORKER, 2, timeout=600, runs=[dict(run, load=path)], dp=2)]
-    on_one = [r[0] for r in run_distributed(WORKER, 1, timeout=600, runs=[dict(run, load=path, fsdp=False)])]
-    return path, saved, on_two, on_one
-
-
-def test_dcp_checkpoint_of_4_ranks_resumes_on_2_and_on_1(dcp_runs):
-    _, saved, on_two, on_one = dcp_runs
+def test_dcp_checkpoint_of_4_ranks_resumes_on_2_and_on_1(launches):
+    _, saved, on_two, on_one = launches["dcp"]
     check_against_single_process(saved, "block", "adamw")
     want = without_key_bias(saved[0]["final"])
     for run, label in ((on_two, "FSDP2 on 2 ranks"), (on_one, "1 rank")):
@@ -126,11 +136,11 @@ def test_dcp_checkpoint_of_4_ranks_resumes_on_2_and_on_1(dcp_runs):
             torch.testing.assert_close(r["losses"][-1], saved[0]["losses"][-1], rtol=TOLERANCE, atol=0)
 
 
-def test_dcp_checkpoint_consolidates_to_the_single_device_state_dict(dcp_runs, tmp_path):
+def test_dcp_checkpoint_consolidates_to_the_single_device_state_dict(launches, tmp_path):
     from lightning_seqpar.fsdp import consolidate_checkpoint
     from tests.tp_workers import BundledBlockViT
 
-    path, saved, _, _ = dcp_runs
+    path, saved, _, _ = launches["dcp"]
     state = torch.load(consolidate_checkpoint(path, tmp_path / "step2.pt"), weights_only=False)
     assert sorted(state["model"]) == sorted(BundledBlockViT().state_dict())
     assert sorted(state["optimizer"]["state"]) == sorted(n for n, _ in BundledBlockViT().named_parameters())

@@ -2,7 +2,8 @@
 
 For sp in {2, 4} x dp in {1, 2} (world <= 4), Ulysses and LSS, 13 tokens (divisible by neither 2 nor 4),
 parameters before, inside and after the sequence-parallel region, loss on the gathered output, SGD with
-momentum: parameters after three steps must match within relative error 1e-5 (fp32, CPU, gloo).
+momentum: parameters after three steps must match within relative error 1e-5 (fp32, CPU, gloo). The two
+4-process layouts run in one launch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed_each
 from tests.models import build_dataset, train_reference
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
@@ -111,20 +112,35 @@ def _max_rel_error(a: dict, b: dict) -> tuple[float, str]:
     return worst, name
 
 
-@pytest.mark.parametrize(
-    "world,sp,configs",
-    [
-        (2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1] + CLIMAX),
-        (4, 4, CONFIGS + RING_HYBRID + CLIMAX[:1]),
-        (4, 2, CONFIGS[:2] + THIRD_PARTY[:1]),
-    ],
-    ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"],
-)
-def test_training_equals_single_process(world, sp, configs):
-    per_rank = run_distributed(
-        "tests.test_strategy_contract:contract_worker", world, timeout=400, sp=sp, configs=configs
-    )
-    check_contract(per_rank, world, sp, configs)
+LAYOUTS = [
+    (2, 2, CONFIGS + THIRD_PARTY + RING_HYBRID[:1] + CLIMAX),
+    (4, 4, CONFIGS + RING_HYBRID + CLIMAX[:1]),
+    (4, 2, CONFIGS[:2] + THIRD_PARTY[:1]),
+]
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """``launches(world)``: per (world, sp) of LAYOUTS with that world, each rank's contract_worker results; the
+    layouts of one world size run in turn in ONE launch (process start-up dominates on a loaded 2-core machine)."""
+    cache: dict[tuple[int, int], list] = {}
+
+    def get(world: int, sp: int) -> list:
+        if (world, sp) not in cache:
+            layouts = [(w, s, configs) for w, s, configs in LAYOUTS if w == world]
+            calls = [("tests.test_strategy_contract:contract_worker", {"sp": s, "configs": configs})
+                     for _, s, configs in layouts]
+            results = run_distributed_each(calls, world, timeout=400 * len(calls))
+            cache.update({(w, s): r for (w, s, _), r in zip(layouts, results)})
+        return cache[(world, sp)]
+
+    return get
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("world,sp,configs", LAYOUTS, ids=["sp2-dp1", "sp4-dp1", "sp2-dp2"])
+def test_training_equals_single_process(launches, world, sp, configs):
+    check_contract(launches(world, sp), world, sp, configs)
 
 
 def check_contract(per_rank: list[dict], world: int, sp: int, configs: list, tolerance: float = 1e-5,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed_each
 from tests.tp_workers import train_single_process
 
 TOLERANCE = 1e-5
@@ -227,7 +227,7 @@ def test_heads_that_do_not_divide_by_tp_are_refused(name, module):
 # ---------------------------------------------------------------------------------------------------------
 
 WORKER = "tests.tp_workers:parallel_worker"
-# One launch per layout, several models in it (process start-up dominates on a loaded 2-core machine).
+# One launch per world size, several layouts and models in it (process start-up dominates on a loaded 2-core machine).
 LAYOUTS = {
     "tp2": (
         2,
@@ -251,25 +251,25 @@ LAYOUTS = {
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
 
 
-def run_layout(layout: str) -> list[list[dict]]:
-    world, sizes, runs = LAYOUTS[layout]
-    return run_distributed(WORKER, world, timeout=800, runs=runs, **sizes)
-
-
 @pytest.fixture(scope="module")
 def layout_runs():
+    """``layout_runs(layout)``: each rank's results of that layout's runs. The layouts of one world size run in one
+    launch, each rank running them in turn (process start-up dominates on a loaded 2-core machine)."""
     cache: dict[str, list] = {}
 
     def get(layout):
         if layout not in cache:
-            cache[layout] = run_layout(layout)
+            world = LAYOUTS[layout][0]
+            names = [name for name, (w, _, _) in LAYOUTS.items() if w == world]
+            calls = [(WORKER, {"runs": LAYOUTS[name][2], **LAYOUTS[name][1]}) for name in names]
+            cache.update(zip(names, run_distributed_each(calls, world, timeout=400 * (len(calls) + 1))))
         return cache[layout]
 
     return get
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize(
     "layout,index",
     CASES,

@@ -6,7 +6,7 @@ the DDP engine, FSDP2 over sp 2 x dp 2, and tp 2 x sp 2 with FSDP2 over the sp r
 ViT (4 heads, 13 tokens: sp shards are uneven); the real Hugging Face ViTModel at tp 2 x sp 2 (DDP engine) and
 tp 2 x FSDP2 2; 2 samples per data-parallel rank, SGD with momentum, 3 steps. On the DDP engine with tp, the
 weights-only checkpoint holds whole tensors and loads back exactly; a full one also holds the optimizer state. FSDP2: a
-checkpoint directory saved at dp 2 resumes at sp 2.
+checkpoint directory saved at dp 2 resumes at sp 2. The 4-rank configurations all run in one launch.
 Each: every rank's whole (gathered) parameters within relative error 1e-5 of single-process training on the same
 global batches (the contract's measure), the batches each rank saw (the ranks of one dp coordinate the same samples),
 and the logged sample count equal to the global batch (not multiplied by sp or tp).
@@ -173,12 +173,33 @@ HF_CONFIGS = [
 ]
 
 
+CONFIG_GROUPS = {
+    "ddp-tp2xsp2-tp2xdp2": DDP_CONFIGS,
+    "fsdp-sp2xdp2-tp2xsp2": FSDP_CONFIGS,
+    "hf_vit-ddp-tp2xsp2-fsdp-tp2xdp2": HF_CONFIGS,
+}
+
+
+@pytest.fixture(scope="module")
+def strategy_runs():
+    """Each rank's results of every config of CONFIG_GROUPS, fitted in turn in ONE launch of 4 ranks (process
+    start-up dominates on a loaded 2-core machine); keyed by group."""
+    groups = list(CONFIG_GROUPS.values())
+    per_rank = run_distributed(
+        "tests.test_tensor_parallel_strategy:strategy_worker", 4, timeout=1500, configs=sum(groups, [])
+    )
+    out, start = {}, 0
+    for name, configs in CONFIG_GROUPS.items():
+        out[name] = [r[start:start + len(configs)] for r in per_rank]
+        start += len(configs)
+    return out
+
+
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("configs", [DDP_CONFIGS, FSDP_CONFIGS, HF_CONFIGS],
-                         ids=["ddp-tp2xsp2-tp2xdp2", "fsdp-sp2xdp2-tp2xsp2", "hf_vit-ddp-tp2xsp2-fsdp-tp2xdp2"])
-def test_training_equals_single_process(configs):
-    per_rank = run_distributed("tests.test_tensor_parallel_strategy:strategy_worker", 4, timeout=840, configs=configs)
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("group", list(CONFIG_GROUPS))
+def test_training_equals_single_process(strategy_runs, group):
+    configs, per_rank = CONFIG_GROUPS[group], strategy_runs[group]
     engines = [r[i]["engine"] for r in per_rank for i in range(len(configs))]
     assert engines == [
         ("SeqParFSDPStrategy" if c.get("fsdp") else "SeqParDDPStrategy") for _ in per_rank for c in configs

@@ -1,5 +1,5 @@
 """ParallelDims validation and rank layout (no process group), and Topology's DeviceMesh and groups across 4 and 8 gloo
-processes."""
+processes (one launch per world size: the workers of a world run one after the other in it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lightning_seqpar.topology import (
     TopologyError,
     hybrid_rank_grid,
 )
-from tests.dist_utils import init_gloo, run_distributed
+from tests.dist_utils import init_gloo, run_distributed_each
 
 
 def test_infers_data_parallel_size():
@@ -117,10 +117,37 @@ def topology_worker() -> dict:
     }
 
 
+# (world, sp, pp, ulysses_degree) of the mesh tests.
+MESH_CASES = [(8, 2, 2, 1), (4, 4, 1, 2), (8, 4, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """``launches(world)``: the results of one launch of ``world`` processes running, in turn, topology_worker (world
+    4) and mesh_worker for each of MESH_CASES of that world; keyed "topology" and by the case. Made once per world."""
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            keys, calls = [], []
+            if world == 4:
+                keys.append("topology")
+                calls.append(("tests.test_topology:topology_worker", {}))
+            for case in MESH_CASES:
+                if case[0] == world:
+                    keys.append(case)
+                    calls.append(("tests.test_topology:mesh_worker",
+                                  {"sp": case[1], "pp": case[2], "ulysses_degree": case[3]}))
+            cache[world] = dict(zip(keys, run_distributed_each(calls, world, timeout=300 * len(calls))))
+        return cache[world]
+
+    return get
+
+
 @pytest.mark.multiprocess
-@pytest.mark.timeout(180)
-def test_groups_across_four_processes():
-    results = run_distributed("tests.test_topology:topology_worker", 4)
+@pytest.mark.timeout(900)
+def test_groups_across_four_processes(launches):
+    results = launches(4)["topology"]
     for rank, r in enumerate(results):
         assert r["coords"] == (0, rank // 2, rank % 2)
         assert r["sequence"] == [rank - rank % 2, rank - rank % 2 + 1]
@@ -180,14 +207,12 @@ def mesh_worker(sp: int, pp: int, ulysses_degree: int) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("world, sp, pp, ulysses_degree", [(8, 2, 2, 1), (4, 4, 1, 2), (8, 4, 2, 2)])
-def test_mesh_groups_follow_the_layout_formula(world, sp, pp, ulysses_degree):
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("world, sp, pp, ulysses_degree", MESH_CASES)
+def test_mesh_groups_follow_the_layout_formula(launches, world, sp, pp, ulysses_degree):
     """Every group of the mesh (sp, dp, dp_sp, pp, tp, and ring x ulysses for hybrid) holds the ranks the documented
     formula gives, checked by a collective over each group."""
-    results = run_distributed(
-        "tests.test_topology:mesh_worker", world, timeout=280, sp=sp, pp=pp, ulysses_degree=ulysses_degree
-    )
+    results = launches(world)[(world, sp, pp, ulysses_degree)]
     dims = ParallelDims(world_size=world, sequence_parallel_size=sp, pipeline_parallel_size=pp)
     for rank, r in enumerate(results):
         assert r["device_type"] == "cpu"

@@ -1,5 +1,6 @@
 """Hierarchical (D-CHAG) variable aggregation of ClimaX: single-device behaviour, memory, and the channel-parallel
-form against the same model on one device (gloo, 2 and 3 ranks, odd channel counts)."""
+form against the same model on one device (gloo, 2 and 3 ranks, odd channel counts; one launch per world size, the
+workers of a world running in turn)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from lightning_seqpar.weather.models import ClimaX
 from lightning_seqpar.weather.models.aggregation import channel_group_sizes, local_channel_groups
-from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed
+from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed_each
 
 
 def names(count: int) -> list[str]:
@@ -195,17 +196,42 @@ def channel_parallel_worker(num_vars: int, group_size: int, partial: str, steps:
     return {"errors": errors, "counts": counts, "local_groups": local_groups}
 
 
+CHANNEL_CASES = [(2, 7, 2, "cross_attention"), (3, 7, 2, "linear"), (3, 11, 3, "cross_attention")]
+# The other multi-process tests' workers, by world size: (key, target, kwargs).
+OTHER_WORKERS = {
+    3: [("sequence_parallel", "sequence_parallel_worker", {"num_vars": 7, "group_size": 2})],
+    2: [("strategy", "strategy_worker", {"num_vars": 7, "group_size": 2})],
+}
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """``launches(world)``: one launch of ``world`` processes running, in turn, channel_parallel_worker for each of
+    CHANNEL_CASES of that world and then OTHER_WORKERS[world]; their per-rank results keyed by case or name."""
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            keys, calls = [], []
+            for case in CHANNEL_CASES:
+                if case[0] == world:
+                    keys.append(case)
+                    calls.append(("tests.weather.test_aggregation:channel_parallel_worker",
+                                  {"num_vars": case[1], "group_size": case[2], "partial": case[3]}))
+            for key, worker, kwargs in OTHER_WORKERS[world]:
+                keys.append(key)
+                calls.append((f"tests.weather.test_aggregation:{worker}", kwargs))
+            cache[world] = dict(zip(keys, run_distributed_each(calls, world, timeout=900)))
+        return cache[world]
+
+    return get
+
+
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    ("world", "num_vars", "group_size", "partial"),
-    [(2, 7, 2, "cross_attention"), (3, 7, 2, "linear"), (3, 11, 3, "cross_attention")],
-)
-def test_channel_parallel_equals_single_device(world, num_vars, group_size, partial):
-    results = run_distributed(
-        "tests.weather.test_aggregation:channel_parallel_worker", world, timeout=540,
-        num_vars=num_vars, group_size=group_size, partial=partial,
-    )
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize(("world", "num_vars", "group_size", "partial"), CHANNEL_CASES)
+def test_channel_parallel_equals_single_device(launches, world, num_vars, group_size, partial):
+    results = launches(world)[(world, num_vars, group_size, partial)]
     groups = len(channel_group_sizes(num_vars, group_size))
     assert sum(r["local_groups"] for r in results) == groups  # every channel group aggregated exactly once
     for rank, result in enumerate(results):
@@ -246,11 +272,10 @@ def sequence_parallel_worker(num_vars: int, group_size: int) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_channel_parallel_on_the_sequence_parallel_group():
+@pytest.mark.timeout(1200)
+def test_channel_parallel_on_the_sequence_parallel_group(launches):
     """L = 30 tokens over 3 ranks and 7 variables in 4 groups (2, 1, 1 groups per rank), exact against one device."""
-    for result in run_distributed("tests.weather.test_aggregation:sequence_parallel_worker", 3, timeout=540,
-                                  num_vars=7, group_size=2):
+    for result in launches(3)["sequence_parallel"]:
         assert result["forward"] < 1e-6 and result["grad"] < 1e-5, result
 
 
@@ -320,14 +345,12 @@ def strategy_worker(num_vars: int, group_size: int, steps: int = 3) -> list[dict
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
-def test_channel_parallel_under_the_strategy():
+@pytest.mark.timeout(1200)
+def test_channel_parallel_under_the_strategy(launches):
     """7 variables in groups of 2 split over the 2 ranks of the SP group (shard after var_agg), of the tensor-parallel
     group (DDP engine), and of the tensor-parallel group under FSDP2; 3 SGD steps each, every parameter within 1e-5
     of one device. (On the tp group the channels' gradients were once left unsummed: training diverged silently.)"""
-    for per_rank in run_distributed(
-        "tests.weather.test_aggregation:strategy_worker", 2, timeout=840, num_vars=7, group_size=2
-    ):
+    for per_rank in launches(2)["strategy"]:
         for result in per_rank:
             assert result["steps"] == 3, result
             if "sequence_parallel_size" in result["layout"]:
