@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def run_distributed(
-    target: str, world_size: int, *, timeout: float = 240.0, env: dict[str, str] | None = None, **kwargs: Any
+    target: str, world_size: int, *, timeout: float = 600.0, env: dict[str, str] | None = None, **kwargs: Any
 ) -> list[Any]:
     """Run ``target`` ("module:function") on ``world_size`` processes; return each rank's result, rank order."""
     with tempfile.TemporaryDirectory(prefix="seqpar-dist-") as tmp:
@@ -91,7 +91,7 @@ def run_distributed(
 
 
 def run_distributed_each(
-    calls: list[tuple[str, dict[str, Any]]], world_size: int, *, timeout: float = 240.0,
+    calls: list[tuple[str, dict[str, Any]]], world_size: int, *, timeout: float = 600.0,
     env: dict[str, str] | None = None,
 ) -> list[list[Any]]:
     """Run each ``("module:function", kwargs)`` of ``calls`` in order, in ONE launch of ``world_size`` processes.

@@ -42,9 +42,9 @@ def _strategy(engine: str, sp: int, accumulate: int):
     from lightning_seqpar import SeqParStrategy
 
     if engine == "pipeline":
-        return SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=accumulate, timeout=60)
+        return SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=accumulate, timeout=300)
     return SeqParStrategy(
-        sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=60
+        sequence_parallel_size=sp, zero_stage={"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[engine], timeout=300
     )
 
 

@@ -15,7 +15,7 @@ from tests.dist_utils import run_distributed_each
 from tests.models import build_dataset, train_reference
 from tests.test_strategy_contract import BATCH, SEED, STEPS, _max_rel_error
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1200)]
 
 CONFIGS = [("timm_vit", "ulysses"), ("sdpa_vit", "lss")]
 

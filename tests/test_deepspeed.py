@@ -230,7 +230,7 @@ def zero_worker(tmp: str) -> dict:
         module = RegressionModule()
         initial = {k: v.clone() for k, v in module.state_dict().items()}
         strategy = (
-            "seqpar_zero2" if stage == 2 else SeqParStrategy(sequence_parallel_size=2, zero_stage=stage, timeout=60)
+            "seqpar_zero2" if stage == 2 else SeqParStrategy(sequence_parallel_size=2, zero_stage=stage, timeout=300)
         )
         trainer = _trainer(strategy, tmp, max_steps=STEPS, enable_checkpointing=False)
         trainer.fit(module, DataLoader(build_dataset("timm_vit"), batch_size=BATCH))
@@ -247,7 +247,7 @@ def zero_worker(tmp: str) -> dict:
     seed_everything(SEED)
     module = RegressionModule("torch_encoder")
     trainer = _trainer(
-        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=300),
         tmp,
         max_steps=STEPS,
         enable_checkpointing=False,
@@ -263,7 +263,7 @@ def zero_worker(tmp: str) -> dict:
     checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), save_last=True)
     record1 = LossRecorder()
     trainer = _trainer(
-        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=300),
         tmp,
         max_epochs=1,
         callbacks=[record1, checkpoint],
@@ -275,7 +275,7 @@ def zero_worker(tmp: str) -> dict:
     second = RegressionModule()
     record2 = LossRecorder()
     trainer = _trainer(
-        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=60),
+        SeqParStrategy(sequence_parallel_size=2, zero_stage=3, timeout=300),
         tmp,
         max_epochs=2,
         callbacks=[record2],
@@ -315,7 +315,7 @@ def zero_runs(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_training_equals_single_process(zero_runs, stage):
     _, per_rank = zero_runs
@@ -331,7 +331,7 @@ def test_zero_training_equals_single_process(zero_runs, stage):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(1200)
 def test_zero3_with_torch_multihead_attention(zero_runs):
     _, per_rank = zero_runs
     seen = per_rank[0]["zero3_torch_encoder"]["seen"]
@@ -356,7 +356,7 @@ def test_zero3_resume_continues_exactly(zero_runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(1200)
 def test_consolidated_checkpoint_has_the_trained_weights(zero_runs):
     _, per_rank = zero_runs
     assert per_rank[0]["consolidated_keys"]
@@ -381,7 +381,7 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
     seed_everything(SEED)
     module = PipelineRegression()
     record = LossRecorder()
-    strategy = SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=2, timeout=60)
+    strategy = SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=2, timeout=300)
     trainer = _trainer(strategy, tmp, max_steps=STEPS, enable_checkpointing=False, callbacks=[record])
     trainer.fit(module, DataLoader(build_dataset("timm_vit"), batch_size=2 * BATCH))
     local = {id(p) for p in trainer.strategy.deepspeed_engine.module.parameters()}
@@ -398,13 +398,13 @@ def pipeline_worker(tmp: str, zero3_checkpoint: str) -> dict:
     errors = {}
     cases = {
         "accumulate": (
-            lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=60),
+            lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, timeout=300),
             PipelineRegression,
             {"accumulate_grad_batches": 2},
             None,
         ),
         "other_sp": (
-            lambda: SeqParStrategy(sequence_parallel_size=4, zero_stage=3, timeout=60),
+            lambda: SeqParStrategy(sequence_parallel_size=4, zero_stage=3, timeout=300),
             RegressionModule,
             {},
             zero3_checkpoint,
@@ -434,7 +434,7 @@ def pipeline_runs(tmp_path_factory, zero_runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(1200)
 def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_runs):
     from tests.models import RandomTokens
     from tests.reference import train_single_process
@@ -461,7 +461,7 @@ def test_pipeline_with_sequence_parallel_stages_equals_single_process(pipeline_r
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(1200)
 def test_trainer_level_errors(pipeline_runs):
     errors = pipeline_runs[0]["errors"]
     assert (

@@ -110,7 +110,7 @@ def evaluation_worker(tmp: str) -> dict:
             trainer = Trainer(
                 accelerator="cpu",
                 devices=_WORLD,
-                strategy=SeqParStrategy(sequence_parallel_size=2, timeout=60),
+                strategy=SeqParStrategy(sequence_parallel_size=2, timeout=300),
                 default_root_dir=tmp,
                 logger=False,
                 enable_progress_bar=False,

@@ -158,7 +158,7 @@ def _checkpointing_grid(root: str) -> dict:
         for mode in CHECKPOINTING:
             seed_everything(SEED)
             module, record = make_module(), LossRecorder()
-            strategy = SeqParStrategy(activation_checkpointing=mode, timeout=60, **kwargs)
+            strategy = SeqParStrategy(activation_checkpointing=mode, timeout=300, **kwargs)
             trainer = _trainer(
                 root, strategy, _WORLD, max_steps=GRID_STEPS, enable_checkpointing=False, callbacks=[record]
             )
@@ -190,7 +190,7 @@ def _decisions(tmp: str) -> dict:
         root = os.path.join(tmp, f"zero{zero}")
         out[zero] = _decision_runs(
             root,
-            lambda zero=zero: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=60),
+            lambda zero=zero: SeqParStrategy(sequence_parallel_size=2, zero_stage=zero, timeout=300),
             _WORLD,
             BATCH,
             reference=False,

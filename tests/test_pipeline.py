@@ -271,7 +271,7 @@ def _fit_and_evaluate(make_module, dataset_name: str, tmp: str, sp: int, *, eval
     seed_everything(SEED)
     module = make_module()
     data = build_dataset(dataset_name)
-    strategy = SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=MICRO, timeout=60)
+    strategy = SeqParStrategy(sequence_parallel_size=sp, pipeline_stages=2, micro_batches=MICRO, timeout=300)
     trainer = _trainer(strategy, tmp, max_steps=STEPS, **fit_kwargs)
     trainer.fit(
         module, DataLoader(data, batch_size=BATCH), DataLoader(Subset(data, range(VAL_SAMPLES)), batch_size=BATCH)
@@ -284,7 +284,7 @@ def _fit_and_evaluate(make_module, dataset_name: str, tmp: str, sp: int, *, eval
         out["validate"] = trainer.validate(module, val, verbose=False)[0]
         out["test"] = trainer.test(module, val, verbose=False)[0]
         out["predict"] = torch.cat(trainer.predict(module, DataLoader(Subset(data, range(6)), batch_size=3)))
-        fresh = _trainer(SeqParStrategy(sequence_parallel_size=_WORLD, timeout=60), tmp)  # no pipeline stages
+        fresh = _trainer(SeqParStrategy(sequence_parallel_size=_WORLD, timeout=300), tmp)  # no pipeline stages
         out["validate_without_stages"] = fresh.validate(module, val, verbose=False)[0]
     return out
 
@@ -298,7 +298,7 @@ def _save_and_resume(tmp: str) -> dict:
     from lightning_seqpar import SeqParStrategy
 
     data = build_dataset("timm_vit")
-    strategy = lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=MICRO, timeout=60)  # noqa: E731
+    strategy = lambda: SeqParStrategy(sequence_parallel_size=2, pipeline_stages=2, micro_batches=MICRO, timeout=300)  # noqa: E731
     seed_everything(SEED)
     first = EvalRegression()
     checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "resume"), save_last=True, every_n_train_steps=1)
@@ -538,7 +538,7 @@ def test_errors_before_the_first_step(runs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(1200)
 def test_pipeline_benchmark_smoke(tmp_path):
     """benchmarks/bench_pipeline.py (2 stages against ZeRO-3) runs end to end on 2 CPU processes; in fp32 the two
     train to the same losses."""

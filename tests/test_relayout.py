@@ -65,7 +65,7 @@ def _fit(tmp, sp, stage, module, batch_size, max_steps, ckpt_path=None, callback
     trainer = Trainer(
         accelerator="cpu",
         devices=_WORLD,
-        strategy=SeqParStrategy(sequence_parallel_size=sp, zero_stage=stage, timeout=60),
+        strategy=SeqParStrategy(sequence_parallel_size=sp, zero_stage=stage, timeout=300),
         default_root_dir=tmp,
         logger=False,
         enable_progress_bar=False,

@@ -27,7 +27,7 @@ def worker(directory: str) -> dict:
         module = TensorParallelModule()
         trainer = Trainer(accelerator="cpu", devices=2, max_steps=steps, logger=False, enable_progress_bar=False,
                           enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=root, save_last=True)],
-                          strategy=SeqParStrategy(sequence_parallel_size=1, timeout=120))
+                          strategy=SeqParStrategy(sequence_parallel_size=1, timeout=300))
         trainer.fit(module, DataLoader(dataset("block"), batch_size=8, shuffle=True), ckpt_path=ckpt)
         return module.seen
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from tests.dist_utils import CollectiveCounter, init_gloo, relative_error, run_distributed
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1200)]
 
 # (name, world, B, L, H, d, causal)
 RING_CASES = [

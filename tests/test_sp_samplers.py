@@ -30,7 +30,7 @@ def _trainer(tmp, **kwargs):
 
     from lightning_seqpar import SeqParStrategy
 
-    return Trainer(accelerator="cpu", devices=_WORLD, strategy=SeqParStrategy(sequence_parallel_size=2, timeout=60),
+    return Trainer(accelerator="cpu", devices=_WORLD, strategy=SeqParStrategy(sequence_parallel_size=2, timeout=300),
                    default_root_dir=tmp, logger=False, enable_progress_bar=False, enable_model_summary=False,
                    enable_checkpointing=False, **kwargs)
 
@@ -76,7 +76,7 @@ def sampler_runs(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(500)
+@pytest.mark.timeout(1200)
 def test_user_distributed_sampler_is_rekeyed_to_the_data_parallel_rank(sampler_runs):
     seen = [r["rekeyed"]["seen"] for r in sampler_runs]
     assert seen[0] == seen[1], "the two ranks of the SP group trained on different samples"
@@ -90,7 +90,7 @@ def test_user_distributed_sampler_is_rekeyed_to_the_data_parallel_rank(sampler_r
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(500)
+@pytest.mark.timeout(1200)
 def test_disagreeing_loaders_fail_with_the_ranks_named(sampler_runs):
     for r in sampler_runs:
         assert r["subclass"] is not None and r["subclass"].startswith("SamplerLayoutError"), r["subclass"]

@@ -14,7 +14,7 @@ import torch
 from tests.dist_utils import run_distributed_each
 from tests.models import build_dataset, train_reference
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1200)]
 
 SEED, STEPS, BATCH = 1234, 3, 2
 CONFIGS = [("timm_vit", "ulysses"), ("timm_vit", "lss"), ("torch_encoder", "ulysses"), ("sdpa_vit", "lss")]
@@ -68,7 +68,7 @@ def contract_worker(sp: int, configs: list, strategy_kwargs: dict | None = None,
             strategy=SeqParStrategy(
                 sequence_parallel_size=sp,
                 attention=attention,
-                timeout=60,
+                timeout=300,
                 ulysses_degree=2 if attention == "hybrid" else None,
                 **(strategy_kwargs or {}),
             ),

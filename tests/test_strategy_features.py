@@ -12,7 +12,7 @@ import torch
 
 from tests.dist_utils import REPO_ROOT, free_port, run_distributed
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(1200)]
 
 
 def _trainer(tmp, **kwargs):
@@ -24,7 +24,7 @@ def _trainer(tmp, **kwargs):
     return Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy=SeqParStrategy(timeout=60, **strategy_kwargs),
+        strategy=SeqParStrategy(timeout=300, **strategy_kwargs),
         default_root_dir=tmp,
         logger=False,
         enable_progress_bar=False,

@@ -72,7 +72,7 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
         trainer = Trainer(
             accelerator="cpu", devices=world, max_steps=STEPS, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            strategy=SeqParStrategy(timeout=120, **config),
+            strategy=SeqParStrategy(timeout=300, **config),
         )
         trainer.fit(module, DataLoader(dataset(model_name), batch_size=BATCH))
         topology = trainer.strategy.topology
@@ -87,7 +87,7 @@ def strategy_worker(configs: list[dict]) -> list[dict]:
             # ... and loads them into a fresh module split over tp (validate restores the weights only).
             fresh = TensorParallelModule(model_name)
             evaluator = Trainer(accelerator="cpu", devices=world, logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, strategy=SeqParStrategy(timeout=120, **config))
+                                enable_model_summary=False, strategy=SeqParStrategy(timeout=300, **config))
             evaluator.validate(fresh, DataLoader(dataset(model_name), batch_size=BATCH, shuffle=False), ckpt_path=path)
             saved = {"optimizer_keys": optimizer_keys, "state_dict": torch.load(path, weights_only=False)["state_dict"],
                      "reloaded": evaluator.strategy.full_state_dict()}
@@ -320,7 +320,7 @@ def resume_worker(directory: str) -> dict:
         trainer = Trainer(
             accelerator="cpu", devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False,
-            strategy=SeqParStrategy(fsdp=True, timeout=120, **config),
+            strategy=SeqParStrategy(fsdp=True, timeout=300, **config),
         )
         trainer.fit(module, DataLoader(dataset("block"), batch_size=BATCH), ckpt_path=ckpt)
         if ckpt is None:

@@ -253,7 +253,7 @@ def worker(names: list[str]) -> dict:
         trainer = Trainer(
             accelerator="cpu",
             devices=WORLD,
-            strategy=SeqParStrategy(sequence_parallel_size=WORLD, timeout=60),
+            strategy=SeqParStrategy(sequence_parallel_size=WORLD, timeout=300),
             max_steps=STEPS,
             logger=False,
             enable_checkpointing=False,

@@ -53,7 +53,7 @@ def worker(directory: str) -> list[dict]:
             module = MomentumModule()
             trainer = Trainer(accelerator="cpu", devices=world, max_steps=steps, logger=False,
                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                              strategy=SeqParStrategy(timeout=120, **config))
+                              strategy=SeqParStrategy(timeout=300, **config))
             trainer.fit(module, DataLoader(dataset("block"), batch_size=BATCH), ckpt_path=ckpt)
             if ckpt is None:
                 trainer.save_checkpoint(path)

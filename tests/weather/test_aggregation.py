@@ -325,7 +325,7 @@ def strategy_worker(num_vars: int, group_size: int, steps: int = 3) -> list[dict
         seed_everything(0)
         module = Module(group)
         reference = copy.deepcopy(module.model)
-        trainer = Trainer(accelerator="cpu", devices=2, strategy=SeqParStrategy(timeout=60, **kwargs),
+        trainer = Trainer(accelerator="cpu", devices=2, strategy=SeqParStrategy(timeout=300, **kwargs),
                           max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
         trainer.fit(module, DataLoader(data, batch_size=2))
