@@ -73,11 +73,11 @@ class Ladder(Callback):
     exists already, so that step is a steady-state step at a new shape)."""
 
     def __init__(self, lengths: list[int | None], warmup: int, steps: int, device: torch.device,
-                 capacity_gib: float | None, on_row, max_step_s: float = float("inf")) -> None:
+                 capacity_gib: float | None, on_row, dims: tuple[int, int], max_step_s: float = float("inf")) -> None:
         if warmup + steps < 2:
             raise ValueError("the ladder needs 2 or more steps per length (the first creates the optimizer state)")
         self.lengths, self.device, self.capacity_gib, self.on_row = list(lengths), device, capacity_gib, on_row
-        self.max_step_s = max_step_s
+        self.dims, self.max_step_s = dims, max_step_s  # (width, depth) for the model FLOPs
         # One entry per training step: (index into lengths, timed?, last step of that length?)
         self.plan: list[tuple[int, bool, bool]] = []
         for i, length in enumerate(lengths):
@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                   "block_parameters": sum(p.numel() for p in model.blocks.parameters()),
                   "capacity_gib": torch.cuda.get_device_properties(device).total_memory / GIB if cuda else None,
                   "precision": "bf16-mixed" if cuda else "32-true"}
-    ladder = Ladder(lengths, args.warmup, args.steps, device, model_info["capacity_gib"], on_row, args.max_step_s)
-    ladder.dims = (args.width, args.depth)
+    ladder = Ladder(lengths, args.warmup, args.steps, device, model_info["capacity_gib"], on_row,
+                    (args.width, args.depth), args.max_step_s)
 
     def loss(module, batch):  # batch: [1] sample index (the seed of its data); the step's length from the ladder
         x, y = sample(int(batch[0]), ladder.length_at(ladder.step), args.width, module.device)

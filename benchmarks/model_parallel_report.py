@@ -23,6 +23,7 @@ Run as a script to rebuild the report from a JSON file: ``python benchmarks/mode
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def fit(rows: list[dict], world: int) -> dict | None:
         return None
     a, b = ok[-2], ok[-1]
     slope = (b["peak_gib"] - a["peak_gib"]) / (b["length"] - a["length"])
-    state = statistics_median([r["state_gib"] for r in ok])
+    state = statistics.median(r["state_gib"] for r in ok)
     transient = b["peak_gib"] - slope * b["length"] - state
     floor = max((r["peak_gib"] - state for r in ok if r["peak_gib"] - state > transient + slope * r["length"] + 1e-9),
                 default=0.0)
@@ -53,12 +54,6 @@ def fit(rows: list[dict], world: int) -> dict | None:
              "step_floor_gib": floor}
     model["worst_fit_error_gib"] = max(abs(predict(model, world, world, r["length"]) - r["peak_gib"]) for r in ok)
     return model
-
-
-def statistics_median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def predict(model: dict, world: int, gpus: int, length: int) -> float:

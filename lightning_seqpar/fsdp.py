@@ -157,7 +157,8 @@ def _row_layouts(model: nn.Module) -> dict[str, Tensor]:
 
 def _optimizer_rows(model: nn.Module, optim_state: dict, to_original: bool, like: dict | None = None) -> dict:
     """Optimizer state tensors of reordered parameters (``exp_avg``, momentum; same shape as the parameter) moved to
-    (``to_original``) or from the single-device row order; the model's state dict does this in its own hooks."""
+    (``to_original``) or from the single-device row order, laid out like ``like``'s tensors (whole tensors without
+    it); the model's state dict does this in its own hooks."""
     layouts = _row_layouts(model)
     state = optim_state.get("state", {})
     for fqn, permutation in layouts.items():
@@ -169,7 +170,7 @@ def _optimizer_rows(model: nn.Module, optim_state: dict, to_original: bool, like
                 if to_original:
                     state[fqn][key] = reorder_rows(value, torch.argsort(permutation))
                 else:
-                    state[fqn][key] = reorder_rows(value, permutation, like=like[fqn][key])
+                    state[fqn][key] = reorder_rows(value, permutation, like=like[fqn][key] if like else None)
     return optim_state
 
 
@@ -208,11 +209,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         state["state"] = {ordered[i]: v for i, v in state["state"].items()}
         for group in state["param_groups"]:
             group["params"] = [ordered[i] for i in group["params"]]
-    for fqn, permutation in _row_layouts(model).items():  # original rows -> this run's
-        for key, value in list(state["state"].get(fqn, {}).items()):
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == permutation.numel():
-                state["state"][fqn] = dict(state["state"][fqn])
-                state["state"][fqn][key] = reorder_rows(value, permutation)
+    state = _optimizer_rows(model, state, to_original=False)  # whole tensors, this run's rows
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 

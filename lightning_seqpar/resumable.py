@@ -98,9 +98,9 @@ class ResumableDataLoader(DataLoader):
         self._delivered: int | None = None
         self._epoch = getattr(getattr(self.batch_sampler, "sampler", None), "epoch", None)
         saved_epoch, self._skip_epoch = getattr(self, "_skip_epoch", None), None
-        skip = served = self.batch_sampler.skip  # type: ignore[union-attr]
-        if skip and saved_epoch is not None and self._epoch is not None and self._epoch != saved_epoch:
-            self.batch_sampler.skip = skip = 0  # type: ignore[union-attr]
+        served = self.batch_sampler.skip  # type: ignore[union-attr]
+        if served and saved_epoch is not None and self._epoch is not None and self._epoch != saved_epoch:
+            self.batch_sampler.skip = 0  # type: ignore[union-attr]
             if served < len(self.batch_sampler):  # the saved epoch was not finished
                 warnings.warn(
                     f"resuming at epoch {self._epoch} from a checkpoint written after {served} batches of epoch"
