@@ -45,7 +45,7 @@ import os
 import statistics
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vit-steps", default=None,
                         help="warm-up,timed steps of the ViT rows (default 1,2); with 0 warm-up steps one untimed step"
-                             " of the first method runs first at each length")
+                             " of a one-block model of the first method runs first at each length")
     parser.add_argument(
         "--checkpoint-above", type=int, default=256 * K, help="recompute ViT blocks above this many tokens per GPU"
     )
@@ -273,9 +273,11 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint = L // world > args.checkpoint_above
             wanted_names = [name for name, _ in methods.names(sizes.heads) if wanted(name)]
             if sizes.vit_steps[0] == 0 and wanted_names:
-                # No warm-up steps: one untimed step first, so that the first method timed does not alone pay the
-                # process's first-step costs at this length (memory growth, kernel plans, communicators).
-                time_vit(methods, wanted_names[0], L, sizes, (1, 0), device, checkpoint)
+                # No warm-up steps: one untimed step of a one-block model first, so that the first method timed
+                # does not alone pay the process's first-step costs at this length (memory growth, kernel plans,
+                # communicators) -- at an eighth of a whole step's cost (one block holds a step's peak under
+                # recomputation, and runs the same kernels and collectives at the same shapes).
+                time_vit(methods, wanted_names[0], L, replace(sizes, depth=1), (1, 0), device, checkpoint)
             for name, family in methods.names(sizes.heads):
                 if wanted(name):
                     row = Row("vit", name, family, world, L, sizes.heads, sizes.width // sizes.heads,

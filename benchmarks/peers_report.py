@@ -1,8 +1,19 @@
-"""The peer benchmark's outputs: ``peers_<tag>.json``, ``peers_<tag>.md`` and ``peers_<tag>.png``."""
+"""The peer benchmark's outputs: ``peers_<tag>.json``, ``peers_<tag>.md`` and ``peers_<tag>.png``.
+
+Runs too long for one call (a 1M-token ViT step takes minutes per method) are split by ``--methods`` and merged::
+
+    python benchmarks/peers_report.py --merge benchmarks/results/peers_n2_a.json benchmarks/results/peers_n2_b.json \
+        --tag n2_vit1m --out benchmarks/results
+
+The merged rows' ``vs_best_peer`` is recomputed over all the inputs (the best peer of any input run); the inputs must
+come from the same device and world size.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from _common import fmt
@@ -89,3 +100,50 @@ def plot(payload: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge(payloads: list[dict]) -> dict:
+    """One payload of several runs' rows (the first run's device and settings; check rows of one method once),
+    with ``vs_best_peer`` recomputed over all of them.
+
+    Raises:
+        ValueError: The runs differ in world size or device, or a timed row (section, L, H, d, method) repeats.
+    """
+    from bench_peers import add_ratios
+
+    first = payloads[0]
+    rows: list[dict] = []
+    seen: set[tuple] = set()
+    for p in payloads:
+        if p["world"] != first["world"] or p["device"].get("name") != first["device"].get("name"):
+            raise ValueError(
+                f"cannot merge runs on {p['world']} x {p['device'].get('name')} with {first['world']} x"
+                f" {first['device'].get('name')}: ratios across devices mean nothing."
+            )
+        for r in p["rows"]:
+            key = (r["section"], r["method"]) if r["section"] == "check" else (
+                r["section"], r["length"], r["heads"], r["head_dim"], r["method"])
+            if key in seen:
+                if r["section"] == "check":
+                    continue
+                raise ValueError(f"row {key} is in more than one input; merge runs of different methods or lengths.")
+            seen.add(key)
+            rows.append(dict(r, vs_best_peer=None))
+    add_ratios(rows)
+    return dict(first, rows=rows, merged_from=len(payloads))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="merge peer benchmark runs (peers_<tag>.json) into one report")
+    parser.add_argument("--merge", nargs="+", type=Path, required=True, help="peers_*.json files")
+    parser.add_argument("--tag", required=True, help="output name: peers_<tag>.{json,md,png}")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    payload = merge([json.loads(p.read_text()) for p in args.merge])
+    write_outputs(payload, args.out, args.tag, with_plot=True)
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()

@@ -68,3 +68,33 @@ def test_ratio_to_best_peer_and_hybrid_degrees():
     assert [r["vs_best_peer"] for r in rows] == [0.75, 1.0, 0.5, None, None]  # no peer at length 16: no ratio
     assert hybrid_degrees(2, 16) == [1, 2] and hybrid_degrees(8, 16) == [2, 4] and hybrid_degrees(8, 2) == [2]
     assert hybrid_degrees(2, 1) == [1]
+
+
+def test_merge_recomputes_ratio_over_runs(tmp_path):
+    from peers_report import main as report_main
+    from peers_report import merge
+
+    def payload(rows, name="H200"):
+        return {"world": 2, "smoke": False, "device": {"device": "cuda", "name": name, "torch": "2.11", "peers": {}},
+                "rows": rows}
+
+    def row(method, family, tflops, section="vit"):
+        return {"section": section, "method": method, "family": family, "length": 1024, "heads": 2, "head_dim": 4,
+                "status": "ok", "tflops_per_gpu": tflops, "vs_best_peer": 1.0, "ms": 1.0, "note": "",
+                "errors": {"out": 1e-3}}
+
+    a = payload([row("ulysses", "check", None, "check"), row("ulysses", "ours", 300.0), row("ds", "peer", 200.0)])
+    b = payload([row("ulysses", "check", None, "check"), row("cp", "peer", 400.0), row("lss", "ours", 396.0)])
+    merged = merge([a, b])
+    ratios = {r["method"]: r["vs_best_peer"] for r in merged["rows"] if r["section"] == "vit"}
+    assert ratios == {"ulysses": 0.75, "ds": 0.5, "cp": 1.0, "lss": 0.99}  # best peer across both runs
+    assert [r["method"] for r in merged["rows"]].count("ulysses") == 2  # one check row, one timed row
+    with pytest.raises(ValueError, match="more than one input"):
+        merge([a, a])
+    with pytest.raises(ValueError, match="across devices"):
+        merge([a, payload([], name="H100")])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    report_main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--tag", "m", "--out", str(tmp_path)])
+    assert "| 1,024 | 2 x 4 | lss | ours | 1.0 | 396.0 | 0.990 |" in (tmp_path / "peers_m.md").read_text()
+    assert (tmp_path / "peers_m.png").stat().st_size > 0
