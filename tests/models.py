@@ -129,6 +129,36 @@ class HuggingFaceViT(nn.Module):
         return self.head(self.vit(pixel_values=x).last_hidden_state)
 
 
+class HuggingFaceDinov2(nn.Module):
+    """transformers' Dinov2Model on 24x24 images (10 tokens): blocks with layer scales (``layer_scale1/2.lambda1``,
+    initialised to 0.5), norms ``norm1/2`` and ``mlp.fc1/fc2``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import Dinov2Config, Dinov2Model
+
+        config = Dinov2Config(
+            hidden_size=WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=HEADS,
+            mlp_ratio=2,
+            image_size=24,
+            patch_size=8,
+            layerscale_value=0.5,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.dinov2 = Dinov2Model(config)
+        with torch.no_grad():  # layer scales that differ per channel, so a wrong split or sum shows
+            for name, p in self.dinov2.named_parameters():
+                if name.endswith("lambda1"):
+                    p.uniform_(0.2, 0.8)
+        self.head = nn.Linear(WIDTH, OUT_DIM)
+
+    def forward(self, x):  # [B, 3, 24, 24] -> [B, 10, OUT_DIM]
+        return self.head(self.dinov2(pixel_values=x).last_hidden_state)
+
+
 class HandWrittenAttention(nn.Module):
     """Pre-norm, bias-free fused projection, softmax(Q K^T) V written by hand (no SDPA call to intercept)."""
 
@@ -213,6 +243,7 @@ def build_model(name: str) -> nn.Module:
         "sdpa_vit": lambda: TinyViT(SeparateProjectionAttention),
         "manual_vit": lambda: TinyViT(ManualSoftmaxAttention),
         "hf_vit": HuggingFaceViT,
+        "hf_dinov2": HuggingFaceDinov2,
         "container_vit": ContainerBlocksViT,
         "climax": SmallClimaX,
     }[name]()
@@ -220,7 +251,7 @@ def build_model(name: str) -> nn.Module:
 
 def build_dataset(name: str) -> Dataset:
     """Images for the third-party ViTs, tokens for the others."""
-    if name == "hf_vit":
+    if name in ("hf_vit", "hf_dinov2"):
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(10, OUT_DIM))
     if name == "container_vit":
         return RandomTokens(x_shape=(3, 24, 24), y_shape=(OUT_DIM,))

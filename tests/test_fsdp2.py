@@ -17,6 +17,7 @@ from tests.dist_utils import run_distributed, run_distributed_each
 from tests.test_tensor_parallel import (
     TOLERANCE,
     check_against_single_process,
+    check_token_sharding,
     max_rel_error,
     without_key_bias,
 )
@@ -35,7 +36,7 @@ LAYOUTS = {
     "tp2xfsdp2": (
         4,
         {"dp": 2, "tp": 2},
-        [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_vit", "fsdp": True}],
+        [{"name": "block", "fsdp": True, "reload": True}, {"name": "hf_dinov2", "fsdp": True}],
     ),
 }
 CASES = [(layout, i) for layout, (_, _, runs) in LAYOUTS.items() for i in range(len(runs))]
@@ -79,6 +80,8 @@ def launches(tmp_path_factory):
 )
 def test_fsdp2_equals_single_process(launches, layout, index):
     per_rank = [ranks[index] for ranks in launches["layouts"][layout]]
+    tp = LAYOUTS[layout][1].get("tp", 1)
+    check_token_sharding(per_rank, tp, sequence_parallel=tp > 1)  # tokens of the norms sharded over tp, if any
     check_against_single_process(per_rank, LAYOUTS[layout][2][index]["name"])
 
 

@@ -3,7 +3,9 @@
 Unit tests: the fused-row permutation, the plan found for each block kind, the errors. Multi-process: tp 2 alone
 (the bundled timm-shaped Block with SGD and AdamW, torch nn.TransformerEncoder, the real Hugging Face ViT, the bundled
 ClimaX), tp 2 x dp 2 and tp 2 x sp 2 (the project's sequence parallelism on each tensor-parallel rank's heads), 4
-samples per step, 13 / 10 / 15 tokens (odd: sp shards are uneven). Each: parameters after 3 steps within relative
+samples per step, 13 / 10 / 15 tokens (odd: sp shards are uneven, and so are the tp shards of Megatron-LM sequence
+parallelism, on by default; one run with it off). The norms inside the blocks see each tp rank's share of the
+tokens (or all of them with it off). Each: parameters after 3 steps within relative
 error 1e-5 of single-process training (fp32), losses within 1e-5, the state dict in the single-device layout
 (fused qkv rows in their original order) before and after training, and a whole state dict loaded back into a freshly
 split model.
@@ -234,9 +236,11 @@ LAYOUTS = {
         {"tp": 2},
         [
             {"name": "block", "reload": True},
+            {"name": "block", "reload": True, "tp_sequence_parallel": False},
             {"name": "block", "optimizer": "adamw"},
             {"name": "torch_encoder", "reload": True},
             {"name": "hf_vit", "reload": True},
+            {"name": "hf_dinov2", "reload": True},
             {"name": "climax"},
         ],
     ),
@@ -284,7 +288,25 @@ def test_equals_single_process(layout_runs, layout, index):
     if LAYOUTS[layout][1].get("tp") == 2:
         heads = per_rank[0]["local_heads"]
         assert heads and all(h == 2 for h in heads[-2:]), heads  # 4 heads / tp 2 in the split blocks
+        check_token_sharding(per_rank, 2, run.get("tp_sequence_parallel", True))
     check_against_single_process(per_rank, run["name"], run.get("optimizer", "sgd"))
+
+
+def check_token_sharding(per_rank: list[dict], tp: int, sequence_parallel: bool) -> None:
+    """Inside the blocks every LayerNorm of a tp rank sees its ``torch.chunk`` share of the L_r tokens the block stack
+    was given (Megatron-LM sequence parallelism), or all L_r (replicated activations)."""
+    from lightning_seqpar.tensor_parallel.sequence import _chunk_sizes
+
+    for start in range(0, len(per_rank), tp):  # tp is the innermost mesh dimension: consecutive ranks
+        group = per_rank[start:start + tp]
+        assert [r["tp_rank"] for r in group] == list(range(tp))
+        stack_tokens = {r["norm_tokens"][0] for r in group}
+        assert len(stack_tokens) == 1, group  # one sp shard per tp group, replicated over it
+        whole = stack_tokens.pop()
+        seen = [set(r["norm_tokens"][1:]) for r in group]
+        assert all(len(s) == 1 for s in seen), seen  # every norm of a rank sees the same count
+        want = _chunk_sizes(whole, tp) if sequence_parallel else [whole] * tp
+        assert [s.pop() for s in seen] == want, (whole, want)
 
 
 def test_mixed_dtensor_groups_step_per_parameter_and_fused_is_refused():
@@ -310,3 +332,57 @@ def test_mixed_dtensor_groups_step_per_parameter_and_fused_is_refused():
             step_per_parameter_where_mixed(fused)
     finally:
         dist.destroy_process_group()
+
+
+def test_chunk_sizes_follow_torch_chunk():
+    from lightning_seqpar.tensor_parallel.sequence import _chunk_sizes
+
+    for length in range(0, 12):
+        for parts in (1, 2, 3, 4):
+            want = [c.shape[0] for c in torch.arange(length).chunk(parts)] if length else []
+            want += [0] * (parts - len(want))
+            assert _chunk_sizes(length, parts) == want, (length, parts)
+
+
+def test_sequence_parallel_refuses_what_it_cannot_shard():
+    """Parameters a tp rank would see only its tokens of, outside norms and layer scales, are named; plan styles the
+    conversion does not know are named with the way out."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from lightning_seqpar.tensor_parallel import TensorParallelError
+    from lightning_seqpar.tensor_parallel.sequence import TokenCount, token_local_modules, token_sharded_plan
+    from lightning_seqpar.weather.models.layers import Block
+    from tests.dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        block = Block(8, 2)
+        parallelize_module(block, init_device_mesh("cpu", (1,)), {
+            "attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+            "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel(),
+        })
+        assert token_local_modules(block, "blocks.0") == ["norm1", "norm2"]
+        block.gamma_1 = nn.Parameter(torch.ones(8))  # BEiT-style scale directly on the block
+        with pytest.raises(TensorParallelError, match=r"blocks\.0 \(Block\) holds parameters \['gamma_1'\].*"
+                                                      r"tp_sequence_parallel=False"):
+            token_local_modules(block, "blocks.0")
+        del block.gamma_1
+        block.mixer = nn.Linear(8, 8)  # a 2-D weight outside the projections
+        with pytest.raises(TensorParallelError, match=r"blocks\.0\.mixer \(Linear\) holds parameters"):
+            token_local_modules(block, "blocks.0")
+    finally:
+        dist.destroy_process_group()
+    plan = {"blocks.*.attn": PrepareModuleInput(), "blocks.*.attn.qkv": ColwiseParallel()}
+    with pytest.raises(TensorParallelError, match=r"cannot convert the tp_plan entry 'blocks\.\*\.attn'"):
+        token_sharded_plan(plan, TokenCount(), "blocks.*")
+    plan = {"blocks.*.attn.qkv": ColwiseParallel(), "blocks.*.linear1": ColwiseParallel()}
+    styles, gathers = token_sharded_plan(plan, TokenCount(), "blocks.*")
+    assert gathers == ["blocks.*.attn"]  # one all-gather at the attention's entry; a projection on the block gathers
+    assert "input_layouts=Shard(1)" in repr(styles["blocks.*.linear1"])  # its own input

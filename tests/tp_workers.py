@@ -117,14 +117,34 @@ def parallel_worker(runs: list[dict], tp: int = 1, sp: int = 1, dp: int = 1) -> 
     return [train_split(mesh, dp_sp, **run) for run in runs]
 
 
+def norm_token_counts(model: nn.Module) -> tuple[list[int], list]:
+    """Hooks that record the token count (dim 1) of the block stack's input, then of each LayerNorm input inside the
+    blocks; returns ``(counts, handles)``. With Megatron-LM sequence parallelism over tp the norms see this rank's
+    share of the stack's tokens."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_seqpar.plan import find_block_stacks
+
+    counts: list[int] = []
+    _, stack = find_block_stacks(model)[0]
+    # (SequenceParallel's own pre-hook ran first: the norm's input is a DTensor then, its local shard is what it sees)
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    handles = [m.register_forward_pre_hook(lambda m, args: counts.append(local(args[0]).shape[1]))
+               for m in stack.modules() if isinstance(m, nn.LayerNorm)]
+    # The first block's hooks run outside the split: they see the block stack's whole input [B, L_r, D].
+    handles.append(stack[0].register_forward_pre_hook(lambda m, args: counts.insert(0, args[0].shape[1])))
+    return counts, handles
+
+
 def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sgd", attention: str = "ulysses",
                 steps: int = STEPS, save: str | None = None, load: str | None = None, at_step: int = 0,
-                reload: bool = False) -> dict:
+                reload: bool = False, tp_sequence_parallel: bool = True) -> dict:
     """Train ``name`` split over ``mesh`` and return losses, full state dicts and the layout seen.
 
     ``save``: write a DCP checkpoint (model + optimizer) there after ``at_step`` steps. ``load``: start from the
     checkpoint there and train the steps after ``at_step``. ``reload``: load the trained weights, whole, into a
-    freshly split model and return its state dict too."""
+    freshly split model and return its state dict too. ``tp_sequence_parallel``: shard the activations between the
+    projections over tp (``norm_tokens``: the token counts the blocks' LayerNorms saw in the first step)."""
     import torch.distributed as dist
 
     from lightning_seqpar.fsdp import apply_fsdp, load_checkpoint, save_checkpoint
@@ -135,7 +155,8 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
     dp, sp, tp = (mesh[d].size() for d in ("dp", "sp", "tp"))
     model, data = build(name), dataset(name)
     single_device = {k: v.clone() for k, v in model.state_dict().items()}
-    tp_plan = describe_plan(apply_tensor_parallel(model, mesh["tp"])) if tp > 1 else None
+    tp_plan = describe_plan(apply_tensor_parallel(model, mesh["tp"], sequence_parallel=tp_sequence_parallel)) \
+        if tp > 1 else None
     local_heads = [
         getattr(m, a)
         for m in model.modules()
@@ -147,6 +168,7 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
         apply_sequence_parallel(model, infer_plan(model), mesh["sp"].get_group(), attention=attention)
     if fsdp:
         apply_fsdp(model, dp_sp)
+    norm_tokens, hooks = norm_token_counts(model)  # after the sp shard's pre-hook: the first block's L_r
     opt = make_optimizer(model, optimizer)
     dp_rank = mesh["dp"].get_local_rank()
     losses, start, at_checkpoint = [], 0, None
@@ -164,6 +186,8 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
         opt.zero_grad()
         loss = forward_loss(model, name, data.x[mine], data.y[mine])
         loss.backward()
+        for hook in hooks:  # the first step's counts only
+            hook.remove()
         if not fsdp and dp * sp > 1:
             average_gradients(model, dp_sp.get_group())
         opt.step()
@@ -180,7 +204,7 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
 
         fresh = build(name)
         if tp > 1:
-            apply_tensor_parallel(fresh, mesh["tp"])
+            apply_tensor_parallel(fresh, mesh["tp"], sequence_parallel=tp_sequence_parallel)
         if fsdp:
             apply_fsdp(fresh, dp_sp)
         # (it replaces the values of the dict it is given by its DTensors: hand it a copy)
@@ -196,4 +220,7 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
         "losses": losses,
         "local_heads": local_heads,
         "tp_plan": tp_plan,
+        "norm_tokens": norm_tokens,
+        "tp_rank": mesh["tp"].get_local_rank(),
+        "sp_rank": mesh["sp"].get_local_rank(),
     }

@@ -23,6 +23,7 @@ def check_shared_arguments(
     on_nonfinite: Any,
     tensor_parallel_size: Any,
     tp_plan: Any,
+    tp_sequence_parallel: Any,
     zero_stage: Any,
     pipeline_stages: Any,
     deepspeed_config: Any,
@@ -57,6 +58,8 @@ def check_shared_arguments(
         raise ValueError(  # noqa: TRY004
             f"{name}: compile_blocks must be True, False or a dict of torch.compile options, got {compile_blocks!r}."
         )
+    if not isinstance(tp_sequence_parallel, bool):
+        raise ValueError(f"{name}: tp_sequence_parallel must be True or False, got {tp_sequence_parallel!r}.")
     check_tensor_parallel_arguments(
         name,
         tensor_parallel_size,

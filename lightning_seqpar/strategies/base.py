@@ -133,6 +133,11 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             (docs/tensor-parallel.md). Not with DeepSpeed (``zero_stage``, ``pipeline_stages``).
         tp_plan: ``{module path: ParallelStyle}`` replacing the inferred tensor-parallel plan
             (:func:`~lightning_seqpar.tensor_parallel.apply_tensor_parallel`).
+        tp_sequence_parallel: With ``tensor_parallel_size > 1``: shard the activations between the split
+            projections (residual stream, norms, layer scales) over the ``tp`` ranks along the tokens, Megatron-LM's
+            sequence parallelism (arXiv 2205.05198; :mod:`lightning_seqpar.tensor_parallel.sequence`), which divides
+            their memory by ``tp`` at the same communication volume. ``False`` keeps them replicated on every ``tp``
+            rank (for blocks with parameters outside the projections other than norms and layer scales).
         fsdp: Shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``) over the ``dp_sp``
             ranks instead of replicating them (the torch-native alternative to ZeRO-3), with the mixed-precision
             policy of the Trainer's precision; 2-D with ``tensor_parallel_size``.
@@ -168,6 +173,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         deepspeed_config: str | dict[str, Any] | None = None,
         tensor_parallel_size: int = 1,
         tp_plan: dict[str, Any] | None = None,
+        tp_sequence_parallel: bool = True,
         fsdp: bool = False,
         accelerator=None,
         parallel_devices: list[torch.device] | None = None,
@@ -199,6 +205,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             on_nonfinite=on_nonfinite,
             tensor_parallel_size=tensor_parallel_size,
             tp_plan=tp_plan,
+            tp_sequence_parallel=tp_sequence_parallel,
             zero_stage=zero_stage,
             pipeline_stages=pipeline_stages,
             deepspeed_config=deepspeed_config,
@@ -206,6 +213,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             uses_fsdp=self.uses_fsdp,
         )
         self.tensor_parallel_size, self.tp_plan = tensor_parallel_size, tp_plan
+        self.tp_sequence_parallel = tp_sequence_parallel
         self.ulysses_degree = ulysses_degree
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self._sequence_parallel_size = sequence_parallel_size
@@ -321,7 +329,9 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
             module.to(self.root_device)  # split where it trains: the shards live on the mesh's device from the start
-            apply_tensor_parallel_to_module(module, self.topology, self.tp_plan, type(self).__name__)
+            apply_tensor_parallel_to_module(
+                module, self.topology, self.tp_plan, type(self).__name__, sequence_parallel=self.tp_sequence_parallel
+            )
         # Lightning broadcasts a module it does not wrap from rank 0 of the world: never DTensor shards (tp, FSDP2).
         shards = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
         if shards:

@@ -56,14 +56,14 @@ def check_tensor_parallel_arguments(name: str, tensor_parallel_size: Any, tp_pla
 
 
 def apply_tensor_parallel_to_module(module: nn.Module, topology: Topology, tp_plan: Mapping[str, ParallelStyle] | None,
-                                    owner: str) -> None:
+                                    owner: str, sequence_parallel: bool = True) -> None:
     """Split ``module``'s transformer blocks over the topology's ``tp`` ranks
-    (:func:`~lightning_seqpar.tensor_parallel.apply_tensor_parallel`), then give the ``tp`` ranks one random state, so
-    they draw the same dropout masks (and masking noise) in the replicated parts. A collective over ``tp``; nothing
-    when ``tp`` is 1."""
+    (:func:`~lightning_seqpar.tensor_parallel.apply_tensor_parallel`, with ``sequence_parallel`` for the activations
+    between the projections), then give the ``tp`` ranks one random state, so they draw the same dropout masks (and
+    masking noise) in the replicated parts. A collective over ``tp``; nothing when ``tp`` is 1."""
     if topology.tp == 1:
         return
-    plan = apply_tensor_parallel(module, topology.mesh["tp"], tp_plan)
+    plan = apply_tensor_parallel(module, topology.mesh["tp"], tp_plan, sequence_parallel=sequence_parallel)
     sync_rng_state(topology.tensor_group)
     rank_zero_info(f"{owner}: tensor-parallel plan over tp={topology.tp} ranks:\n{describe_plan(plan)}")
 

@@ -34,6 +34,14 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_seqpar.plan import find_block_stacks, is_attention_module
+from lightning_seqpar.tensor_parallel.sequence import (
+    ReplicatedSequenceParallel,
+    TokenCount,
+    gather_tokens_at_entry,
+    shard_block_stack,
+    token_local_modules,
+    token_sharded_plan,
+)
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
     MultiheadAttentionParallel,
@@ -248,16 +256,21 @@ def localize_heads(module: nn.Module, tensor_parallel_size: int) -> None:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, tp_plan: Mapping[str, ParallelStyle] | None = None
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    tp_plan: Mapping[str, ParallelStyle] | None = None,
+    sequence_parallel: bool = True,
 ) -> TensorParallelPlan:
     """Split ``model``'s transformer blocks over the ranks of ``tp_mesh`` in place (Megatron-style, see the module
-    docstring).
+    docstring), with the activations between the projections sharded over the tokens (Megatron-LM sequence
+    parallelism, :mod:`lightning_seqpar.tensor_parallel.sequence`) unless ``sequence_parallel=False``.
 
     Call it on every rank of the mesh, before sequence parallelism
     (:func:`~lightning_seqpar.parallelize.apply_sequence_parallel`, which then runs its distributed attention on each
     rank's ``H / tp`` heads), before FSDP2 (:func:`~lightning_seqpar.fsdp.apply_fsdp`) and before the optimizer is
-    built. Parameters that are split become DTensors on ``tp_mesh``; inputs and outputs of the blocks stay plain,
-    replicated tensors, so the rest of the model is unchanged. All tensor-parallel ranks must hold the same initial
+    built. Parameters that are split become DTensors on ``tp_mesh`` (with ``sequence_parallel``, the blocks' norms and
+    layer scales ``Replicate`` DTensors); the input of the block stack and its output stay plain, replicated
+    ``[B, L, D]`` tensors, so the rest of the model is unchanged. All tensor-parallel ranks must hold the same initial
     weights (they are taken from the mesh's first rank) and draw the same dropout masks outside attention.
 
     Args:
@@ -266,13 +279,18 @@ def apply_tensor_parallel(
         tp_plan: ``{module path (globs allowed): ParallelStyle}``, replacing the inferred plan
             (:func:`infer_tensor_parallel_plan`). Attention modules above its column-parallel projections get
             local head counts as in the inferred plan.
+        sequence_parallel: Shard the residual stream, norms and layer scales of the largest block stack over the
+            ``tp`` ranks along the tokens (arXiv 2205.05198): activation memory between the projections / tp, the
+            same communication volume. ``False`` keeps them replicated on every ``tp`` rank.
 
     Returns:
         The plan that was applied (print it to read it).
 
     Raises:
         TensorParallelError: Unknown block kinds, head counts or widths that do not divide by the mesh size, a
-            mesh that is not one-dimensional.
+            mesh that is not one-dimensional; with ``sequence_parallel``, a plan style it cannot convert or a block
+            parameter outside the projections that is not a norm or layer scale
+            (:func:`~lightning_seqpar.tensor_parallel.sequence.token_local_modules`).
     """
     if tp_mesh.ndim != 1:
         raise TensorParallelError(
@@ -283,12 +301,40 @@ def apply_tensor_parallel(
     if size == 1:
         return plan
     attentions = check_heads(model, plan, size)
-    parallelize_module(model, tp_mesh, plan)
+    if not sequence_parallel:
+        parallelize_module(model, tp_mesh, plan)
+    else:
+        stack_path, stack = _largest_stack(model)
+        tokens = TokenCount()
+        prefix = f"{stack_path}.*." if stack_path else "*."
+        plan, gathers = token_sharded_plan(plan, tokens, prefix[:-1])
+        parallelize_module(model, tp_mesh, plan)
+        modules = dict(model.named_modules())
+        for pattern in gathers:
+            for path in (p for p in modules if fnmatch.fnmatchcase(p, pattern)):
+                gather_tokens_at_entry(modules[path], tp_mesh, tokens, path)
+        norms: dict[str, ParallelStyle] = {}
+        for i, block in enumerate(stack):
+            where = f"{stack_path}.{i}" if stack_path else str(i)
+            for path in token_local_modules(block, where):
+                norms[f"{where}.{path}"] = plan[prefix + path] = ReplicatedSequenceParallel()
+        parallelize_module(model, tp_mesh, norms)
+        shard_block_stack(stack, tp_mesh, tokens, stack_path or type(model).__name__)
     for path, attention in attentions:
         localize_heads(attention, size)
         if not isinstance(attention, nn.MultiheadAttention):
             _explain_width_errors(attention, path, size)
     return plan
+
+
+def _largest_stack(model: nn.Module) -> tuple[str, nn.Module]:
+    stacks = find_block_stacks(model)
+    if not stacks:
+        raise TensorParallelError(
+            f"found no stack of repeated transformer blocks in {type(model).__name__} to shard the tokens of over tp;"
+            " pass sequence_parallel=False (tp_sequence_parallel=False on the strategy)."
+        )
+    return stacks[0]
 
 
 def _explain_width_errors(module: nn.Module, path: str, tensor_parallel_size: int) -> None:

@@ -148,7 +148,20 @@ class MultiheadAttentionParallel(ParallelStyle):
     column shard (it takes the head width from the full input width), hence this forward; it supports what the
     sequence-parallel path supports: no masks (``is_causal=True`` honoured), no ``add_bias_kv``/``add_zero_attn``,
     ``need_weights`` ignored (``None`` returned, with a warning once).
+
+    Args:
+        tokens: Under Megatron-LM sequence parallelism (:mod:`lightning_seqpar.tensor_parallel.sequence`), the
+            :class:`~lightning_seqpar.tensor_parallel.sequence.TokenCount` of the block stack: the input is then this
+            rank's ``[B, L_r/T, D]`` (all-gathered before the projection) and the output is reduce-scattered back to
+            it. Needs ``batch_first=True``.
     """
+
+    def __init__(self, tokens: Any = None) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def __repr__(self) -> str:
+        return "MultiheadAttentionParallel(" + ("input and output sharded over tokens)" if self.tokens else ")")
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(module, nn.MultiheadAttention):
@@ -167,16 +180,25 @@ class MultiheadAttentionParallel(ParallelStyle):
             param = getattr(module, name)
             permuted = distribute_tensor(param.detach()[permutation.to(param.device)], device_mesh, [Shard(0)])
             module.register_parameter(name, nn.Parameter(permuted, requires_grad=param.requires_grad))
+        if self.tokens is not None and not module.batch_first:
+            raise TensorParallelError(
+                "nn.MultiheadAttention(batch_first=False) cannot have its tokens sharded over tp (tokens are"
+                " dimension 0): build it with batch_first=True, or use tp_sequence_parallel=False."
+            )
         register_row_layout(module, names, permutation)
-        parallelize_module(module.out_proj, device_mesh, RowwiseParallel())
+        rowwise = RowwiseParallel() if self.tokens is None else RowwiseParallel(output_layouts=Shard(1))
+        parallelize_module(module.out_proj, device_mesh, rowwise)
         module.num_heads //= tp
-        module.forward = lambda *args, **kwargs: _multihead_attention_forward(module, device_mesh, *args, **kwargs)
+        tokens = self.tokens
+        module.forward = lambda *args, **kwargs: _multihead_attention_forward(
+            module, device_mesh, tokens, *args, **kwargs)
         return module
 
 
 def _multihead_attention_forward(
     module: nn.MultiheadAttention,
     mesh: DeviceMesh,
+    tokens: Any,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -201,14 +223,18 @@ def _multihead_attention_forward(
             "tensor-parallel nn.MultiheadAttention: need_weights=True is ignored (the weights returned are None)."
         )
         _warned_need_weights = True
-    x = query if module.batch_first else query.transpose(0, 1)  # [B, L, D]
-    B, L, _ = x.shape
+    x = query if module.batch_first else query.transpose(0, 1)  # [B, L, D], or [B, L_r/T, D] with tokens
+    if tokens is None:
+        replicated = DTensor.from_local(x, mesh, [Replicate()], run_check=False)  # backward all-reduces dx over tp
+    else:  # all-gather the tokens over tp; backward reduce-scatters dx
+        replicated = tokens.sharded(x, mesh, "nn.MultiheadAttention").redistribute(placements=[Replicate()])
+    B, L, _ = replicated.shape
     H_t, d = module.num_heads, module.head_dim
-    replicated = DTensor.from_local(x, mesh, [Replicate()], run_check=False)  # backward all-reduces dx over tp
     qkv = F.linear(replicated, module.in_proj_weight, module.in_proj_bias).to_local()  # [B, L, 3 H_t d] as [q|k|v]
     q, k, v = qkv.view(B, L, 3, H_t, d).permute(2, 0, 3, 1, 4)  # [3, B, H_t, L, d]
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=module.dropout if module.training else 0.0, is_causal=is_causal
     )
-    out = module.out_proj(out.transpose(1, 2).reshape(B, L, H_t * d))  # row-parallel: all-reduce -> [B, L, D]
+    # row-parallel: all-reduce -> [B, L, D], or reduce-scatter -> [B, L_r/T, D] with tokens
+    out = module.out_proj(out.transpose(1, 2).reshape(B, L, H_t * d))
     return (out if module.batch_first else out.transpose(0, 1)), None
