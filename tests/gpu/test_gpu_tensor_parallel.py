@@ -6,7 +6,8 @@ Run on the GPU machine (its image has timm), not in CI:
 
 timm ``VisionTransformer`` (64 x 128 image, patch 8: 128 patches + class token, width 384, 6 heads, depth 2) built
 from one seed on every rank, split by :func:`lightning_seqpar.tensor_parallel.apply_tensor_parallel` over a
-2-rank ``tp`` mesh (fused qkv split by head: 3 heads per GPU) or by :func:`lightning_seqpar.fsdp.apply_fsdp`
+2-rank ``tp`` mesh (fused qkv split by head: 3 heads per GPU; with Megatron-LM sequence parallelism, 65 / 64 of
+the 129 tokens per GPU between the projections, and without it) or by :func:`lightning_seqpar.fsdp.apply_fsdp`
 over 2 ranks, trained 3 SGD-with-momentum steps on the same batches. fp32 with TF32 off: every parameter within
 relative error 1e-4 of one GPU (summation order only). bf16 (autocast for tp; FSDP2 ``param_dtype=bfloat16`` with
 fp32 reduction): losses within 2e-2 of the fp32 single-GPU losses. Versions are printed.
@@ -27,7 +28,8 @@ pytestmark = [
 ]
 
 SEED, STEPS, BATCH = 2024, 3, 4
-CASES = [("tp", "fp32"), ("tp", "bf16"), ("fsdp", "fp32"), ("fsdp", "bf16")]
+# tp: Megatron-LM sequence parallelism on (the default); tp_replicated: activations replicated over tp.
+CASES = [("tp", "fp32"), ("tp", "bf16"), ("tp_replicated", "fp32"), ("fsdp", "fp32"), ("fsdp", "bf16")]
 
 
 def build():
@@ -88,13 +90,18 @@ def worker() -> dict:
            "reference_losses": train(reference, data, autocast=False), "reference": full_state(reference)}
     for kind, precision in CASES:
         model = build().to(device)
-        mesh = init_device_mesh("cuda", (2,), mesh_dim_names=("tp" if kind == "tp" else "dp_sp",))
-        if kind == "tp":
-            apply_tensor_parallel(model, mesh["tp"])
+        mesh = init_device_mesh("cuda", (2,), mesh_dim_names=("tp" if kind.startswith("tp") else "dp_sp",))
+        if kind.startswith("tp"):
+            apply_tensor_parallel(model, mesh["tp"], sequence_parallel=kind == "tp")
             out[(kind, precision, "heads")] = [b.attn.num_heads for b in model.blocks]
             local = model.blocks[0].attn.qkv.weight.to_local().shape
             out[(kind, precision, "qkv_local")] = tuple(local)
+            seen = []  # tokens the second norm of the first block holds on this rank (after SequenceParallel's hook)
+            hook = model.blocks[0].norm2.register_forward_pre_hook(
+                lambda m, args, seen=seen: seen.append(getattr(args[0], "_local_tensor", args[0]).shape[1]))
             losses = train(model, data, autocast=precision == "bf16")
+            hook.remove()
+            out[(kind, precision, "norm_tokens")] = seen[0]
         else:
             dtype = torch.bfloat16 if precision == "bf16" else None
             apply_fsdp(model, mesh["dp_sp"], param_dtype=dtype, reduce_dtype=torch.float32)
@@ -111,6 +118,9 @@ def test_tensor_parallel_and_fsdp2_with_real_timm_equal_one_gpu():
     print("versions:", result["versions"])
     assert result[("tp", "fp32", "heads")] == [3, 3]
     assert result[("tp", "fp32", "qkv_local")] == (3 * 384 // 2, 384)
+    # 128 patches + the class token: 65 and 64 tokens per rank between the projections, all 129 when replicated
+    assert [r[("tp", "fp32", "norm_tokens")] for r in per_rank] == [65, 64]
+    assert [r[("tp_replicated", "fp32", "norm_tokens")] for r in per_rank] == [129, 129]
     reference = result["reference"]
     for kind, precision in CASES:
         run = result[(kind, precision)]
