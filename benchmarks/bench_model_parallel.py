@@ -4,14 +4,16 @@ per GPU over a ladder of sequence lengths, and a memory model fitted to them tha
 Run one configuration per launch (a configuration that runs out of memory cannot take the others with it); each
 launch merges its rows into ``model_parallel_<tag>.json`` and rewrites the ``.md`` and ``.png``::
 
-    for c in tp fsdp zero3; do
+    for c in tp tp_replicated fsdp zero3; do
       torchrun --nproc_per_node 2 benchmarks/bench_model_parallel.py --config $c --out benchmarks/results
     done
 
 Configurations on ``W`` processes (the same global work: one sample of ``L`` tokens per step, bf16-mixed, AdamW,
 activation checkpointing of every block, through Lightning's Trainer and ``SeqParStrategy``):
 
-- ``tp``: ``SeqParStrategy(tensor_parallel_size=W)`` (Megatron-style, DDP engine, dp = sp = 1);
+- ``tp``: ``SeqParStrategy(tensor_parallel_size=W)`` (Megatron-style with its sequence parallelism: activations
+  between the projections sharded over the tp ranks; DDP engine, dp = sp = 1);
+- ``tp_replicated``: the same with ``tp_sequence_parallel=False`` (activations replicated over the tp ranks);
 - ``fsdp``: ``SeqParStrategy(fsdp=True, sequence_parallel_size=W)`` (FSDP2 over the sp ranks, Ulysses attention);
 - ``zero3``: ``SeqParStrategy(zero_stage=3, sequence_parallel_size=W)`` (DeepSpeed ZeRO-3, Ulysses attention).
 
@@ -47,7 +49,7 @@ from workloads import OUT_DIM, GenericViT, vit_flops  # noqa: E402
 
 K = 1024
 GIB = 2**30
-CONFIGS = ("tp", "fsdp", "zero3")
+CONFIGS = ("tp", "tp_replicated", "fsdp", "zero3")
 
 
 def strategy_for(config: str, world: int, backend: str, timeout: int):
@@ -57,6 +59,8 @@ def strategy_for(config: str, world: int, backend: str, timeout: int):
     common = {"activation_checkpointing": True, "process_group_backend": backend, "timeout": timeout}
     if config == "tp":
         return SeqParStrategy(tensor_parallel_size=world, **common)
+    if config == "tp_replicated":
+        return SeqParStrategy(tensor_parallel_size=world, tp_sequence_parallel=False, **common)
     if config == "fsdp":
         return SeqParStrategy(fsdp=True, sequence_parallel_size=world, **common)
     if config == "zero3":
