@@ -386,3 +386,29 @@ def test_sequence_parallel_refuses_what_it_cannot_shard():
     styles, gathers = token_sharded_plan(plan, TokenCount(), "blocks.*")
     assert gathers == ["blocks.*.attn"]  # one all-gather at the attention's entry; a projection on the block gathers
     assert "input_layouts=Shard(1)" in repr(styles["blocks.*.linear1"])  # its own input
+
+
+def test_gathered_tokens_are_made_contiguous():
+    """torch 2.11's uneven all-gather leaves the gathered tokens strided, which its DTensor linear cannot view flat
+    (seen on two H200s with 129 tokens): the gather points hand on a contiguous copy, with gradients intact."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from lightning_seqpar.tensor_parallel.sequence import _contiguous
+    from tests.dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        base = torch.randn(2, 8, 6, requires_grad=True)
+        strided = base[:, :5]  # [2, 5, 6] cut along the tokens: not contiguous
+        x = DTensor.from_local(strided, init_device_mesh("cpu", (1,)), [Replicate()], run_check=False)
+        y = _contiguous(x)
+        assert not strided.is_contiguous() and y.to_local().is_contiguous()
+        torch.testing.assert_close(y.to_local(), strided)
+        y.to_local().sum().backward()
+        assert torch.equal(base.grad[:, :5], torch.ones(2, 5, 6)) and not base.grad[:, 5:].any()
+        z = DTensor.from_local(torch.randn(2, 5, 6), init_device_mesh("cpu", (1,)), [Replicate()], run_check=False)
+        assert _contiguous(z) is z  # no copy when there is nothing to fix
+    finally:
+        dist.destroy_process_group()

@@ -104,7 +104,7 @@ class _TokenShardedInput:
             x = inputs[0]
             if not isinstance(x, DTensor):
                 x = tokens.sharded(x, mesh, type(mod).__name__)
-            return x.redistribute(placements=desired_input_layouts, async_op=True)
+            return _contiguous(x.redistribute(placements=desired_input_layouts))
 
         self._prepare_input_fn = prepare  # read by ColwiseParallel._apply
         return super()._apply(module, device_mesh)  # type: ignore[misc]
@@ -211,7 +211,8 @@ def gather_tokens_at_entry(module: nn.Module, mesh: DeviceMesh, tokens: TokenCou
 
     def make(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            gather = lambda x: tokens.sharded(x, mesh, where).redistribute(placements=[Replicate()])  # noqa: E731
+            gather = lambda x: _contiguous(  # noqa: E731
+                tokens.sharded(x, mesh, where).redistribute(placements=[Replicate()]))
             args, kwargs = _map_first_tensor(args, kwargs, gather, where)
             return inner(*args, **kwargs)
 
@@ -272,8 +273,8 @@ def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, wh
     def make_exit(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
-            gather = lambda y: tokens.sharded(y, mesh, f"{where}.{len(blocks) - 1}").redistribute(  # noqa: E731
-                placements=[Replicate()]).to_local()
+            gather = lambda y: _contiguous(tokens.sharded(y, mesh, f"{where}.{len(blocks) - 1}").redistribute(  # noqa: E731
+                placements=[Replicate()])).to_local()
             if isinstance(out, Tensor):
                 return gather(out)
             if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
@@ -286,6 +287,13 @@ def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, wh
         return forward
 
     return [wrap_forward(blocks[0], make_entry), wrap_forward(blocks[-1], make_exit)]
+
+
+def _contiguous(x: DTensor) -> DTensor:
+    """``x`` with a contiguous local tensor. An all-gather of uneven shards cuts the padding off the gathered tensor
+    along the tokens, which leaves it strided where torch 2.11's DTensor ``linear`` views it flat (an error on two
+    H200s with 129 tokens); a copy only then."""
+    return x if x.to_local().is_contiguous() else x.contiguous()
 
 
 def _map_first_tensor(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor], where: str) -> tuple[tuple, dict]:
