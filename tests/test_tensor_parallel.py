@@ -393,7 +393,7 @@ def test_gathered_tokens_are_made_contiguous():
     (seen on two H200s with 129 tokens): the gather points hand on a contiguous copy, with gradients intact."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     from lightning_seqpar.tensor_parallel.sequence import _contiguous
     from tests.dist_utils import free_port
@@ -402,9 +402,15 @@ def test_gathered_tokens_are_made_contiguous():
     try:
         base = torch.randn(2, 8, 6, requires_grad=True)
         strided = base[:, :5]  # [2, 5, 6] cut along the tokens: not contiguous
-        x = DTensor.from_local(strided, init_device_mesh("cpu", (1,)), [Replicate()], run_check=False)
+        # the gathered DTensor claims the whole tensor's contiguous strides while its local tensor is strided
+        x = DTensor.from_local(strided, init_device_mesh("cpu", (1,)), [Replicate()], run_check=False,
+                               shape=strided.shape, stride=(30, 6, 1))
+        weight = distribute_tensor(torch.randn(4, 6), x.device_mesh, [Shard(0)])
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            torch.nn.functional.linear(x, weight)  # what the real timm ViT hit in its qkv projection
         y = _contiguous(x)
         assert not strided.is_contiguous() and y.to_local().is_contiguous()
+        assert torch.nn.functional.linear(y, weight).shape == (2, 5, 4)
         torch.testing.assert_close(y.to_local(), strided)
         y.to_local().sum().backward()
         assert torch.equal(base.grad[:, :5], torch.ones(2, 5, 6)) and not base.grad[:, 5:].any()

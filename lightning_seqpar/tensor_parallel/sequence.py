@@ -293,7 +293,9 @@ def _contiguous(x: DTensor) -> DTensor:
     """``x`` with a contiguous local tensor. An all-gather of uneven shards cuts the padding off the gathered tensor
     along the tokens, which leaves it strided where torch 2.11's DTensor ``linear`` views it flat (an error on two
     H200s with 129 tokens); a copy only then."""
-    return x if x.to_local().is_contiguous() else x.contiguous()
+    # (DTensor.contiguous() looks at the DTensor's own strides, contiguous here, and returns it as it is; clone with a
+    # memory format copies the local tensor, and passes gradients, Partial ones too, through unchanged)
+    return x if x.to_local().is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 def _map_first_tensor(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor], where: str) -> tuple[tuple, dict]:
