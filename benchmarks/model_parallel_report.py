@@ -13,7 +13,8 @@ Memory model, per configuration, fitted to the measured lengths on ``W`` GPUs::
   sequence-parallel norms and split heads), and activation checkpointing keeps it linear in L;
 - ``transient``: what the line's intercept adds above the state (gathered blocks of FSDP2 / ZeRO-3, workspaces);
 - ``step_floor``: at short sequences the optimizer step's temporaries, not the activations, set the peak (torch's
-  multi-tensor AdamW allocates them the size of the rank's parameter shards); it divides with the shards.
+  multi-tensor AdamW allocates them the size of the rank's parameter shards); taken at the shortest measured length,
+  it divides with the shards.
 
 ``c`` and ``transient`` come from the two longest measured lengths, where activations dominate.
 
@@ -38,8 +39,10 @@ def fit(rows: list[dict], world: int) -> dict | None:
 
     The slope ``c`` and the ``transient`` come from the two longest lengths, where activations dominate the peak.
     At short lengths the peak can instead be the optimizer step's (torch's multi-tensor AdamW allocates temporaries
-    the size of the rank's parameter shards): ``step_floor_gib`` is the largest amount by which a measured peak
-    exceeds that line, and the model's peak is ``state + max(step_floor, transient + activations)``."""
+    the size of the rank's parameter shards): ``step_floor_gib`` is the shortest length's peak above the state when
+    it exceeds that line, and the model's peak is ``state + max(step_floor, transient + activations)``. (Excess at
+    longer lengths is the activations' slight growth above linear, which the line through the two longest already
+    bounds; taking it as a floor would predict short lengths above their measured peaks.)"""
     ok = sorted((r for r in rows if r.get("status") == "ok" and r.get("peak_gib") is not None),
                 key=lambda r: r["length"])
     if len(ok) < FIT_MIN_ROWS:
@@ -48,8 +51,9 @@ def fit(rows: list[dict], world: int) -> dict | None:
     slope = (b["peak_gib"] - a["peak_gib"]) / (b["length"] - a["length"])
     state = statistics.median(r["state_gib"] for r in ok)
     transient = b["peak_gib"] - slope * b["length"] - state
-    floor = max((r["peak_gib"] - state for r in ok if r["peak_gib"] - state > transient + slope * r["length"] + 1e-9),
-                default=0.0)
+    short = ok[0]
+    above_line = short["peak_gib"] - state > transient + slope * short["length"] + 1e-9
+    floor = short["peak_gib"] - state if above_line else 0.0
     model = {"state_gib": state, "transient_gib": transient, "kib_per_token_per_gpu": slope * world * 2**20,
              "step_floor_gib": floor}
     model["worst_fit_error_gib"] = max(abs(predict(model, world, world, r["length"]) - r["peak_gib"]) for r in ok)

@@ -48,6 +48,12 @@ def test_memory_model_fits_and_predicts_by_hand():
     assert model["step_floor_gib"] == pytest.approx(16.0) and model["transient_gib"] == pytest.approx(5.0)
     assert model["worst_fit_error_gib"] == pytest.approx(0.0, abs=1e-9)
     assert predict(model, 2, 4, 8192) == pytest.approx(37.5 + 8.0)  # the floor divides with the shards
+    # Peaks slightly above the line at middle lengths (activations growing a little faster than L, as tp with
+    # sequence-parallel norms measured) are no floor: the shortest length, on the line, keeps the model's floor at 0
+    convex = rows((32768, 65536, 131072, 196608))
+    convex[1]["peak_gib"] += 0.7
+    model = fit(convex, world=2)
+    assert model["step_floor_gib"] == 0.0 and model["worst_fit_error_gib"] == pytest.approx(0.7)
 
 
 def test_ladder_predictions_and_auto_length():
