@@ -249,6 +249,7 @@ def test_registered_names_build_their_engines():
             "tp_plan must be a dict {module path: ParallelStyle}",
         ),
         ({"tp_plan": {}}, "tp_plan is given but tensor_parallel_size=1"),
+        ({"tensor_parallel_size": 2, "tp_sequence_parallel": "no"}, "tp_sequence_parallel must be True or False"),
         (
             {"fsdp": True, "zero_stage": 3},
             r"SeqParFSDPStrategy \(fsdp=True\) shards with FSDP2; zero_stage=3 configures DeepSpeed",
