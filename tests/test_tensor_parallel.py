@@ -418,3 +418,25 @@ def test_gathered_tokens_are_made_contiguous():
         assert _contiguous(z) is z  # no copy when there is nothing to fix
     finally:
         dist.destroy_process_group()
+
+
+def test_fewer_tokens_than_tensor_parallel_ranks_is_refused_before_any_collective():
+    """A tp rank left without tokens by torch.chunk's split (1 token over 2, 9 over 4: 3, 3, 3, 0) would wait forever
+    in DTensor's all-gather (found by a new user's trial); the first block refuses it, on every rank alike, before
+    any collective."""
+    from lightning_seqpar.tensor_parallel import TensorParallelError
+    from lightning_seqpar.tensor_parallel.sequence import TokenCount, check_every_rank_holds_tokens, shard_block_stack
+
+    for length, tp in ((13, 2), (2, 2), (10, 4), (8, 8), (50, 8)):
+        check_every_rank_holds_tokens(length, tp, "blocks.0")
+    with pytest.raises(TensorParallelError, match=r"9 tokens .* tensor_parallel_size=4 as \[3, 3, 3, 0\].*at least 10"):
+        check_every_rank_holds_tokens(9, 4, "blocks.0")
+
+    class TwoRanks:  # the entry checks before it touches the mesh's process group
+        def size(self):
+            return 2
+
+    stack = nn.Sequential(nn.Identity(), nn.Identity())
+    shard_block_stack(stack, TwoRanks(), TokenCount(), "blocks")
+    with pytest.raises(TensorParallelError, match=r"blocks\.0 got 1 tokens.*tp_sequence_parallel=False"):
+        stack(torch.randn(1, 1, 4))

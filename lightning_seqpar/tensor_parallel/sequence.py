@@ -84,6 +84,33 @@ class TokenCount:
                                   stride=stride)
 
 
+def check_every_rank_holds_tokens(length: int, tensor_parallel_size: int, where: str) -> None:
+    """Raise unless ``torch.chunk``'s split of ``length`` tokens over ``tensor_parallel_size`` ranks leaves every rank
+    at least one token (DTensor's all-gather of a shard with no tokens waits forever: 1 token over 2 ranks, 9 over 4
+    as 3, 3, 3, 0).
+
+    Raises:
+        TensorParallelError: Naming the block, the count, the split and what to do.
+    """
+    sizes = _chunk_sizes(length, tensor_parallel_size)
+    if 0 in sizes:
+        raise TensorParallelError(
+            f"{where} got {length} tokens (on this sequence-parallel rank), which tp_sequence_parallel splits over"
+            f" tensor_parallel_size={tensor_parallel_size} as {sizes}: a tensor-parallel rank without tokens cannot"
+            f" take part in the token all-gathers. Give the block stack at least {_least_tokens(tensor_parallel_size)}"
+            " tokens per sequence-parallel rank, or build the strategy with tp_sequence_parallel=False (activations"
+            " replicated over tp, any token count)."
+        )
+
+
+def _least_tokens(parts: int) -> int:
+    """The smallest token count from which on every count leaves no rank of ``parts`` empty."""
+    length = parts
+    while any(0 in _chunk_sizes(n, parts) for n in range(length, length + parts * parts)):
+        length += 1
+    return length
+
+
 def _chunk_sizes(length: int, parts: int) -> list[int]:
     """Tokens per rank of ``Shard``'s split (``torch.chunk``): ``ceil(L / T)`` each until the tokens run out."""
     size = -(-length // parts)
@@ -262,6 +289,7 @@ def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, wh
                 if x.dim() < 2:
                     raise TensorParallelError(f"{where}.0 got a {tuple(x.shape)} input; [B, L, D] expected.")
                 tokens.length = x.shape[TOKEN_DIM]
+                check_every_rank_holds_tokens(tokens.length, mesh.size(), f"{where}.0")
                 whole = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
                 return whole.redistribute(placements=[Shard(TOKEN_DIM)]).to_local()
 
