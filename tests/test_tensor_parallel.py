@@ -237,6 +237,7 @@ LAYOUTS = {
         [
             {"name": "block", "reload": True},
             {"name": "block", "reload": True, "tp_sequence_parallel": False},
+            {"name": "block", "user_plan": True},  # a torchtitan-style Megatron plan of the user's own
             {"name": "block", "optimizer": "adamw"},
             {"name": "torch_encoder", "reload": True},
             {"name": "hf_vit", "reload": True},

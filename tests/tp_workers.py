@@ -136,15 +136,31 @@ def norm_token_counts(model: nn.Module) -> tuple[list[int], list]:
     return counts, handles
 
 
+def megatron_plan() -> dict:
+    """A user's own Megatron-style plan of the bundled Block ViT, as torchtitan writes them: column-parallel inputs
+    and row-parallel outputs sharded over the tokens, torch's ``SequenceParallel`` on the norms."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    from lightning_seqpar.tensor_parallel import FusedColwiseParallel
+
+    return {"blocks.*.attn.qkv": FusedColwiseParallel(chunks=3, input_layouts=Shard(1)),
+            "blocks.*.attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+            "blocks.*.mlp.fc1": ColwiseParallel(input_layouts=Shard(1)),
+            "blocks.*.mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
+            "blocks.*.norm1": SequenceParallel(), "blocks.*.norm2": SequenceParallel()}
+
+
 def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sgd", attention: str = "ulysses",
                 steps: int = STEPS, save: str | None = None, load: str | None = None, at_step: int = 0,
-                reload: bool = False, tp_sequence_parallel: bool = True) -> dict:
+                reload: bool = False, tp_sequence_parallel: bool = True, user_plan: bool = False) -> dict:
     """Train ``name`` split over ``mesh`` and return losses, full state dicts and the layout seen.
 
     ``save``: write a DCP checkpoint (model + optimizer) there after ``at_step`` steps. ``load``: start from the
     checkpoint there and train the steps after ``at_step``. ``reload``: load the trained weights, whole, into a
     freshly split model and return its state dict too. ``tp_sequence_parallel``: shard the activations between the
-    projections over tp (``norm_tokens``: the token counts the blocks' LayerNorms saw in the first step)."""
+    projections over tp (``norm_tokens``: the token counts the blocks' LayerNorms saw in the first step).
+    ``user_plan``: :func:`megatron_plan` as the ``tp_plan``."""
     import torch.distributed as dist
 
     from lightning_seqpar.fsdp import apply_fsdp, load_checkpoint, save_checkpoint
@@ -155,8 +171,8 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
     dp, sp, tp = (mesh[d].size() for d in ("dp", "sp", "tp"))
     model, data = build(name), dataset(name)
     single_device = {k: v.clone() for k, v in model.state_dict().items()}
-    tp_plan = describe_plan(apply_tensor_parallel(model, mesh["tp"], sequence_parallel=tp_sequence_parallel)) \
-        if tp > 1 else None
+    tp_plan = describe_plan(apply_tensor_parallel(model, mesh["tp"], megatron_plan() if user_plan else None,
+                                                  sequence_parallel=tp_sequence_parallel)) if tp > 1 else None
     local_heads = [
         getattr(m, a)
         for m in model.modules()
@@ -204,7 +220,8 @@ def train_split(mesh, dp_sp, name: str, fsdp: bool = False, optimizer: str = "sg
 
         fresh = build(name)
         if tp > 1:
-            apply_tensor_parallel(fresh, mesh["tp"], sequence_parallel=tp_sequence_parallel)
+            apply_tensor_parallel(fresh, mesh["tp"], megatron_plan() if user_plan else None,
+                                  sequence_parallel=tp_sequence_parallel)
         if fsdp:
             apply_fsdp(fresh, dp_sp)
         # (it replaces the values of the dict it is given by its DTensors: hand it a copy)

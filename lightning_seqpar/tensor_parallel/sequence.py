@@ -58,12 +58,15 @@ class TokenCount:
         self.length: int | None = None
 
     def sharded(self, local: Tensor, mesh: DeviceMesh, where: str) -> DTensor:
-        """``local`` (this rank's ``[B, L_r/T, ..]``) as a DTensor ``Shard(1)`` of the whole ``[B, L_r, ..]``.
+        """``local`` (this rank's ``[B, L_r/T, ..]``, or a DTensor sharded so) as a DTensor ``Shard(1)`` of the whole
+        ``[B, L_r, ..]``.
 
         Raises:
             TensorParallelError: No first block ran in this forward (a split module called outside the block
                 stack), or ``local`` is not this rank's share of L_r tokens.
         """
+        if isinstance(local, DTensor):  # a user's own SequenceParallel (use_local_output=False) handed it on
+            local = local.to_local()
         if self.length is None:
             raise TensorParallelError(
                 f"{where} runs with its input sharded over the tokens (tp_sequence_parallel), but the block stack's"
@@ -182,12 +185,14 @@ def token_sharded_plan(
     """``plan`` with the activations between its projections sharded over the tokens, and the module patterns at
     whose entry the tokens are all-gathered.
 
-    A column-parallel projection inside a submodule of the block (``blocks.*.attn.qkv``, ``blocks.*.mlp.fc1``) keeps
-    its style; the submodule (``blocks.*.attn``) gets the all-gather at its entry, as a ``Replicate`` DTensor, so
-    that its own forward reads the whole ``[B, L_r, D]`` shape and q, k and v share one all-gather (torchtitan's
-    ``PrepareModuleInput`` before attention). A column-parallel projection directly on the block (torch's
-    ``linear1``) all-gathers its own input (:class:`TokenShardedColwiseParallel`). Row-parallel outputs are
-    reduce-scattered (``RowwiseParallel(output_layouts=Shard(1))``); per-head ``SequenceParallel`` entries are kept.
+    A column-parallel projection inside a submodule of the block (``blocks.*.attn.qkv``, ``blocks.*.mlp.fc1``)
+    takes replicated input, and the submodule (``blocks.*.attn``) gets the all-gather at its entry, as a
+    ``Replicate`` DTensor, so that its own forward reads the whole ``[B, L_r, D]`` shape and q, k and v share one
+    all-gather (torchtitan's ``PrepareModuleInput`` before attention). A column-parallel projection directly on the
+    block (torch's ``linear1``) all-gathers its own input (:class:`TokenShardedColwiseParallel`). A plan written for
+    token-sharded inputs already (``ColwiseParallel(input_layouts=Shard(1))``, Megatron-style) is gathered the same
+    way. Row-parallel outputs are reduce-scattered (``RowwiseParallel(output_layouts=Shard(1))``, kept where the plan
+    says so); ``SequenceParallel`` entries are kept.
 
     Args:
         plan: The tensor-parallel plan (globbed paths).
@@ -207,9 +212,10 @@ def token_sharded_plan(
         parent = path.rpartition(".")[0]
         if isinstance(style, MultiheadAttentionParallel):
             out[path] = MultiheadAttentionParallel(tokens=tokens)
-        elif isinstance(style, ColwiseParallel) and style.input_layouts == (Replicate(),):
+        elif isinstance(style, ColwiseParallel) and style.input_layouts in ((Replicate(),), (Shard(TOKEN_DIM),)):
+            # (a Megatron-style plan's ColwiseParallel(input_layouts=Shard(1)) is gathered the same way)
             if parent != block_pattern:
-                out[path] = style
+                out[path] = style if style.input_layouts == (Replicate(),) else _replicated_input(style)
                 if parent not in gathers:
                     gathers.append(parent)
                 continue
@@ -219,6 +225,8 @@ def token_sharded_plan(
         elif isinstance(style, RowwiseParallel) and style.output_layouts == (Replicate(),):
             out[path] = RowwiseParallel(input_layouts=style.input_layouts[0], output_layouts=Shard(TOKEN_DIM),
                                         use_local_output=style.use_local_output)
+        elif isinstance(style, RowwiseParallel) and style.output_layouts == (Shard(TOKEN_DIM),):
+            out[path] = style  # already reduce-scatters over the tokens
         elif isinstance(style, SequenceParallel):
             out[path] = style
         else:
@@ -229,6 +237,14 @@ def token_sharded_plan(
                 " plan as it is."
             )
     return out, gathers
+
+
+def _replicated_input(style: ColwiseParallel) -> ColwiseParallel:
+    """``style`` taking the replicated input a gather at its parent's entry hands on."""
+    kwargs = {"output_layouts": style.output_layouts[0], "use_local_output": style.use_local_output}
+    if isinstance(style, FusedColwiseParallel):
+        return FusedColwiseParallel(chunks=style.chunks, **kwargs)
+    return ColwiseParallel(**kwargs)
 
 
 def gather_tokens_at_entry(module: nn.Module, mesh: DeviceMesh, tokens: TokenCount, where: str) -> Callable[[], None]:
