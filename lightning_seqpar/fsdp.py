@@ -192,8 +192,11 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     own numbering from a run without tensor parallelism) into ``optimizer`` at this run's layout; every rank passes
     the same ``state``.
 
+    Parameters without saved state (no gradient before the checkpoint was written) start with fresh state.
+
     Raises:
-        ValueError: ``state`` numbers more parameters than the optimizer holds.
+        ValueError: ``state`` numbers more parameters than the optimizer holds, or names parameters the model does
+            not have.
     """
     state = {"state": dict(state.get("state", {})), "param_groups": [dict(g) for g in state.get("param_groups", [])]}
     names = {id(p): name for name, p in model.named_parameters()}
@@ -209,8 +212,25 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         state["state"] = {ordered[i]: v for i, v in state["state"].items()}
         for group in state["param_groups"]:
             group["params"] = [ordered[i] for i in group["params"]]
+    unknown = sorted(set(state["state"]) - set(ordered))
+    if unknown:
+        raise ValueError(
+            f"the saved optimizer state holds parameters this model does not have ({', '.join(unknown[:5])}"
+            f"{', ...' if len(unknown) > 5 else ''}): it was saved for another model."
+        )
+    if not any(isinstance(v, Tensor) and v.dim() > 0 for entry in state["state"].values() for v in entry.values()):
+        # No per-parameter tensors (SGD without momentum): nothing to lay out, and torch's full-state loader cannot
+        # tell the device then ("Expected device to be set"); the optimizer's own loader takes it by index.
+        index = {name: i for i, name in enumerate(ordered)}
+        optimizer.load_state_dict({
+            "state": {index[name]: entry for name, entry in state["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]],
+        })
+        return
     state = _optimizer_rows(model, state, to_original=False)  # whole tensors, this run's rows
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # Parameters that had no gradient before the checkpoint (an unused mask token) have no saved state and keep
+    # the fresh state torch gives them; a name the model lacks was refused above.
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -262,7 +282,16 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     model_state, optim_state = get_state_dict(model, optimizer)
     live = {fqn: dict(v) for fqn, v in optim_state.get("state", {}).items()}  # the tensors in this run's row order
     state = {"model": model_state, "optimizer": _optimizer_rows(model, optim_state, to_original=True), **(extra or {})}
+    # A parameter that had no gradient before the checkpoint (an unused mask token) has no optimizer state in it:
+    # it keeps the fresh state it has here instead of failing the load ("Missing key in checkpoint state_dict").
+    saved = set(dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata)
+    fresh = {}
+    for fqn, entry in state["optimizer"].get("state", {}).items():
+        for key in [k for k in entry if f"optimizer.state.{fqn}.{k}" not in saved]:
+            fresh[(fqn, key)] = entry.pop(key)
     dcp.load(state, checkpoint_id=os.fspath(path))
+    for (fqn, key), value in fresh.items():
+        state["optimizer"]["state"][fqn][key] = value
     optim_state = _optimizer_rows(model, state["optimizer"], to_original=False, like=live)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
     return extra or {}
