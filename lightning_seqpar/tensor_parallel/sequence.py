@@ -71,7 +71,7 @@ class TokenCount:
             raise TensorParallelError(
                 f"{where} runs with its input sharded over the tokens (tp_sequence_parallel), but the block stack's"
                 " first block has not run in this forward; call the split blocks in order, or build the strategy"
-                " with tp_sequence_parallel=False."
+                " with tp_sequence_parallel=False (sequence_parallel=False in apply_tensor_parallel)."
             )
         shape = (*local.shape[:TOKEN_DIM], self.length, *local.shape[TOKEN_DIM + 1:])
         expected = _chunk_sizes(self.length, mesh.size())[mesh.get_local_rank()]
@@ -80,7 +80,7 @@ class TokenCount:
                 f"{where} got {local.shape[TOKEN_DIM]} tokens on tensor-parallel rank {mesh.get_local_rank()}, but"
                 f" its share of the block stack's {self.length} tokens is {expected}: the blocks changed the token"
                 " count, which tp_sequence_parallel does not support; build the strategy with"
-                " tp_sequence_parallel=False."
+                " tp_sequence_parallel=False (sequence_parallel=False in apply_tensor_parallel)."
             )
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(local, mesh, [Shard(TOKEN_DIM)], run_check=False, shape=torch.Size(shape),
@@ -101,8 +101,8 @@ def check_every_rank_holds_tokens(length: int, tensor_parallel_size: int, where:
             f"{where} got {length} tokens (on this sequence-parallel rank), which tp_sequence_parallel splits over"
             f" tensor_parallel_size={tensor_parallel_size} as {sizes}: a tensor-parallel rank without tokens cannot"
             f" take part in the token all-gathers. Give the block stack at least {_least_tokens(tensor_parallel_size)}"
-            " tokens per sequence-parallel rank, or build the strategy with tp_sequence_parallel=False (activations"
-            " replicated over tp, any token count)."
+            " tokens per sequence-parallel rank, or build the strategy with tp_sequence_parallel=False"
+            " (sequence_parallel=False in apply_tensor_parallel; activations replicated over tp, any token count)."
         )
 
 
@@ -286,8 +286,9 @@ def token_local_modules(block: nn.Module, where: str) -> list[str]:
         raise TensorParallelError(
             f"{name} ({type(module).__name__}) holds parameters {[n for n, _ in own]} outside the tensor-parallel"
             " projections that are not a norm or a layer scale; with tp_sequence_parallel each rank would run them"
-            " on its share of the tokens only. Build the strategy with tp_sequence_parallel=False (activations"
-            " replicated over tp), or move them into a submodule whose parameters are all 1-D."
+            " on its share of the tokens only. Build the strategy with tp_sequence_parallel=False"
+            " (sequence_parallel=False in apply_tensor_parallel; activations replicated over tp), or move them into a"
+            " submodule whose parameters are all 1-D."
         )
     return found
 
