@@ -91,6 +91,36 @@ def wrap_forward(module: nn.Module, make: Callable[[Callable], Callable]) -> Cal
     return undo
 
 
+def map_first_tensor_argument(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor],
+                              error: Callable[[], Exception]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a module call with ``transform`` applied to its first tensor argument: ``args[0]``,
+    else the first tensor keyword argument.
+
+    Raises:
+        Exception: ``error()`` when the call has no such tensor.
+    """
+    if args and isinstance(args[0], Tensor):
+        return (transform(args[0]), *args[1:]), kwargs
+    for name, value in kwargs.items():
+        if isinstance(value, Tensor):
+            return args, {**kwargs, name: transform(value)}
+    raise error()
+
+
+def map_first_tensor_output(output: Any, transform: Callable[[Tensor], Tensor],
+                            error: Callable[[Any], Exception]) -> Any:
+    """A module's output with ``transform`` applied to it (a tensor) or to its first element (a tuple or list).
+
+    Raises:
+        Exception: ``error(output)`` for any other output.
+    """
+    if isinstance(output, Tensor):
+        return transform(output)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return type(output)([transform(output[0]), *output[1:]])
+    raise error(output)
+
+
 def chunk_module(module: nn.Module, chunks: int, dim: int = 1, out_dim: int | None = None) -> Callable[[], None]:
     """Make ``module`` (token-local, one tensor in, one out) run through :func:`checkpointed_chunks`; returns undo."""
     return wrap_forward(module, lambda inner: lambda x: checkpointed_chunks(inner, x, chunks, dim, out_dim))

@@ -14,13 +14,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_seqpar.adapters import DistributedSDPA, UnsupportedAttentionError
 from lightning_seqpar.comm import shard_sequence
 from lightning_seqpar.parallelize.arguments import shard_arguments_hook
 from lightning_seqpar.plan import ROLE_KINDS, PlanError, Role, attention_adapter
-from lightning_seqpar.wrapping import checkpoint_module, chunk_module
+from lightning_seqpar.wrapping import (
+    checkpoint_module,
+    chunk_module,
+    map_first_tensor_argument,
+    map_first_tensor_output,
+)
 
 if TYPE_CHECKING:
     from lightning_seqpar.parallelize.apply import AppliedPlan
@@ -169,10 +174,13 @@ class ShardGatherRole(RoleApplication):
         point = runtime.shard if role.kind.startswith("shard") else runtime.gather
         if role.kind.endswith("_input"):
             handle = module.register_forward_pre_hook(
-                lambda m, args, kwargs: _first_tensor_arg(args, kwargs, lambda t: point(t, dim)), with_kwargs=True
+                lambda m, args, kwargs: map_first_tensor_argument(args, kwargs, lambda t: point(t, dim), _no_argument),
+                with_kwargs=True,
             )
         else:
-            handle = module.register_forward_hook(lambda m, args, out: _map_output(out, lambda t: point(t, dim)))
+            handle = module.register_forward_hook(
+                lambda m, args, out: map_first_tensor_output(out, lambda t: point(t, dim), _no_output)
+            )
         applied.add_undo(handle.remove)
 
 
@@ -203,18 +211,9 @@ assert sorted(_covered) == sorted(ROLE_KINDS), (
 )
 
 
-def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor]) -> tuple[tuple, dict]:
-    if args and isinstance(args[0], Tensor):
-        return (transform(args[0]), *args[1:]), kwargs
-    for name, value in kwargs.items():
-        if isinstance(value, Tensor):
-            return args, {**kwargs, name: transform(value)}
-    raise PlanError("a shard_input/gather_input module was called without a tensor argument")
+def _no_argument() -> PlanError:
+    return PlanError("a shard_input/gather_input module was called without a tensor argument")
 
 
-def _map_output(output: Any, transform: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(output, Tensor):
-        return transform(output)
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return type(output)([transform(output[0]), *output[1:]])
-    raise PlanError(f"a shard_output/gather_output module returned {type(output).__name__}, not a tensor or tuple")
+def _no_output(output: Any) -> PlanError:
+    return PlanError(f"a shard_output/gather_output module returned {type(output).__name__}, not a tensor or tuple")

@@ -45,7 +45,7 @@ from lightning_seqpar.tensor_parallel.styles import (
     MultiheadAttentionParallel,
     TensorParallelError,
 )
-from lightning_seqpar.wrapping import wrap_forward
+from lightning_seqpar.wrapping import map_first_tensor_argument, map_first_tensor_output, wrap_forward
 
 TOKEN_DIM = 1
 
@@ -85,6 +85,12 @@ class TokenCount:
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(local, mesh, [Shard(TOKEN_DIM)], run_check=False, shape=torch.Size(shape),
                                   stride=stride)
+
+    def gathered(self, x: Tensor, mesh: DeviceMesh, where: str) -> DTensor:
+        """``x`` (this rank's token shard, plain or a ``Shard(1)`` DTensor; see :meth:`sharded`) all-gathered over
+        ``tp`` into a ``Replicate`` DTensor of the whole ``[B, L_r, ..]`` with a contiguous local tensor; backward
+        reduce-scatters (or slices) its gradient."""
+        return _contiguous(self.sharded(x, mesh, where).redistribute(placements=[Replicate()]))
 
 
 def check_every_rank_holds_tokens(length: int, tensor_parallel_size: int, where: str) -> None:
@@ -131,10 +137,7 @@ class _TokenShardedInput:
         tokens = self.tokens
 
         def prepare(input_layouts, desired_input_layouts, mod, inputs, mesh):  # ColwiseParallel's hook signature
-            x = inputs[0]
-            if not isinstance(x, DTensor):
-                x = tokens.sharded(x, mesh, type(mod).__name__)
-            return _contiguous(x.redistribute(placements=desired_input_layouts))
+            return tokens.gathered(inputs[0], mesh, type(mod).__name__)  # (its desired layout is Replicate)
 
         self._prepare_input_fn = prepare  # read by ColwiseParallel._apply
         return super()._apply(module, device_mesh)  # type: ignore[misc]
@@ -252,11 +255,13 @@ def gather_tokens_at_entry(module: nn.Module, mesh: DeviceMesh, tokens: TokenCou
     (a ``Replicate`` DTensor: one all-gather over ``tp``; backward, the column-parallel projections' partial
     input gradients are reduce-scattered). Returns the undo."""
 
+    def no_tensor() -> TensorParallelError:
+        return TensorParallelError(f"{where} was called without a tensor input to gather over tp.")
+
     def make(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            gather = lambda x: _contiguous(  # noqa: E731
-                tokens.sharded(x, mesh, where).redistribute(placements=[Replicate()]))
-            args, kwargs = _map_first_tensor(args, kwargs, gather, where)
+            args, kwargs = map_first_tensor_argument(args, kwargs, lambda x: tokens.gathered(x, mesh, where),
+                                                     no_tensor)
             return inner(*args, **kwargs)
 
         return forward
@@ -299,35 +304,36 @@ def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, wh
     back to ``[B, L_r, D]`` (backward: this rank's slice). The wrappers run inside the blocks' hooks, so the
     sequence-parallel shard (a pre-hook) comes before and its gather (a hook) after. Returns the undos."""
     blocks = list(stack)
+    first, last = f"{where}.0", f"{where}.{len(blocks) - 1}"
+
+    def shard(x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise TensorParallelError(f"{first} got a {tuple(x.shape)} input; [B, L, D] expected.")
+        tokens.length = x.shape[TOKEN_DIM]
+        check_every_rank_holds_tokens(tokens.length, mesh.size(), first)
+        whole = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return whole.redistribute(placements=[Shard(TOKEN_DIM)]).to_local()
+
+    def no_tensor() -> TensorParallelError:
+        return TensorParallelError(f"{first} was called without a tensor input to shard over tp.")
+
+    def not_a_tensor(out: Any) -> TensorParallelError:
+        return TensorParallelError(
+            f"{last} returned {type(out).__name__}; tp_sequence_parallel gathers a block's tensor output (or the"
+            " first element of a tuple)."
+        )
 
     def make_entry(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            def shard(x: Tensor) -> Tensor:
-                if x.dim() < 2:
-                    raise TensorParallelError(f"{where}.0 got a {tuple(x.shape)} input; [B, L, D] expected.")
-                tokens.length = x.shape[TOKEN_DIM]
-                check_every_rank_holds_tokens(tokens.length, mesh.size(), f"{where}.0")
-                whole = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-                return whole.redistribute(placements=[Shard(TOKEN_DIM)]).to_local()
-
-            args, kwargs = _map_first_tensor(args, kwargs, shard, f"{where}.0")
+            args, kwargs = map_first_tensor_argument(args, kwargs, shard, no_tensor)
             return inner(*args, **kwargs)
 
         return forward
 
     def make_exit(inner: Callable) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            out = inner(*args, **kwargs)
-            gather = lambda y: _contiguous(tokens.sharded(y, mesh, f"{where}.{len(blocks) - 1}").redistribute(  # noqa: E731
-                placements=[Replicate()])).to_local()
-            if isinstance(out, Tensor):
-                return gather(out)
-            if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
-                return (gather(out[0]), *out[1:])
-            raise TensorParallelError(
-                f"{where}.{len(blocks) - 1} returned {type(out).__name__}; tp_sequence_parallel gathers a block's"
-                " tensor output (or the first element of a tuple)."
-            )
+            gather = lambda y: tokens.gathered(y, mesh, last).to_local()  # noqa: E731
+            return map_first_tensor_output(inner(*args, **kwargs), gather, not_a_tensor)
 
         return forward
 
@@ -341,13 +347,3 @@ def _contiguous(x: DTensor) -> DTensor:
     # (DTensor.contiguous() looks at the DTensor's own strides, contiguous here, and returns it as it is; clone with a
     # memory format copies the local tensor, and passes gradients, Partial ones too, through unchanged)
     return x if x.to_local().is_contiguous() else x.clone(memory_format=torch.contiguous_format)
-
-
-def _map_first_tensor(args: tuple, kwargs: dict, fn: Callable[[Tensor], Tensor], where: str) -> tuple[tuple, dict]:
-    for i, a in enumerate(args):
-        if isinstance(a, Tensor):
-            return (*args[:i], fn(a), *args[i + 1:]), kwargs
-    for key in ("hidden_states", "x", "src", "input"):
-        if isinstance(kwargs.get(key), Tensor):
-            return args, {**kwargs, key: fn(kwargs[key])}
-    raise TensorParallelError(f"{where} was called without a tensor input to shard or gather over tp.")

@@ -227,9 +227,7 @@ def _multihead_attention_forward(
     if tokens is None:
         replicated = DTensor.from_local(x, mesh, [Replicate()], run_check=False)  # backward all-reduces dx over tp
     else:  # all-gather the tokens over tp; backward reduce-scatters dx
-        replicated = tokens.sharded(x, mesh, "nn.MultiheadAttention").redistribute(placements=[Replicate()])
-        if not replicated.to_local().is_contiguous():  # (see sequence._contiguous)
-            replicated = replicated.clone(memory_format=torch.contiguous_format)
+        replicated = tokens.gathered(x, mesh, "nn.MultiheadAttention")
     B, L, _ = replicated.shape
     H_t, d = module.num_heads, module.head_dim
     qkv = F.linear(replicated, module.in_proj_weight, module.in_proj_bias).to_local()  # [B, L, 3 H_t d] as [q|k|v]
