@@ -20,6 +20,7 @@ replicated latitude are this project's choice.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,6 +45,9 @@ class TileLayout:
 
     Raises:
         ValueError: ``tiles`` < 1, ``halo`` < 0, or more tiles per axis than cells.
+
+    Warns:
+        UserWarning: a halo so wide that a tile's window is larger than the grid (see :attr:`max_halo`).
     """
 
     grid: tuple[int, int]
@@ -61,6 +65,20 @@ class TileLayout:
                 f"{self.tiles} tiles per axis do not fit a {self.grid[0]} x {self.grid[1]} grid; "
                 f"use at most {min(self.grid)}"
             )
+        window = self.tile_shape
+        if window[0] > self.grid[0] or window[1] > self.grid[1]:
+            warnings.warn(
+                f"TILES: halo={self.halo} makes every tile a {window[0]} x {window[1]} window, larger than the "
+                f"{self.grid[0]} x {self.grid[1]} grid, so a tile sees some cells more than once (longitudes wrap, "
+                f"the pole rows repeat) and the tiles together cost more than the whole field; use halo <= "
+                f"{self.max_halo}, or fewer tiles",
+                stacklevel=3,
+            )
+
+    @property
+    def max_halo(self) -> int:
+        """The largest halo whose window (largest core plus the halo on both sides) still fits inside the grid."""
+        return max(0, min((n - -(-n // self.tiles)) // 2 for n in self.grid))
 
     @property
     def num_tiles(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from lightning_seqpar.weather.tiles import TiledDataset, TileLayout, run_tiled, 
 @pytest.mark.parametrize(
     ("grid", "tiles", "halo"), [((32, 64), 3, 2), ((33, 65), 4, 3), ((7, 11), 2, 0), ((32, 64), 1, 0), ((5, 9), 5, 6)]
 )
+@pytest.mark.filterwarnings("ignore:TILES. halo=6:UserWarning")  # (5, 9) with halo 6: wider than the grid, still exact
 def test_identity_model_stitches_back_exactly(grid, tiles, halo):
     layout = TileLayout(grid, tiles, halo)
     x = torch.randn(2, 3, *grid)
@@ -57,6 +60,19 @@ def test_layout_errors():
         TileLayout((8, 16), 2).split(torch.zeros(1, 1, 8, 15))
     with pytest.raises(ValueError, match="stitch expects"):
         TileLayout((8, 16), 2).stitch(torch.zeros(3, 1, 8, 12))
+
+
+@pytest.mark.parametrize(("grid", "tiles", "halo", "window", "max_halo"),
+                         [((5, 9), 5, 6, (13, 14), 2), ((32, 64), 1, 1, (34, 66), 0), ((8, 16), 2, 3, (10, 14), 2)])
+def test_a_halo_wider_than_the_grid_warns_with_the_largest_that_fits(grid, tiles, halo, window, max_halo):
+    with pytest.warns(UserWarning, match=f"halo={halo} makes every tile a {window[0]} x {window[1]} window") as record:
+        layout = TileLayout(grid, tiles, halo)
+    assert layout.max_halo == max_halo and f"use halo <= {max_halo}" in str(record[0].message)
+    assert layout.tile_shape == window
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fits = TileLayout(grid, tiles, max_halo)  # the largest halo the message names fits: no warning
+    assert fits.tile_shape[0] <= grid[0] and fits.tile_shape[1] <= grid[1]
 
 
 def test_tiled_loss_of_all_tiles_equals_the_whole_field_loss():
