@@ -241,3 +241,30 @@ def test_hybrid_degree_must_divide_sp():
 
     with pytest.raises(TopologyError, match=r"ulysses_degree=3 does not divide sequence_parallel_size=4"):
         Topology.hybrid_mesh(Fake(), 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "devices", "message"),
+    [
+        ({"sequence_parallel_size": 4}, 2, r"world_size=2 is not divisible by .* = 4 \* 1 = 4"),
+        ({"tensor_parallel_size": 4}, 6, r"world_size=6 is not divisible by .* = 1 \* 1 \* 4 = 4"),
+        ({"sequence_parallel_size": 2, "tensor_parallel_size": 2}, 2, r"= 2 \* 1 \* 2 = 4 .*devices per node x nodes"),
+    ],
+)
+def test_a_layout_that_does_not_factor_fails_in_the_trainer_constructor(kwargs, devices, message, monkeypatch):
+    """Raised by Trainer(...) itself, before any process is launched (one error, not one per rank)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    from lightning_seqpar import SeqParStrategy
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a process was launched")
+
+    monkeypatch.setattr(subprocess_script._SubprocessScriptLauncher, "launch", no_launch)
+    with pytest.raises(TopologyError, match=message):
+        pl.Trainer(accelerator="cpu", devices=devices, strategy=SeqParStrategy(process_group_backend="gloo", **kwargs),
+                   logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=SeqParStrategy(process_group_backend="gloo"),
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.strategy.sequence_parallel_size == 2  # a layout that factors builds as before

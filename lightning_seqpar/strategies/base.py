@@ -263,15 +263,27 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             raise RuntimeError("Accessing the device mesh before processes have initialized is not allowed.")
         return self.topology.mesh
 
-    @override
-    def setup_distributed(self) -> None:
-        super().setup_distributed()
-        dims = ParallelDims(
+    def _parallel_dims(self) -> ParallelDims:
+        """The layout of ``world_size`` processes; raises :class:`TopologyError` naming every factor if it does not
+        factor."""
+        return ParallelDims(
             world_size=self.world_size,
             sequence_parallel_size=self.sequence_parallel_size,
             pipeline_parallel_size=self.pipeline_stages,
             tensor_parallel_size=self.tensor_parallel_size,
         )
+
+    @override
+    def _configure_launcher(self) -> None:
+        # Lightning calls this in the Trainer's constructor, once the devices and nodes are known and before any process
+        # starts: a layout that does not factor is one error in the user's process, not one traceback per rank.
+        self._parallel_dims()
+        super()._configure_launcher()
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        dims = self._parallel_dims()
         self.topology = Topology(
             dims, backend=self._process_group_backend, timeout=self._timeout, device_type=self.root_device.type
         )
