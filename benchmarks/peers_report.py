@@ -78,7 +78,7 @@ def plot(payload: dict, path: Path) -> None:
             shapes.append(key)
     if not shapes:
         return
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(6.5, 4.2 * len(shapes)), 4.8), squeeze=False)
     colours = {"ours": "tab:blue", "peer": "tab:orange", "one-gpu": "tab:gray"}
     for ax, (section, L, H, d) in zip(axes[0], shapes):
         rows = [
@@ -86,17 +86,19 @@ def plot(payload: dict, path: Path) -> None:
             for r in payload["rows"]
             if (r["section"], r["length"], r["heads"], r["head_dim"]) == (section, L, H, d) and r["status"] == "ok"
         ]
-        ax.barh(
+        bars = ax.barh(
             [r["method"] for r in rows], [r["tflops_per_gpu"] for r in rows], color=[colours[r["family"]] for r in rows]
         )
+        ax.bar_label(bars, labels=[f"{r['tflops_per_gpu']:.1f}" for r in rows], fontsize=7, padding=2)
+        ax.set_xlim(0, 1.18 * max((r["tflops_per_gpu"] for r in rows), default=1.0))
         ax.invert_yaxis()
         ax.set_title(f"{section}, L={L // K if L >= K else L}{'K' if L >= K else ''}, {H}x{d}", fontsize=9)
         ax.set_xlabel("TFLOP/s per GPU")
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
     dev = payload["device"]
-    fig.suptitle(f"{payload['world']} x {dev.get('name', dev['device'])}, torch {dev['torch']}: blue = this project,"
-                 " orange = peers, grey = one GPU", fontsize=9)
+    fig.suptitle(f"{payload['world']} x {dev.get('name', dev['device'])}, torch {dev['torch']}\n"
+                 "blue = this project, orange = peers, grey = one GPU", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
