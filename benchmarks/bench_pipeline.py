@@ -113,13 +113,36 @@ def markdown(payload: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, r in rows.items():
+        if r.get("status") == "oom":
+            lines.append(f"| {name} | out of memory | | {r['note']} |")
+            continue
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         lines.append(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} |")
-    if {"pipeline", "zero3"} <= rows.keys():
+    if {"pipeline", "zero3"} <= rows.keys() and all(rows[c].get("status") != "oom" for c in ("pipeline", "zero3")):
         p, z = rows["pipeline"]["losses"], rows["zero3"]["losses"]
         diff = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(p, z))
         lines += ["", f"Largest relative difference of the per-step losses, pipeline against ZeRO-3: {diff:.2e}."]
     return "\n".join(lines) + "\n"
+
+
+def write(payload: dict, out: Path, tag: str) -> None:
+    """``pipeline_<tag>.json`` and ``.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pipeline_{tag}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"pipeline_{tag}.md").write_text(markdown(payload))
+
+
+def record_oom(payload: dict, config: str, error: BaseException, rank: int, device: torch.device, out: Path,
+               tag: str) -> None:
+    """Write ``config``'s out-of-memory row (from the rank that ran out, whichever it is) next to the rows measured
+    before it, and print it."""
+    allocated = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+    capacity = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 0.0
+    note = (f"rank {rank}: {allocated:.1f} GiB allocated of {capacity:.1f}; "
+            f"{str(error).splitlines()[0][:160] if str(error) else type(error).__name__}")
+    payload["results"].append({"config": config, "status": "oom", "note": note})
+    write(payload, out, tag)
+    print(f"[bench_pipeline] {config}: out of memory on {note}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,12 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "results": [],
     }
+    rank = int(os.environ.get("RANK", 0))
     for config in args.configs.split(","):
-        payload["results"].append(run(config, args, device, world))
-        if int(os.environ.get("RANK", 0)) == 0:  # after every configuration: a run cut short keeps what it measured
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"pipeline_{args.tag}.json").write_text(json.dumps(payload, indent=1))
-            (args.out / f"pipeline_{args.tag}.md").write_text(markdown(payload))
+        try:
+            payload["results"].append(run(config, args, device, world))
+        except torch.OutOfMemoryError as error:
+            record_oom(payload, config, error, rank, device, args.out, args.tag)
+            # The other ranks wait in a collective this rank will never join, and a normal exit would tear down the
+            # process group and wait with them: leave at once, so that the launcher stops every rank now.
+            os._exit(3)
+        if rank == 0:  # after every configuration: a run cut short keeps what it measured
+            write(payload, args.out, args.tag)
     if int(os.environ.get("RANK", 0)) == 0:
         print(markdown(payload))
 

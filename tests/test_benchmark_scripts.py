@@ -192,3 +192,29 @@ def test_strategy_trials_leave_no_process_group(tmp_path):
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT_S
     )
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_pipeline_benchmark_records_an_out_of_memory_configuration(tmp_path):
+    """The configuration that runs out of memory gets its own row, written beside the rows measured before it, by the
+    rank that ran out (the run then ends at once instead of waiting in a collective)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import torch
+    from bench_pipeline import markdown, record_oom
+
+    measured = {"config": "pipeline", "step_ms": 1401.6, "step_ms_all": [1401.6], "peak_gib": 99.3,
+                "losses": [1.0, 0.9], "tokens_per_s": 11689.0}
+    payload = {"world": 2, "device": "cpu", "parameters": 9.67e9, "results": [measured],
+               "args": {"width": 4096, "depth": 48, "batch": 4, "tokens": 4096, "micro_batches": 4, "steps": 3,
+                        "warmup": 1}}
+    record_oom(payload, "zero3", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 1,
+               torch.device("cpu"), tmp_path, "t")
+    written = json.loads((tmp_path / "pipeline_t.json").read_text())
+    assert [r["config"] for r in written["results"]] == ["pipeline", "zero3"]
+    assert written["results"][1]["status"] == "oom"
+    note = written["results"][1]["note"]
+    assert note.startswith("rank 1: ") and "Tried to allocate 2.00 GiB" in note
+    table = (tmp_path / "pipeline_t.md").read_text()
+    assert "| pipeline | 1401.6 | 11689 | 99.3 |" in table
+    assert "| zero3 | out of memory | | rank 1: " in table
+    assert "Largest relative difference" not in table  # no loss comparison against a configuration that did not run
+    assert markdown(written) == table
