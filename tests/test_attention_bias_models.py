@@ -227,3 +227,54 @@ def test_hybrid_mesh_names_the_sp_dimension_by_index(monkeypatch, group):
     monkeypatch.setattr(DeviceMesh, "_unflatten", torch_2_11_unflatten)
     topology = Topology(ParallelDims(world_size=1, sequence_parallel_size=1))
     assert topology.hybrid_mesh(1).mesh_dim_names == ("pp", "dp", "ring", "ulysses", "tp")
+
+
+class DropPathBlock(nn.Module):
+    """Attention, then a stochastic-depth branch of ones: its output is 0 (dropped) or 1 / keep (kept) per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.beit.modeling_beit import BeitDropPath
+
+        self.qkv, self.drop_path = nn.Linear(8, 8), BeitDropPath(0.5)
+
+    def forward(self, x):  # [B, L, 8]
+        q = self.qkv(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(x.shape)
+        return x + self.drop_path(torch.ones_like(x))
+
+
+def drop_path_worker() -> dict:
+    """The per-token branch values each drop path produced, gathered over the group, in training mode."""
+    import torch.distributed as dist
+
+    from lightning_seqpar import apply_sequence_parallel, infer_plan
+    from tests.dist_utils import init_gloo
+
+    init_gloo()
+    torch.manual_seed(3 + dist.get_rank())  # the ranks' streams differ, as they do inside the region anyway
+    model = nn.Sequential(DropPathBlock(), DropPathBlock()).train()
+    branches: list[torch.Tensor] = []
+    for block in model:
+        block.drop_path.register_forward_hook(lambda m, args, out: branches.append(out[..., 0].detach()))
+    applied = apply_sequence_parallel(model, infer_plan(model), dist.group.WORLD)
+    model(torch.randn(16, 9, 8)).sum().backward()
+    applied.remove()
+    gathered = []
+    for branch in branches:  # [B, L_r]: rank 0 holds 5 tokens, rank 1 holds 4
+        parts = [torch.zeros(16, 5) for _ in range(WORLD)]
+        dist.all_gather(parts, F.pad(branch, (0, 5 - branch.shape[1])))  # gloo gathers equal shapes: pad to 5
+        gathered.append(torch.cat([parts[0], parts[1][:, :4]], dim=1))  # [B, L]
+    return {"branches": gathered}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_drop_path_draws_agree_across_the_sequence_parallel_group():
+    """Stochastic depth keeps or drops a whole sample's branch: every token of a sample, on every rank, must see the
+    same draw (before the fix each rank drew from its own stream: about half the samples were split)."""
+    per_rank = run_distributed("tests.test_attention_bias_models:drop_path_worker", WORLD, timeout=250)
+    for branch in per_rank[0]["branches"]:
+        per_sample = branch[:, :1].expand_as(branch)
+        assert torch.equal(branch, per_sample), f"a sample's tokens disagree on its drop-path draw:\n{branch}"
+        assert 0 < (branch[:, 0] == 0).sum() < 16  # some samples dropped, some kept: the draw is random

@@ -19,6 +19,8 @@ from torch import nn
 from lightning_seqpar.adapters import DistributedSDPA, UnsupportedAttentionError
 from lightning_seqpar.comm import shard_sequence
 from lightning_seqpar.parallelize.arguments import shard_arguments_hook
+from lightning_seqpar.parallelize.draws import share_drop_path_draws
+from lightning_seqpar.parallelize.runtime import _in_backward
 from lightning_seqpar.plan import ROLE_KINDS, PlanError, Role, attention_adapter
 from lightning_seqpar.wrapping import (
     checkpoint_module,
@@ -186,7 +188,9 @@ class ShardGatherRole(RoleApplication):
 
 class ShardArgumentsRole(RoleApplication):
     """``shard_arguments``: the block's per-token tensors besides its tokens follow the token sharding, or are
-    refused by name (:func:`~lightning_seqpar.parallelize.arguments.shard_token_argument`)."""
+    refused by name (:func:`~lightning_seqpar.parallelize.arguments.shard_token_argument`); its drop-path modules
+    draw the same per-sample numbers on every rank (:mod:`~lightning_seqpar.parallelize.draws`); a shape error
+    raised inside the region gets a note naming the block."""
 
     kinds = ("shard_arguments",)
 
@@ -208,6 +212,8 @@ class ShardArgumentsRole(RoleApplication):
             return forward
 
         applied.wrap_forward(block, make)
+        # Stochastic depth inside the block draws per sample: the ranks holding one sample's tokens must agree.
+        share_drop_path_draws(block, runtime.group, lambda: runtime.active or _in_backward(), applied.wrap_forward)
 
 
 def _whole_sequence_note(path: str, total: int, lengths: tuple[int, ...]) -> str:
