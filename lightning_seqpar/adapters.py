@@ -10,7 +10,8 @@ Intercept, don't imitate: the strategy never re-implements a third-party attenti
 - the ``softmax(Q K^T) V`` core of attention written by hand (timm without ``fused_attn``, Hugging Face ``eager``,
   vit-pytorch): the batched ``Q K^T`` product gathers the keys of the whole sequence and the following
   ``P V`` product the values (LSS at the level of the two products, arXiv 2311.02382), so the module's own scale,
-  masks, softmax and dropout run unchanged on scores ``[B, H, L_r, L]``;
+  masks, softmax and dropout run unchanged on scores ``[B, H, L_r, L]`` (a bias over all ``[L, L]`` token pairs
+  added to them is cut to this rank's rows);
 - ``torch.nn.functional.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``):
   torch's own function runs with ``need_weights=False`` and its SDPA call made distributed.
 
@@ -80,6 +81,7 @@ def _check_token_count(what: str, tokens: int, lengths: tuple[int, int]) -> None
 
 
 _MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
+_ADDS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.add_, Tensor.__iadd__}
 _SDPA_PARAMETERS = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
 ).parameters
@@ -112,7 +114,25 @@ class DistributedSDPA(TorchFunctionMode):
             return self._multi_head_attention(func, args, kwargs)
         if func in _MATMULS and len(args) == 2 and not kwargs:
             return self._matmul(func, *args)
+        if func in _ADDS and self._pending_scores and len(args) >= 2:
+            return func(*self._bias_rows(args[0], args[1]), *args[2:], **kwargs)
         return func(*args, **kwargs)
+
+    def _bias_rows(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """Between a gathered ``Q K^T`` and its ``P V``: a bias over all token pairs ``[.., L, L]`` added to the
+        scores ``[.., L_r, L]`` (Hugging Face BEiT's relative position bias in eager attention) is cut to the rows of
+        this rank's queries, as the scores are."""
+        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        if lengths is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or min(a.dim(), b.dim()) < 2:
+            return a, b
+        local, total = lengths
+        if local == total:
+            return a, b
+        if a.shape[-2:] == (local, total) and b.shape[-2:] == (total, total):
+            return a, b.narrow(-2, self.runtime.token_offset(), local)
+        if b.shape[-2:] == (local, total) and a.shape[-2:] == (total, total):
+            return a.narrow(-2, self.runtime.token_offset(), local), b
+        return a, b
 
     # --- SDPA ---------------------------------------------------------------------------------------------
 

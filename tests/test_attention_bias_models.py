@@ -4,7 +4,8 @@ attention that cannot follow the token sharding.
 - Relative position biases (BEiT, timm ``vit_relpos_*``, ``beit_*``): the bias reaches SDPA as ``attn_mask`` over all
   ``L x L`` token pairs, built inside the attention (Hugging Face ``BeitModel(use_relative_position_bias=True)``) or
   handed to every block as an argument (``use_shared_relative_position_bias=True``). Both train equal to one process
-  (parameters after 3 SGD-with-momentum steps within relative error 1e-5, fp32), with Ulysses and with hybrid.
+  (parameters after 3 SGD-with-momentum steps within relative error 1e-5, fp32), with Ulysses and with hybrid, and
+  with the eager (hand-written softmax) attention, where the bias is added to the scores ``[B, H, L_r, L]``.
 - A rotary table ``[L, 2d]`` whose width happens to equal the sequence length L (timm ``Eva`` without a class token,
   16 tokens and head dim 8): sliced along its rows, not refused as a mask over token pairs.
 - Refused clearly: attention over windows (Swin, SAM), a mask built from the token count a rank sees, Hugging Face
@@ -30,6 +31,7 @@ SEED, STEPS, BATCH, WORLD = 99, 3, 2, 2
 CASES = {
     "hf_beit_relpos": ("auto", 37),
     "hf_beit_shared_relpos_hybrid": ("hybrid", 37),
+    "hf_beit_relpos_eager": ("auto", 37),  # softmax written by hand: the bias is added to the [B, H, L_r, L] scores
     "rope_square_table": ("auto", 16),
 }
 
@@ -44,9 +46,11 @@ def build(name: str) -> nn.Module:
     config = BeitConfig(  # 24 x 24 image, patch 4: 36 patches + CLS = 37 tokens, 4 heads
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=24, patch_size=4,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, layer_scale_init_value=0.5,
-        use_relative_position_bias=name == "hf_beit_relpos",
+        use_relative_position_bias=name in ("hf_beit_relpos", "hf_beit_relpos_eager"),
         use_shared_relative_position_bias=name == "hf_beit_shared_relpos_hybrid",
     )
+    if name == "hf_beit_relpos_eager":
+        config._attn_implementation = "eager"
     return BeitModel(config, add_pooling_layer=False)
 
 
