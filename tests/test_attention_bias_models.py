@@ -149,11 +149,11 @@ def worker() -> dict:
         module = Module(name)
         tokens: set[int] = set()
 
-        def record(trainer_, pl_module):
+        def record(trainer_, pl_module, seen=tokens):
             for path, role in trainer_.strategy.applied_plan.resolved:
                 if role.kind in ("attention", "sdpa"):
                     pl_module.get_submodule(path).register_forward_pre_hook(
-                        lambda m, args, kwargs: tokens.add((args[0] if args else next(iter(kwargs.values()))).shape[1]),
+                        lambda m, args, kwargs: seen.add((args[0] if args else next(iter(kwargs.values()))).shape[1]),
                         with_kwargs=True,
                     )
 
@@ -197,7 +197,7 @@ def test_relative_position_biases_and_square_rope_tables_train_equal_to_one_proc
 
     print("versions:", {"torch": torch.__version__, "transformers": transformers.__version__})
     per_rank = run_distributed("tests.test_attention_bias_models:worker", WORLD, timeout=850)
-    for name, (attention, length) in CASES.items():
+    for name, (_, length) in CASES.items():
         ranks = [r[name] for r in per_rank]
         assert sum(r["tokens"][0] for r in ranks) == length and all(len(r["tokens"]) == 1 for r in ranks), (
             f"{name}: tokens per rank {[r['tokens'] for r in ranks]} do not split {length}")
