@@ -5,9 +5,9 @@ Inside the region each rank holds a slice of every sample's tokens and draws fro
 Stochastic depth (drop path, Huang et al. 2016, arXiv 1603.09382) draws one number per *sample* and drops the whole
 residual branch of that sample; with per-rank streams the ranks of a group would drop the branch for some of a
 sample's tokens and keep it for the others, a draw no single device can make. While a drop-path module runs in the
-region (timm ``DropPath``, Hugging Face ``*DropPath``, torchvision ``StochasticDepth``), every random tensor it draws
-is broadcast from the group's first rank, so the group agrees. Activation-checkpoint recomputation replays the same draws (torch
-restores each rank's stream, and the broadcast runs again from the same rank).
+region (timm ``DropPath``, Hugging Face ``*DropPath``, torchvision ``StochasticDepth``), every random tensor it
+draws is broadcast from the group's first rank, so the group agrees. Activation-checkpoint recomputation replays the
+same draws (torch restores each rank's stream, and the broadcast runs again from the same rank).
 """
 
 from __future__ import annotations
