@@ -10,7 +10,8 @@ Intercept, don't imitate: the strategy never re-implements a third-party attenti
 - the ``softmax(Q K^T) V`` core of attention written by hand (timm without ``fused_attn``, Hugging Face ``eager``,
   vit-pytorch): the batched ``Q K^T`` product gathers the keys of the whole sequence and the following
   ``P V`` product the values (LSS at the level of the two products, arXiv 2311.02382), so the module's own scale,
-  masks, softmax and dropout run unchanged on scores ``[B, H, L_r, L]``;
+  masks, softmax and dropout run unchanged on scores ``[B, H, L_r, L]`` (a bias over all ``[L, L]`` token pairs
+  added to them is cut to this rank's rows);
 - ``torch.nn.functional.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``):
   torch's own function runs with ``need_weights=False`` and its SDPA call made distributed.
 
@@ -49,6 +50,8 @@ class AttentionRuntime(Protocol):
 
     def gather_tokens(self, x: Tensor, dim: int, *, count: bool) -> Tensor: ...
 
+    def token_offset(self) -> int: ...
+
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
     """The same tensor, or an alias of the same memory (ZeRO-3's module hooks hand each input over as a new
@@ -58,7 +61,27 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     )
 
 
+def _check_token_count(what: str, tokens: int, lengths: tuple[int, int]) -> None:
+    """Refuse an attention call whose token count is not this rank's share of the sharded sequence.
+
+    Raises:
+        UnsupportedAttentionError: ``tokens`` differs from ``L_r``: the module regroups its tokens (windowed
+            attention, as in Swin or SAM, or tokens laid out as a ``[B, H, W, C]`` grid), so its attention is not
+            over the sharded sequence.
+    """
+    local, total = lengths
+    if tokens != local:
+        raise UnsupportedAttentionError(
+            f"{what} attends over {tokens} tokens per call inside the sequence-parallel region, while this rank holds"
+            f" {local} of the sequence's {total} tokens: the module regroups its tokens (windowed attention as in"
+            " Swin or SAM, or tokens laid out as a [B, H, W, C] grid), so its attention is not over the sharded"
+            " sequence and cannot be made distributed. Use a model whose blocks attend globally over [B, L, D]"
+            " tokens (ViT, DeiT, BEiT, EVA), or train this one without sequence parallelism."
+        )
+
+
 _MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
+_ADDS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.add_, Tensor.__iadd__}
 _SDPA_PARAMETERS = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
 ).parameters
@@ -91,7 +114,25 @@ class DistributedSDPA(TorchFunctionMode):
             return self._multi_head_attention(func, args, kwargs)
         if func in _MATMULS and len(args) == 2 and not kwargs:
             return self._matmul(func, *args)
+        if func in _ADDS and self._pending_scores and len(args) >= 2:
+            return func(*self._bias_rows(args[0], args[1]), *args[2:], **kwargs)
         return func(*args, **kwargs)
+
+    def _bias_rows(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """Between a gathered ``Q K^T`` and its ``P V``: a bias over all token pairs ``[.., L, L]`` added to the
+        scores ``[.., L_r, L]`` (Hugging Face BEiT's relative position bias in eager attention) is cut to the rows of
+        this rank's queries, as the scores are."""
+        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        if lengths is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or min(a.dim(), b.dim()) < 2:
+            return a, b
+        local, total = lengths
+        if local == total:
+            return a, b
+        if a.shape[-2:] == (local, total) and b.shape[-2:] == (total, total):
+            return a, b.narrow(-2, self.runtime.token_offset(), local)
+        if b.shape[-2:] == (local, total) and a.shape[-2:] == (total, total):
+            return a.narrow(-2, self.runtime.token_offset(), local), b
+        return a, b
 
     # --- SDPA ---------------------------------------------------------------------------------------------
 
@@ -106,21 +147,25 @@ class DistributedSDPA(TorchFunctionMode):
                     " distributed attention does not implement these options. Call it without them, or leave this"
                     " module out of the plan."
                 )
-        attn_mask = options.get("attn_mask")
-        if attn_mask is not None:
-            raise UnsupportedAttentionError(
-                "scaled_dot_product_attention was called with attn_mask inside the sequence-parallel region; masks"
-                " are not supported by the distributed attention (a mask over all L x L token pairs is not sharded"
-                " with the tokens). Use is_causal=True for causal masking, or no mask."
-            )
-        if query.dim() != 4:
-            raise UnsupportedAttentionError(f"expected SDPA inputs [B, H, L, d], got {list(query.shape)}")
         if key.shape[-2] != query.shape[-2] or value.shape[-2] != key.shape[-2]:
             raise UnsupportedAttentionError(
                 f"scaled_dot_product_attention got {query.shape[-2]} query and {key.shape[-2]} key tokens inside the"
                 " sequence-parallel region: cross-attention (keys from another sequence, a cache or extra key"
                 " tokens) cannot follow the token sharding. Leave this module out of the plan."
             )
+        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        if lengths is not None:
+            _check_token_count("scaled_dot_product_attention", query.shape[-2], lengths)
+        attn_mask = options.get("attn_mask")
+        if lengths is not None and (attn_mask is not None or query.dim() != 4):
+            return self._sdpa_gathered(query, key, value, attn_mask, options, lengths)
+        if attn_mask is not None:
+            raise UnsupportedAttentionError(
+                "scaled_dot_product_attention was called with attn_mask inside the sequence-parallel region by a"
+                " runtime that cannot gather keys; use is_causal=True for causal masking, or no mask."
+            )
+        if query.dim() != 4:
+            raise UnsupportedAttentionError(f"expected SDPA inputs [B, H, L, d], got {list(query.shape)}")
         if key.shape[1] != query.shape[1]:
             if not options.get("enable_gqa", False):
                 raise UnsupportedAttentionError(
@@ -137,6 +182,50 @@ class DistributedSDPA(TorchFunctionMode):
             softmax_scale=options.get("scale"),
         )
         return out.transpose(1, 2)  # [B, H, L_r, d]
+
+    def _sdpa_gathered(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+                       options: dict[str, Any], lengths: tuple[int, int]) -> Tensor:
+        """SDPA with a mask or bias (relative position biases, padding masks), or on inputs that are not
+        ``[B, H, L, d]`` (heads folded into the batch): this rank's queries ``[*, L_r, d]`` attend to the keys and
+        values of the whole sequence, all-gathered to ``[*, L, d]`` (LSS, arXiv 2311.02382), with the mask's rows
+        of this rank's queries; torch's own SDPA computes it, so the module's mask, scale, GQA and dropout semantics
+        are kept exactly.
+
+        The mask (broadcastable to ``[*, L_q, L_k]``) must cover the keys of the whole sequence (``L_k`` = L, or 1)
+        and either every query (``L_q`` = L: its rows of this rank's tokens are taken) or this rank's (``L_q`` = L_r,
+        as a block argument over token pairs arrives after ``shard_arguments``), or broadcast (``L_q`` = 1).
+
+        Raises:
+            UnsupportedAttentionError: The mask's key or query dimension is another length (a mask built from this
+                rank's token count is wrong for the whole sequence).
+        """
+        local, total = lengths
+        is_causal = bool(options.get("is_causal", False))
+        if attn_mask is not None:
+            rows = attn_mask.shape[-2] if attn_mask.dim() >= 2 else 1
+            if attn_mask.shape[-1] not in (total, 1) or rows not in (total, local, 1):
+                raise UnsupportedAttentionError(
+                    f"scaled_dot_product_attention got an attn_mask of shape {list(attn_mask.shape)} inside the"
+                    f" sequence-parallel region, where this rank holds {local} of the sequence's {total} tokens: a"
+                    f" mask or bias must cover the whole sequence (last dimensions [{total}, {total}] or"
+                    f" [{local}, {total}]). One built from the token count the module sees (here {local}) is"
+                    " wrong under sequence parallelism: build it for the whole sequence (e.g. pass it to the block"
+                    " as an argument), or leave this module out of the plan."
+                )
+            if rows == total and total != local:
+                attn_mask = attn_mask.narrow(-2, self.runtime.token_offset(), local)  # this rank's query rows
+        elif is_causal:
+            # SDPA's is_causal aligns the top-left corner; this rank's queries sit at token offset..offset+L_r-1.
+            position = self.runtime.token_offset() + torch.arange(local, device=query.device)
+            attn_mask = position[:, None] >= torch.arange(total, device=query.device)[None, :]  # [L_r, L]
+            is_causal = False
+        key = self.runtime.gather_tokens(key, -2, count=True)  # [*, L, d]
+        value = self.runtime.gather_tokens(value, -2, count=False)
+        extra = {"enable_gqa": True} if options.get("enable_gqa", False) else {}
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=float(options.get("dropout_p", 0.0)),
+            is_causal=is_causal, scale=options.get("scale"), **extra,
+        )
 
     # --- torch.nn.MultiheadAttention ------------------------------------------------------------------------
 

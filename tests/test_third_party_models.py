@@ -273,8 +273,8 @@ def worker(names: list[str]) -> dict:
             model = RopeModel()
             applied = apply_sequence_parallel(model, infer_plan(model), trainer.strategy.topology.sequence_group)
             errors = []
-            # A table that skips one prefix token, and a mask over token pairs.
-            for rope in (model.rope_table(22), torch.zeros(23, 23)):
+            # Tables that skip one and two prefix tokens.
+            for rope in (model.rope_table(22), model.rope_table(21)):
                 try:
                     model(torch.randn(1, 23, 6), rope=rope)
                 except UnsupportedAttentionError as error:
@@ -342,4 +342,4 @@ def test_third_party_models_train_equal_to_one_device():
     errors = per_rank[0]["rope_blocks"]["errors"]
     assert len(errors) == 2
     assert "blocks.0 argument 'rope'" in errors[0] and "skips 1 prefix (class/register) token(s)" in errors[0]
-    assert "blocks.0 argument 'rope'" in errors[1] and "mask or bias over token pairs" in errors[1]
+    assert "blocks.0 argument 'rope'" in errors[1] and "skips 2 prefix (class/register) token(s)" in errors[1]

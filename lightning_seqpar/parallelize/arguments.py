@@ -66,15 +66,22 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
                          causal_hint: bool = False) -> Tensor:
     """This rank's part of a tensor a block receives besides its ``[B, L_r, D]`` tokens.
 
-    - One dimension of the full length L (rotary tables ``[L, d]`` or ``[H, L, d]``, per-token biases ``[B, L, D]``):
-      sliced to this rank's tokens along it, with the layout of the tokens.
-    - Two or more (a mask or position bias over token pairs ``[.., L, L]``), or one of ``L - k`` for a few prefix
-      tokens k (a table that skips the class/register tokens, which the module applies to "all but its first k
-      tokens", wrong on every rank but the first): :class:`UnsupportedAttentionError` naming the argument.
-    - None: passed unchanged (not per-token, e.g. a ``[B, D]`` conditioning vector).
+    Per-token tensors index tokens by their rows (the second-to-last dimension), as rotary tables ``[L, d]`` /
+    ``[H, L, d]``, per-token biases ``[B, L, D]`` and biases or masks over token pairs ``[.., L, L]`` (queries by
+    row, keys by column) do:
+
+    - Rows of the full length L: sliced to this rank's tokens along them, with the layout of the tokens (a pair
+      tensor becomes ``[.., L_r, L]``: this rank's queries against every key, what the attention interception of
+      :mod:`lightning_seqpar.adapters` applies it to). This also holds when another dimension happens to equal L
+      (a rotary table ``[L, d]`` with ``d = L``).
+    - Rows of ``L - k`` for a few prefix tokens k (a table that skips the class/register tokens, which the module
+      applies to "all but its first k tokens", wrong on every rank but the first): :class:`UnsupportedAttentionError`
+      naming the argument.
+    - Otherwise, a dimension of length L elsewhere (a 1-D ``[L]`` tensor): sliced along it; none: passed unchanged
+      (not per-token, e.g. a ``[B, D]`` conditioning vector).
 
     A mask over token pairs passed with ``is_causal=True`` is passed unchanged: torch's modules take it as a hint of
-    causality only (``nn.TransformerEncoderLayer``), and the SDPA interception refuses it where it would be used.
+    causality only (``nn.TransformerEncoderLayer``), and the attention interception refuses it where it would be used.
     """
     assert runtime.layout is not None
     total, lengths = runtime.layout.total, runtime.layout.lengths
@@ -83,20 +90,16 @@ def shard_token_argument(t: Tensor, name: str, runtime: SequenceParallelRuntime,
         dims = dims[1:]  # the batch dimension happens to equal L
     if len(dims) > 1 and causal_hint:
         return t
-    if len(dims) > 1:
-        raise UnsupportedAttentionError(
-            f"{name} has shape {list(t.shape)} with {len(dims)} dimensions of the sequence length {total}: a mask or"
-            " bias over token pairs cannot follow the token sharding (the distributed attention takes no mask)."
-            " Drop it (use is_causal=True for causal masking) or leave these blocks out of the plan."
-        )
-    # A dimension a few rows short of L (and longer than any rank's slice): a table that skips the prefix tokens.
-    # Checked before an exact match, since such a table can also have a feature dimension that happens to equal L.
+    rows = t.dim() - 2 if t.dim() >= 2 else 0
+    if rows in dims:
+        return shard_sequence(t, runtime.group, rows, runtime.layout)
+    # Rows a few short of L (and more than any rank's slice): a table that skips the prefix tokens.
     skip_limit = min(_PREFIX_TOKENS_LIMIT, total // 8)  # a few prefix tokens, few next to the sequence
-    near = [n for n in t.shape if max(lengths) < n < total and total - n <= skip_limit]
-    if near and len(lengths) > 1:
+    short = t.shape[rows] if t.dim() else 0
+    if max(lengths) < short < total and total - short <= skip_limit and len(lengths) > 1:
         raise UnsupportedAttentionError(
-            f"{name} has shape {list(t.shape)}: a per-token tensor of {near[0]} rows for a sequence of {total} tokens,"
-            f" i.e. one that skips {total - near[0]} prefix (class/register) token(s). The module applies it to all"
+            f"{name} has shape {list(t.shape)}: a per-token tensor of {short} rows for a sequence of {total} tokens,"
+            f" i.e. one that skips {total - short} prefix (class/register) token(s). The module applies it to all"
             " but the first tokens it holds, which is right only on the rank that holds the prefix tokens, so it"
             " cannot follow the token sharding. Use a model without prefix tokens here (e.g. timm class_token=False,"
             " num_reg_tokens=0, global_pool='avg'), or pass a table with one row per token."

@@ -19,6 +19,8 @@ from torch import nn
 from lightning_seqpar.adapters import DistributedSDPA, UnsupportedAttentionError
 from lightning_seqpar.comm import shard_sequence
 from lightning_seqpar.parallelize.arguments import shard_arguments_hook
+from lightning_seqpar.parallelize.draws import share_drop_path_draws
+from lightning_seqpar.parallelize.runtime import _in_backward
 from lightning_seqpar.plan import ROLE_KINDS, PlanError, Role, attention_adapter
 from lightning_seqpar.wrapping import (
     checkpoint_module,
@@ -186,13 +188,42 @@ class ShardGatherRole(RoleApplication):
 
 class ShardArgumentsRole(RoleApplication):
     """``shard_arguments``: the block's per-token tensors besides its tokens follow the token sharding, or are
-    refused by name (:func:`~lightning_seqpar.parallelize.arguments.shard_token_argument`)."""
+    refused by name (:func:`~lightning_seqpar.parallelize.arguments.shard_token_argument`); its drop-path modules
+    draw the same per-sample numbers on every rank (:mod:`~lightning_seqpar.parallelize.draws`); a shape error
+    raised inside the region gets a note naming the block."""
 
     kinds = ("shard_arguments",)
 
     def apply(self, applied: AppliedPlan, root: nn.Module, path: str, role: Role) -> None:
-        hook = shard_arguments_hook(applied.runtime, path)
-        applied.add_undo(root.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True).remove)
+        block, runtime = root.get_submodule(path), applied.runtime
+        hook = shard_arguments_hook(runtime, path)
+        applied.add_undo(block.register_forward_pre_hook(hook, with_kwargs=True).remove)
+
+        def make(inner: Callable) -> Callable:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return inner(*args, **kwargs)
+                except RuntimeError as error:  # a shape error of a block that assumes the whole sequence
+                    if runtime.active and runtime.layout is not None and not getattr(error, "_seqpar_noted", False):
+                        error._seqpar_noted = True
+                        error.add_note(_whole_sequence_note(path, runtime.layout.total, runtime.layout.lengths))
+                    raise
+
+            return forward
+
+        applied.wrap_forward(block, make)
+        # Stochastic depth inside the block draws per sample: the ranks holding one sample's tokens must agree.
+        share_drop_path_draws(block, runtime.group, lambda: runtime.active or _in_backward(), applied.wrap_forward)
+
+
+def _whole_sequence_note(path: str, total: int, lengths: tuple[int, ...]) -> str:
+    return (
+        f"lightning_seqpar: {path} raised this inside the sequence-parallel region, where each rank holds a slice of"
+        f" the {total} tokens ({list(lengths)} per rank). A block that assumes the whole sequence (one that reshapes"
+        " its tokens into an H x W grid or into windows, as Swin's windowed and shifted-window attention does, or"
+        " that merges patches) cannot be sequence-parallel: use a model whose blocks attend globally over [B, L, D]"
+        " tokens (ViT, DeiT, BEiT, EVA, Dinov2), or train this one without sequence parallelism."
+    )
 
 
 # Innermost first. Attention adapters and SDPA interception wrap the module's own forward; token chunking and

@@ -162,7 +162,9 @@ class SequenceParallelRuntime:
                 "the sequence-parallel region ran but no attention in it was made distributed, so every rank"
                 " attended only to its own tokens. No scaled_dot_product_attention call and no batched"
                 " (Q K^T, P V) matmul pair ran inside a module marked 'attention'/'sdpa' (e.g. attention written"
-                " with einsum, or an attention module the plan does not mark): register a forward with"
+                " with einsum, an attention module the plan does not mark, or windowed attention over groups of"
+                " tokens that are not the sharded sequence, as in Swin, which cannot be sequence-parallel): register a"
+                " forward with"
                 " lightning_seqpar.register_attention(cls, forward), mark the module that attends 'attention', or"
                 " pass an explicit plan."
             )
@@ -211,6 +213,11 @@ class SequenceParallelRuntime:
         if self._layout is None or not (self._active or _in_backward()):
             return None
         return self._layout.lengths[group_rank(self.group)], self._layout.total
+
+    def token_offset(self) -> int:
+        """Index in the whole sequence of this rank's first token in the current (or last) region."""
+        assert self._layout is not None
+        return self._layout.offset(group_rank(self.group))
 
     @torch.compiler.disable
     def gather_tokens(self, x: Tensor, dim: int, *, count: bool) -> Tensor:

@@ -49,7 +49,7 @@ from lightning_seqpar.plan import (
 from lightning_seqpar.reliability import NonFinitePolicy, nonfinite_step_guard
 from lightning_seqpar.strategies import data
 from lightning_seqpar.strategies.arguments import check_shared_arguments
-from lightning_seqpar.strategies.collectives import DataParallelReductions
+from lightning_seqpar.strategies.collectives import DataParallelReductions, agree_on_scheduler_metrics
 from lightning_seqpar.strategies.model_parallel import (
     apply_tensor_parallel_to_module,
     has_dtensor_parameters,
@@ -229,6 +229,7 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         self._padding_steps = data.PaddingSteps()
         self._batch_checks = data.BatchChecks()
         self._zero_length_setting: bool | None = None
+        self._restore_scheduler_step: Any = None
         self.pipeline_stages: int = 1
         self.zero_stage: int = 0
         self._init_engine(
@@ -321,12 +322,16 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
     # --- the model -------------------------------------------------------------------------------------
 
     def prepare_module(self, trainer: Trainer) -> None:
-        """What every engine's ``setup`` does first: apply the plan, reduce metrics over ``dp``, allow empty prediction
-        shards. Then the engine wraps the module."""
+        """What every engine's ``setup`` does first: apply the plan, reduce metrics over ``dp``, step metric-driven
+        schedulers on the world's mean of their metric, allow empty prediction shards. Then the engine wraps the
+        module."""
         module = self.lightning_module
         module._device_mesh = self.device_mesh
         self._apply_plan(module)
         self._reduce_metrics_over_data_group(module)
+        if trainer.state.fn == TrainerFn.FITTING and self._restore_scheduler_step is None:
+            # ReduceLROnPlateau: every rank cuts its learning rate on the same value
+            self._restore_scheduler_step = agree_on_scheduler_metrics(module, self.root_device)
         if trainer.state.fn == TrainerFn.PREDICTING:
             # Fewer samples than data-parallel ranks leave a prediction shard empty; prediction needs no step on every
             # rank, so that rank predicts nothing (Lightning refuses empty loaders unless told; restored at the end).
@@ -382,6 +387,9 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
     @override
     def teardown(self) -> None:
         self._padding_steps.end()  # an evaluation that failed in a padding step leaves module.log wrapped
+        if self._restore_scheduler_step is not None:
+            self._restore_scheduler_step()
+            self._restore_scheduler_step = None
         if self.applied_plan is not None:
             self.applied_plan.remove()
             self.applied_plan = None

@@ -4,11 +4,12 @@ world.
 Values (logged metrics, gathered outputs, predictions) reduce over the data-parallel group: the ranks of an SP group
 hold the same value, so each sample counts once. Decisions reduce over the world, and ``broadcast`` / ``barrier``
 (DDPStrategy's) span the world with ``src`` a global rank, so every rank of every SP group, pipeline stage and
-replica acts alike.
+replica acts alike; metric-driven schedulers step on the world's mean of the monitored value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,3 +74,28 @@ class DataParallelReductions(DDPStrategy):
         shards: list[Any] = [None] * self.topology.dp
         dist.all_gather_object(shards, list(predictions or []), group=self.topology.data_group)
         return [batch for shard in shards for batch in shard]
+
+
+def agree_on_scheduler_metrics(module: Any, device: torch.device) -> Callable[[], None]:
+    """Make every rank step its metric-driven schedulers (``ReduceLROnPlateau``) on the same value: the mean of the
+    ranks' monitored values over the world, as if one device had seen all of their validation data.
+
+    Lightning calls ``LightningModule.lr_scheduler_step(scheduler, metric)`` on every rank with that rank's own
+    ``callback_metrics[monitor]``; a metric logged without ``sync_dist`` (or computed from one rank's data) differs
+    between data-parallel ranks, and then each rank takes its own decision to cut its learning rate: replicas train
+    with different learning rates (DDP) or one model's ZeRO partitions are stepped with different ones. Collective:
+    Lightning steps the schedulers at the same point on every rank. Returns the function that restores the module's
+    own ``lr_scheduler_step``.
+    """
+    step = module.lr_scheduler_step
+
+    def lr_scheduler_step(scheduler: Any, metric: Any | None) -> None:
+        if metric is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            value = torch.as_tensor(metric, dtype=torch.float64, device=device).detach().clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)  # the default group: every rank, every pipeline stage
+            agreed = value / dist.get_world_size()
+            metric = agreed.to(metric.dtype) if isinstance(metric, Tensor) else float(agreed.item())
+        return step(scheduler, metric)
+
+    module.lr_scheduler_step = lr_scheduler_step
+    return lambda: module.__dict__.pop("lr_scheduler_step", None)

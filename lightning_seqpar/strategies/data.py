@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_seqpar import reliability, sampling
+from lightning_seqpar.parallelize.apply import sync_rng_state
 from lightning_seqpar.resumable import ResumableDataLoader, make_resumable
 from lightning_seqpar.topology import Topology
 
@@ -178,12 +179,19 @@ class DataHooks(DDPStrategy):
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        """Move the batch; on an evaluation shard's padding batch, keep the step out of logged sums and metrics
+        """Move the batch; give the SP group its first rank's random state (collective over ``sp``); on an evaluation
+        shard's padding batch, keep the step out of logged sums and metrics
         (:func:`~lightning_seqpar.sampling.padding_step`); check the first batch of each loader across the SP group."""
         batch = super().batch_to_device(batch, device, dataloader_idx)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or self.topology is None:
             return batch
+        if self.topology.sp > 1:
+            # The model runs replicated outside the region (ViTMAE's random masking, dropout before the blocks): every
+            # step starts from the group's first rank's random state, also after code that drew numbers on some
+            # ranks only (a rank-zero callback, a rank-dependent branch), which would give each rank's token shard
+            # another sample.
+            sync_rng_state(self.topology.sequence_group)
         if trainer.state.stage == RunningStage.TRAINING:
             mark_delivered(trainer)
         elif trainer.state.stage in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING, RunningStage.TESTING):
