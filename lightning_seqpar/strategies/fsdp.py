@@ -16,6 +16,7 @@ from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.model_parallel import (
     average_unsplit_gradients_over_tensor_parallel,
+    clip_dtensor_gradients,
     mixed_precision_dtypes,
 )
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
@@ -70,6 +71,7 @@ class SeqParFSDPStrategy(SeqParStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.prepare_module(trainer)  # tensor parallelism, then the sequence-parallel plan
         super().setup(trainer)  # DDPStrategy.setup: _setup_model (FSDP2 here), then the optimizers
+        clip_dtensor_gradients(self.precision_plugin)  # gradient_clip_val over DTensors of two meshes (with tp)
 
     @override
     def _setup_model(self, model: Any) -> Any:
