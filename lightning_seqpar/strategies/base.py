@@ -23,6 +23,7 @@ else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all are ``SeqP
 from __future__ import annotations
 
 import inspect
+import sys
 from abc import ABCMeta
 from datetime import timedelta
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -373,7 +374,16 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         if self.applied_plan is not None:
             self.applied_plan.remove()
             self.applied_plan = None
-        super().teardown()
+        failing = sys.exc_info()[1]  # Lightning tears down inside its `except` when fit/validate/... raised
+        try:
+            super().teardown()
+        except RuntimeError as error:
+            if failing is None:
+                raise
+            # Moving DTensor parameters to the CPU swaps them, which fails while the traceback of the first error
+            # still holds their autograd graph ("Couldn't swap LayerNorm.weight"); Lightning would raise that instead
+            # of the first error, so the first error goes on and this one is only reported.
+            rank_zero_warn(f"{type(self).__name__}: teardown after {type(failing).__name__} also failed: {error}")
 
     def guard_parameter_step(self, closure: Any, optimizer: Any) -> Any:
         """``closure`` under the non-finite policy, checking the gradients of ``optimizer``'s parameters (the engines

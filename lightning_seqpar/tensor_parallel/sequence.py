@@ -288,6 +288,8 @@ def token_local_modules(block: nn.Module, where: str) -> list[str]:
             found.append(path)
             continue
         name = f"{where}.{path}" if path else where
+        if path and splits_below:
+            check_no_parameters_beside_split_projections(block, where)  # raises: no tp_sequence_parallel advice
         raise TensorParallelError(
             f"{name} ({type(module).__name__}) holds parameters {[n for n, _ in own]} outside the tensor-parallel"
             " projections that are not a norm or a layer scale; with tp_sequence_parallel each rank would run them"
@@ -296,6 +298,30 @@ def token_local_modules(block: nn.Module, where: str) -> list[str]:
             " submodule whose parameters are all 1-D."
         )
     return found
+
+
+def check_no_parameters_beside_split_projections(block: nn.Module, where: str) -> None:
+    """Refuse a module inside ``block`` (not the block itself) that holds its own plain parameters of more than one
+    element beside split projections below it, as timm Eva's attention holds ``q_bias`` / ``v_bias`` for its fused
+    ``qkv``: its forward uses them with the split weights or over all heads, which no ``tp`` rank holds, whether the
+    activations are sharded over ``tp`` or replicated. Call it after the projections are split. A scalar (a learned
+    temperature) passes.
+
+    Raises:
+        TensorParallelError: naming the module, its parameters, the split modules below and what to do.
+    """
+    for path, module in block.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if not isinstance(p, DTensor) and p.numel() > 1]
+        split = sorted({n.rsplit(".", 1)[0] for n, p in module.named_parameters() if isinstance(p, DTensor)})
+        if path and own and split:
+            raise TensorParallelError(
+                f"{where}.{path} ({type(module).__name__}) holds parameters {own} beside the projections tensor"
+                f" parallelism splits below it ({', '.join(split)}); its forward would use them whole with the split"
+                " weights or heads (as timm Eva's q_bias / v_bias with its fused qkv), which no tp rank holds, with"
+                " sharded or replicated activations alike. Build the model without them (timm Eva: qkv_bias=False),"
+                " move them into the split projection (a Linear's bias), or pass a tp_plan that leaves this module"
+                " unsplit."
+            )
 
 
 def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, where: str) -> list[Callable[[], None]]:
