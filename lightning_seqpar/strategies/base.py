@@ -40,6 +40,7 @@ from typing_extensions import override
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar.attention.local import AttentionBackend, check_backend_available
 from lightning_seqpar.attention.registry import get_attention_kind
+from lightning_seqpar.fsdp import has_meta_tensors
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import (
     SequenceParallelPlan,
@@ -329,7 +330,8 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
-            module.to(self.root_device)  # split where it trains: the shards live on the mesh's device from the start
+            if not has_meta_tensors(module):  # (a meta module is allocated after the split: model_to_device)
+                module.to(self.root_device)  # split where it trains: the shards live there from the start
             apply_tensor_parallel_to_module(
                 module, self.topology, self.tp_plan, type(self).__name__, sequence_parallel=self.tp_sequence_parallel
             )
@@ -358,6 +360,21 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         )
         self.applied_plan.runtime.dropout_fallback = auto
         rank_zero_info(f"{type(self).__name__}: sequence-parallel plan of {type(module).__name__}:\n{plan}")
+
+    @override
+    def model_to_device(self) -> None:
+        """Move the module to the root device; a module built on the meta device (``configure_model`` under
+        ``torch.device("meta")``) is allocated and initialised instead
+        (:func:`~lightning_seqpar.fsdp.materialize_meta_module`): here, after tensor parallelism split it, on the DDP
+        engine; after sharding on the FSDP2 engine, so each rank allocates only its shards."""
+        from lightning_seqpar.fsdp import materialize_meta_module
+
+        assert self.model is not None
+        if not has_meta_tensors(self.model):
+            super().model_to_device()
+        elif not self.uses_fsdp:
+            # (the tp ranks share one random state since the split, so they initialise what tp replicates alike)
+            materialize_meta_module(self.model, self.root_device)
 
     def _reduce_metrics_over_data_group(self, module: LightningModule) -> None:
         """torchmetrics sum their states over the world by default, which would count each sample once per SP rank."""

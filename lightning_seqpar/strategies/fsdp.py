@@ -90,6 +90,8 @@ class SeqParFSDPStrategy(SeqParStrategy):
         for child in model.children():
             if any(True for _ in child.parameters()):
                 fsdp2.apply_fsdp(child, self.topology.dp_sp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        if fsdp2.has_meta_tensors(model):  # built on the meta device: allocate and initialise only this rank's shards
+            fsdp2.materialize_meta_module(model, self.root_device)
         rank_zero_info(
             f"{type(self).__name__}: FSDP2 over dp_sp={self.topology.dp_sp_mesh.size()} ranks"
             f" (precision {precision}: param_dtype={param_dtype}, reduce_dtype={reduce_dtype})"
