@@ -62,6 +62,7 @@ from lightning_seqpar.strategies.plan_roles import (
     with_checkpoints,
 )
 from lightning_seqpar.strategies.registry import engine_class
+from lightning_seqpar.tensor_parallel.sequence import check_sequence_layout_holds_tokens
 from lightning_seqpar.topology import ParallelDims, Topology
 
 
@@ -359,6 +360,10 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             compile_options=self.compile_blocks if isinstance(self.compile_blocks, dict) else None,
         )
         self.applied_plan.runtime.dropout_fallback = auto
+        if self.topology.tp > 1 and self.topology.sp > 1 and self.tp_sequence_parallel:
+            tp = self.topology.tp  # every rank checks the whole layout: a short sp shard fails everywhere, none hangs
+            self.applied_plan.runtime.check_layout = lambda layout: check_sequence_layout_holds_tokens(layout.lengths,
+                                                                                                       tp)
         rank_zero_info(f"{type(self).__name__}: sequence-parallel plan of {type(module).__name__}:\n{plan}")
 
     @override

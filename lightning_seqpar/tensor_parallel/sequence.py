@@ -31,7 +31,7 @@ Letters: B batch, L_r tokens of this sp rank, T = tp, D width, H heads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
+from lightning_seqpar.comm import split_sizes
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
     MultiheadAttentionParallel,
@@ -109,6 +110,30 @@ def check_every_rank_holds_tokens(length: int, tensor_parallel_size: int, where:
             f" take part in the token all-gathers. Give the block stack at least {_least_tokens(tensor_parallel_size)}"
             " tokens per sequence-parallel rank, or build the strategy with tp_sequence_parallel=False"
             " (sequence_parallel=False in apply_tensor_parallel; activations replicated over tp, any token count)."
+        )
+
+
+def check_sequence_layout_holds_tokens(lengths: Sequence[int], tensor_parallel_size: int) -> None:
+    """Raise unless every sequence-parallel shard of ``lengths`` (the whole layout, the same on every rank) leaves
+    each of its ``tensor_parallel_size`` ranks at least one token: checked where the sequence is split over ``sp``,
+    so that every rank refuses it, rather than only the ranks whose shard is short while the others wait for them in
+    the attention's collectives.
+
+    Raises:
+        TensorParallelError: With the sequence length, both splits and the smallest safe length.
+    """
+    splits = [_chunk_sizes(n, tensor_parallel_size) for n in lengths]
+    if any(0 in split for split in splits):
+        total, sp = sum(lengths), len(lengths)
+        least = _least_tokens(tensor_parallel_size)
+        safe = next(n for n in range(total, total + 1_000_000)
+                    if all(m >= least for m in split_sizes(n, sp)))
+        raise TensorParallelError(
+            f"the sequence of {total} tokens is split over sequence_parallel_size={sp} as {list(lengths)} and then"
+            f" over tensor_parallel_size={tensor_parallel_size} as {splits}: a tensor-parallel rank without tokens"
+            f" cannot take part in the token all-gathers. Give the blocks at least {safe} tokens (each sequence-"
+            f"parallel rank {least} or more), lower sequence_parallel_size, or build the strategy with"
+            " tp_sequence_parallel=False (activations replicated over tp, any token count)."
         )
 
 
