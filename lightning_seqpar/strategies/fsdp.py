@@ -137,8 +137,9 @@ class SeqParFSDPStrategy(SeqParStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write ``filepath`` as a directory: the model and optimizer shards of every rank (DCP), and rank 0's
-        ``lightning_state.pt`` with the Trainer's other entries and the layout under ``"seqpar"``."""
+        """Write ``filepath`` as a directory: the model and optimizer shards of every rank (DCP; the model's only for a
+        weights-only save), and rank 0's ``lightning_state.pt`` with the Trainer's other entries and the layout under
+        ``"seqpar"``."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint does not take storage_options (got {storage_options!r})."
@@ -151,7 +152,9 @@ class SeqParFSDPStrategy(SeqParStrategy):
             raise NotImplementedError(
                 f"{type(self).__name__}: checkpoints of more than one optimizer are not supported."
             )
-        fsdp2.save_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)
+        # weights_only (Lightning leaves "optimizer_states" out of the checkpoint): the model's shards only
+        keep_optimizer = bool(optimizers) and "optimizer_states" in checkpoint
+        fsdp2.save_checkpoint(path, self.lightning_module, optimizers[0] if keep_optimizer else None)
         checkpoint = dict(checkpoint)  # its state_dict and optimizer_states are empty (see above)
         checkpoint["seqpar"] = self.parallel_settings()
         if self.is_global_zero:
@@ -169,9 +172,12 @@ class SeqParFSDPStrategy(SeqParStrategy):
                 f" {_LIGHTNING_STATE_FILE} and DCP shards); to start from a single-file checkpoint, load its state_dict"
                 " into the module before fit."
             )
-        optimizers = self.optimizers
-        fsdp2.load_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)
         checkpoint = torch.load(path / _LIGHTNING_STATE_FILE, map_location="cpu", weights_only=False)
+        optimizers = self.optimizers
+        # A weights-only directory holds no optimizer shards; resuming fit from it then fails in Lightning's own
+        # check ("checkpoint contains only the model ... save_weights_only"), evaluation loads the weights.
+        with_optimizer = bool(optimizers) and "optimizer_states" in checkpoint
+        fsdp2.load_checkpoint(path, self.lightning_module, optimizers[0] if with_optimizer else None)
         saved = checkpoint.get("seqpar") or {}
         if saved and saved != self.parallel_settings():
             rank_zero_info(f"{type(self).__name__}: resumed {path} saved at {saved} into {self.parallel_settings()}")
