@@ -167,8 +167,8 @@ class Topology:
             )
         if ulysses_degree not in self._hybrid_meshes:
             overrides = {"ring": self._group_config, "ulysses": self._group_config} if self._group_config else None
-            # The dimension by index: torch 2.11's _unflatten refuses every dimension given by name (its check is
-            # inverted: "dim sp specified in `_unflatten` is not in ('pp', 'dp', 'sp', 'tp')").
+            # The dimension by index: torch 2.11's _unflatten refuses every dimension given by name (its name check
+            # is inverted), so "sp" would fail there.
             sp_dim = self.mesh.mesh_dim_names.index("sp")
             self._hybrid_meshes[ulysses_degree] = self.mesh._unflatten(
                 sp_dim, (self.sp // ulysses_degree, ulysses_degree), ("ring", "ulysses"), backend_override=overrides
