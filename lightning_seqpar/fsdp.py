@@ -120,6 +120,58 @@ def materialize_meta_model(
     return model
 
 
+def has_meta_tensors(module: nn.Module) -> bool:
+    """True when a parameter or buffer of ``module`` is on the meta device (built under ``torch.device("meta")``)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def materialize_meta_module(module: nn.Module, device: torch.device | str) -> None:
+    """Allocate and initialise a (split, sharded) LightningModule built on the meta device, as the strategies do
+    for a model created in ``configure_model`` under ``torch.device("meta")``.
+
+    The module's own ``init_weights()`` initialises it if it has one; otherwise each child that holds parameters is
+    initialised by its ``init_weights()`` (timm's ``VisionTransformer``, the bundled ClimaX) or else by every
+    ``reset_parameters()`` inside it (:func:`materialize_meta_model`).
+
+    Args:
+        module: The LightningModule (or any module) after tensor parallelism and FSDP2 were applied.
+        device: Where to allocate each rank's shards.
+
+    Raises:
+        ValueError: A parameter would be left uninitialised (after ``to_empty`` it holds whatever the memory held):
+            it sits in a module without ``reset_parameters()`` and no ``init_weights()`` above it covers it. The
+            message names the parameters and asks for an ``init_weights()``.
+    """
+    if callable(getattr(module, "init_weights", None)):
+        materialize_meta_model(module, device)
+        return
+    orphans = [name for name, _ in module.named_parameters(recurse=False)]
+    for child_name, child in module.named_children():
+        if callable(getattr(child, "init_weights", None)):
+            continue
+        orphans += [f"{child_name}.{path}.{name}" if path else f"{child_name}.{name}"
+                    for path, sub in child.named_modules() if not callable(getattr(sub, "reset_parameters", None))
+                    for name, _ in sub.named_parameters(recurse=False)]
+    if orphans:
+        raise ValueError(
+            f"{type(module).__name__} was built on the meta device, and the parameters {orphans} belong to modules"
+            " without reset_parameters(), so nothing would initialise them (they would hold uninitialised memory)."
+            " Give the model that holds them an init_weights() method that sets every parameter (it runs on each"
+            " rank's shards after sharding), or build the model on a real device."
+        )
+
+    def initialise(root: nn.Module) -> None:
+        for child in root.children():
+            if callable(getattr(child, "init_weights", None)):
+                child.init_weights()
+            else:
+                for sub in child.modules():
+                    if callable(getattr(sub, "reset_parameters", None)):
+                        sub.reset_parameters()
+
+    materialize_meta_model(module, device, init_fn=initialise)
+
+
 class _CopyIntoShards(TorchFunctionMode):
     """``sharded.copy_(whole)`` (a DTensor parameter from a plain tensor, e.g. a sin-cos table) copies this rank's
     piece of ``whole`` into its shard: what the copy means on one device, for any placement (DTensor's own copy_

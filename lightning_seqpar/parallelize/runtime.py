@@ -51,6 +51,8 @@ class SequenceParallelRuntime:
         attention: The distributed attention kind, a name registered in :mod:`lightning_seqpar.attention.registry`.
         backend: The local kernel the kind runs on (``attention_backend``).
         hybrid_groups: ``(ulysses_group, ring_group)`` for kinds on Ulysses x ring sub-groups (``"hybrid"``).
+        check_layout: Called with the whole token layout at the shard point, before any rank keeps its shard (the
+            strategy checks there that tensor parallelism leaves every ``tp`` rank of every ``sp`` rank tokens).
         dropout_fallback: Run calls with attention dropout as LSS where the kind has no dropout (set when
             ``attention="auto"`` chose the kind, never for an explicit choice).
 
@@ -63,6 +65,7 @@ class SequenceParallelRuntime:
     backend: AttentionBackend = "auto"
     hybrid_groups: tuple[ProcessGroup, ProcessGroup] | None = None
     dropout_fallback: bool = False
+    check_layout: Callable[[SequenceLayout], None] | None = None
     _layout: SequenceLayout | None = field(default=None, init=False, repr=False)
     _attention_calls: int = field(default=0, init=False, repr=False)
     _active: bool = field(default=False, init=False, repr=False)
@@ -148,7 +151,10 @@ class SequenceParallelRuntime:
         world = group_size(self.group)
         dim = dim % x.dim()
         ParallelDims(world_size=world, sequence_parallel_size=world).check_sequence_length(x.shape[dim])
-        self.enter(SequenceLayout.even(x.shape[dim], world), x.device)
+        layout = SequenceLayout.even(x.shape[dim], world)
+        if self.check_layout is not None:  # the same whole layout on every rank: all refuse it alike, none waits
+            self.check_layout(layout)
+        self.enter(layout, x.device)
         return shard_sequence(x, self.group, dim, self._layout)
 
     def gather(self, x: Tensor, dim: int) -> Tensor:

@@ -23,6 +23,7 @@ else :class:`~lightning_seqpar.strategies.ddp.SeqParDDPStrategy`; all are ``SeqP
 from __future__ import annotations
 
 import inspect
+import sys
 from abc import ABCMeta
 from datetime import timedelta
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -39,6 +40,7 @@ from typing_extensions import override
 from lightning_seqpar import deepspeed_engine as ds
 from lightning_seqpar.attention.local import AttentionBackend, check_backend_available
 from lightning_seqpar.attention.registry import get_attention_kind
+from lightning_seqpar.fsdp import has_meta_tensors
 from lightning_seqpar.parallelize import AppliedPlan, apply_sequence_parallel
 from lightning_seqpar.plan import (
     SequenceParallelPlan,
@@ -60,6 +62,7 @@ from lightning_seqpar.strategies.plan_roles import (
     with_checkpoints,
 )
 from lightning_seqpar.strategies.registry import engine_class
+from lightning_seqpar.tensor_parallel.sequence import check_sequence_layout_holds_tokens
 from lightning_seqpar.topology import ParallelDims, Topology
 
 
@@ -345,7 +348,8 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         # The local kernel must exist here (flash-attn installed, CUDA for the CUDA-only ones).
         check_backend_available(self.attention_backend, self.root_device.type, owner=type(self).__name__)
         if self.topology.tp > 1 and not has_dtensor_parameters(module):  # split once; it stays split after teardown
-            module.to(self.root_device)  # split where it trains: the shards live on the mesh's device from the start
+            if not has_meta_tensors(module):  # (a meta module is allocated after the split: model_to_device)
+                module.to(self.root_device)  # split where it trains: the shards live there from the start
             apply_tensor_parallel_to_module(
                 module, self.topology, self.tp_plan, type(self).__name__, sequence_parallel=self.tp_sequence_parallel
             )
@@ -373,7 +377,26 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
             compile_options=self.compile_blocks if isinstance(self.compile_blocks, dict) else None,
         )
         self.applied_plan.runtime.dropout_fallback = auto
+        if self.topology.tp > 1 and self.topology.sp > 1 and self.tp_sequence_parallel:
+            tp = self.topology.tp  # every rank checks the whole layout: a short sp shard fails everywhere, none hangs
+            self.applied_plan.runtime.check_layout = lambda layout: check_sequence_layout_holds_tokens(layout.lengths,
+                                                                                                       tp)
         rank_zero_info(f"{type(self).__name__}: sequence-parallel plan of {type(module).__name__}:\n{plan}")
+
+    @override
+    def model_to_device(self) -> None:
+        """Move the module to the root device; a module built on the meta device (``configure_model`` under
+        ``torch.device("meta")``) is allocated and initialised instead
+        (:func:`~lightning_seqpar.fsdp.materialize_meta_module`): here, after tensor parallelism split it, on the DDP
+        engine; after sharding on the FSDP2 engine, so each rank allocates only its shards."""
+        from lightning_seqpar.fsdp import materialize_meta_module
+
+        assert self.model is not None
+        if not has_meta_tensors(self.model):
+            super().model_to_device()
+        elif not self.uses_fsdp:
+            # (the tp ranks share one random state since the split, so they initialise what tp replicates alike)
+            materialize_meta_module(self.model, self.root_device)
 
     def _reduce_metrics_over_data_group(self, module: LightningModule) -> None:
         """torchmetrics sum their states over the world by default, which would count each sample once per SP rank."""
@@ -393,7 +416,16 @@ class SeqParStrategy(data.DataHooks, DataParallelReductions, metaclass=_SelectsE
         if self.applied_plan is not None:
             self.applied_plan.remove()
             self.applied_plan = None
-        super().teardown()
+        failing = sys.exc_info()[1]  # Lightning tears down inside its `except` when fit/validate/... raised
+        try:
+            super().teardown()
+        except RuntimeError as error:
+            if failing is None:
+                raise
+            # Moving DTensor parameters to the CPU swaps them, which fails while the traceback of the first error
+            # still holds their autograd graph ("Couldn't swap LayerNorm.weight"); Lightning would raise that instead
+            # of the first error, so the first error goes on and this one is only reported.
+            rank_zero_warn(f"{type(self).__name__}: teardown after {type(failing).__name__} also failed: {error}")
 
     def guard_parameter_step(self, closure: Any, optimizer: Any) -> Any:
         """``closure`` under the non-finite policy, checking the gradients of ``optimizer``'s parameters (the engines

@@ -18,6 +18,7 @@ from lightning_seqpar.strategies.model_parallel import (
     average_gradients,
     average_unsplit_gradients_over_tensor_parallel,
     broadcast_module_state,
+    clip_dtensor_gradients,
 )
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
 from lightning_seqpar.tensor_parallel.optim import step_per_parameter_where_mixed
@@ -69,6 +70,7 @@ class SeqParDDPStrategy(SeqParStrategy):
             # refuse that mix (seen with the real timm ViT on 2 H200s), so those groups step parameter by parameter.
             for optimizer in self.optimizers:
                 step_per_parameter_where_mixed(optimizer)
+            clip_dtensor_gradients(self.precision_plugin)  # gradient_clip_val over DTensors beside plain tensors
 
     @override
     def _setup_model(self, model: Any) -> Any:

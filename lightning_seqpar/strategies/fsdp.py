@@ -16,6 +16,7 @@ from lightning_seqpar.strategies.base import SeqParStrategy
 from lightning_seqpar.strategies.data import continue_stopped_epoch
 from lightning_seqpar.strategies.model_parallel import (
     average_unsplit_gradients_over_tensor_parallel,
+    clip_dtensor_gradients,
     mixed_precision_dtypes,
 )
 from lightning_seqpar.strategies.registry import check_pipeline_arguments
@@ -70,6 +71,7 @@ class SeqParFSDPStrategy(SeqParStrategy):
     def setup(self, trainer: Trainer) -> None:
         self.prepare_module(trainer)  # tensor parallelism, then the sequence-parallel plan
         super().setup(trainer)  # DDPStrategy.setup: _setup_model (FSDP2 here), then the optimizers
+        clip_dtensor_gradients(self.precision_plugin)  # gradient_clip_val over DTensors of two meshes (with tp)
 
     @override
     def _setup_model(self, model: Any) -> Any:
@@ -88,6 +90,8 @@ class SeqParFSDPStrategy(SeqParStrategy):
         for child in model.children():
             if any(True for _ in child.parameters()):
                 fsdp2.apply_fsdp(child, self.topology.dp_sp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        if fsdp2.has_meta_tensors(model):  # built on the meta device: allocate and initialise only this rank's shards
+            fsdp2.materialize_meta_module(model, self.root_device)
         rank_zero_info(
             f"{type(self).__name__}: FSDP2 over dp_sp={self.topology.dp_sp_mesh.size()} ranks"
             f" (precision {precision}: param_dtype={param_dtype}, reduce_dtype={reduce_dtype})"
@@ -133,8 +137,9 @@ class SeqParFSDPStrategy(SeqParStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write ``filepath`` as a directory: the model and optimizer shards of every rank (DCP), and rank 0's
-        ``lightning_state.pt`` with the Trainer's other entries and the layout under ``"seqpar"``."""
+        """Write ``filepath`` as a directory: the model and optimizer shards of every rank (DCP; the model's only for a
+        weights-only save), and rank 0's ``lightning_state.pt`` with the Trainer's other entries and the layout under
+        ``"seqpar"``."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint does not take storage_options (got {storage_options!r})."
@@ -147,7 +152,9 @@ class SeqParFSDPStrategy(SeqParStrategy):
             raise NotImplementedError(
                 f"{type(self).__name__}: checkpoints of more than one optimizer are not supported."
             )
-        fsdp2.save_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)
+        # weights_only (Lightning leaves "optimizer_states" out of the checkpoint): the model's shards only
+        keep_optimizer = bool(optimizers) and "optimizer_states" in checkpoint
+        fsdp2.save_checkpoint(path, self.lightning_module, optimizers[0] if keep_optimizer else None)
         checkpoint = dict(checkpoint)  # its state_dict and optimizer_states are empty (see above)
         checkpoint["seqpar"] = self.parallel_settings()
         if self.is_global_zero:
@@ -165,9 +172,12 @@ class SeqParFSDPStrategy(SeqParStrategy):
                 f" {_LIGHTNING_STATE_FILE} and DCP shards); to start from a single-file checkpoint, load its state_dict"
                 " into the module before fit."
             )
-        optimizers = self.optimizers
-        fsdp2.load_checkpoint(path, self.lightning_module, optimizers[0] if optimizers else None)
         checkpoint = torch.load(path / _LIGHTNING_STATE_FILE, map_location="cpu", weights_only=False)
+        optimizers = self.optimizers
+        # A weights-only directory holds no optimizer shards; resuming fit from it then fails in Lightning's own
+        # check ("checkpoint contains only the model ... save_weights_only"), evaluation loads the weights.
+        with_optimizer = bool(optimizers) and "optimizer_states" in checkpoint
+        fsdp2.load_checkpoint(path, self.lightning_module, optimizers[0] if with_optimizer else None)
         saved = checkpoint.get("seqpar") or {}
         if saved and saved != self.parallel_settings():
             rank_zero_info(f"{type(self).__name__}: resumed {path} saved at {saved} into {self.parallel_settings()}")

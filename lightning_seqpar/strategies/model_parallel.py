@@ -132,6 +132,24 @@ def average_unsplit_gradients_over_tensor_parallel(parameters: Iterable[Tensor],
     average_gradients(unsplit_over_tensor_parallel(parameters), tensor_group)
 
 
+def clip_dtensor_gradients(precision_plugin: Any) -> None:
+    """Make ``precision_plugin`` (the Trainer's) clip gradients with
+    :func:`~lightning_seqpar.tensor_parallel.optim.clip_grad_norm_` and
+    :func:`~lightning_seqpar.tensor_parallel.optim.clip_grad_value_`, which take plain tensors beside DTensors of
+    several meshes (``gradient_clip_val`` with tensor parallelism or FSDP2; torch's own fails on that mix). The norm is
+    that of the whole model, as one process computes it; it is a collective, which Lightning calls on every rank."""
+    from lightning_seqpar.tensor_parallel.optim import clip_grad_norm_, clip_grad_value_
+
+    def clip_grad_by_norm(optimizer: Any, clip_val: float) -> None:
+        clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val)
+
+    def clip_grad_by_value(optimizer: Any, clip_val: float) -> None:
+        clip_grad_value_(precision_plugin.main_params(optimizer), clip_val)
+
+    precision_plugin.clip_grad_by_norm = clip_grad_by_norm  # this Trainer's plugin only (not its class)
+    precision_plugin.clip_grad_by_value = clip_grad_by_value
+
+
 def mixed_precision_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
     """``(param_dtype, reduce_dtype)`` of FSDP2's ``MixedPrecisionPolicy`` for a Lightning precision string:
     ``"bf16-mixed"`` -> (bf16, fp32), ``"16-mixed"`` -> (fp16, fp32), otherwise (None, None) (the stored dtype,

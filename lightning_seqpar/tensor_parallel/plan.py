@@ -37,6 +37,7 @@ from lightning_seqpar.plan import find_block_stacks, is_attention_module
 from lightning_seqpar.tensor_parallel.sequence import (
     ReplicatedSequenceParallel,
     TokenCount,
+    check_no_parameters_beside_split_projections,
     gather_tokens_at_entry,
     shard_block_stack,
     token_local_modules,
@@ -85,6 +86,15 @@ _ATTENTION_TABLES: list[tuple[str, dict[str, str]]] = [
             "attention.output.dense": "rowwise",
         },
     ),
+    (
+        "CLIP/SigLIP-style self_attn.q_proj/k_proj/v_proj/out_proj",
+        {
+            "self_attn.q_proj": "colwise",
+            "self_attn.k_proj": "colwise",
+            "self_attn.v_proj": "colwise",
+            "self_attn.out_proj": "rowwise",
+        },
+    ),
     ("torch nn.MultiheadAttention", {"self_attn": "multihead_attention"}),
 ]
 _MLP_TABLES: list[tuple[str, dict[str, str]]] = [
@@ -129,10 +139,18 @@ def _has(block: nn.Module, path: str, with_parameters: bool = False) -> bool:
     return not with_parameters or any(True for _ in module.parameters())
 
 
+def _fits(block: nn.Module, path: str, style: str) -> bool:
+    """``path`` exists in ``block``, and is an ``nn.MultiheadAttention`` where the style is one (another attention
+    class under the same name, as CLIP's ``self_attn``, is no match)."""
+    if not _has(block, path):
+        return False
+    return style != "multihead_attention" or isinstance(block.get_submodule(path), nn.MultiheadAttention)
+
+
 def _match(block: nn.Module, tables: list[tuple[str, dict[str, str]]]) -> tuple[str, dict[str, str]] | None:
     for kind, table in tables:
         required = [p for p in table if not p.startswith("?")]
-        if all(_has(block, p) for p in required):
+        if all(_fits(block, p, table[p]) for p in required):
             return kind, {
                 p.lstrip("?"): s for p, s in table.items() if not p.startswith("?") or _has(block, p[1:], True)
             }
@@ -153,8 +171,9 @@ def block_plan(block: nn.Module, where: str = "block") -> tuple[str, dict[str, s
             children = ", ".join(n for n, _ in block.named_modules() if n and n.count(".") < 3)
             raise TensorParallelError(
                 f"{where} ({type(block).__name__}) has no {part} of a kind tensor parallelism knows (timm-style"
-                f" attn.qkv/attn.proj and mlp.fc1/mlp.fc2, Hugging Face attention.q_proj/k_proj/v_proj/o_proj, torch"
-                f" self_attn/linear1/linear2); its modules are: {children}. Pass tp_plan={{path: ParallelStyle}}."
+                f" attn.qkv/attn.proj and mlp.fc1/mlp.fc2, Hugging Face attention.q_proj/k_proj/v_proj/o_proj,"
+                f" CLIP/SigLIP self_attn.q_proj/k_proj/v_proj/out_proj, torch nn.MultiheadAttention self_attn and"
+                f" linear1/linear2); its modules are: {children}. Pass tp_plan={{path: ParallelStyle}}."
             )
         found.append(hit)
     for path in _WHOLE_WIDTH_NORMS:
@@ -303,6 +322,10 @@ def apply_tensor_parallel(
     attentions = check_heads(model, plan, size)
     if not sequence_parallel:
         parallelize_module(model, tp_mesh, plan)
+        stacks = find_block_stacks(model)
+        for stack_path, stack in stacks[:1]:
+            for i, block in enumerate(stack):
+                check_no_parameters_beside_split_projections(block, f"{stack_path}.{i}" if stack_path else str(i))
     else:
         stack_path, stack = _largest_stack(model)
         tokens = TokenCount()

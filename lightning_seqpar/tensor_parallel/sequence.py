@@ -31,7 +31,7 @@ Letters: B batch, L_r tokens of this sp rank, T = tp, D width, H heads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
+from lightning_seqpar.comm import split_sizes
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
     MultiheadAttentionParallel,
@@ -109,6 +110,30 @@ def check_every_rank_holds_tokens(length: int, tensor_parallel_size: int, where:
             f" take part in the token all-gathers. Give the block stack at least {_least_tokens(tensor_parallel_size)}"
             " tokens per sequence-parallel rank, or build the strategy with tp_sequence_parallel=False"
             " (sequence_parallel=False in apply_tensor_parallel; activations replicated over tp, any token count)."
+        )
+
+
+def check_sequence_layout_holds_tokens(lengths: Sequence[int], tensor_parallel_size: int) -> None:
+    """Raise unless every sequence-parallel shard of ``lengths`` (the whole layout, the same on every rank) leaves
+    each of its ``tensor_parallel_size`` ranks at least one token: checked where the sequence is split over ``sp``,
+    so that every rank refuses it, rather than only the ranks whose shard is short while the others wait for them in
+    the attention's collectives.
+
+    Raises:
+        TensorParallelError: With the sequence length, both splits and the smallest safe length.
+    """
+    splits = [_chunk_sizes(n, tensor_parallel_size) for n in lengths]
+    if any(0 in split for split in splits):
+        total, sp = sum(lengths), len(lengths)
+        least = _least_tokens(tensor_parallel_size)
+        safe = next(n for n in range(total, total + 1_000_000)
+                    if all(m >= least for m in split_sizes(n, sp)))
+        raise TensorParallelError(
+            f"the sequence of {total} tokens is split over sequence_parallel_size={sp} as {list(lengths)} and then"
+            f" over tensor_parallel_size={tensor_parallel_size} as {splits}: a tensor-parallel rank without tokens"
+            f" cannot take part in the token all-gathers. Give the blocks at least {safe} tokens (each sequence-"
+            f"parallel rank {least} or more), lower sequence_parallel_size, or build the strategy with"
+            " tp_sequence_parallel=False (activations replicated over tp, any token count)."
         )
 
 
@@ -288,6 +313,8 @@ def token_local_modules(block: nn.Module, where: str) -> list[str]:
             found.append(path)
             continue
         name = f"{where}.{path}" if path else where
+        if path and splits_below:
+            check_no_parameters_beside_split_projections(block, where)  # raises: no tp_sequence_parallel advice
         raise TensorParallelError(
             f"{name} ({type(module).__name__}) holds parameters {[n for n, _ in own]} outside the tensor-parallel"
             " projections that are not a norm or a layer scale; with tp_sequence_parallel each rank would run them"
@@ -296,6 +323,30 @@ def token_local_modules(block: nn.Module, where: str) -> list[str]:
             " submodule whose parameters are all 1-D."
         )
     return found
+
+
+def check_no_parameters_beside_split_projections(block: nn.Module, where: str) -> None:
+    """Refuse a module inside ``block`` (not the block itself) that holds its own plain parameters of more than one
+    element beside split projections below it, as timm Eva's attention holds ``q_bias`` / ``v_bias`` for its fused
+    ``qkv``: its forward uses them with the split weights or over all heads, which no ``tp`` rank holds, whether the
+    activations are sharded over ``tp`` or replicated. Call it after the projections are split. A scalar (a learned
+    temperature) passes.
+
+    Raises:
+        TensorParallelError: naming the module, its parameters, the split modules below and what to do.
+    """
+    for path, module in block.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if not isinstance(p, DTensor) and p.numel() > 1]
+        split = sorted({n.rsplit(".", 1)[0] for n, p in module.named_parameters() if isinstance(p, DTensor)})
+        if path and own and split:
+            raise TensorParallelError(
+                f"{where}.{path} ({type(module).__name__}) holds parameters {own} beside the projections tensor"
+                f" parallelism splits below it ({', '.join(split)}); its forward would use them whole with the split"
+                " weights or heads (as timm Eva's q_bias / v_bias with its fused qkv), which no tp rank holds, with"
+                " sharded or replicated activations alike. Build the model without them (timm Eva: qkv_bias=False),"
+                " move them into the split projection (a Linear's bias), or pass a tp_plan that leaves this module"
+                " unsplit."
+            )
 
 
 def shard_block_stack(stack: nn.Module, mesh: DeviceMesh, tokens: TokenCount, where: str) -> list[Callable[[], None]]:
