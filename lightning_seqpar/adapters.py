@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from lightning_seqpar.attention.local import causal_mask
+
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +108,11 @@ class DistributedSDPA(TorchFunctionMode):
         self.attend = runtime if callable(runtime) and not hasattr(runtime, "attend") else runtime.attend
         self._pending_scores: list[tuple[torch.Size, int]] = []  # batch shape and L of gathered Q K^T products
 
+    def _token_lengths(self) -> tuple[int, int] | None:
+        """``(L_r, L)`` inside the region (see :class:`AttentionRuntime`); None outside it or for a plain attention
+        callable, which holds no layout."""
+        return self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
@@ -122,7 +129,7 @@ class DistributedSDPA(TorchFunctionMode):
         """Between a gathered ``Q K^T`` and its ``P V``: a bias over all token pairs ``[.., L, L]`` added to the
         scores ``[.., L_r, L]`` (Hugging Face BEiT's relative position bias in eager attention) is cut to the rows of
         this rank's queries, as the scores are."""
-        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        lengths = self._token_lengths()
         if lengths is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or min(a.dim(), b.dim()) < 2:
             return a, b
         local, total = lengths
@@ -153,7 +160,7 @@ class DistributedSDPA(TorchFunctionMode):
                 " sequence-parallel region: cross-attention (keys from another sequence, a cache or extra key"
                 " tokens) cannot follow the token sharding. Leave this module out of the plan."
             )
-        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        lengths = self._token_lengths()
         if lengths is not None:
             _check_token_count("scaled_dot_product_attention", query.shape[-2], lengths)
         attn_mask = options.get("attn_mask")
@@ -216,8 +223,7 @@ class DistributedSDPA(TorchFunctionMode):
                 attn_mask = attn_mask.narrow(-2, self.runtime.token_offset(), local)  # this rank's query rows
         elif is_causal:
             # SDPA's is_causal aligns the top-left corner; this rank's queries sit at token offset..offset+L_r-1.
-            position = self.runtime.token_offset() + torch.arange(local, device=query.device)
-            attn_mask = position[:, None] >= torch.arange(total, device=query.device)[None, :]  # [L_r, L]
+            attn_mask = causal_mask(self.runtime.token_offset(), local, total, query.device)  # [L_r, L]
             is_causal = False
         key = self.runtime.gather_tokens(key, -2, count=True)  # [*, L, d]
         value = self.runtime.gather_tokens(value, -2, count=False)
@@ -282,7 +288,7 @@ class DistributedSDPA(TorchFunctionMode):
     # --- softmax(Q K^T) V written by hand -----------------------------------------------------------------
 
     def _matmul(self, func, a: Tensor, b: Tensor):
-        lengths = self.runtime.token_lengths() if hasattr(self.runtime, "token_lengths") else None
+        lengths = self._token_lengths()
         if (
             lengths is None
             or not (isinstance(a, Tensor) and isinstance(b, Tensor))

@@ -325,3 +325,15 @@ def train_reference(
     from tests.reference import train_single_process
 
     return train_single_process(lambda: RegressionModule(model_name, lr), global_batches, dataset, seed).state
+
+
+def timm_imports() -> bool:
+    """Whether the real timm ViT imports here (PyPI's torchvision, which timm needs, loads with PyPI's torch, not
+    with the CPU build CI installs): the timm tests skip where it does not."""
+    import importlib
+
+    try:
+        importlib.import_module("timm.models.vision_transformer")
+    except Exception:  # noqa: BLE001 - timm or its torchvision missing or unloadable: skip
+        return False
+    return True

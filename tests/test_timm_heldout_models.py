@@ -12,7 +12,6 @@ not with the CPU build CI installs); run under torch 2.11 with timm 1.0.29:
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tests.dist_utils import run_distributed
+from tests.models import timm_imports
 
 SEED, STEPS, BATCH, WORLD = 7, 3, 2, 2
 COMMON = "img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5"
@@ -35,14 +35,6 @@ CASES = {  # name -> (constructor, attention, tokens in the region)
     "vit_3heads_hybrid": ("VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3,"
                           " num_classes=5)", "hybrid", 17),
 }
-
-
-def _timm_imports() -> bool:
-    try:
-        importlib.import_module("timm.models.vision_transformer")
-    except Exception:  # noqa: BLE001 - timm or its torchvision missing or unloadable: skip
-        return False
-    return True
 
 
 def build(name: str) -> nn.Module:
@@ -139,7 +131,7 @@ def reference(name: str, batches: list[list[int]]) -> dict:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not _timm_imports(), reason="timm (with torchvision) does not import here")
+@pytest.mark.skipif(not timm_imports(), reason="timm (with torchvision) does not import here")
 def test_timm_heldout_variants_train_equal_to_one_process():
     per_rank = run_distributed("tests.test_timm_heldout_models:worker", WORLD, timeout=1100)
     print("versions:", per_rank[0]["versions"])

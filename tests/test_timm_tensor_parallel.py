@@ -5,24 +5,15 @@ torch, not with the CPU build CI installs); run under torch 2.11 with timm 1.0.2
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 from tests.dist_utils import run_distributed
-
-
-def _timm_imports() -> bool:
-    try:
-        importlib.import_module("timm.models.vision_transformer")
-    except Exception:  # noqa: BLE001 - timm or its torchvision missing or unloadable: skip
-        return False
-    return True
+from tests.models import timm_imports
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not _timm_imports(), reason="timm (with torchvision) does not import here")
+@pytest.mark.skipif(not timm_imports(), reason="timm (with torchvision) does not import here")
 def test_tensor_parallel_and_fsdp2_with_real_timm_equal_one_process():
     from tests.gpu.test_gpu_tensor_parallel import check_real_timm_runs
 
@@ -33,7 +24,7 @@ def test_tensor_parallel_and_fsdp2_with_real_timm_equal_one_process():
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not _timm_imports(), reason="timm (with torchvision) does not import here")
+@pytest.mark.skipif(not timm_imports(), reason="timm (with torchvision) does not import here")
 def test_strategy_line_with_real_timm_equals_one_process():
     from tests.gpu.test_gpu_tensor_parallel import STRATEGY_CASES, check_strategy_runs
 

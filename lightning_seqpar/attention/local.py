@@ -45,6 +45,14 @@ def check_same_dtype_device(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def causal_mask(query_offset: int, queries: int, keys: int, device: torch.device) -> Tensor:
+    """Boolean ``[queries, keys]`` mask (True = attend) of causal attention for a slice of the queries: query i, at
+    position ``query_offset + i`` of the sequence, sees keys ``0 .. query_offset + i`` (``query_offset=0`` with
+    ``queries == keys`` is SDPA's ``is_causal=True``)."""
+    query_pos = torch.arange(queries, device=device) + query_offset
+    return torch.arange(keys, device=device)[None, :] <= query_pos[:, None]
+
+
 def backend_problems(
     backend: str, device_type: str, dtype: torch.dtype | None = None, *, has_mask: bool = False
 ) -> list[str]:

@@ -19,16 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_seqpar.attention.local import AttentionBackend, check_same_dtype_device, local_attention
+from lightning_seqpar.attention.local import AttentionBackend, causal_mask, check_same_dtype_device, local_attention
 from lightning_seqpar.comm import SequenceLayout, all_gather_sequence, group_rank, group_size, resolve_layout
-
-
-def _causal_segment_mask(layout: SequenceLayout, rank: int, device: torch.device) -> Tensor:
-    """Boolean ``[L_r, L]`` mask: local query i (global position offset + i) sees keys 0..offset + i."""
-    offset = layout.offset(rank)
-    query_pos = torch.arange(layout.lengths[rank], device=device) + offset
-    key_pos = torch.arange(layout.total, device=device)
-    return key_pos[None, :] <= query_pos[:, None]
 
 
 def _gather_keys_values(k: Tensor, v: Tensor, group: ProcessGroup, layout: SequenceLayout) -> tuple[Tensor, Tensor]:
@@ -82,7 +74,8 @@ def lss_attention(
         )
     layout = resolve_layout(q.shape[1], group, sequence_lengths)
     k_all, v_all = _gather_keys_values(k, v, group, layout)  # [B, L, H, d] each
-    mask = _causal_segment_mask(layout, group_rank(group), q.device) if causal else None
+    rank = group_rank(group)
+    mask = causal_mask(layout.offset(rank), layout.lengths[rank], layout.total, q.device) if causal else None
     return local_attention(
         q, k_all, v_all, dropout_p=dropout_p, softmax_scale=softmax_scale, attn_mask=mask, backend=backend
     )

@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_seqpar.parallelize import sync_rng_state
 from lightning_seqpar.tensor_parallel import apply_tensor_parallel, describe_plan
+from lightning_seqpar.tensor_parallel.optim import clip_grad_norm_, clip_grad_value_, local_tensor
 from lightning_seqpar.topology import Topology
 
 
@@ -72,10 +73,6 @@ def has_dtensor_parameters(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def broadcast_module_state(module: nn.Module, group: ProcessGroup) -> None:
     """Give every rank of ``group`` the parameters and buffers of its first rank (local shards of DTensors), what
     ``DistributedDataParallel`` does when it wraps a module. The ranks of ``group`` must hold the same shard layout
@@ -85,7 +82,7 @@ def broadcast_module_state(module: nn.Module, group: ProcessGroup) -> None:
     source = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(_local(tensor).data, src=source, group=group)
+            dist.broadcast(local_tensor(tensor).data, src=source, group=group)
 
 
 def average_gradients(parameters: Iterable[Tensor], group: ProcessGroup) -> None:
@@ -97,7 +94,7 @@ def average_gradients(parameters: Iterable[Tensor], group: ProcessGroup) -> None
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
-            grad = _local(p.grad)
+            grad = local_tensor(p.grad)
             buckets.setdefault((grad.dtype, grad.device), []).append(grad)
     for grads in buckets.values():
         flat = _flatten_dense_tensors(grads)  # [sum of numel]
@@ -138,7 +135,6 @@ def clip_dtensor_gradients(precision_plugin: Any) -> None:
     :func:`~lightning_seqpar.tensor_parallel.optim.clip_grad_value_`, which take plain tensors beside DTensors of
     several meshes (``gradient_clip_val`` with tensor parallelism or FSDP2; torch's own fails on that mix). The norm is
     that of the whole model, as one process computes it; it is a collective, which Lightning calls on every rank."""
-    from lightning_seqpar.tensor_parallel.optim import clip_grad_norm_, clip_grad_value_
 
     def clip_grad_by_norm(optimizer: Any, clip_val: float) -> None:
         clip_grad_norm_(precision_plugin.main_params(optimizer), clip_val)

@@ -60,7 +60,8 @@ def step_per_parameter_where_mixed(optimizer: torch.optim.Optimizer) -> list[int
     return changed
 
 
-def _local(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -114,7 +115,7 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     total = total_grad_norm(parameters, norm_type)
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grads_with_norm_
     for p in parameters:
-        grad = _local(p.grad)  # the same factor on every shard: scaling the shards scales the whole
+        grad = local_tensor(p.grad)  # the same factor on every shard: scaling the shards scales the whole
         grad.mul_(coefficient.to(grad.device, grad.dtype))
     return total
 
@@ -137,4 +138,4 @@ def clip_grad_value_(parameters: Iterable[Tensor], clip_value: float) -> None:
             grad = grad.redistribute(grad.device_mesh,
                                      [Replicate() if pl.is_partial() else pl for pl in grad.placements])
             p.grad = grad
-        _local(grad).clamp_(min=-clip_value, max=clip_value)
+        local_tensor(grad).clamp_(min=-clip_value, max=clip_value)

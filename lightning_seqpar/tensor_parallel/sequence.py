@@ -40,7 +40,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel
 
-from lightning_seqpar.comm import split_sizes
 from lightning_seqpar.tensor_parallel.styles import (
     FusedColwiseParallel,
     MultiheadAttentionParallel,
@@ -126,8 +125,7 @@ def check_sequence_layout_holds_tokens(lengths: Sequence[int], tensor_parallel_s
     if any(0 in split for split in splits):
         total, sp = sum(lengths), len(lengths)
         least = _least_tokens(tensor_parallel_size)
-        safe = next(n for n in range(total, total + 1_000_000)
-                    if all(m >= least for m in split_sizes(n, sp)))
+        safe = least * sp  # the sp split gives each rank n // sp tokens or one more: the least n with all >= least
         raise TensorParallelError(
             f"the sequence of {total} tokens is split over sequence_parallel_size={sp} as {list(lengths)} and then"
             f" over tensor_parallel_size={tensor_parallel_size} as {splits}: a tensor-parallel rank without tokens"
